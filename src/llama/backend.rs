@@ -1,0 +1,77 @@
+//! Process-wide llama.cpp initialisation and log capture.
+
+use std::collections::VecDeque;
+use std::ffi::{c_char, c_void, CStr};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Mutex, OnceLock};
+
+use super::sys;
+
+/// Proof that `llama_backend_init` ran. Cheap to copy; get it with [`Backend::init`].
+#[derive(Debug, Clone, Copy)]
+pub struct Backend {
+    _private: (),
+}
+
+static INIT: OnceLock<()> = OnceLock::new();
+static VERBOSE: AtomicBool = AtomicBool::new(false);
+static RECENT: Mutex<VecDeque<String>> = Mutex::new(VecDeque::new());
+const RECENT_LINES: usize = 32;
+
+impl Backend {
+    /// Initialises llama.cpp once per process (later calls are free) and routes its log
+    /// through kvtuner: quiet unless [`Backend::set_verbose`], warnings and errors kept for
+    /// error messages.
+    pub fn init() -> Backend {
+        INIT.get_or_init(|| {
+            // Safety: the callback is a plain function valid for the whole program; user data is unused.
+            unsafe { sys::llama_log_set(Some(log_callback), std::ptr::null_mut()) };
+            // Safety: called once, before any other llama.cpp call (guarded by the OnceLock).
+            unsafe { sys::llama_backend_init() };
+            // Safety: loads dynamically built backends (e.g. CUDA) if any; a no-op for static builds.
+            unsafe { sys::ggml_backend_load_all() };
+        });
+        Backend { _private: () }
+    }
+
+    /// Echo llama.cpp's own log on stderr (kvtuner `-v`, or `KVTUNER_LOG=1`).
+    pub fn set_verbose(on: bool) {
+        VERBOSE.store(on, Ordering::Relaxed);
+    }
+
+    /// Whether the runtime has a GPU backend (a CUDA build).
+    pub fn supports_gpu_offload(self) -> bool {
+        // Safety: a pure query after init.
+        unsafe { sys::llama_supports_gpu_offload() }
+    }
+}
+
+/// The llama.cpp warnings and errors logged since the last call, oldest first; used to
+/// explain a failed call (llama.cpp reports the reason only in its log).
+pub(crate) fn take_recent_log() -> String {
+    let mut recent = RECENT.lock().unwrap_or_else(|e| e.into_inner());
+    let lines: Vec<String> = recent.drain(..).collect();
+    lines.join("\n")
+}
+
+unsafe extern "C" fn log_callback(level: sys::ggml_log_level, text: *const c_char, _user: *mut c_void) {
+    if text.is_null() {
+        return;
+    }
+    // Safety: llama.cpp passes a NUL-terminated string valid for this call.
+    let text = unsafe { CStr::from_ptr(text) }.to_string_lossy();
+    if VERBOSE.load(Ordering::Relaxed) || std::env::var_os("KVTUNER_LOG").is_some() {
+        eprint!("{text}");
+    }
+    if level == sys::GGML_LOG_LEVEL_WARN || level == sys::GGML_LOG_LEVEL_ERROR {
+        let line = text.trim_end().to_string();
+        if line.is_empty() {
+            return;
+        }
+        let mut recent = RECENT.lock().unwrap_or_else(|e| e.into_inner());
+        if recent.len() == RECENT_LINES {
+            recent.pop_front();
+        }
+        recent.push_back(line);
+    }
+}

@@ -1,0 +1,330 @@
+//! An inference context: KV cache, decode, logits, per-layer cache types, state files.
+
+use std::ffi::CString;
+use std::marker::PhantomData;
+use std::path::Path;
+use std::ptr::NonNull;
+
+use super::backend::take_recent_log;
+use super::batch::Batch;
+use super::model::{log_suffix, Model, Token};
+use super::sys;
+use crate::cache_type::CacheType;
+
+/// When to use flash attention (`-fa`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FlashAttn {
+    /// Let llama.cpp decide (on when a quantized V cache needs it).
+    #[default]
+    Auto,
+    On,
+    Off,
+}
+
+/// Per-layer K and V cache types (index = layer).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LayerCacheTypes {
+    pub k: Vec<CacheType>,
+    pub v: Vec<CacheType>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ContextParams {
+    pub n_ctx: u32,
+    pub n_batch: u32,
+    pub n_ubatch: u32,
+    /// Threads for generation and prompt processing; 0 = llama.cpp's default.
+    pub n_threads: i32,
+    pub flash_attn: FlashAttn,
+    pub type_k: CacheType,
+    pub type_v: CacheType,
+    /// Per-layer types; `None` = `type_k`/`type_v` everywhere (or the model's embedded profile).
+    pub layer_types: Option<LayerCacheTypes>,
+    /// Ignore the profile embedded in the model's metadata.
+    pub no_kv_profile: bool,
+    /// Full-size sliding-window cache (llama.cpp's default); kvtuner defaults to the window.
+    pub swa_full: bool,
+    pub offload_kqv: bool,
+}
+
+impl Default for ContextParams {
+    fn default() -> Self {
+        ContextParams {
+            n_ctx: 4096,
+            n_batch: 512,
+            n_ubatch: 512,
+            n_threads: 0,
+            flash_attn: FlashAttn::Auto,
+            type_k: CacheType::F16,
+            type_v: CacheType::F16,
+            layer_types: None,
+            no_kv_profile: false,
+            swa_full: false,
+            offload_kqv: true,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CreateContextError {
+    #[error("per-layer cache types: K has {k} entries and V has {v}, but the model has {layers} layers")]
+    LayerCount { k: usize, v: usize, layers: u32 },
+    #[error("llama.cpp could not create a context for {model}{}", log_suffix(.log))]
+    Failed { model: String, log: String },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DecodeError {
+    #[error("the context is full: no KV cache slot for {n_tokens} more tokens (n_ctx = {n_ctx})")]
+    NoSlot { n_tokens: usize, n_ctx: u32 },
+    #[error("decoding was aborted")]
+    Aborted,
+    #[error("llama_decode failed with code {code}{}", log_suffix(.log))]
+    Failed { code: i32, log: String },
+    #[error("batch is empty")]
+    Empty,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error("state file path {0} is not valid UTF-8")]
+    BadPath(String),
+    #[error("could not save the KV state to {path}{}", log_suffix(.log))]
+    Save { path: String, log: String },
+    #[error("could not load the KV state from {path} (made with another model, context or cache types?){}", log_suffix(.log))]
+    Load { path: String, log: String },
+}
+
+/// What one layer's KV cache holds, as the runtime created it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct KvLayerInfo {
+    pub type_k: CacheType,
+    pub type_v: CacheType,
+    pub bytes_k: u64,
+    pub bytes_v: u64,
+    pub n_cells: u32,
+    pub is_swa: bool,
+}
+
+/// Timings since the context was created or last reset.
+#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
+pub struct Perf {
+    pub prompt_ms: f64,
+    pub prompt_tokens: i32,
+    pub eval_ms: f64,
+    pub eval_tokens: i32,
+}
+
+/// A context on a model it borrows.
+#[derive(Debug)]
+pub struct Context<'m> {
+    raw: NonNull<sys::llama_context>,
+    model: &'m Model,
+    n_vocab: usize,
+    _not_sync: PhantomData<*mut ()>,
+}
+
+// Safety: a llama_context may move between threads; it is not Sync (no &self method is thread-safe).
+unsafe impl Send for Context<'_> {}
+
+impl Drop for Context<'_> {
+    fn drop(&mut self) {
+        // Safety: `raw` came from llama_init_from_model and is freed exactly once.
+        unsafe { sys::llama_free(self.raw.as_ptr()) };
+    }
+}
+
+impl<'m> Context<'m> {
+    pub fn new(model: &'m Model, params: &ContextParams) -> Result<Context<'m>, CreateContextError> {
+        // Safety: returns a plain struct of defaults.
+        let mut cp = unsafe { sys::llama_context_default_params() };
+        cp.n_ctx = params.n_ctx;
+        cp.n_batch = params.n_batch;
+        cp.n_ubatch = params.n_ubatch.min(params.n_batch);
+        if params.n_threads > 0 {
+            cp.n_threads = params.n_threads;
+            cp.n_threads_batch = params.n_threads;
+        }
+        cp.flash_attn_type = match params.flash_attn {
+            FlashAttn::Auto => sys::LLAMA_FLASH_ATTN_TYPE_AUTO,
+            FlashAttn::On => sys::LLAMA_FLASH_ATTN_TYPE_ENABLED,
+            FlashAttn::Off => sys::LLAMA_FLASH_ATTN_TYPE_DISABLED,
+        };
+        cp.type_k = params.type_k.ggml_id();
+        cp.type_v = params.type_v.ggml_id();
+        cp.no_kv_profile = params.no_kv_profile;
+        cp.swa_full = params.swa_full;
+        cp.offload_kqv = params.offload_kqv;
+        cp.no_perf = false;
+
+        // Kept alive until llama_init_from_model returns (it copies them).
+        let (k_ids, v_ids): (Vec<sys::ggml_type>, Vec<sys::ggml_type>);
+        if let Some(layers) = &params.layer_types {
+            let n = model.n_layer();
+            if layers.k.len() != n as usize || layers.v.len() != n as usize {
+                return Err(CreateContextError::LayerCount { k: layers.k.len(), v: layers.v.len(), layers: n });
+            }
+            k_ids = layers.k.iter().map(|t| t.ggml_id()).collect();
+            v_ids = layers.v.iter().map(|t| t.ggml_id()).collect();
+            cp.type_k_layers = k_ids.as_ptr();
+            cp.type_v_layers = v_ids.as_ptr();
+            cp.n_type_layers = n;
+        }
+
+        take_recent_log();
+        // Safety: the model outlives the context ('m); the per-layer arrays are valid for the call.
+        let raw = unsafe { sys::llama_init_from_model(model.as_ptr(), cp) };
+        let raw = NonNull::new(raw).ok_or_else(|| CreateContextError::Failed {
+            model: model.path().display().to_string(),
+            log: take_recent_log(),
+        })?;
+        Ok(Context { raw, model, n_vocab: model.n_vocab(), _not_sync: PhantomData })
+    }
+
+    pub fn model(&self) -> &'m Model {
+        self.model
+    }
+
+    pub fn n_ctx(&self) -> u32 {
+        // Safety: pure query on a valid context.
+        unsafe { sys::llama_n_ctx(self.raw.as_ptr()) }
+    }
+
+    pub fn set_threads(&mut self, n_threads: i32) {
+        // Safety: valid context.
+        unsafe { sys::llama_set_n_threads(self.raw.as_ptr(), n_threads, n_threads) };
+    }
+
+    /// Runs the model on a batch; logits of the tokens marked for output become readable.
+    pub fn decode(&mut self, batch: &Batch) -> Result<(), DecodeError> {
+        if batch.len() == 0 {
+            return Err(DecodeError::Empty);
+        }
+        take_recent_log();
+        // Safety: the batch's arrays are valid for batch.len() entries; the context is valid.
+        let code = unsafe { sys::llama_decode(self.raw.as_ptr(), batch.raw()) };
+        match code {
+            0 => Ok(()),
+            1 => Err(DecodeError::NoSlot { n_tokens: batch.len(), n_ctx: self.n_ctx() }),
+            2 => Err(DecodeError::Aborted),
+            code => Err(DecodeError::Failed { code, log: take_recent_log() }),
+        }
+    }
+
+    /// Logits of output `i` of the last decode (negative counts from the end).
+    pub fn logits(&self, i: i32) -> Option<&[f32]> {
+        // Safety: returns NULL for an invalid index or a pointer to n_vocab floats owned by the
+        // context, valid until the next decode (which needs &mut self, so not while borrowed).
+        let p = unsafe { sys::llama_get_logits_ith(self.raw.as_ptr(), i) };
+        if p.is_null() {
+            return None;
+        }
+        // Safety: see above; n_vocab floats.
+        Some(unsafe { std::slice::from_raw_parts(p, self.n_vocab) })
+    }
+
+    /// What layer `il`'s KV cache really holds; `None` if the layer has no cache here.
+    pub fn layer_info(&self, il: u32) -> Option<KvLayerInfo> {
+        let mut info = sys::llama_kv_layer_info::default();
+        // Safety: info is a valid out-pointer; the context is valid.
+        let ok = unsafe { sys::llama_kv_layer_get_info(self.raw.as_ptr(), il as i32, &mut info) };
+        if !ok {
+            return None;
+        }
+        Some(KvLayerInfo {
+            type_k: CacheType::from_ggml_id(info.type_k)?,
+            type_v: CacheType::from_ggml_id(info.type_v)?,
+            bytes_k: info.bytes_k as u64,
+            bytes_v: info.bytes_v as u64,
+            n_cells: info.n_cells,
+            is_swa: info.is_swa,
+        })
+    }
+
+    /// `layer_info` for every layer of the model.
+    pub fn layers(&self) -> Vec<Option<KvLayerInfo>> {
+        (0..self.model.n_layer()).map(|il| self.layer_info(il)).collect()
+    }
+
+    /// Bytes of the backend buffers holding the KV cache.
+    pub fn kv_buffer_bytes(&self) -> u64 {
+        // Safety: pure query on a valid context.
+        unsafe { sys::llama_kv_buffer_size(self.raw.as_ptr()) as u64 }
+    }
+
+    /// Forgets every cached token.
+    pub fn clear(&mut self) {
+        // Safety: valid context; memory may be NULL for models without a cache, which llama.cpp handles.
+        unsafe { sys::llama_memory_clear(sys::llama_get_memory(self.raw.as_ptr()), true) };
+    }
+
+    /// Removes positions [p0, p1) of sequence `seq` (p1 < 0 = to the end).
+    pub fn remove_range(&mut self, seq: i32, p0: i32, p1: i32) -> bool {
+        // Safety: valid context and memory.
+        unsafe { sys::llama_memory_seq_rm(sys::llama_get_memory(self.raw.as_ptr()), seq, p0, p1) }
+    }
+
+    /// Shifts positions [p0, p1) of sequence `seq` by `delta`.
+    pub fn shift_range(&mut self, seq: i32, p0: i32, p1: i32, delta: i32) {
+        // Safety: valid context and memory.
+        unsafe { sys::llama_memory_seq_add(sys::llama_get_memory(self.raw.as_ptr()), seq, p0, p1, delta) }
+    }
+
+    /// Largest position cached for `seq`, -1 when empty.
+    pub fn max_position(&self, seq: i32) -> i32 {
+        // Safety: valid context and memory.
+        unsafe { sys::llama_memory_seq_pos_max(sys::llama_get_memory(self.raw.as_ptr()), seq) }
+    }
+
+    /// Saves the KV state and the tokens it holds.
+    pub fn save_state(&mut self, path: &Path, tokens: &[Token]) -> Result<(), StateError> {
+        let c = path_cstring(path)?;
+        take_recent_log();
+        // Safety: path and tokens are valid for the call.
+        let ok = unsafe { sys::llama_state_save_file(self.raw.as_ptr(), c.as_ptr(), tokens.as_ptr(), tokens.len()) };
+        if ok {
+            Ok(())
+        } else {
+            Err(StateError::Save { path: path.display().to_string(), log: take_recent_log() })
+        }
+    }
+
+    /// Loads a state saved by [`Context::save_state`]; returns its tokens.
+    pub fn load_state(&mut self, path: &Path) -> Result<Vec<Token>, StateError> {
+        let c = path_cstring(path)?;
+        let mut tokens = vec![0 as Token; self.n_ctx() as usize];
+        let mut n: usize = 0;
+        take_recent_log();
+        // Safety: tokens has capacity n_ctx; n is a valid out-pointer.
+        let ok = unsafe {
+            sys::llama_state_load_file(self.raw.as_ptr(), c.as_ptr(), tokens.as_mut_ptr(), tokens.len(), &mut n)
+        };
+        if !ok {
+            return Err(StateError::Load { path: path.display().to_string(), log: take_recent_log() });
+        }
+        tokens.truncate(n);
+        Ok(tokens)
+    }
+
+    pub fn perf(&self) -> Perf {
+        // Safety: pure query on a valid context.
+        let p = unsafe { sys::llama_perf_context(self.raw.as_ptr()) };
+        Perf { prompt_ms: p.t_p_eval_ms, prompt_tokens: p.n_p_eval, eval_ms: p.t_eval_ms, eval_tokens: p.n_eval }
+    }
+
+    pub fn reset_perf(&mut self) {
+        // Safety: valid context.
+        unsafe { sys::llama_perf_context_reset(self.raw.as_ptr()) };
+    }
+
+    pub(crate) fn as_ptr(&mut self) -> *mut sys::llama_context {
+        self.raw.as_ptr()
+    }
+}
+
+fn path_cstring(path: &Path) -> Result<CString, StateError> {
+    path.to_str()
+        .and_then(|s| CString::new(s).ok())
+        .ok_or_else(|| StateError::BadPath(path.display().to_string()))
+}

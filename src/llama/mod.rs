@@ -1,0 +1,17 @@
+//! Safe wrapper over the patched llama.cpp: every handle is `NonNull` + `Drop`, a context
+//! borrows its model, the backend is initialised once, and no raw pointer leaves this module.
+
+mod backend;
+mod batch;
+mod context;
+mod model;
+mod sampler;
+mod sys;
+
+pub use backend::Backend;
+pub use batch::{Batch, BatchFull};
+pub use context::{
+    Context, ContextParams, CreateContextError, DecodeError, FlashAttn, KvLayerInfo, LayerCacheTypes, Perf, StateError,
+};
+pub use model::{builtin_templates, ChatMessage, LoadModelError, Model, ModelParams, TemplateError, Token, TokenizeError};
+pub use sampler::{Sampler, SamplingParams};

@@ -1,0 +1,900 @@
+//! Per-layer KV cache profiles: which cache type each layer's K and V use, stored as YAML.
+//!
+//! A profile is written for people first: one line per layer, the model it was made for, and
+//! what was measured. The on-disk schema (version 1):
+//!
+//! ```yaml
+//! # kvtuner cache profile — see README
+//! schema: 1
+//! name: gemma3-270m-mixed-6.5
+//! description: free text (optional)
+//! model:
+//!   architecture: gemma3
+//!   layers: 18
+//!   fingerprint: <hex sha256 of the GGUF tensor-info section>
+//!   name: gemma-3-270m-it          # general.name, informational (optional)
+//! layers:                          # exactly `model.layers` entries, index = layer
+//! - { k: q8_0, v: q4_0 }  # 0
+//! measured:                        # optional
+//!   bits_per_value: 6.52
+//!   kv_bytes: 12345678
+//!   context: 1024
+//!   kld_mean: 0.0123               # optional
+//!   kld_eval_text: "..."           # optional
+//!   predicted_kld: 0.011           # optional
+//! calibration:                     # optional
+//!   text: ...
+//!   context: 1024
+//!   chunks: 4
+//!   types: [f16, q8_0, q5_0, q4_0]
+//!   pairs: cuda                    # optional
+//! tool_version: 0.1.0              # optional
+//! ```
+//!
+//! Unknown keys are rejected so that a typo (`mesured:`) is an error rather than a silently
+//! ignored block.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Deserializer, Serialize};
+
+use crate::cache_type::CacheType;
+
+/// The profile schema version this build reads and writes.
+pub const SCHEMA_VERSION: u32 = 1;
+
+/// First line of every saved profile.
+pub const HEADER: &str = "# kvtuner cache profile — see README";
+
+/// A per-layer KV cache assignment for one model.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Profile {
+    pub schema: u32,
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+    pub model: ModelIdentity,
+    /// One entry per layer; the index is the layer number.
+    pub layers: Vec<LayerTypes>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub measured: Option<Measured>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub calibration: Option<Calibration>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_version: Option<String>,
+}
+
+/// Which model a profile belongs to.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelIdentity {
+    /// `general.architecture`, e.g. `gemma3`.
+    pub architecture: String,
+    /// `<arch>.block_count`.
+    pub layers: usize,
+    /// Hex sha256 of the GGUF tensor-info section: identifies the weights regardless of file
+    /// name or metadata edits. Empty means "not bound to weights" (e.g. an imported preset).
+    pub fingerprint: String,
+    /// `general.name`; informational only, never compared.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+}
+
+/// Cache types of one layer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LayerTypes {
+    #[serde(deserialize_with = "de_k")]
+    pub k: CacheType,
+    #[serde(deserialize_with = "de_v")]
+    pub v: CacheType,
+}
+
+// serde_norway's error path stops at the enclosing layer (`layers[3]`) for a bad type name,
+// so the message itself says whether it was `k` or `v`.
+fn de_cache_type<'de, D: Deserializer<'de>>(d: D, field: &str) -> Result<CacheType, D::Error> {
+    let s = String::deserialize(d)?;
+    s.parse().map_err(|e| serde::de::Error::custom(format!("{field}: {e}")))
+}
+
+fn de_k<'de, D: Deserializer<'de>>(d: D) -> Result<CacheType, D::Error> {
+    de_cache_type(d, "k")
+}
+
+fn de_v<'de, D: Deserializer<'de>>(d: D) -> Result<CacheType, D::Error> {
+    de_cache_type(d, "v")
+}
+
+/// Numbers measured for this profile.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Measured {
+    /// Average storage bits per cached K/V value, block scales included.
+    pub bits_per_value: f64,
+    /// Total KV cache bytes at `context`.
+    pub kv_bytes: u64,
+    /// Context length (cells) the numbers were measured at.
+    pub context: u32,
+    /// Mean KL divergence of next-token distributions against an f16 cache.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kld_mean: Option<f64>,
+    /// Which text the KLD was measured on, e.g. `lee_background.cor, documents 151-300`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kld_eval_text: Option<String>,
+    /// KLD the search predicted before measuring.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub predicted_kld: Option<f64>,
+}
+
+/// How the profile was made.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Calibration {
+    /// Calibration text, e.g. `lee_background.cor, documents 1-150`.
+    pub text: String,
+    pub context: u32,
+    pub chunks: u32,
+    /// Cache types the search was allowed to pick from.
+    pub types: Vec<CacheType>,
+    /// Which K/V type pairs were allowed, e.g. `cuda` (pairs with CUDA flash-attention kernels).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pairs: Option<String>,
+}
+
+/// A profile that is well-formed YAML but not a usable profile.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ProfileInvalid {
+    #[error("unsupported profile schema {found} (this kvtuner reads schema {SCHEMA_VERSION})")]
+    UnsupportedSchema { found: String },
+    #[error("`model.layers` is {declared} but `layers` lists {found} entries")]
+    LayerCount { declared: usize, found: usize },
+    #[error("`layers` is empty")]
+    NoLayers,
+    #[error("`name` is empty")]
+    EmptyName,
+    #[error("`model.architecture` is empty")]
+    EmptyArchitecture,
+    #[error("`model.fingerprint` `{0}` is not a hex digest")]
+    BadFingerprint(String),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProfileLoadError {
+    #[error("cannot read profile {}: {source}", path.display())]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("{}{}: {message}", path.display(), location_suffix(*line, *column))]
+    Parse {
+        path: PathBuf,
+        /// 1-based, when the parser knows it.
+        line: Option<usize>,
+        column: Option<usize>,
+        message: String,
+    },
+    #[error("{}: {source}", path.display())]
+    Invalid { path: PathBuf, source: ProfileInvalid },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProfileSaveError {
+    #[error("refusing to save profile to {}: {source}", path.display())]
+    Invalid { path: PathBuf, source: ProfileInvalid },
+    #[error("cannot serialize profile for {}: {source}", path.display())]
+    Serialize { path: PathBuf, source: serde_norway::Error },
+    #[error("cannot write profile {}: {source}", path.display())]
+    Write { path: PathBuf, source: std::io::Error },
+}
+
+/// One way a profile's model differs from the model at hand.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ModelDifference {
+    Architecture { profile: String, model: String },
+    Layers { profile: usize, model: usize },
+    Fingerprint { profile: String, model: String },
+}
+
+impl fmt::Display for ModelDifference {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ModelDifference::Architecture { profile, model } => {
+                write!(f, "architecture: profile `{profile}`, model `{model}`")
+            }
+            ModelDifference::Layers { profile, model } => {
+                write!(f, "layer count: profile {profile}, model {model}")
+            }
+            ModelDifference::Fingerprint { profile, model } if profile.is_empty() => {
+                write!(f, "weights fingerprint: profile is not bound to any weights, model `{model}`")
+            }
+            ModelDifference::Fingerprint { profile, model } => {
+                write!(f, "weights fingerprint: profile `{profile}`, model `{model}`")
+            }
+        }
+    }
+}
+
+/// The profile was made for a different model; every difference is listed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("profile `{profile}` does not match this model: {}", join_differences(differences))]
+pub struct ProfileMismatch {
+    pub profile: String,
+    pub differences: Vec<ModelDifference>,
+}
+
+/// `kv_dims` does not fit the profile.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum KvSizeError {
+    #[error("profile has {profile} layers but KV dimensions were given for {given}")]
+    LayerCount { profile: usize, given: usize },
+    #[error("layer {layer} {tensor}: {n} values per row is not a multiple of the {cache_type} block size {block}")]
+    NotBlockAligned { layer: usize, tensor: char, n: u64, cache_type: CacheType, block: u64 },
+    #[error("the KV dimensions hold no values, so bits per value is undefined")]
+    NoValues,
+}
+
+fn location_suffix(line: Option<usize>, column: Option<usize>) -> String {
+    match (line, column) {
+        (Some(l), Some(c)) => format!(":{l}:{c}"),
+        (Some(l), None) => format!(":{l}"),
+        _ => String::new(),
+    }
+}
+
+fn join_differences(d: &[ModelDifference]) -> String {
+    d.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ")
+}
+
+/// Splits a serde_norway error into (line, column, message without the trailing location,
+/// which we print compiler-style instead).
+fn yaml_error_parts(e: &serde_norway::Error) -> (Option<usize>, Option<usize>, String) {
+    let msg = e.to_string();
+    match e.location() {
+        Some(loc) => {
+            let suffix = format!(" at line {} column {}", loc.line(), loc.column());
+            let msg = msg.strip_suffix(&suffix).map(str::to_string).unwrap_or(msg);
+            (Some(loc.line()), Some(loc.column()), msg)
+        }
+        None => (None, None, msg),
+    }
+}
+
+/// Reads only `schema`, so a newer file is reported as "unsupported schema" rather than as
+/// whatever field this version does not know.
+#[derive(Deserialize)]
+struct SchemaProbe {
+    schema: Option<serde_norway::Value>,
+}
+
+impl Profile {
+    /// A profile with the same K and V types on every layer.
+    pub fn uniform(model: &ModelIdentity, k: CacheType, v: CacheType, name: impl Into<String>) -> Profile {
+        Profile {
+            schema: SCHEMA_VERSION,
+            name: name.into(),
+            description: None,
+            model: model.clone(),
+            layers: vec![LayerTypes { k, v }; model.layers],
+            measured: None,
+            calibration: None,
+            tool_version: Some(env!("CARGO_PKG_VERSION").to_string()),
+        }
+    }
+
+    /// Checks what the YAML types cannot express.
+    pub fn validate(&self) -> Result<(), ProfileInvalid> {
+        if self.schema != SCHEMA_VERSION {
+            return Err(ProfileInvalid::UnsupportedSchema { found: self.schema.to_string() });
+        }
+        if self.name.trim().is_empty() {
+            return Err(ProfileInvalid::EmptyName);
+        }
+        if self.model.architecture.trim().is_empty() {
+            return Err(ProfileInvalid::EmptyArchitecture);
+        }
+        if !self.model.fingerprint.chars().all(|c| c.is_ascii_hexdigit()) {
+            return Err(ProfileInvalid::BadFingerprint(self.model.fingerprint.clone()));
+        }
+        if self.layers.is_empty() {
+            return Err(ProfileInvalid::NoLayers);
+        }
+        if self.layers.len() != self.model.layers {
+            return Err(ProfileInvalid::LayerCount { declared: self.model.layers, found: self.layers.len() });
+        }
+        Ok(())
+    }
+
+    /// Parses and validates a profile from YAML text; `path` is only used in errors.
+    pub fn from_yaml_str(text: &str, path: &Path) -> Result<Profile, ProfileLoadError> {
+        let parse_err = |e: serde_norway::Error| {
+            let (line, column, message) = yaml_error_parts(&e);
+            ProfileLoadError::Parse { path: path.to_path_buf(), line, column, message }
+        };
+        if text.trim().is_empty() {
+            return Err(ProfileLoadError::Parse {
+                path: path.to_path_buf(),
+                line: None,
+                column: None,
+                message: "file is empty".into(),
+            });
+        }
+        let probe: SchemaProbe = serde_norway::from_str(text).map_err(parse_err)?;
+        match &probe.schema {
+            Some(serde_norway::Value::Number(n)) if n.as_u64() == Some(SCHEMA_VERSION as u64) => {}
+            Some(other) => {
+                let found = serde_norway::to_string(other)
+                    .map(|s| s.trim().to_string())
+                    .unwrap_or_else(|_| format!("{other:?}"));
+                return Err(ProfileLoadError::Invalid {
+                    path: path.to_path_buf(),
+                    source: ProfileInvalid::UnsupportedSchema { found },
+                });
+            }
+            // Let the full parse report the missing field with its usual wording.
+            None => {}
+        }
+        let profile: Profile = serde_norway::from_str(text).map_err(parse_err)?;
+        profile.validate().map_err(|source| ProfileLoadError::Invalid { path: path.to_path_buf(), source })?;
+        Ok(profile)
+    }
+
+    pub fn load(path: impl AsRef<Path>) -> Result<Profile, ProfileLoadError> {
+        let path = path.as_ref();
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ProfileLoadError::Read { path: path.to_path_buf(), source })?;
+        Profile::from_yaml_str(&text, path)
+    }
+
+    /// The YAML text `save` writes: header comment, one flow-style line per layer.
+    pub fn to_yaml_string(&self) -> Result<String, serde_norway::Error> {
+        // serde_norway only writes block style, which would spend three lines per layer;
+        // so the parts before and after `layers` are serialized normally and the layer list
+        // is written by hand (type names are plain identifiers, so no quoting is needed).
+        #[derive(Serialize)]
+        struct Head<'a> {
+            schema: u32,
+            name: &'a str,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            description: &'a Option<String>,
+            model: &'a ModelIdentity,
+        }
+        #[derive(Serialize)]
+        struct Tail<'a> {
+            #[serde(skip_serializing_if = "Option::is_none")]
+            measured: &'a Option<Measured>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            calibration: &'a Option<Calibration>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            tool_version: &'a Option<String>,
+        }
+        let mut out = String::new();
+        out.push_str(HEADER);
+        out.push('\n');
+        out.push_str(&serde_norway::to_string(&Head {
+            schema: self.schema,
+            name: &self.name,
+            description: &self.description,
+            model: &self.model,
+        })?);
+        out.push_str("layers:\n");
+        for (i, l) in self.layers.iter().enumerate() {
+            // Padded so the columns line up (longest name: iq4_nl).
+            let k = format!("{},", l.k);
+            out.push_str(&format!("- {{ k: {k:<7} v: {:<6} }}  # {i}\n", l.v.name()));
+        }
+        if self.measured.is_some() || self.calibration.is_some() || self.tool_version.is_some() {
+            out.push_str(&serde_norway::to_string(&Tail {
+                measured: &self.measured,
+                calibration: &self.calibration,
+                tool_version: &self.tool_version,
+            })?);
+        }
+        Ok(out)
+    }
+
+    /// Validates, then writes atomically (temp file in the same folder, then rename), so a
+    /// crash never leaves a half-written profile behind.
+    pub fn save(&self, path: impl AsRef<Path>) -> Result<(), ProfileSaveError> {
+        let path = path.as_ref();
+        self.validate().map_err(|source| ProfileSaveError::Invalid { path: path.to_path_buf(), source })?;
+        let text =
+            self.to_yaml_string().map_err(|source| ProfileSaveError::Serialize { path: path.to_path_buf(), source })?;
+        let write_err = |source| ProfileSaveError::Write { path: path.to_path_buf(), source };
+        let dir = match path.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p,
+            _ => Path::new("."),
+        };
+        let mut tmp = tempfile::NamedTempFile::new_in(dir).map_err(write_err)?;
+        tmp.write_all(text.as_bytes()).map_err(write_err)?;
+        tmp.as_file().sync_all().map_err(write_err)?;
+        // Temp files start out 0600; a profile is an ordinary shareable file.
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            tmp.as_file().set_permissions(std::fs::Permissions::from_mode(0o644)).map_err(write_err)?;
+        }
+        tmp.persist(path).map_err(|e| write_err(e.error))?;
+        Ok(())
+    }
+
+    /// Lists every way `model` differs from the model this profile was made for.
+    pub fn check_model(&self, model: &ModelIdentity) -> Result<(), ProfileMismatch> {
+        let mut differences = Vec::new();
+        if self.model.architecture != model.architecture {
+            differences.push(ModelDifference::Architecture {
+                profile: self.model.architecture.clone(),
+                model: model.architecture.clone(),
+            });
+        }
+        // Compare the layer list too, in case the struct was edited after loading.
+        if self.model.layers != model.layers || self.layers.len() != model.layers {
+            differences.push(ModelDifference::Layers { profile: self.layers.len(), model: model.layers });
+        }
+        if !self.model.fingerprint.eq_ignore_ascii_case(&model.fingerprint) {
+            differences.push(ModelDifference::Fingerprint {
+                profile: self.model.fingerprint.clone(),
+                model: model.fingerprint.clone(),
+            });
+        }
+        if differences.is_empty() {
+            Ok(())
+        } else {
+            Err(ProfileMismatch { profile: self.name.clone(), differences })
+        }
+    }
+
+    /// Total KV cache bytes. `kv_dims[layer] = (n_embd_k_gqa, n_embd_v_gqa, cells)`, where
+    /// `cells` is what that layer keeps at the context (the window for sliding-window layers).
+    pub fn kv_bytes(&self, kv_dims: &[(u64, u64, u64)]) -> Result<u64, KvSizeError> {
+        Ok(self.kv_totals(kv_dims)?.0)
+    }
+
+    /// Average storage bits per cached K/V value over all layers, block scales included.
+    pub fn bits_per_value(&self, kv_dims: &[(u64, u64, u64)]) -> Result<f64, KvSizeError> {
+        let (bytes, values) = self.kv_totals(kv_dims)?;
+        if values == 0 {
+            return Err(KvSizeError::NoValues);
+        }
+        Ok(bytes as f64 * 8.0 / values as f64)
+    }
+
+    /// (total bytes, total values).
+    fn kv_totals(&self, kv_dims: &[(u64, u64, u64)]) -> Result<(u64, u64), KvSizeError> {
+        if kv_dims.len() != self.layers.len() {
+            return Err(KvSizeError::LayerCount { profile: self.layers.len(), given: kv_dims.len() });
+        }
+        let aligned = |layer: usize, tensor: char, t: CacheType, n: u64| {
+            let (block, _) = t.block();
+            // row_bytes floors; ggml refuses such rows, so do we rather than under-count.
+            if n.is_multiple_of(block) {
+                Ok(t.row_bytes(n))
+            } else {
+                Err(KvSizeError::NotBlockAligned { layer, tensor, n, cache_type: t, block })
+            }
+        };
+        let (mut bytes, mut values) = (0u64, 0u64);
+        for (i, (l, &(nk, nv, cells))) in self.layers.iter().zip(kv_dims).enumerate() {
+            let kb = aligned(i, 'K', l.k, nk)?;
+            let vb = aligned(i, 'V', l.v, nv)?;
+            bytes += (kb + vb) * cells;
+            values += (nk + nv) * cells;
+        }
+        Ok((bytes, values))
+    }
+
+    /// Compact description such as `12×q8_0/q4_0, 6×f16/f16` (K/V pairs, most common first).
+    pub fn summary(&self) -> String {
+        let mut counts: Vec<(LayerTypes, usize)> = Vec::new();
+        for l in &self.layers {
+            match counts.iter_mut().find(|(t, _)| t == l) {
+                Some((_, n)) => *n += 1,
+                None => counts.push((*l, 1)),
+            }
+        }
+        // Stable sort keeps first-appearance order among equal counts.
+        counts.sort_by_key(|c| std::cmp::Reverse(c.1));
+        counts.iter().map(|(t, n)| format!("{n}×{}/{}", t.k, t.v)).collect::<Vec<_>>().join(", ")
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// KVTuner preset import
+
+/// How one KVTuner bit width was translated to a llama.cpp cache type.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BitMapping {
+    pub from_bits: u32,
+    pub to_type: CacheType,
+    /// True when llama.cpp has no type this small and a bigger one was used.
+    pub raised: bool,
+    /// Layers whose K used this width.
+    pub k_layers: usize,
+    /// Layers whose V used this width.
+    pub v_layers: usize,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ImportError {
+    #[error("cannot read KVTuner preset {}: {source}", path.display())]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("{}{}: {message}", path.display(), location_suffix(*line, *column))]
+    Parse { path: PathBuf, line: Option<usize>, column: Option<usize>, message: String },
+    #[error("{}: expected a map from layer index to {{nbits_key, nbits_value}}", path.display())]
+    NotAMap { path: PathBuf },
+    #[error("{}: the preset lists no layers", path.display())]
+    Empty { path: PathBuf },
+    #[error("{}: key `{key}` is not a layer index", path.display())]
+    BadKey { path: PathBuf, key: String },
+    #[error("{}: layer {layer} is listed twice", path.display())]
+    DuplicateLayer { path: PathBuf, layer: usize },
+    #[error("{}: layer {layer}: {reason}", path.display())]
+    BadEntry { path: PathBuf, layer: usize, reason: String },
+    #[error(
+        "{}: layer {layer} {tensor}: {bits} bits has no llama.cpp cache type (supported: 16, 8, 6, 5, 4, 3, 2, 1)",
+        path.display()
+    )]
+    UnsupportedBits { path: PathBuf, layer: usize, tensor: char, bits: i64 },
+    #[error("{}: layer {missing} is missing (layers must be 0..{count} without gaps)", path.display())]
+    MissingLayer { path: PathBuf, missing: usize, count: usize },
+    #[error("{}: the preset has {preset} layers but the model has {model}", path.display())]
+    LayerCount { path: PathBuf, preset: usize, model: usize },
+}
+
+/// KVTuner bit width → llama.cpp cache type, and whether that raised the precision.
+fn map_bits(bits: i64) -> Option<(CacheType, bool)> {
+    match bits {
+        16 => Some((CacheType::F16, false)),
+        8 => Some((CacheType::Q8_0, false)),
+        // q5_0 stores 5.5 bits/value; llama.cpp has no 6-bit cache type.
+        6 | 5 => Some((CacheType::Q5_0, false)),
+        4 => Some((CacheType::Q4_0, false)),
+        // q4_0 is the smallest type llama.cpp's cache supports.
+        1..=3 => Some((CacheType::Q4_0, true)),
+        _ => None,
+    }
+}
+
+/// Imports a KVTuner calibration preset: a YAML or JSON map from layer index (integer or
+/// string key) to `{nbits_key: N, nbits_value: M}`. Other keys inside a layer are ignored.
+///
+/// Without `model` the profile is bound to no weights (empty fingerprint, architecture
+/// `unknown`); `check_model` will then report it until it is rebound.
+pub fn import_kvtuner(
+    path: impl AsRef<Path>,
+    model: Option<&ModelIdentity>,
+) -> Result<(Profile, Vec<BitMapping>), ImportError> {
+    use serde_norway::Value;
+    let path = path.as_ref();
+    let p = || path.to_path_buf();
+    let text = std::fs::read_to_string(path).map_err(|source| ImportError::Read { path: p(), source })?;
+    let value: Value = serde_norway::from_str(&text).map_err(|e| {
+        let (line, column, message) = yaml_error_parts(&e);
+        ImportError::Parse { path: p(), line, column, message }
+    })?;
+    let Value::Mapping(map) = value else {
+        return Err(ImportError::NotAMap { path: p() });
+    };
+    let mut by_layer: BTreeMap<usize, (i64, i64)> = BTreeMap::new();
+    for (key, entry) in &map {
+        let layer = match key {
+            Value::Number(n) => n.as_u64().and_then(|n| usize::try_from(n).ok()),
+            Value::String(s) => s.trim().parse::<usize>().ok(),
+            _ => None,
+        }
+        .ok_or_else(|| ImportError::BadKey { path: p(), key: value_text(key) })?;
+        let bits = |field: &str| -> Result<i64, ImportError> {
+            let bad = |reason: String| ImportError::BadEntry { path: p(), layer, reason };
+            let v = entry.get(field).ok_or_else(|| bad(format!("`{field}` is missing")))?;
+            match v {
+                Value::Number(n) => n.as_i64().or_else(|| n.as_f64().filter(|f| f.fract() == 0.0).map(|f| f as i64)),
+                Value::String(s) => s.trim().parse().ok(),
+                _ => None,
+            }
+            .ok_or_else(|| bad(format!("`{field}` is `{}`, not a bit count", value_text(v))))
+        };
+        if !entry.is_mapping() {
+            return Err(ImportError::BadEntry {
+                path: p(),
+                layer,
+                reason: format!("expected {{nbits_key, nbits_value}}, found `{}`", value_text(entry)),
+            });
+        }
+        let pair = (bits("nbits_key")?, bits("nbits_value")?);
+        if by_layer.insert(layer, pair).is_some() {
+            return Err(ImportError::DuplicateLayer { path: p(), layer });
+        }
+    }
+    if by_layer.is_empty() {
+        return Err(ImportError::Empty { path: p() });
+    }
+    let count = by_layer.len();
+    if let Some(missing) = (0..count).find(|i| !by_layer.contains_key(i)) {
+        return Err(ImportError::MissingLayer {
+            path: p(),
+            missing,
+            count: by_layer.keys().next_back().map_or(count, |m| m + 1),
+        });
+    }
+    if let Some(m) = model {
+        if m.layers != count {
+            return Err(ImportError::LayerCount { path: p(), preset: count, model: m.layers });
+        }
+    }
+
+    let mut mappings: BTreeMap<i64, BitMapping> = BTreeMap::new();
+    let mut layers = Vec::with_capacity(count);
+    for (&layer, &(kb, vb)) in &by_layer {
+        let mut convert = |bits: i64, tensor: char| -> Result<CacheType, ImportError> {
+            let (t, raised) =
+                map_bits(bits).ok_or_else(|| ImportError::UnsupportedBits { path: p(), layer, tensor, bits })?;
+            let m = mappings.entry(bits).or_insert(BitMapping {
+                from_bits: bits as u32,
+                to_type: t,
+                raised,
+                k_layers: 0,
+                v_layers: 0,
+            });
+            if tensor == 'K' {
+                m.k_layers += 1;
+            } else {
+                m.v_layers += 1;
+            }
+            Ok(t)
+        };
+        let k = convert(kb, 'K')?;
+        let v = convert(vb, 'V')?;
+        layers.push(LayerTypes { k, v });
+    }
+
+    let stem = path
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .filter(|s| !s.trim().is_empty())
+        .unwrap_or_else(|| "kvtuner-import".into());
+    let file = path.file_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+    let identity = model.cloned().unwrap_or(ModelIdentity {
+        architecture: "unknown".into(),
+        layers: count,
+        fingerprint: String::new(),
+        name: None,
+    });
+    let raised: Vec<String> = mappings.values().filter(|m| m.raised).map(|m| m.from_bits.to_string()).collect();
+    let mut description = format!("Imported from KVTuner preset `{file}`.");
+    if !raised.is_empty() {
+        description.push_str(&format!(
+            " {}-bit layers were raised to q4_0, the smallest llama.cpp cache type.",
+            raised.join("/")
+        ));
+    }
+    let profile = Profile {
+        schema: SCHEMA_VERSION,
+        name: stem,
+        description: Some(description),
+        model: identity,
+        layers,
+        measured: None,
+        calibration: None,
+        tool_version: Some(env!("CARGO_PKG_VERSION").to_string()),
+    };
+    // Widest first, as a report reads naturally.
+    Ok((profile, mappings.into_values().rev().collect()))
+}
+
+fn value_text(v: &serde_norway::Value) -> String {
+    serde_norway::to_string(v).map(|s| s.trim().to_string()).unwrap_or_else(|_| format!("{v:?}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn model() -> ModelIdentity {
+        ModelIdentity {
+            architecture: "gemma3".into(),
+            layers: 3,
+            fingerprint: "ab".repeat(32),
+            name: Some("tiny".into()),
+        }
+    }
+
+    #[test]
+    fn summary_counts_pairs_most_common_first() {
+        let mut p = Profile::uniform(&model(), CacheType::F16, CacheType::F16, "x");
+        p.layers[1] = LayerTypes { k: CacheType::Q8_0, v: CacheType::Q4_0 };
+        p.layers[2] = p.layers[1];
+        assert_eq!(p.summary(), "2×q8_0/q4_0, 1×f16/f16");
+    }
+
+    #[test]
+    fn kv_bytes_and_bits_follow_row_bytes() {
+        let mut p = Profile::uniform(&model(), CacheType::Q8_0, CacheType::Q4_0, "x");
+        p.layers[0] = LayerTypes { k: CacheType::F16, v: CacheType::F16 };
+        // Layer 0: f16, 256+256 values × 10 cells; layers 1-2: q8_0/q4_0, 512 sliding cells.
+        let dims = [(256, 256, 10), (256, 256, 512), (256, 256, 512)];
+        let expected = (512 + 512) * 10 + 2 * (272 + 144) * 512;
+        assert_eq!(p.kv_bytes(&dims).unwrap(), expected);
+        let values = 512 * 10 + 2 * 512 * 512;
+        let bpv = p.bits_per_value(&dims).unwrap();
+        assert!((bpv - expected as f64 * 8.0 / values as f64).abs() < 1e-12);
+        let uniform = Profile::uniform(&model(), CacheType::Q8_0, CacheType::Q8_0, "u");
+        assert_eq!(uniform.bits_per_value(&dims).unwrap(), 8.5);
+    }
+
+    #[test]
+    fn kv_size_rejects_bad_dims() {
+        let p = Profile::uniform(&model(), CacheType::Q8_0, CacheType::Q4_0, "x");
+        assert_eq!(p.kv_bytes(&[(256, 256, 1)]), Err(KvSizeError::LayerCount { profile: 3, given: 1 }));
+        let err = p.kv_bytes(&[(256, 256, 1), (256, 100, 1), (256, 256, 1)]).unwrap_err();
+        assert!(err.to_string().contains("layer 1 V"), "{err}");
+        assert_eq!(p.bits_per_value(&[(256, 256, 0); 3]), Err(KvSizeError::NoValues));
+    }
+
+    #[test]
+    fn check_model_lists_every_difference() {
+        let p = Profile::uniform(&model(), CacheType::F16, CacheType::F16, "x");
+        assert!(p.check_model(&model()).is_ok());
+        let other = ModelIdentity { architecture: "llama".into(), layers: 4, fingerprint: "cd".repeat(32), name: None };
+        let err = p.check_model(&other).unwrap_err();
+        assert_eq!(err.differences.len(), 3);
+        let text = err.to_string();
+        for needle in ["architecture", "layer count: profile 3, model 4", "fingerprint"] {
+            assert!(text.contains(needle), "{text}");
+        }
+        // The informational name is never compared.
+        let renamed = ModelIdentity { name: Some("other".into()), ..model() };
+        assert!(p.check_model(&renamed).is_ok());
+    }
+
+    #[test]
+    fn bit_mapping_table() {
+        assert_eq!(map_bits(16), Some((CacheType::F16, false)));
+        assert_eq!(map_bits(8), Some((CacheType::Q8_0, false)));
+        assert_eq!(map_bits(6), Some((CacheType::Q5_0, false)));
+        assert_eq!(map_bits(5), Some((CacheType::Q5_0, false)));
+        assert_eq!(map_bits(4), Some((CacheType::Q4_0, false)));
+        for b in 1..=3 {
+            assert_eq!(map_bits(b), Some((CacheType::Q4_0, true)));
+        }
+        for b in [0, 7, 9, 32, -4] {
+            assert_eq!(map_bits(b), None);
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// GGUF metadata: where a profile lives inside a model file (read by patch 0002 at run time).
+// ---------------------------------------------------------------------------------------------
+
+/// Prefix of every key kvtuner writes (the GGUF spec asks tools to use their own namespace).
+pub const META_PREFIX: &str = "kvtuner.";
+/// Per-layer K cache types: array of type-name strings, length = block count.
+pub const META_TYPE_K: &str = "kvtuner.cache.type_k";
+/// Per-layer V cache types: array of type-name strings, length = block count.
+pub const META_TYPE_V: &str = "kvtuner.cache.type_v";
+/// u32: version of this key layout.
+pub const META_SCHEMA: &str = "kvtuner.schema_version";
+/// string: profile name (shown in the runtime's log).
+pub const META_NAME: &str = "kvtuner.profile.name";
+/// f32: measured average bits per cached value.
+pub const META_BITS: &str = "kvtuner.profile.bits_per_value";
+/// u64: measured KV bytes at `kvtuner.profile.context`.
+pub const META_KV_BYTES: &str = "kvtuner.profile.kv_bytes";
+/// u32: context the numbers were measured at.
+pub const META_CONTEXT: &str = "kvtuner.profile.context";
+/// f32: measured mean KLD against an f16 cache.
+pub const META_KLD: &str = "kvtuner.profile.kld_mean";
+/// string: the text the KLD was measured on.
+pub const META_KLD_TEXT: &str = "kvtuner.profile.kld_eval_text";
+/// string: kvtuner version that wrote the keys.
+pub const META_TOOL: &str = "kvtuner.tool_version";
+
+/// A model file's GGUF header could not identify the model.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum IdentityError {
+    #[error("the model has no general.architecture key")]
+    NoArchitecture,
+    #[error("the model has no {0}.block_count key")]
+    NoBlockCount(String),
+}
+
+impl ModelIdentity {
+    /// The identity a profile is checked against: architecture, layer count, weights fingerprint.
+    pub fn from_header(header: &crate::gguf::GgufHeader) -> Result<ModelIdentity, IdentityError> {
+        let architecture = header.architecture().ok_or(IdentityError::NoArchitecture)?.to_string();
+        let layers = header.block_count().ok_or_else(|| IdentityError::NoBlockCount(architecture.clone()))? as usize;
+        Ok(ModelIdentity {
+            architecture,
+            layers,
+            fingerprint: header.tensor_fingerprint().to_string(),
+            name: header.get_str("general.name").map(str::to_string),
+        })
+    }
+}
+
+impl Profile {
+    /// The metadata entries `kvtuner annotate` writes, in a fixed order.
+    pub fn to_metadata(&self) -> Vec<(String, crate::gguf::Value)> {
+        use crate::gguf::Value;
+        let mut kv = vec![
+            (META_SCHEMA.to_string(), Value::U32(SCHEMA_VERSION)),
+            (META_NAME.to_string(), Value::String(self.name.clone())),
+            (META_TYPE_K.to_string(), Value::str_array(self.layers.iter().map(|l| l.k.name()))),
+            (META_TYPE_V.to_string(), Value::str_array(self.layers.iter().map(|l| l.v.name()))),
+        ];
+        if let Some(m) = &self.measured {
+            kv.push((META_BITS.to_string(), Value::F32(m.bits_per_value as f32)));
+            kv.push((META_KV_BYTES.to_string(), Value::U64(m.kv_bytes)));
+            kv.push((META_CONTEXT.to_string(), Value::U32(m.context)));
+            if let Some(kld) = m.kld_mean {
+                kv.push((META_KLD.to_string(), Value::F32(kld as f32)));
+            }
+            if let Some(text) = &m.kld_eval_text {
+                kv.push((META_KLD_TEXT.to_string(), Value::String(text.clone())));
+            }
+        }
+        kv.push((
+            META_TOOL.to_string(),
+            Value::String(self.tool_version.clone().unwrap_or_else(|| env!("CARGO_PKG_VERSION").to_string())),
+        ));
+        kv
+    }
+}
+
+/// A profile found in a model's metadata.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct EmbeddedProfile {
+    pub name: Option<String>,
+    /// Per-layer types as far as they could be read (None where a name is unknown).
+    pub layers: Vec<(Option<CacheType>, Option<CacheType>)>,
+    pub bits_per_value: Option<f64>,
+    pub kld_mean: Option<f64>,
+    /// Everything that would make the runtime ignore it (it then uses uniform types).
+    pub problems: Vec<String>,
+}
+
+impl EmbeddedProfile {
+    /// Reads `kvtuner.*` keys; `None` when the model carries no per-layer types.
+    pub fn from_header(header: &crate::gguf::GgufHeader) -> Option<EmbeddedProfile> {
+        if header.get(META_TYPE_K).is_none() && header.get(META_TYPE_V).is_none() {
+            return None;
+        }
+        let mut problems = Vec::new();
+        let n_layer = header.block_count().unwrap_or(0) as usize;
+        let mut read = |key: &str| -> Vec<Option<CacheType>> {
+            match header.get_str_array(key) {
+                None => {
+                    problems.push(format!("{key} is missing or not an array of strings"));
+                    vec![None; n_layer]
+                }
+                Some(names) => {
+                    if names.len() != n_layer {
+                        problems.push(format!("{key} has {} entries, the model has {n_layer} layers", names.len()));
+                    }
+                    names
+                        .iter()
+                        .enumerate()
+                        .map(|(il, n)| match n.parse::<CacheType>() {
+                            Ok(t) => Some(t),
+                            Err(_) => {
+                                problems.push(format!("{key}[{il}] = \"{n}\" is not a KV cache type"));
+                                None
+                            }
+                        })
+                        .collect()
+                }
+            }
+        };
+        let k = read(META_TYPE_K);
+        let v = read(META_TYPE_V);
+        let n = k.len().max(v.len());
+        let layers = (0..n).map(|i| (k.get(i).copied().flatten(), v.get(i).copied().flatten())).collect();
+        Some(EmbeddedProfile {
+            name: header.get_str(META_NAME).map(str::to_string),
+            layers,
+            bits_per_value: header.get_f64(META_BITS),
+            kld_mean: header.get_f64(META_KLD),
+            problems,
+        })
+    }
+}

