@@ -26,6 +26,84 @@ pub enum Command {
     Synth(SynthArgs),
     /// Create a context and show the KV cache type, bytes and cells the runtime gave each layer.
     Layers(LayersArgs),
+    /// Show a model's shape, sliding-window layout, embedded profile and KV memory per 1k tokens.
+    Inspect(InspectArgs),
+    /// Write a profile into a model's metadata (the patched runtime then applies it by itself).
+    Annotate(AnnotateArgs),
+    /// Remove every kvtuner key from a model's metadata.
+    Strip(StripArgs),
+    /// Show or import profiles.
+    #[command(subcommand)]
+    Profile(ProfileCommand),
+}
+
+#[derive(Debug, Args)]
+pub struct InspectArgs {
+    /// Model file (GGUF).
+    pub model: PathBuf,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Where a rewritten model goes: a new file, or the same one (through a temp file + rename).
+#[derive(Debug, Args)]
+#[group(required = true, multiple = false)]
+pub struct OutputTarget {
+    /// Output file.
+    #[arg(short, long)]
+    pub output: Option<PathBuf>,
+    /// Rewrite the model in place (atomically: temp file in the same folder, then rename).
+    #[arg(long)]
+    pub in_place: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct AnnotateArgs {
+    /// Model file (GGUF).
+    pub model: PathBuf,
+    /// Profile (YAML).
+    #[arg(long)]
+    pub profile: PathBuf,
+    /// Apply a profile made for another model (architecture, layer count or weights differ).
+    #[arg(long)]
+    pub force: bool,
+    #[command(flatten)]
+    pub target: OutputTarget,
+}
+
+#[derive(Debug, Args)]
+pub struct StripArgs {
+    /// Model file (GGUF).
+    pub model: PathBuf,
+    #[command(flatten)]
+    pub target: OutputTarget,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ProfileCommand {
+    /// Print a profile's layers and numbers (optionally checked against a model).
+    Show {
+        profile: PathBuf,
+        /// Check that the profile fits this model.
+        #[arg(short = 'm', long = "model")]
+        model: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Convert a KVTuner calibration preset (layer → {nbits_key, nbits_value}) to a profile.
+    ImportKvtuner {
+        preset: PathBuf,
+        /// Bind the profile to this model (architecture, layer count, weights fingerprint).
+        #[arg(short = 'm', long = "model")]
+        model: Option<PathBuf>,
+        /// Profile name (default: the preset's file stem).
+        #[arg(long)]
+        name: Option<String>,
+        /// Output profile (YAML).
+        #[arg(short, long)]
+        output: PathBuf,
+    },
 }
 
 #[derive(Debug, Args)]

@@ -7,6 +7,7 @@
 pub mod assets;
 pub mod cache_type;
 pub mod gguf;
+pub mod kv_layout;
 pub mod llama;
 pub mod profile;
 pub mod synth;

@@ -393,22 +393,48 @@ pub fn quantize_q8_0_block(x: &[f32], out: &mut [u8]) {
     let id = if d != 0.0 { 1.0 / d } else { 0.0 };
     out[..2].copy_from_slice(&f16::from_f32(d).to_le_bytes());
     for (q, v) in out[2..].iter_mut().zip(x) {
-        *q = (v * id).round().clamp(-127.0, 127.0) as i8 as u8;
+        // Round half away from zero, like roundf, without the libm call.
+        let s = v * id;
+        *q = ((s + 0.5f32.copysign(s)) as i32).clamp(-127, 127) as i8 as u8;
     }
+}
+
+/// f16 bits of the weight for each 16-bit random draw (what `random_values` would give).
+fn f16_table() -> &'static [u16] {
+    static TABLE: std::sync::OnceLock<Vec<u16>> = std::sync::OnceLock::new();
+    TABLE.get_or_init(|| {
+        let scale = WEIGHT_RANGE / 32768.0;
+        (0..=u16::MAX).map(|b| f16::from_f32((f32::from(b) - 32768.0) * scale).to_bits()).collect()
+    })
 }
 
 /// Generates runs `first_run..` of tensor `tensor` (with `n_values` values in all) into `out`.
 fn generate(seed: u64, tensor: usize, ty: WeightType, n_values: u64, first_run: u64, out: &mut [u8]) {
     let full = bytes_per_run(ty, RUN);
     let mut vals = vec![0f32; RUN];
+    let table = f16_table();
     let mut run = first_run;
     let mut rest = out;
     while !rest.is_empty() {
         let n = (n_values - run * RUN as u64).min(RUN as u64) as usize;
         let len = bytes_per_run(ty, n).min(full);
         let (head, tail) = rest.split_at_mut(len);
-        random_values(run_seed(seed, tensor, run), &mut vals[..n]);
-        encode_run(ty, &vals[..n], head);
+        let mut state = run_seed(seed, tensor, run);
+        match ty {
+            // Same values as `random_values` + `encode_run`, through a lookup table.
+            WeightType::F16 => {
+                for chunk in head.chunks_mut(8) {
+                    let r = splitmix64(&mut state);
+                    for (i, o) in chunk.chunks_exact_mut(2).enumerate() {
+                        o.copy_from_slice(&table[(r >> (16 * i)) as u16 as usize].to_le_bytes());
+                    }
+                }
+            }
+            WeightType::Q8_0 => {
+                random_values(state, &mut vals[..n]);
+                encode_run(ty, &vals[..n], head);
+            }
+        }
         rest = tail;
         run += 1;
     }
@@ -598,6 +624,18 @@ mod tests {
             assert!((f32::from(*q as i8) * d - v).abs() <= d * 0.51 + 1e-6);
         }
         assert!(vals.iter().all(|v| v.abs() <= WEIGHT_RANGE));
+    }
+
+    #[test]
+    fn f16_table_matches_direct_encoding() {
+        let n = 1000u64;
+        let mut fast = vec![0u8; bytes_per_run(WeightType::F16, n as usize)];
+        generate(7, 3, WeightType::F16, n, 0, &mut fast);
+        let mut vals = vec![0f32; n as usize];
+        random_values(run_seed(7, 3, 0), &mut vals);
+        let mut slow = vec![0u8; fast.len()];
+        encode_run(WeightType::F16, &vals, &mut slow);
+        assert_eq!(fast, slow);
     }
 
     #[test]

@@ -116,10 +116,13 @@ fn mixed_arrays_run_and_report_their_types_gemma() {
     let model = common::gemma();
     check_mixed(&model, 256); // 1 KV head of dim 256
     // Gemma 3 is iSWA: sliding-window layers hold the window, global layers the context.
-    let ctx = Context::new(&model, &with_layers(CacheType::F16, CacheType::F16, alternating(&model))).unwrap();
+    let long = ContextParams { n_ctx: 4096, ..with_layers(CacheType::F16, CacheType::F16, alternating(&model)) };
+    let ctx = Context::new(&model, &long).unwrap();
     let infos: Vec<_> = ctx.layers().into_iter().map(Option::unwrap).collect();
     assert!(infos.iter().any(|i| i.is_swa) && infos.iter().any(|i| !i.is_swa));
-    assert!(infos.iter().filter(|i| i.is_swa).all(|i| i.n_cells < N_CTX));
+    let window = model.n_swa();
+    assert!(infos.iter().filter(|i| i.is_swa).all(|i| i.n_cells >= window && i.n_cells < 4096), "{infos:?}");
+    assert!(infos.iter().filter(|i| !i.is_swa).all(|i| i.n_cells == 4096));
 }
 
 #[test]

@@ -1,7 +1,10 @@
 //! One file per subcommand; `run` dispatches.
 
+mod annotate;
 mod fetch;
+mod inspect;
 mod layers;
+mod profile;
 mod runtime;
 mod synth;
 
@@ -12,5 +15,9 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Fetch(args) => fetch::run(args),
         Command::Synth(args) => synth::run(args),
         Command::Layers(args) => layers::run(args),
+        Command::Inspect(args) => inspect::run(args),
+        Command::Annotate(args) => annotate::run_annotate(args),
+        Command::Strip(args) => annotate::run_strip(args),
+        Command::Profile(cmd) => profile::run(cmd),
     }
 }

@@ -1,0 +1,67 @@
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Context as _};
+use indicatif::{ProgressBar, ProgressStyle};
+
+use crate::cli::{AnnotateArgs, OutputTarget, StripArgs};
+use kvtuner::gguf::{self, MetadataEdits};
+use kvtuner::profile::{ModelIdentity, Profile, META_PREFIX};
+
+pub fn run_annotate(args: AnnotateArgs) -> anyhow::Result<()> {
+    let profile = Profile::load(&args.profile)?;
+    let header = gguf::read_header(&args.model).with_context(|| format!("reading {}", args.model.display()))?;
+    let identity = ModelIdentity::from_header(&header)?;
+    if let Err(mismatch) = profile.check_model(&identity) {
+        if !args.force {
+            return Err(anyhow::Error::new(mismatch)
+                .context(format!("profile {} was made for another model (use --force to apply it anyway)", args.profile.display())));
+        }
+        eprintln!("warning: {mismatch} (applying anyway: --force)");
+        if profile.layers.len() != identity.layers {
+            bail!("profile {} has {} layers but the model has {}: cannot apply", args.profile.display(), profile.layers.len(), identity.layers);
+        }
+    }
+    let mut edits = MetadataEdits::new().remove_prefix(META_PREFIX);
+    for (k, v) in profile.to_metadata() {
+        edits = edits.set(k, v);
+    }
+    let out = output_path(&args.model, &args.target)?;
+    rewrite(&args.model, &out, &edits)?;
+    println!("annotated {} with profile {} ({})", out.display(), profile.name, profile.summary());
+    Ok(())
+}
+
+pub fn run_strip(args: StripArgs) -> anyhow::Result<()> {
+    let out = output_path(&args.model, &args.target)?;
+    let stats = rewrite(&args.model, &out, &MetadataEdits::new().remove_prefix(META_PREFIX))?;
+    println!("stripped {} kvtuner keys: {}", stats.removed, out.display());
+    Ok(())
+}
+
+fn output_path(model: &Path, target: &OutputTarget) -> anyhow::Result<PathBuf> {
+    match (&target.output, target.in_place) {
+        (Some(o), false) => Ok(o.clone()),
+        (None, true) => Ok(model.to_path_buf()),
+        _ => bail!("give exactly one of --output FILE or --in-place"),
+    }
+}
+
+/// Rewrites with a progress bar that appears only when the copy takes longer than a second.
+fn rewrite(input: &Path, output: &Path, edits: &MetadataEdits) -> anyhow::Result<gguf::RewriteStats> {
+    let start = Instant::now();
+    let bar = ProgressBar::hidden();
+    bar.set_style(ProgressStyle::with_template("{bar:40} {bytes}/{total_bytes} {bytes_per_sec}").unwrap());
+    let mut shown = false;
+    let stats = gguf::rewrite(input, output, edits, &mut |done, total| {
+        if !shown && start.elapsed().as_secs_f64() > 1.0 {
+            bar.set_draw_target(indicatif::ProgressDrawTarget::stderr());
+            shown = true;
+        }
+        bar.set_length(total);
+        bar.set_position(done);
+    })
+    .with_context(|| format!("rewriting {} to {}", input.display(), output.display()))?;
+    bar.finish_and_clear();
+    Ok(stats)
+}

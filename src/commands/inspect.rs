@@ -1,0 +1,160 @@
+use anyhow::Context as _;
+use comfy_table::Table;
+use serde::Serialize;
+
+use crate::cli::InspectArgs;
+use kvtuner::cache_type::CacheType;
+use kvtuner::gguf::{self, GgufHeader};
+use kvtuner::kv_layout::KvLayout;
+use kvtuner::llama::{Backend, Model, ModelParams};
+use kvtuner::profile::EmbeddedProfile;
+
+/// Contexts the memory table is shown at.
+const CONTEXTS: [u64; 3] = [1024, 8192, 32768];
+
+#[derive(Serialize)]
+struct KvRow {
+    config: String,
+    bits_per_value: f64,
+    /// MiB at each of CONTEXTS.
+    mib: Vec<f64>,
+}
+
+#[derive(Serialize)]
+struct Inspection {
+    path: String,
+    architecture: String,
+    name: Option<String>,
+    file_bytes: u64,
+    tensors: usize,
+    fingerprint: String,
+    layers: usize,
+    n_embd: Option<u64>,
+    n_head: Option<u64>,
+    n_head_kv: Option<u64>,
+    key_length: Option<u64>,
+    value_length: Option<u64>,
+    context_length: Option<u64>,
+    sliding_window: u32,
+    sliding_layers: Vec<usize>,
+    global_layers: Vec<usize>,
+    layout: KvLayout,
+    embedded_profile: Option<EmbeddedProfile>,
+    contexts: Vec<u64>,
+    kv: Vec<KvRow>,
+}
+
+pub fn run(args: InspectArgs) -> anyhow::Result<()> {
+    let header = gguf::read_header(&args.model).with_context(|| format!("reading {}", args.model.display()))?;
+    let arch = header.architecture().unwrap_or("unknown").to_string();
+    let key = |k: &str| header.get_u64(&format!("{arch}.{k}"));
+    let model = Model::load(Backend::init(), &args.model, &ModelParams::default())?;
+    let layout = KvLayout::probe(&model)?;
+    let embedded = EmbeddedProfile::from_header(&header);
+
+    let mut configs: Vec<(String, Vec<(CacheType, CacheType)>)> = [
+        ("f16", CacheType::F16, CacheType::F16),
+        ("q8_0", CacheType::Q8_0, CacheType::Q8_0),
+        ("q8_0/q4_0", CacheType::Q8_0, CacheType::Q4_0),
+        ("q4_0", CacheType::Q4_0, CacheType::Q4_0),
+    ]
+    .into_iter()
+    .map(|(n, k, v)| (n.to_string(), layout.uniform(k, v)))
+    .collect();
+    if let Some(p) = embedded.as_ref().filter(|p| p.problems.is_empty()) {
+        let types = p.layers.iter().map(|(k, v)| (k.unwrap_or(CacheType::F16), v.unwrap_or(CacheType::F16))).collect();
+        configs.push((format!("profile {}", p.name.as_deref().unwrap_or("unnamed")), types));
+    }
+    let kv = configs
+        .iter()
+        .map(|(name, types)| KvRow {
+            config: name.clone(),
+            bits_per_value: layout.bits_per_value(types, CONTEXTS[0]),
+            mib: CONTEXTS.iter().map(|&c| layout.bytes(types, c) as f64 / 1048576.0).collect(),
+        })
+        .collect();
+
+    let which = |sliding: bool| -> Vec<usize> {
+        layout.layers.iter().enumerate().filter(|(_, l)| l.is_some_and(|s| s.sliding == sliding)).map(|(i, _)| i).collect()
+    };
+    let report = Inspection {
+        path: args.model.display().to_string(),
+        name: header.get_str("general.name").map(str::to_string),
+        file_bytes: header.file_len,
+        tensors: header.tensors.len(),
+        fingerprint: header.tensor_fingerprint().to_string(),
+        layers: header.block_count().unwrap_or(0) as usize,
+        n_embd: key("embedding_length"),
+        n_head: key("attention.head_count"),
+        n_head_kv: key("attention.head_count_kv"),
+        key_length: key("attention.key_length"),
+        value_length: key("attention.value_length"),
+        context_length: key("context_length"),
+        sliding_window: layout.window,
+        sliding_layers: which(true),
+        global_layers: which(false),
+        architecture: arch,
+        layout,
+        embedded_profile: embedded,
+        contexts: CONTEXTS.to_vec(),
+        kv,
+    };
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print_text(&report, &header);
+    }
+    Ok(())
+}
+
+fn opt(v: Option<u64>) -> String {
+    v.map_or("-".into(), |v| v.to_string())
+}
+
+fn print_text(r: &Inspection, header: &GgufHeader) {
+    println!("{}", r.path);
+    println!("  architecture   {} ({})", r.architecture, r.name.as_deref().unwrap_or("unnamed"));
+    println!("  file           {:.1} MiB, GGUF v{}, {} tensors", r.file_bytes as f64 / 1048576.0, header.version, r.tensors);
+    println!("  fingerprint    {}", r.fingerprint);
+    println!("  layers         {}", r.layers);
+    println!(
+        "  attention      {} heads, {} KV heads, key length {}, value length {}, n_embd {}",
+        opt(r.n_head),
+        opt(r.n_head_kv),
+        opt(r.key_length),
+        opt(r.value_length),
+        opt(r.n_embd)
+    );
+    println!("  context        {} (trained)", opt(r.context_length));
+    if r.sliding_window > 0 {
+        println!("  sliding window {} tokens; sliding layers {:?}; global layers {:?}", r.sliding_window, r.sliding_layers, r.global_layers);
+    } else {
+        println!("  sliding window none");
+    }
+    match &r.embedded_profile {
+        None => println!("  profile        none embedded"),
+        Some(p) => {
+            println!(
+                "  profile        {} ({} layers{}{})",
+                p.name.as_deref().unwrap_or("unnamed"),
+                p.layers.len(),
+                p.bits_per_value.map_or(String::new(), |b| format!(", {b:.2} bits/value")),
+                p.kld_mean.map_or(String::new(), |k| format!(", KLD {k:.4}"))
+            );
+            for problem in &p.problems {
+                println!("    problem: {problem} — the runtime ignores this profile and uses uniform types");
+            }
+        }
+    }
+    let mut table = Table::new();
+    table.load_preset(comfy_table::presets::ASCII_MARKDOWN);
+    let mut head = vec!["KV cache".to_string(), "bits/value".to_string()];
+    head.extend(r.contexts.iter().map(|c| format!("MiB @ {}", c)));
+    table.set_header(head);
+    for row in &r.kv {
+        let mut cells = vec![row.config.clone(), format!("{:.2}", row.bits_per_value)];
+        cells.extend(row.mib.iter().map(|m| format!("{m:.2}")));
+        table.add_row(cells);
+    }
+    println!("{table}");
+}

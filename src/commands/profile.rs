@@ -1,0 +1,78 @@
+use anyhow::Context as _;
+use comfy_table::Table;
+
+use crate::cli::ProfileCommand;
+use kvtuner::gguf;
+use kvtuner::profile::{import_kvtuner, ModelIdentity, Profile};
+
+pub fn run(cmd: ProfileCommand) -> anyhow::Result<()> {
+    match cmd {
+        ProfileCommand::Show { profile, model, json } => show(&profile, model.as_deref(), json),
+        ProfileCommand::ImportKvtuner { preset, model, name, output } => {
+            let identity = match &model {
+                Some(m) => Some(ModelIdentity::from_header(
+                    &gguf::read_header(m).with_context(|| format!("reading {}", m.display()))?,
+                )?),
+                None => None,
+            };
+            let (mut profile, mappings) = import_kvtuner(&preset, identity.as_ref())?;
+            if let Some(name) = name {
+                profile.name = name;
+            }
+            println!("bits → llama.cpp cache type:");
+            for m in &mappings {
+                println!(
+                    "  {:>2} bits → {:<5} ({} K layers, {} V layers){}",
+                    m.from_bits,
+                    m.to_type.name(),
+                    m.k_layers,
+                    m.v_layers,
+                    if m.raised { "  raised: llama.cpp has no KV cache type this narrow" } else { "" }
+                );
+            }
+            profile.save(&output)?;
+            println!("wrote {} ({})", output.display(), profile.summary());
+            Ok(())
+        }
+    }
+}
+
+fn show(path: &std::path::Path, model: Option<&std::path::Path>, json: bool) -> anyhow::Result<()> {
+    let profile = Profile::load(path)?;
+    if let Some(m) = model {
+        let identity = ModelIdentity::from_header(&gguf::read_header(m).with_context(|| format!("reading {}", m.display()))?)?;
+        profile.check_model(&identity).with_context(|| format!("{} does not fit {}", path.display(), m.display()))?;
+    }
+    if json {
+        println!("{}", serde_json::to_string_pretty(&profile)?);
+        return Ok(());
+    }
+    println!("{} — {}", profile.name, profile.summary());
+    if let Some(d) = &profile.description {
+        println!("  {d}");
+    }
+    println!(
+        "  model: {} ({} layers){}",
+        profile.model.architecture,
+        profile.model.layers,
+        profile.model.name.as_ref().map_or(String::new(), |n| format!(", {n}"))
+    );
+    if let Some(m) = &profile.measured {
+        println!(
+            "  measured: {:.2} bits/value, {:.2} MiB KV at context {}{}{}",
+            m.bits_per_value,
+            m.kv_bytes as f64 / 1048576.0,
+            m.context,
+            m.kld_mean.map_or(String::new(), |k| format!(", mean KLD {k:.5}")),
+            m.kld_eval_text.as_ref().map_or(String::new(), |t| format!(" on {t}"))
+        );
+    }
+    let mut table = Table::new();
+    table.load_preset(comfy_table::presets::ASCII_MARKDOWN);
+    table.set_header(["layer", "K", "V"]);
+    for (il, l) in profile.layers.iter().enumerate() {
+        table.add_row([il.to_string(), l.k.to_string(), l.v.to_string()]);
+    }
+    println!("{table}");
+    Ok(())
+}

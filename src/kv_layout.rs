@@ -1,0 +1,110 @@
+//! The KV cache shape of a model: per-layer K/V row sizes and which layers are sliding-window.
+//! Sizes at any context and for any per-layer types follow from it without allocating a cache.
+
+use serde::Serialize;
+
+use crate::cache_type::CacheType;
+use crate::llama::{Context, ContextParams, CreateContextError, Model};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct LayerShape {
+    /// Values per token in the layer's K cache (KV heads × key length).
+    pub k_dim: u64,
+    /// Values per token in the layer's V cache.
+    pub v_dim: u64,
+    /// Sliding-window layer: holds at most `window` tokens.
+    pub sliding: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct KvLayout {
+    /// One entry per layer; `None` for layers without a KV cache.
+    pub layers: Vec<Option<LayerShape>>,
+    /// Sliding window in tokens (0 = none).
+    pub window: u32,
+}
+
+impl KvLayout {
+    /// Reads the layout from the runtime: a tiny f16 context reports each layer's bytes and cells.
+    pub fn probe(model: &Model) -> Result<KvLayout, CreateContextError> {
+        let params = ContextParams { n_ctx: 256, n_batch: 256, n_ubatch: 256, no_kv_profile: true, ..Default::default() };
+        let ctx = Context::new(model, &params)?;
+        let layers = ctx
+            .layers()
+            .into_iter()
+            .map(|info| {
+                info.map(|i| LayerShape {
+                    k_dim: i.bytes_k / i.n_cells as u64 / 2,
+                    v_dim: i.bytes_v / i.n_cells as u64 / 2,
+                    sliding: i.is_swa,
+                })
+            })
+            .collect();
+        Ok(KvLayout { layers, window: model.n_swa() })
+    }
+
+    /// Tokens a layer holds at context `n_ctx` (sliding layers hold at most the window).
+    pub fn cells(&self, shape: &LayerShape, n_ctx: u64) -> u64 {
+        if shape.sliding && self.window > 0 {
+            n_ctx.min(self.window as u64)
+        } else {
+            n_ctx
+        }
+    }
+
+    /// `(k_dim, v_dim, cells)` per layer at `n_ctx`, the form `Profile::kv_bytes` takes.
+    pub fn dims_at(&self, n_ctx: u64) -> Vec<(u64, u64, u64)> {
+        self.layers.iter().map(|l| l.map_or((0, 0, 0), |s| (s.k_dim, s.v_dim, self.cells(&s, n_ctx)))).collect()
+    }
+
+    /// KV bytes at `n_ctx` with `types[il] = (k, v)`.
+    pub fn bytes(&self, types: &[(CacheType, CacheType)], n_ctx: u64) -> u64 {
+        self.layers
+            .iter()
+            .zip(types)
+            .filter_map(|(l, &(k, v))| l.map(|s| (s, k, v)))
+            .map(|(s, k, v)| (k.row_bytes(s.k_dim) + v.row_bytes(s.v_dim)) * self.cells(&s, n_ctx))
+            .sum()
+    }
+
+    /// Average storage bits per cached value at `n_ctx`.
+    pub fn bits_per_value(&self, types: &[(CacheType, CacheType)], n_ctx: u64) -> f64 {
+        let values: u64 = self
+            .layers
+            .iter()
+            .flatten()
+            .map(|s| (s.k_dim + s.v_dim) * self.cells(s, n_ctx))
+            .sum();
+        if values == 0 {
+            return 0.0;
+        }
+        self.bytes(types, n_ctx) as f64 * 8.0 / values as f64
+    }
+
+    pub fn uniform(&self, k: CacheType, v: CacheType) -> Vec<(CacheType, CacheType)> {
+        vec![(k, v); self.layers.len()]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sliding_layers_cost_their_window() {
+        let layout = KvLayout {
+            layers: vec![
+                Some(LayerShape { k_dim: 256, v_dim: 256, sliding: true }),
+                Some(LayerShape { k_dim: 256, v_dim: 256, sliding: false }),
+                None,
+            ],
+            window: 512,
+        };
+        let f16 = layout.uniform(CacheType::F16, CacheType::F16);
+        // sliding: 512 cells, global: 4096 cells; 2 bytes per value, K and V
+        assert_eq!(layout.bytes(&f16, 4096), (512 + 4096) * 256 * 2 * 2);
+        assert_eq!(layout.bits_per_value(&f16, 4096), 16.0);
+        let mixed = vec![(CacheType::Q8_0, CacheType::Q4_0); 3];
+        assert!((layout.bits_per_value(&mixed, 4096) - 6.5).abs() < 1e-12);
+    }
+}
