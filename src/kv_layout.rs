@@ -1,12 +1,12 @@
 //! The KV cache shape of a model: per-layer K/V row sizes and which layers are sliding-window.
 //! Sizes at any context and for any per-layer types follow from it without allocating a cache.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::cache_type::CacheType;
 use crate::llama::{Context, ContextParams, CreateContextError, Model};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LayerShape {
     /// Values per token in the layer's K cache (KV heads × key length).
     pub k_dim: u64,
@@ -16,7 +16,7 @@ pub struct LayerShape {
     pub sliding: bool,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct KvLayout {
     /// One entry per layer; `None` for layers without a KV cache.
     pub layers: Vec<Option<LayerShape>>,

@@ -6,8 +6,29 @@
 
 pub mod assets;
 pub mod cache_type;
+pub mod eval;
 pub mod gguf;
 pub mod kv_layout;
 pub mod llama;
 pub mod profile;
 pub mod synth;
+pub mod sensitivity;
+
+/// Writes `bytes` to `path` through a temp file in the same folder and a rename, so a reader
+/// never sees a half-written file and a failure leaves the old file intact.
+pub fn atomic_write(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write as _;
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => std::path::Path::new("."),
+    };
+    let mut tmp = tempfile::NamedTempFile::new_in(dir)?;
+    tmp.write_all(bytes)?;
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        tmp.as_file().set_permissions(std::fs::Permissions::from_mode(0o644))?;
+    }
+    tmp.as_file().sync_all()?;
+    tmp.persist(path).map_err(|e| e.error)?;
+    Ok(())
+}

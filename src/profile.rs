@@ -768,6 +768,10 @@ mod tests {
 
 /// Prefix of every key kvtuner writes (the GGUF spec asks tools to use their own namespace).
 pub const META_PREFIX: &str = "kvtuner.";
+/// Key prefixes that belong to a profile; `strip` removes these (and [`META_PROFILE_KEYS`]),
+/// leaving other kvtuner keys (e.g. `kvtuner.synth.seed` of synthetic models) alone.
+pub const META_PROFILE_PREFIXES: [&str; 2] = ["kvtuner.cache.", "kvtuner.profile."];
+pub const META_PROFILE_KEYS: [&str; 2] = [META_SCHEMA, META_TOOL];
 /// Per-layer K cache types: array of type-name strings, length = block count.
 pub const META_TYPE_K: &str = "kvtuner.cache.type_k";
 /// Per-layer V cache types: array of type-name strings, length = block count.
@@ -810,6 +814,19 @@ impl ModelIdentity {
             name: header.get_str("general.name").map(str::to_string),
         })
     }
+}
+
+/// Edits that remove every profile key (what `strip` does, and what `annotate` does first so a
+/// new profile never inherits stale numbers from an old one).
+pub fn remove_profile_edits() -> crate::gguf::MetadataEdits {
+    let mut e = crate::gguf::MetadataEdits::new();
+    for p in META_PROFILE_PREFIXES {
+        e = e.remove_prefix(p);
+    }
+    for k in META_PROFILE_KEYS {
+        e = e.remove_key(k);
+    }
+    e
 }
 
 impl Profile {

@@ -580,6 +580,11 @@ pub fn write_model_with_threads(
     f.flush().map_err(io_err(path, "write"))?;
     f.sync_all().map_err(io_err(path, "sync"))?;
     let file_bytes = f.metadata().map_err(io_err(path, "stat"))?.len();
+    {
+        // tempfile creates 0600; a model file is as readable as any other file the user writes
+        use std::os::unix::fs::PermissionsExt as _;
+        f.set_permissions(std::fs::Permissions::from_mode(0o644)).map_err(io_err(path, "chmod"))?;
+    }
     tmp.persist(path).map_err(|e| SynthError::Io {
         path: path.to_path_buf(),
         op: "rename temporary file",

@@ -5,8 +5,8 @@ use anyhow::{bail, Context as _};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::cli::{AnnotateArgs, OutputTarget, StripArgs};
-use kvtuner::gguf::{self, MetadataEdits};
-use kvtuner::profile::{ModelIdentity, Profile, META_PREFIX};
+use kvtuner::gguf;
+use kvtuner::profile::{remove_profile_edits, ModelIdentity, Profile};
 
 pub fn run_annotate(args: AnnotateArgs) -> anyhow::Result<()> {
     let profile = Profile::load(&args.profile)?;
@@ -22,7 +22,7 @@ pub fn run_annotate(args: AnnotateArgs) -> anyhow::Result<()> {
             bail!("profile {} has {} layers but the model has {}: cannot apply", args.profile.display(), profile.layers.len(), identity.layers);
         }
     }
-    let mut edits = MetadataEdits::new().remove_prefix(META_PREFIX);
+    let mut edits = remove_profile_edits();
     for (k, v) in profile.to_metadata() {
         edits = edits.set(k, v);
     }
@@ -34,8 +34,8 @@ pub fn run_annotate(args: AnnotateArgs) -> anyhow::Result<()> {
 
 pub fn run_strip(args: StripArgs) -> anyhow::Result<()> {
     let out = output_path(&args.model, &args.target)?;
-    let stats = rewrite(&args.model, &out, &MetadataEdits::new().remove_prefix(META_PREFIX))?;
-    println!("stripped {} kvtuner keys: {}", stats.removed, out.display());
+    let stats = rewrite(&args.model, &out, &remove_profile_edits())?;
+    println!("removed {} profile keys: {}", stats.removed, out.display());
     Ok(())
 }
 
@@ -48,7 +48,7 @@ fn output_path(model: &Path, target: &OutputTarget) -> anyhow::Result<PathBuf> {
 }
 
 /// Rewrites with a progress bar that appears only when the copy takes longer than a second.
-fn rewrite(input: &Path, output: &Path, edits: &MetadataEdits) -> anyhow::Result<gguf::RewriteStats> {
+fn rewrite(input: &Path, output: &Path, edits: &gguf::MetadataEdits) -> anyhow::Result<gguf::RewriteStats> {
     let start = Instant::now();
     let bar = ProgressBar::hidden();
     bar.set_style(ProgressStyle::with_template("{bar:40} {bytes}/{total_bytes} {bytes_per_sec}").unwrap());

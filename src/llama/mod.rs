@@ -4,6 +4,7 @@
 mod backend;
 mod batch;
 mod context;
+mod gguf_c;
 mod model;
 mod sampler;
 mod sys;
@@ -13,5 +14,6 @@ pub use batch::{Batch, BatchFull};
 pub use context::{
     Context, ContextParams, CreateContextError, DecodeError, FlashAttn, KvLayerInfo, LayerCacheTypes, Perf, StateError,
 };
+pub use gguf_c::{GgufCError, GgufCSummary, GgufCTensor};
 pub use model::{builtin_templates, ChatMessage, LoadModelError, Model, ModelParams, TemplateError, Token, TokenizeError};
 pub use sampler::{Sampler, SamplingParams};

@@ -1,0 +1,177 @@
+//! Profiles in GGUF metadata: byte-exact annotate/strip through the `kvtuner` binary, readers
+//! that agree, and the patched runtime applying the embedded profile by itself (patch 0002).
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use kvtuner::cache_type::CacheType;
+use kvtuner::gguf::{self, MetadataEdits, Value};
+use kvtuner::llama::{Backend, Context, ContextParams, GgufCSummary, Model, ModelParams};
+use kvtuner::profile::{LayerTypes, ModelIdentity, Profile};
+
+fn kvtuner(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_kvtuner")).args(args).output().expect("running kvtuner")
+}
+
+fn ok(args: &[&str]) -> String {
+    let out = kvtuner(args);
+    assert!(out.status.success(), "kvtuner {args:?} failed:\n{}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn p(path: &Path) -> &str {
+    path.to_str().unwrap()
+}
+
+/// A mixed profile for the model at `path`: K q8_0 on even layers, q4_0 on odd; V q4_0 except layer 0.
+fn mixed_profile(path: &Path, dir: &Path) -> (PathBuf, Profile) {
+    let identity = ModelIdentity::from_header(&gguf::read_header(path).unwrap()).unwrap();
+    let mut profile = Profile::uniform(&identity, CacheType::F16, CacheType::F16, "test-mixed");
+    for (il, l) in profile.layers.iter_mut().enumerate() {
+        *l = LayerTypes {
+            k: if il % 2 == 0 { CacheType::Q8_0 } else { CacheType::Q4_0 },
+            v: if il == 0 { CacheType::F16 } else { CacheType::Q4_0 },
+        };
+    }
+    let out = dir.join("test-mixed.yaml");
+    profile.save(&out).unwrap();
+    (out, profile)
+}
+
+fn round_trip(model: &Path, dir: &Path) {
+    let (profile_path, _) = mixed_profile(model, dir);
+    let once = dir.join("once.gguf");
+    let twice = dir.join("twice.gguf");
+    let stripped = dir.join("stripped.gguf");
+    ok(&["annotate", p(model), "--profile", p(&profile_path), "-o", p(&once)]);
+    ok(&["annotate", p(&once), "--profile", p(&profile_path), "-o", p(&twice)]);
+    ok(&["strip", p(&once), "-o", p(&stripped)]);
+    let original = std::fs::read(model).unwrap();
+    assert!(std::fs::read(&stripped).unwrap() == original, "strip(annotate(x)) differs from x");
+    assert!(std::fs::read(&once).unwrap() == std::fs::read(&twice).unwrap(), "annotating twice differs from once");
+
+    // Three readers agree on the annotated file: ours, ggml's, and gguf-rs.
+    let ours_in = gguf::read_header(model).unwrap();
+    let ours = gguf::read_header(&once).unwrap();
+    let ggml = GgufCSummary::read(&once).unwrap();
+    let ggml_in = GgufCSummary::read(model).unwrap();
+    assert_eq!(ggml.keys, ours.keys().collect::<Vec<_>>());
+    assert!(ggml.keys.starts_with(&ggml_in.keys), "original keys keep their order");
+    assert!(ggml.keys.iter().any(|k| k == "kvtuner.cache.type_k"));
+    assert_eq!(ggml.tensors.len(), ggml_in.tensors.len());
+    for (a, b) in ggml.tensors.iter().zip(&ggml_in.tensors) {
+        assert_eq!((&a.name, a.ggml_type, a.offset, a.size), (&b.name, b.ggml_type, b.offset, b.size));
+    }
+    assert_eq!(ours.tensor_fingerprint(), ours_in.tensor_fingerprint());
+    let rs = gguf_rs::get_gguf_container_array_size(p(&once), u64::MAX).unwrap().decode().expect("gguf-rs reads it");
+    assert_eq!(rs.num_tensor() as usize, ggml.tensors.len());
+    assert_eq!(rs.num_kv() as usize, ggml.keys.len());
+    assert!(rs.metadata().contains_key("kvtuner.cache.type_v"));
+}
+
+#[test]
+fn annotate_strip_is_byte_exact_on_gemma() {
+    let dir = tempfile::tempdir_in(std::env::temp_dir()).unwrap();
+    round_trip(&common::gemma_path(), dir.path());
+}
+
+#[test]
+fn annotate_strip_is_byte_exact_on_synthetic() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = kvtuner::synth::SynthSpec { n_layer: 5, name: "synthetic-annotate".into(), ..kvtuner::synth::SynthSpec::tiny() };
+    let model = common::synth_model(dir.path(), &spec);
+    round_trip(&model, dir.path());
+    // in place: annotate then strip gives the original bytes back
+    let original = std::fs::read(&model).unwrap();
+    let (profile, _) = mixed_profile(&model, dir.path());
+    ok(&["annotate", p(&model), "--profile", p(&profile), "--in-place"]);
+    assert!(std::fs::read(&model).unwrap() != original);
+    ok(&["strip", p(&model), "--in-place"]);
+    assert!(std::fs::read(&model).unwrap() == original);
+}
+
+fn applied(model: &Model, params: &ContextParams) -> Vec<(CacheType, CacheType)> {
+    let ctx = Context::new(model, params).unwrap();
+    ctx.layers().into_iter().map(|i| i.map(|i| (i.type_k, i.type_v)).unwrap()).collect()
+}
+
+#[test]
+fn runtime_applies_the_embedded_profile_by_itself() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = kvtuner::synth::SynthSpec { n_layer: 6, name: "synthetic-auto".into(), ..kvtuner::synth::SynthSpec::tiny() };
+    let model_path = common::synth_model(dir.path(), &spec);
+    let (profile_path, profile) = mixed_profile(&model_path, dir.path());
+    let annotated = dir.path().join("annotated.gguf");
+    ok(&["annotate", p(&model_path), "--profile", p(&profile_path), "-o", p(&annotated)]);
+
+    let model = Model::load(Backend::init(), &annotated, &ModelParams::default()).unwrap();
+    let base = ContextParams { n_ctx: 256, n_batch: 64, n_ubatch: 64, ..Default::default() };
+    let want: Vec<_> = profile.layers.iter().map(|l| (l.k, l.v)).collect();
+    assert_eq!(applied(&model, &base), want, "no flags: the profile's types");
+    let off = ContextParams { no_kv_profile: true, ..base.clone() };
+    assert_eq!(applied(&model, &off), vec![(CacheType::F16, CacheType::F16); 6], "opt-out: uniform types");
+
+    // The environment variable opts out for tools that cannot set parameters.
+    let out = Command::new(env!("CARGO_BIN_EXE_kvtuner"))
+        .args(["layers", "-m", p(&annotated), "-c", "256", "--json"])
+        .env("LLAMA_KV_PROFILE", "off")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    for layer in json["layers"].as_array().unwrap() {
+        assert_eq!((layer["type_k"].as_str(), layer["type_v"].as_str()), (Some("f16"), Some("f16")));
+    }
+    // and without it the binary reports the profile's types
+    let json: serde_json::Value = serde_json::from_str(&ok(&["layers", "-m", p(&annotated), "-c", "256", "--json"])).unwrap();
+    assert_eq!(json["layers"][1]["type_k"], "q4_0");
+    assert!(json["profile"].as_str().unwrap().contains("test-mixed"));
+}
+
+#[test]
+fn malformed_embedded_profiles_fall_back_to_uniform_types() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = kvtuner::synth::SynthSpec { n_layer: 4, name: "synthetic-bad".into(), ..kvtuner::synth::SynthSpec::tiny() };
+    let model_path = common::synth_model(dir.path(), &spec);
+    let cases = [
+        ("short", Value::str_array(["q8_0", "q8_0", "q8_0"]), "has 3 entries"),
+        ("unknown", Value::str_array(["q8_0", "q3_k", "q8_0", "q8_0"]), "\"q3_k\" is not a KV cache type"),
+        ("numbers", Value::i32_array([8, 8, 8, 8]), "not an array of strings"),
+    ];
+    for (name, value, problem) in cases {
+        let bad = dir.path().join(format!("{name}.gguf"));
+        let edits = MetadataEdits::new()
+            .set("kvtuner.profile.name", Value::String(name.into()))
+            .set("kvtuner.cache.type_k", value)
+            .set("kvtuner.cache.type_v", Value::str_array(["q4_0"; 4]));
+        gguf::rewrite(&model_path, &bad, &edits, &mut |_, _| {}).unwrap();
+        let model = Model::load(Backend::init(), &bad, &ModelParams::default()).unwrap();
+        let base = ContextParams { n_ctx: 256, n_batch: 64, n_ubatch: 64, ..Default::default() };
+        assert_eq!(applied(&model, &base), vec![(CacheType::F16, CacheType::F16); 4], "{name}: uniform fallback");
+        let inspect = ok(&["inspect", p(&bad)]);
+        assert!(inspect.contains(problem), "{name}: inspect should say `{problem}`:\n{inspect}");
+    }
+}
+
+#[test]
+fn a_profile_for_another_model_is_refused_unless_forced() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = common::synth_model(dir.path(), &kvtuner::synth::SynthSpec { n_layer: 4, seed: 1, name: "model-a".into(), ..kvtuner::synth::SynthSpec::tiny() });
+    let b = common::synth_model(dir.path(), &kvtuner::synth::SynthSpec { n_layer: 4, n_ff: 320, seed: 2, name: "model-b".into(), ..kvtuner::synth::SynthSpec::tiny() });
+    let (profile, _) = mixed_profile(&a, dir.path());
+    let out = dir.path().join("out.gguf");
+    let res = kvtuner(&["annotate", p(&b), "--profile", p(&profile), "-o", p(&out)]);
+    assert!(!res.status.success());
+    let err = String::from_utf8_lossy(&res.stderr);
+    assert!(err.contains("another model") && err.contains("fingerprint"), "{err}");
+    assert!(!out.exists(), "no output on refusal");
+    ok(&["annotate", p(&b), "--profile", p(&profile), "-o", p(&out), "--force"]);
+    assert!(out.exists());
+
+    let c = common::synth_model(dir.path(), &kvtuner::synth::SynthSpec { n_layer: 3, name: "model-c".into(), ..kvtuner::synth::SynthSpec::tiny() });
+    let res = kvtuner(&["annotate", p(&c), "--profile", p(&profile), "-o", p(&dir.path().join("c.gguf")), "--force"]);
+    assert!(!res.status.success());
+    assert!(String::from_utf8_lossy(&res.stderr).contains("4 layers but the model has 3"));
+}
