@@ -35,6 +35,33 @@ pub enum Command {
     /// Show or import profiles.
     #[command(subcommand)]
     Profile(ProfileCommand),
+    /// Measure each layer's K and V sensitivity on real text (KL divergence to an f16 cache).
+    Calibrate(CalibrateArgs),
+}
+
+/// Text to run on: a file, or the Lee corpus halves (`lee-calibration`, `lee-evaluation`).
+#[derive(Debug, Clone, Args)]
+pub struct TextArgs {
+    /// Text file, or `lee-calibration` / `lee-evaluation` (halves of the fetched Lee corpus).
+    #[arg(long)]
+    pub text: String,
+}
+
+#[derive(Debug, Args)]
+pub struct CalibrateArgs {
+    #[command(flatten)]
+    pub runtime: RuntimeArgs,
+    #[command(flatten)]
+    pub text: TextArgs,
+    /// Chunks of -c tokens to score.
+    #[arg(long, default_value_t = 2)]
+    pub chunks: usize,
+    /// Candidate cache types (comma-separated); f16 is the reference.
+    #[arg(long, value_delimiter = ',', default_value = "f16,q8_0,q5_0,q4_0")]
+    pub types: Vec<kvtuner::cache_type::CacheType>,
+    /// Output sensitivity table (YAML); `<output>.partial` keeps progress for resuming.
+    #[arg(short, long)]
+    pub output: PathBuf,
 }
 
 #[derive(Debug, Args)]
@@ -168,7 +195,7 @@ pub struct RuntimeArgs {
     #[arg(short = 'm', long = "model")]
     pub model: PathBuf,
     /// Context size in tokens.
-    #[arg(short = 'c', long = "ctx-size", default_value_t = 4096)]
+    #[arg(short = 'c', long = "ctx-size", default_value_t = 1024)]
     pub ctx_size: u32,
     /// Layers to offload to the GPU (CUDA builds); -1 = all.
     #[arg(long = "n-gpu-layers", visible_alias = "ngl", default_value_t = 0, allow_negative_numbers = true)]

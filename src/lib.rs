@@ -6,6 +6,7 @@
 
 pub mod assets;
 pub mod cache_type;
+pub mod calibrate;
 pub mod eval;
 pub mod gguf;
 pub mod kv_layout;

@@ -1,6 +1,7 @@
 //! One file per subcommand; `run` dispatches.
 
 mod annotate;
+mod calibrate;
 mod fetch;
 mod inspect;
 mod layers;
@@ -19,5 +20,6 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Annotate(args) => annotate::run_annotate(args),
         Command::Strip(args) => annotate::run_strip(args),
         Command::Profile(cmd) => profile::run(cmd),
+        Command::Calibrate(args) => calibrate::run(args),
     }
 }

@@ -83,3 +83,21 @@ pub fn open(args: &RuntimeArgs) -> anyhow::Result<Opened> {
     }
     Ok(Opened { model, params, choice })
 }
+
+/// Reads the text to run on; returns it with a label for reports.
+pub fn load_text(spec: &str) -> anyhow::Result<(String, String)> {
+    match spec {
+        "lee-calibration" | "lee-evaluation" => {
+            let split = kvtuner::assets::load_split(&kvtuner::assets::cache_dir()).context("fetching the Lee corpus")?;
+            Ok(if spec == "lee-calibration" {
+                (split.calibration.clone(), split.calibration_label())
+            } else {
+                (split.evaluation.clone(), split.evaluation_label())
+            })
+        }
+        path => {
+            let text = std::fs::read_to_string(path).with_context(|| format!("reading text file {path}"))?;
+            Ok((text, path.to_string()))
+        }
+    }
+}

@@ -1,0 +1,294 @@
+//! Per-layer K/V sensitivity, measured end to end on real text at a low cost.
+//!
+//! Estimator: for every layer, one forward pass with only that layer's K at the narrowest
+//! candidate type (the rest f16), and one with only its V there — `2·L` passes per chunk. For the
+//! other types, one uniform "anchor" pass each (all K at type t, V f16; and all V at t, K f16)
+//! gives how much less error t makes than the narrowest type; each layer's narrow-type delta is
+//! scaled by that ratio. Total: `1 + 2·L + 2·(T−1)` passes per chunk instead of `1 + 2·L·(T−1)`.
+//! The anchors of the narrowest type also check the additive model (predicted = Σ layers).
+//!
+//! Results are appended to `<output>.partial` as they come, so an interrupted run resumes.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, Write};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use serde::{Deserialize, Serialize};
+
+use crate::cache_type::CacheType;
+use crate::eval::{EvalError, Evaluator};
+use crate::kv_layout::KvLayout;
+use crate::llama::{ContextParams, CreateContextError, LayerCacheTypes, Model};
+use crate::profile::ModelIdentity;
+use crate::sensitivity::{Anchor, LayerSensitivity, Quality, Sensitivity, SCHEMA_VERSION};
+
+#[derive(Debug, Clone)]
+pub struct CalibrateOptions {
+    pub n_ctx: u32,
+    pub chunks: usize,
+    /// Candidate types; f16 is always included (as the reference).
+    pub types: Vec<CacheType>,
+    /// Base context parameters (threads, flash attention, GPU offload of the KV cache).
+    pub base: ContextParams,
+    /// Label of the calibration text (goes into the table).
+    pub text_label: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CalibrateError {
+    #[error("candidate types must include at least one quantized type besides f16 (got {0:?})")]
+    NoQuantizedType(Vec<CacheType>),
+    #[error("reading the model's KV layout")]
+    Layout(#[source] CreateContextError),
+    #[error(transparent)]
+    Eval(#[from] EvalError),
+    #[error("resume file {path}: {source}")]
+    Resume { path: PathBuf, source: std::io::Error },
+}
+
+/// One end-to-end trial.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, PartialOrd, Ord)]
+pub enum Trial {
+    /// Only layer `layer`'s K (or V) at `ty`.
+    Layer { layer: usize, v: bool, ty: CacheType },
+    /// Every layer's K (or V) at `ty`, the other cache f16.
+    Uniform { v: bool, ty: CacheType },
+}
+
+impl Trial {
+    fn key(&self) -> String {
+        match self {
+            Trial::Layer { layer, v, ty } => format!("layer {layer} {} {ty}", if *v { "V" } else { "K" }),
+            Trial::Uniform { v, ty } => format!("uniform {} {ty}", if *v { "V" } else { "K" }),
+        }
+    }
+
+    fn types(&self, n_layer: usize) -> LayerCacheTypes {
+        let mut k = vec![CacheType::F16; n_layer];
+        let mut v = vec![CacheType::F16; n_layer];
+        match *self {
+            Trial::Layer { layer, v: is_v, ty } => {
+                if is_v {
+                    v[layer] = ty
+                } else {
+                    k[layer] = ty
+                }
+            }
+            Trial::Uniform { v: is_v, ty } => {
+                if is_v {
+                    v.fill(ty)
+                } else {
+                    k.fill(ty)
+                }
+            }
+        }
+        LayerCacheTypes { k, v }
+    }
+}
+
+/// Settings that must match for a resume file to be reused.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct ResumeKey {
+    fingerprint: String,
+    n_ctx: u32,
+    chunks: usize,
+    text_label: String,
+    text_tokens: usize,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct ResumeLine {
+    trial: Trial,
+    quality: Quality,
+}
+
+/// The trials a calibration runs, in order.
+pub fn plan(n_layers_with_kv: &[usize], types: &[CacheType]) -> Vec<Trial> {
+    let narrow = narrowest(types);
+    let mut trials = Vec::new();
+    for &layer in n_layers_with_kv {
+        trials.push(Trial::Layer { layer, v: false, ty: narrow });
+        trials.push(Trial::Layer { layer, v: true, ty: narrow });
+    }
+    for &ty in types.iter().filter(|t| t.is_quantized()) {
+        trials.push(Trial::Uniform { v: false, ty });
+        trials.push(Trial::Uniform { v: true, ty });
+    }
+    trials
+}
+
+fn narrowest(types: &[CacheType]) -> CacheType {
+    *types.iter().filter(|t| t.is_quantized()).min_by(|a, b| a.bits_per_value().total_cmp(&b.bits_per_value())).expect("checked")
+}
+
+/// Forward passes a calibration costs (baseline included), for the up-front estimate.
+pub fn cost(n_layers_with_kv: usize, types: &[CacheType], chunks: usize) -> u64 {
+    let quantized = types.iter().filter(|t| t.is_quantized()).count();
+    ((1 + 2 * n_layers_with_kv + 2 * quantized) * chunks) as u64
+}
+
+/// Runs the calibration. `progress(done, total, label)` is called before each trial.
+pub fn calibrate(
+    model: &Model,
+    identity: &ModelIdentity,
+    text: &str,
+    opts: &CalibrateOptions,
+    resume: Option<&Path>,
+    progress: &mut dyn FnMut(usize, usize, &str),
+) -> Result<Sensitivity, CalibrateError> {
+    let start = Instant::now();
+    let mut types = opts.types.clone();
+    if !types.contains(&CacheType::F16) {
+        types.insert(0, CacheType::F16);
+    }
+    types.sort_by(|a, b| b.bits_per_value().total_cmp(&a.bits_per_value()));
+    types.dedup();
+    if !types.iter().any(|t| t.is_quantized()) {
+        return Err(CalibrateError::NoQuantizedType(types));
+    }
+    let layout = KvLayout::probe(model).map_err(CalibrateError::Layout)?;
+    let with_kv: Vec<usize> = layout.layers.iter().enumerate().filter(|(_, l)| l.is_some()).map(|(i, _)| i).collect();
+    let trials = plan(&with_kv, &types);
+
+    progress(0, trials.len(), "baseline (f16 cache)");
+    let mut ev = Evaluator::new(model, text, opts.n_ctx, opts.chunks, &opts.base)?;
+
+    // Resume: reuse lines of a previous run with identical settings.
+    let key = ResumeKey {
+        fingerprint: identity.fingerprint.clone(),
+        n_ctx: opts.n_ctx,
+        chunks: ev.chunks(),
+        text_label: opts.text_label.clone(),
+        text_tokens: ev.positions(),
+    };
+    let mut done: BTreeMap<Trial, Quality> = BTreeMap::new();
+    let mut journal = match resume {
+        Some(path) => Some(open_journal(path, &key, &mut done)?),
+        None => None,
+    };
+
+    let n_layer = layout.layers.len();
+    for (i, trial) in trials.iter().enumerate() {
+        if done.contains_key(trial) {
+            continue;
+        }
+        progress(i, trials.len(), &trial.key());
+        let config = ContextParams { layer_types: Some(trial.types(n_layer)), ..opts.base.clone() };
+        let quality = ev.score(&config)?.quality();
+        if let (Some(f), Some(path)) = (journal.as_mut(), resume) {
+            let line = serde_json::to_string(&ResumeLine { trial: trial.clone(), quality }).expect("serialisable");
+            writeln!(f, "{line}")
+                .and_then(|_| f.flush())
+                .map_err(|source| CalibrateError::Resume { path: path.to_path_buf(), source })?;
+        }
+        done.insert(trial.clone(), quality);
+    }
+    progress(trials.len(), trials.len(), "done");
+
+    Ok(assemble(identity, layout, opts, &types, &with_kv, &done, ev.forward_passes, start.elapsed().as_secs_f64()))
+}
+
+fn open_journal(path: &Path, key: &ResumeKey, done: &mut BTreeMap<Trial, Quality>) -> Result<std::fs::File, CalibrateError> {
+    let err = |source| CalibrateError::Resume { path: path.to_path_buf(), source };
+    let header = serde_json::to_string(key).expect("serialisable");
+    if let Ok(f) = std::fs::File::open(path) {
+        let mut lines = std::io::BufReader::new(f).lines();
+        if lines.next().and_then(Result::ok).as_deref() == Some(header.as_str()) {
+            for line in lines.map_while(Result::ok) {
+                // A line cut short by an interruption is skipped (its trial runs again).
+                if let Ok(l) = serde_json::from_str::<ResumeLine>(&line) {
+                    done.insert(l.trial, l.quality);
+                }
+            }
+            return std::fs::OpenOptions::new().append(true).open(path).map_err(err);
+        }
+    }
+    let mut f = std::fs::File::create(path).map_err(err)?;
+    writeln!(f, "{header}").map_err(err)?;
+    Ok(f)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn assemble(
+    identity: &ModelIdentity,
+    layout: KvLayout,
+    opts: &CalibrateOptions,
+    types: &[CacheType],
+    with_kv: &[usize],
+    done: &BTreeMap<Trial, Quality>,
+    forward_passes: u64,
+    seconds: f64,
+) -> Sensitivity {
+    let narrow = narrowest(types);
+    let uniform = |v: bool, ty: CacheType| done[&Trial::Uniform { v, ty }].kld_mean;
+    // How much of the narrow type's error type t keeps, measured on uniform runs.
+    let ratio = |v: bool, ty: CacheType| {
+        let n = uniform(v, narrow);
+        if n > 0.0 {
+            (uniform(v, ty) / n).max(0.0)
+        } else {
+            0.0
+        }
+    };
+    let mut layers = Vec::new();
+    for &layer in with_kv {
+        let mut k = BTreeMap::new();
+        let mut v = BTreeMap::new();
+        let mut measured = BTreeMap::new();
+        for (is_v, map) in [(false, &mut k), (true, &mut v)] {
+            let q = done[&Trial::Layer { layer, v: is_v, ty: narrow }];
+            measured.insert(format!("{}:{narrow}", if is_v { "v" } else { "k" }), q);
+            for &ty in types {
+                let delta = if !ty.is_quantized() {
+                    0.0
+                } else if ty == narrow {
+                    q.kld_mean
+                } else {
+                    q.kld_mean * ratio(is_v, ty)
+                };
+                map.insert(ty, delta.max(0.0));
+            }
+        }
+        layers.push(LayerSensitivity { layer, k, v, measured });
+    }
+    let mut s = Sensitivity {
+        schema: SCHEMA_VERSION,
+        model: identity.clone(),
+        layout,
+        context: opts.n_ctx,
+        chunks: opts.chunks as u32,
+        text: opts.text_label.clone(),
+        types: types.to_vec(),
+        layers,
+        anchors: Vec::new(),
+        forward_passes,
+        seconds,
+        method: format!(
+            "end-to-end per layer at {narrow} (one cache at a time, rest f16), other types scaled by uniform-run ratios"
+        ),
+    };
+    let n_layer = s.layout.layers.len();
+    for &ty in types.iter().filter(|t| t.is_quantized()) {
+        for is_v in [false, true] {
+            let mut cfg = vec![(CacheType::F16, CacheType::F16); n_layer];
+            for c in cfg.iter_mut() {
+                if is_v {
+                    c.1 = ty
+                } else {
+                    c.0 = ty
+                }
+            }
+            let cfg: Vec<_> = with_kv.iter().map(|&i| cfg[i]).collect();
+            let predicted = s.predict(&cfg);
+            let quality = done[&Trial::Uniform { v: is_v, ty }];
+            s.anchors.push(Anchor {
+                k: if is_v { CacheType::F16 } else { ty },
+                v: if is_v { ty } else { CacheType::F16 },
+                quality,
+                predicted_kld: predicted,
+            });
+        }
+    }
+    s
+}

@@ -1,0 +1,56 @@
+use std::time::Instant;
+
+use anyhow::Context as _;
+use indicatif::{ProgressBar, ProgressStyle};
+
+use super::runtime::{load_text, open};
+use crate::cli::CalibrateArgs;
+use kvtuner::calibrate::{self, CalibrateOptions};
+use kvtuner::gguf;
+use kvtuner::profile::ModelIdentity;
+
+pub fn run(args: CalibrateArgs) -> anyhow::Result<()> {
+    let start = Instant::now();
+    let (text, label) = load_text(&args.text.text)?;
+    let identity = ModelIdentity::from_header(&gguf::read_header(&args.runtime.model)?)?;
+    let mut runtime = args.runtime.clone();
+    runtime.kv_profile = "off".into();
+    let opened = open(&runtime)?;
+    let n_layer = opened.model.n_layer() as usize;
+    let passes = calibrate::cost(n_layer, &args.types, args.chunks);
+    eprintln!(
+        "calibrating {} layers × K/V on {label}: {} chunks of {} tokens, about {passes} forward passes",
+        n_layer, args.chunks, args.runtime.ctx_size
+    );
+    let opts = CalibrateOptions {
+        n_ctx: args.runtime.ctx_size,
+        chunks: args.chunks,
+        types: args.types.clone(),
+        base: opened.params.clone(),
+        text_label: label,
+    };
+    let bar = ProgressBar::new(0);
+    bar.set_style(ProgressStyle::with_template("{bar:30} {pos}/{len} trials, {elapsed} elapsed, eta {eta}  {msg}").unwrap());
+    let partial = args.output.with_extension("partial");
+    let table = calibrate::calibrate(&opened.model, &identity, &text, &opts, Some(&partial), &mut |done, total, what| {
+        bar.set_length(total as u64);
+        bar.set_position(done as u64);
+        bar.set_message(what.to_string());
+    })?;
+    bar.finish_and_clear();
+    table.save(&args.output).with_context(|| format!("writing {}", args.output.display()))?;
+    let _ = std::fs::remove_file(&partial);
+
+    println!("wrote {} ({} forward passes, {:.1} s)", args.output.display(), table.forward_passes, start.elapsed().as_secs_f64());
+    println!("additive model check (uniform runs, measured vs sum of per-layer predictions):");
+    for a in &table.anchors {
+        println!(
+            "  K {:<5} V {:<5} measured KLD {:.5}  predicted {:.5}",
+            a.k.name(),
+            a.v.name(),
+            a.quality.kld_mean,
+            a.predicted_kld
+        );
+    }
+    Ok(())
+}
