@@ -37,6 +37,57 @@ pub enum Command {
     Profile(ProfileCommand),
     /// Measure each layer's K and V sensitivity on real text (KL divergence to an f16 cache).
     Calibrate(CalibrateArgs),
+    /// Find Pareto-optimal per-layer profiles from a sensitivity table (exact), optionally verify them.
+    Search(SearchArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct SearchArgs {
+    /// Sensitivity table from `kvtuner calibrate`.
+    pub sensitivity: PathBuf,
+    /// Pick the least-error profile within this many bits per cached value.
+    #[arg(long, conflicts_with = "max_kld")]
+    pub budget: Option<f64>,
+    /// Pick the smallest profile whose predicted mean KLD is at most this.
+    #[arg(long)]
+    pub max_kld: Option<f64>,
+    /// Allowed (K, V) pairs: `cuda` (pairs with CUDA flash-attention kernels), `cpu` (any), or a
+    /// list like `q8_0/q4_0,f16/f16`.
+    #[arg(long, default_value = "cuda")]
+    pub pairs: String,
+    /// Target context (sliding-window layers cost their window); default: the calibration context.
+    #[arg(short = 'c', long = "ctx-size")]
+    pub ctx_size: Option<u32>,
+    /// Profile name (default: from the model and the bits per value).
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Write the chosen profile here (YAML).
+    #[arg(short, long)]
+    pub output: Option<PathBuf>,
+    /// Write the whole Pareto frontier here (JSON).
+    #[arg(long)]
+    pub frontier: Option<PathBuf>,
+    /// Verify end to end on this held-out text (a file or `lee-evaluation`): the chosen profile,
+    /// and for each uniform configuration between q4_0 and q8_0 the best profile and the
+    /// first/last-layers heuristic at equal or fewer bytes. Needs -m.
+    #[arg(long, requires = "model")]
+    pub verify: Option<String>,
+    /// Model for verification.
+    #[arg(short = 'm', long = "model")]
+    pub model: Option<PathBuf>,
+    /// Chunks of the calibration context to verify on.
+    #[arg(long, default_value_t = 2)]
+    pub chunks: usize,
+    #[arg(short = 't', long = "threads", default_value_t = 0)]
+    pub threads: i32,
+    #[arg(long = "n-gpu-layers", visible_alias = "ngl", default_value_t = 0, allow_negative_numbers = true)]
+    pub n_gpu_layers: i32,
+    /// Write the verification report here (markdown).
+    #[arg(long)]
+    pub report: Option<PathBuf>,
+    /// Print JSON instead of tables.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// Text to run on: a file, or the Lee corpus halves (`lee-calibration`, `lee-evaluation`).

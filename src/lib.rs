@@ -12,6 +12,7 @@ pub mod gguf;
 pub mod kv_layout;
 pub mod llama;
 pub mod profile;
+pub mod search;
 pub mod synth;
 pub mod sensitivity;
 

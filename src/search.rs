@@ -9,8 +9,10 @@
 //!
 //! Layers are folded in one at a time. After layer `i` the state is the set of non-dominated
 //! `(bytes, error)` points over all assignments of layers `0..=i`: every point of the previous set
-//! is combined with every allowed pair of layer `i`, the candidates are sorted by bytes and a
-//! sweep keeps a candidate only if its error is strictly below every cheaper-or-equal candidate's.
+//! is combined with every allowed pair of layer `i`, and a sweep over the candidates in order of
+//! bytes keeps one only if its error is strictly below every cheaper-or-equal candidate's (the
+//! previous frontier shifted by one pair is already in that order, so this is a linear merge per
+//! pair rather than a sort).
 //! This is exact: if an assignment's prefix is dominated by another prefix (no more bytes, no more
 //! error), swapping in that prefix gives a full assignment that is no worse in either, because
 //! cost addition is exact and IEEE rounding of `a + x` is monotone in `a`.
@@ -119,7 +121,7 @@ fn lookup(map: &BTreeMap<CacheType, f64>, layer: usize, side: &'static str, ty: 
 
 fn row_bytes(dim: u64, layer: usize, side: &'static str, ty: CacheType) -> Result<u64, SearchError> {
     let (block, _) = ty.block();
-    if dim % block != 0 {
+    if !dim.is_multiple_of(block) {
         return Err(SearchError::PartialBlock { layer, side, ty, dim, block });
     }
     Ok(ty.row_bytes(dim))
@@ -200,6 +202,35 @@ struct Solved {
     steps: Vec<Step>,
 }
 
+/// A candidate point: a previous frontier point extended by one pair of the current layer.
+#[derive(Debug, Clone, Copy)]
+struct Cand {
+    bytes: u64,
+    err: f64,
+    /// Lexicographic rank of the parent's pair-index sequence.
+    parent_rank: u32,
+    choice: u32,
+    parent: u32,
+}
+
+/// Candidate order: bytes, then error, then lexicographic order of the pair-index sequence.
+fn cand_order(a: &Cand, b: &Cand) -> std::cmp::Ordering {
+    a.bytes
+        .cmp(&b.bytes)
+        .then(a.err.total_cmp(&b.err))
+        .then(a.parent_rank.cmp(&b.parent_rank))
+        .then(a.choice.cmp(&b.choice))
+}
+
+/// The sweep over candidates in candidate order: keep one only if its error is strictly below
+/// that of every earlier one. Whether a candidate survives depends only on the earlier ones, so
+/// sweeping parts first and merging the survivors gives the same set as one sweep over all.
+fn push_pruned(out: &mut Vec<Cand>, c: Cand) {
+    if out.last().is_none_or(|k| c.err < k.err) {
+        out.push(c);
+    }
+}
+
 fn solve(p: &Problem) -> Result<Solved, SearchError> {
     let opts = options(p)?;
     let values = total_values(p)?;
@@ -209,42 +240,34 @@ fn solve(p: &Problem) -> Result<Solved, SearchError> {
     let mut rank = vec![0u32];
     let mut steps = Vec::new();
 
-    struct Cand {
-        bytes: u64,
-        err: f64,
-        parent_rank: u32,
-        choice: u32,
-        parent: u32,
-    }
-    let mut cands: Vec<Cand> = Vec::new();
+    let mut kept: Vec<Cand> = Vec::new();
+    let mut merged: Vec<Cand> = Vec::new();
     for (layer, layer_opts) in opts.iter().enumerate() {
         let Some(layer_opts) = layer_opts else { continue };
-        cands.clear();
-        cands.reserve(bytes.len() * layer_opts.len());
-        for (j, (&b, &e)) in bytes.iter().zip(&err).enumerate() {
-            for (c, o) in layer_opts.iter().enumerate() {
-                cands.push(Cand {
-                    bytes: b + o.bytes,
-                    err: e + o.err,
-                    parent_rank: rank[j],
-                    choice: c as u32,
-                    parent: j as u32,
-                });
+        // Fold the pairs in one at a time: the frontier shifted by pair `c` is already sorted in
+        // candidate order, so a linear merge with the running result plus the sweep suffices.
+        kept.clear();
+        for (c, o) in layer_opts.iter().enumerate() {
+            let shifted = bytes.iter().zip(&err).enumerate().map(|(j, (&b, &e))| Cand {
+                bytes: b + o.bytes,
+                err: e + o.err,
+                parent_rank: rank[j],
+                choice: c as u32,
+                parent: j as u32,
+            });
+            merged.clear();
+            let mut acc = kept.iter().copied().peekable();
+            let mut shifted = shifted.peekable();
+            loop {
+                let next = match (acc.peek(), shifted.peek()) {
+                    (Some(a), Some(b)) if cand_order(a, b).is_le() => acc.next(),
+                    (Some(_), Some(_)) | (None, Some(_)) => shifted.next(),
+                    (Some(_), None) => acc.next(),
+                    (None, None) => break,
+                };
+                push_pruned(&mut merged, next.expect("peeked"));
             }
-        }
-        // Bytes, then error, then lexicographic order of the pair-index sequence.
-        cands.sort_unstable_by(|a, b| {
-            a.bytes
-                .cmp(&b.bytes)
-                .then(a.err.total_cmp(&b.err))
-                .then(a.parent_rank.cmp(&b.parent_rank))
-                .then(a.choice.cmp(&b.choice))
-        });
-        let mut kept: Vec<&Cand> = Vec::new();
-        for c in &cands {
-            if kept.last().is_none_or(|k| c.err < k.err) {
-                kept.push(c);
-            }
+            std::mem::swap(&mut kept, &mut merged);
         }
         let mut order: Vec<u32> = (0..kept.len() as u32).collect();
         order.sort_unstable_by_key(|&i| (kept[i as usize].parent_rank, kept[i as usize].choice));
@@ -308,7 +331,7 @@ pub fn best_within_bits(p: &Problem, max_bits_per_value: f64) -> Result<Option<A
 /// `None` when even the most accurate assignment exceeds it or the bound is NaN.
 pub fn cheapest_within_error(p: &Problem, max_predicted: f64) -> Result<Option<Assignment>, SearchError> {
     let s = solve(p)?;
-    let first = s.err.partition_point(|&e| !(e <= max_predicted));
+    let first = s.err.partition_point(|&e| e > max_predicted || max_predicted.is_nan());
     Ok((first < s.err.len()).then(|| s.assignment(p, first)))
 }
 
@@ -664,7 +687,10 @@ mod tests {
         let f = frontier(&p).unwrap();
         assert_eq!(best_within_bytes(&p, f[0].bytes - 1).unwrap(), None);
         assert_eq!(best_within_bytes(&p, u64::MAX).unwrap().as_ref(), f.last());
-        assert_eq!(best_within_bits(&p, 8.5).unwrap().unwrap().bits_per_value, 8.5);
+        let at_q8 = best_within_bits(&p, 8.5).unwrap().unwrap();
+        let uniform_q8 = evaluate(&p, &[(Q8_0, Q8_0); 18]).unwrap();
+        assert!(at_q8.bits_per_value <= 8.5 && at_q8.bits_per_value > 8.0);
+        assert!(at_q8.predicted < uniform_q8.predicted);
         assert_eq!(best_within_bits(&p, 4.4).unwrap(), None);
         assert_eq!(best_within_bits(&p, f64::NAN).unwrap(), None);
         assert_eq!(cheapest_within_error(&p, 0.0).unwrap().as_ref(), f.last());
@@ -776,5 +802,9 @@ mod tests {
         let t = std::time::Instant::now();
         let f = frontier(&p).unwrap();
         eprintln!("80 layers x 16 pairs: {} frontier points in {:?}", f.len(), t.elapsed());
+        let t = std::time::Instant::now();
+        let s = solve(&p).unwrap();
+        let widest = s.steps.iter().map(|s| s.from.len()).max().unwrap();
+        eprintln!("solve alone: {:?}, widest intermediate frontier {widest}", t.elapsed());
     }
 }

@@ -119,3 +119,28 @@ impl Sensitivity {
         crate::atomic_write(path, text.as_bytes()).map_err(|source| SensitivityError::Write { path: p, source })
     }
 }
+
+impl Sensitivity {
+    /// The search problem at context `n_ctx` (sliding layers hold their window) over `pairs`.
+    pub fn problem(&self, n_ctx: u64, pairs: Vec<(CacheType, CacheType)>) -> crate::search::Problem {
+        let by_layer: BTreeMap<usize, &LayerSensitivity> = self.layers.iter().map(|l| (l.layer, l)).collect();
+        let layers = self
+            .layout
+            .layers
+            .iter()
+            .enumerate()
+            .map(|(il, shape)| {
+                let shape = (*shape)?;
+                let sens = by_layer.get(&il)?;
+                Some(crate::search::LayerCosts {
+                    k_dim: shape.k_dim,
+                    v_dim: shape.v_dim,
+                    cells: self.layout.cells(&shape, n_ctx),
+                    dk: sens.k.clone(),
+                    dv: sens.v.clone(),
+                })
+            })
+            .collect();
+        crate::search::Problem { layers, pairs }
+    }
+}

@@ -7,6 +7,7 @@ mod inspect;
 mod layers;
 mod profile;
 mod runtime;
+mod search;
 mod synth;
 
 use crate::cli::{Cli, Command};
@@ -21,5 +22,6 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Strip(args) => annotate::run_strip(args),
         Command::Profile(cmd) => profile::run(cmd),
         Command::Calibrate(args) => calibrate::run(args),
+        Command::Search(args) => search::run(args),
     }
 }

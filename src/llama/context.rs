@@ -212,7 +212,8 @@ impl<'m> Context<'m> {
         }
     }
 
-    /// Logits of output `i` of the last decode (negative counts from the end).
+    /// Logits of batch token `i` of the last decode (it must have been marked for output;
+    /// negative counts from the end of the outputs).
     pub fn logits(&self, i: i32) -> Option<&[f32]> {
         // Safety: returns NULL for an invalid index or a pointer to n_vocab floats owned by the
         // context, valid until the next decode (which needs &mut self, so not while borrowed).
