@@ -39,6 +39,115 @@ pub enum Command {
     Calibrate(CalibrateArgs),
     /// Find Pareto-optimal per-layer profiles from a sensitivity table (exact), optionally verify them.
     Search(SearchArgs),
+    /// The whole job: fetch (if needed), calibrate, search, verify on held-out text, annotate.
+    Tune(TuneArgs),
+    /// A/B: profiles against uniform caches — quality, speed and memory in one run.
+    Ab(AbArgs),
+    /// Chat with a model; its embedded cache profile is applied automatically.
+    Chat(ChatArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ChatArgs {
+    #[command(flatten)]
+    pub runtime: RuntimeArgs,
+    /// Sampling temperature (0 = greedy).
+    #[arg(long, default_value_t = 0.8)]
+    pub temp: f32,
+    #[arg(long, default_value_t = 40)]
+    pub top_k: i32,
+    #[arg(long, default_value_t = 0.95)]
+    pub top_p: f32,
+    #[arg(long, default_value_t = 0.05)]
+    pub min_p: f32,
+    #[arg(long, default_value_t = 0xC0FFEE)]
+    pub seed: u32,
+    /// System prompt.
+    #[arg(long)]
+    pub system: Option<String>,
+    /// One-shot: answer this prompt and exit.
+    #[arg(short = 'p', long)]
+    pub prompt: Option<String>,
+    /// Chat template name (llama.cpp built-in, e.g. `gemma`, `chatml`) instead of the model's.
+    #[arg(long)]
+    pub template: Option<String>,
+    /// Longest reply in tokens.
+    #[arg(short = 'n', long = "n-predict", default_value_t = 1024)]
+    pub n_predict: usize,
+    /// One-shot output as JSON (text, tokens, timings, profile).
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct AbArgs {
+    /// Model file (GGUF).
+    #[arg(short = 'm', long = "model")]
+    pub model: PathBuf,
+    /// Evaluation text: a file or `lee-evaluation` (never the calibration text).
+    #[arg(long)]
+    pub text: String,
+    /// Profiles to test: `auto` (the one embedded in the model) or YAML files; repeatable.
+    #[arg(long = "profile", default_value = "auto")]
+    pub profiles: Vec<String>,
+    /// Uniform configurations to compare against: `T` (K and V) or `K/V`.
+    #[arg(long, value_delimiter = ',', default_value = "f16,q8_0,q4_0,q8_0/q4_0")]
+    pub against: Vec<String>,
+    /// Context of each scored chunk.
+    #[arg(short = 'c', long = "ctx-size", default_value_t = 1024)]
+    pub ctx_size: u32,
+    /// Chunks to score.
+    #[arg(long, default_value_t = 2)]
+    pub chunks: usize,
+    /// Depths (tokens already in the cache) for the speed runs.
+    #[arg(long, value_delimiter = ',', default_value = "0")]
+    pub depths: Vec<u32>,
+    /// Repetitions of each speed run (configurations interleaved).
+    #[arg(long, default_value_t = 3)]
+    pub reps: usize,
+    /// Skip the speed runs.
+    #[arg(long)]
+    pub no_speed: bool,
+    #[arg(long = "n-gpu-layers", visible_alias = "ngl", default_value_t = 0, allow_negative_numbers = true)]
+    pub n_gpu_layers: i32,
+    #[arg(short = 't', long = "threads", default_value_t = 0)]
+    pub threads: i32,
+    #[arg(long = "flash-attn", visible_alias = "fa", value_enum, default_value = "auto")]
+    pub flash_attn: FlashAttn,
+    /// Write one JSON object per configuration here.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+    /// Write an SVG plot of bits per value against mean KLD here.
+    #[arg(long)]
+    pub plot: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct TuneArgs {
+    /// Model (default: the fetched Gemma 3 270M).
+    #[arg(short = 'm', long = "model")]
+    pub model: Option<PathBuf>,
+    /// Calibration text (default: the Lee corpus' calibration half).
+    #[arg(long, default_value = "lee-calibration")]
+    pub text: String,
+    /// Held-out text for verification (default: the Lee corpus' evaluation half).
+    #[arg(long, default_value = "lee-evaluation")]
+    pub eval_text: String,
+    /// Bits per cached value of the profile.
+    #[arg(long, default_value_t = 6.5)]
+    pub budget: f64,
+    #[arg(long, default_value = "cuda")]
+    pub pairs: String,
+    #[arg(short = 'c', long = "ctx-size", default_value_t = 1024)]
+    pub ctx_size: u32,
+    #[arg(short = 't', long = "threads", default_value_t = 0)]
+    pub threads: i32,
+    /// Folder for the sensitivity table, profile and report (default: next to the output).
+    #[arg(long)]
+    pub work_dir: Option<PathBuf>,
+    /// Annotated model to write.
+    #[arg(short, long)]
+    pub output: PathBuf,
 }
 
 #[derive(Debug, Args)]
@@ -104,8 +213,8 @@ pub struct CalibrateArgs {
     pub runtime: RuntimeArgs,
     #[command(flatten)]
     pub text: TextArgs,
-    /// Chunks of -c tokens to score.
-    #[arg(long, default_value_t = 2)]
+    /// Chunks of -c tokens to score (each costs one forward pass per trial).
+    #[arg(long, default_value_t = 1)]
     pub chunks: usize,
     /// Candidate cache types (comma-separated); f16 is the reference.
     #[arg(long, value_delimiter = ',', default_value = "f16,q8_0,q5_0,q4_0")]

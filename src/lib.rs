@@ -5,13 +5,16 @@
 //! patched runtime), `gguf` (read/write), `synth` (random-weight models), `assets` (real data).
 
 pub mod assets;
+pub mod bench;
 pub mod cache_type;
+pub mod chat;
 pub mod calibrate;
 pub mod eval;
 pub mod gguf;
 pub mod kv_layout;
 pub mod llama;
 pub mod profile;
+pub mod report;
 pub mod search;
 pub mod synth;
 pub mod sensitivity;

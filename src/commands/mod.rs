@@ -1,7 +1,9 @@
 //! One file per subcommand; `run` dispatches.
 
+mod ab;
 mod annotate;
 mod calibrate;
+mod chat;
 mod fetch;
 mod inspect;
 mod layers;
@@ -9,6 +11,7 @@ mod profile;
 mod runtime;
 mod search;
 mod synth;
+mod tune;
 
 use crate::cli::{Cli, Command};
 
@@ -23,5 +26,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Profile(cmd) => profile::run(cmd),
         Command::Calibrate(args) => calibrate::run(args),
         Command::Search(args) => search::run(args),
+        Command::Tune(args) => tune::run(args),
+        Command::Ab(args) => ab::run(args),
+        Command::Chat(args) => chat::run(args),
     }
 }

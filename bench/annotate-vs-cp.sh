@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# `kvtuner annotate` on the real 253 MB model against `cp` of the same file, in one run:
+# whole-process wall time (median of N interleaved runs) and peak memory (max RSS).
+#
+#   bench/annotate-vs-cp.sh [ROUNDS]
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+rounds=${1:-7}
+kvtuner=$root/target/release/kvtuner
+model=$("$kvtuner" fetch --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["model"])')
+profile=$root/profiles/gemma3-270m-6.5bpv.yaml
+[ -f "$profile" ] || { echo "missing $profile" >&2; exit 1; }
+work=$(mktemp -d "$root/target/annotate-bench.XXXX")
+trap 'rm -rf "$work"' EXIT
+
+# peak RSS in KiB and wall seconds of one command, via /proc (no GNU time needed)
+measure() {
+    local start end pid peak=0 rss
+    start=$(date +%s.%N)
+    "$@" >/dev/null &
+    pid=$!
+    while kill -0 "$pid" 2>/dev/null; do
+        rss=$(awk '/VmHWM/ {print $2}' /proc/$pid/status 2>/dev/null || echo 0)
+        [ -n "$rss" ] && [ "$rss" -gt "$peak" ] && peak=$rss
+        sleep 0.005
+    done
+    wait "$pid"
+    end=$(date +%s.%N)
+    echo "$(echo "$end $start" | awk '{printf "%.4f", $1-$2}') $peak"
+}
+
+sync
+: > "$work/cp.txt"; : > "$work/annotate.txt"
+for i in $(seq "$rounds"); do
+    rm -f "$work/out.gguf"; measure cp "$model" "$work/out.gguf" >> "$work/cp.txt"
+    rm -f "$work/out.gguf"; measure "$kvtuner" annotate "$model" --profile "$profile" -o "$work/out.gguf" >> "$work/annotate.txt"
+done
+median() { sort -g | awk '{a[NR]=$1} END {print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}'; }
+t_cp=$(awk '{print $1}' "$work/cp.txt" | median); t_an=$(awk '{print $1}' "$work/annotate.txt" | median)
+m_cp=$(awk '{print $2}' "$work/cp.txt" | sort -n | tail -1); m_an=$(awk '{print $2}' "$work/annotate.txt" | sort -n | tail -1)
+echo "file: $model ($(stat -c %s "$model") bytes), $rounds interleaved rounds"
+echo "| command | wall s (median) | peak RSS MiB (max) |"
+echo "|---|---|---|"
+echo "| cp | $t_cp | $(echo "$m_cp" | awk '{printf "%.1f", $1/1024}') |"
+echo "| kvtuner annotate | $t_an | $(echo "$m_an" | awk '{printf "%.1f", $1/1024}') |"
+echo "| ratio annotate/cp | $(echo "$t_an $t_cp" | awk '{printf "%.2f", $1/$2}') | |"

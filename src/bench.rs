@@ -1,0 +1,107 @@
+//! Speed in llama-bench's terms: `pp512` (prompt processing) and `tg128` (generation) tokens
+//! per second, each after `depth` tokens already in the cache (`@ d N`).
+
+use std::time::Instant;
+
+use serde::Serialize;
+
+use crate::llama::{Batch, Context, DecodeError, Model};
+
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct Speed {
+    pub depth: u32,
+    pub pp_tokens_per_s: f64,
+    pub tg_tokens_per_s: f64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BenchError {
+    #[error("depth {depth} + {need} tokens do not fit the context of {n_ctx}; raise -c")]
+    TooDeep { depth: u32, need: u32, n_ctx: u32 },
+    #[error(transparent)]
+    Decode(#[from] DecodeError),
+}
+
+/// Deterministic token ids spread over the vocabulary (speed does not depend on the text).
+fn token(model: &Model, i: u32) -> i32 {
+    ((i as u64 * 7919 + 13) % model.n_vocab() as u64) as i32
+}
+
+fn fill(ctx: &mut Context<'_>, start: u32, n: u32, batch_size: u32) -> Result<(), BenchError> {
+    let model = ctx.model();
+    let mut batch = Batch::new(batch_size as usize);
+    let mut pos = start;
+    while pos < start + n {
+        batch.clear();
+        let end = (pos + batch_size).min(start + n);
+        for p in pos..end {
+            batch.add(token(model, p), p as i32, 0, p + 1 == end).expect("batch sized to fit");
+        }
+        ctx.decode(&batch)?;
+        pos = end;
+    }
+    Ok(())
+}
+
+/// One measurement of pp`n_pp` and tg`n_tg` at `depth` (the cache is cleared first).
+pub fn measure(ctx: &mut Context<'_>, depth: u32, n_pp: u32, n_tg: u32, batch_size: u32) -> Result<Speed, BenchError> {
+    let need = n_pp.max(n_tg);
+    if depth + need > ctx.n_ctx() {
+        return Err(BenchError::TooDeep { depth, need, n_ctx: ctx.n_ctx() });
+    }
+    let model = ctx.model();
+    // prompt processing: depth tokens first (not timed), then n_pp tokens
+    ctx.clear();
+    fill(ctx, 0, depth, batch_size)?;
+    let t = Instant::now();
+    fill(ctx, depth, n_pp, batch_size)?;
+    let pp = n_pp as f64 / t.elapsed().as_secs_f64();
+
+    // generation: depth tokens, then n_tg single-token steps
+    ctx.remove_range(0, depth as i32, -1);
+    let mut batch = Batch::new(1);
+    let t = Instant::now();
+    for i in 0..n_tg {
+        batch.clear();
+        batch.add(token(model, depth + i), (depth + i) as i32, 0, true).expect("one token fits");
+        ctx.decode(&batch)?;
+    }
+    let tg = n_tg as f64 / t.elapsed().as_secs_f64();
+    Ok(Speed { depth, pp_tokens_per_s: pp, tg_tokens_per_s: tg })
+}
+
+/// Median and the spread (min, max) of repeated measurements.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct Stat {
+    pub median: f64,
+    pub min: f64,
+    pub max: f64,
+}
+
+impl Stat {
+    pub fn of(values: &[f64]) -> Stat {
+        let mut v = values.to_vec();
+        v.sort_by(|a, b| a.total_cmp(b));
+        let n = v.len();
+        let median = if n == 0 {
+            f64::NAN
+        } else if n % 2 == 1 {
+            v[n / 2]
+        } else {
+            (v[n / 2 - 1] + v[n / 2]) / 2.0
+        };
+        Stat { median, min: v.first().copied().unwrap_or(f64::NAN), max: v.last().copied().unwrap_or(f64::NAN) }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn median_and_spread() {
+        let s = Stat::of(&[3.0, 1.0, 2.0]);
+        assert_eq!((s.median, s.min, s.max), (2.0, 1.0, 3.0));
+        assert_eq!(Stat::of(&[1.0, 4.0]).median, 2.5);
+    }
+}

@@ -1,0 +1,272 @@
+//! A chat session: the model's template, streamed generation, context management and KV state
+//! files. The terminal front end lives in `commands/chat.rs`.
+
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use serde::{Deserialize, Serialize};
+
+use crate::llama::{
+    Batch, ChatMessage, Context, DecodeError, Model, Sampler, SamplingParams, StateError, TemplateError, Token,
+    TokenizeError,
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ChatError {
+    #[error(transparent)]
+    Template(#[from] TemplateError),
+    #[error(transparent)]
+    Tokenize(#[from] TokenizeError),
+    #[error(transparent)]
+    Decode(#[from] DecodeError),
+    #[error("the message alone ({tokens} tokens) does not fit the context of {n_ctx} tokens; raise -c")]
+    MessageTooLong { tokens: usize, n_ctx: u32 },
+    #[error(transparent)]
+    State(#[from] StateError),
+    #[error("conversation file {path}: {message}")]
+    Conversation { path: String, message: String },
+}
+
+/// How one reply went.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ReplyStats {
+    pub prompt_tokens: usize,
+    /// Prompt tokens actually decoded (the rest were already in the cache).
+    pub prompt_tokens_decoded: usize,
+    pub prompt_ms: f64,
+    pub generated_tokens: usize,
+    pub generation_ms: f64,
+    /// Oldest turns dropped to make room.
+    pub dropped_turns: usize,
+    pub interrupted: bool,
+    /// Generation stopped because the context filled up.
+    pub context_full: bool,
+}
+
+impl ReplyStats {
+    pub fn generation_tokens_per_s(&self) -> f64 {
+        self.generated_tokens as f64 * 1000.0 / self.generation_ms.max(1e-9)
+    }
+    pub fn prompt_tokens_per_s(&self) -> f64 {
+        self.prompt_tokens_decoded as f64 * 1000.0 / self.prompt_ms.max(1e-9)
+    }
+}
+
+/// What `/save` writes next to the KV state.
+#[derive(Debug, Serialize, Deserialize)]
+struct SavedConversation {
+    messages: Vec<ChatMessage>,
+    template: Option<String>,
+}
+
+pub struct ChatSession<'m> {
+    ctx: Context<'m>,
+    sampler: Sampler,
+    sampling: SamplingParams,
+    template: Option<String>,
+    messages: Vec<ChatMessage>,
+    /// Tokens whose K/V are in the cache, in order (positions 0..len).
+    cached: Vec<Token>,
+    /// Tokens reserved for the reply when fitting the prompt.
+    pub reply_reserve: usize,
+    /// Upper bound on one reply's length.
+    pub max_reply_tokens: usize,
+}
+
+impl<'m> ChatSession<'m> {
+    pub fn new(ctx: Context<'m>, sampling: SamplingParams, template: Option<String>, system: Option<String>) -> Self {
+        let messages = system.map(|s| vec![ChatMessage { role: "system".into(), content: s }]).unwrap_or_default();
+        let n_ctx = ctx.n_ctx() as usize;
+        ChatSession {
+            ctx,
+            sampler: Sampler::new(&sampling),
+            sampling,
+            template,
+            messages,
+            cached: Vec::new(),
+            reply_reserve: (n_ctx / 4).clamp(16, 512),
+            max_reply_tokens: n_ctx,
+        }
+    }
+
+    pub fn context(&self) -> &Context<'m> {
+        &self.ctx
+    }
+
+    pub fn messages(&self) -> &[ChatMessage] {
+        &self.messages
+    }
+
+    /// Tokens in the cache.
+    pub fn context_used(&self) -> usize {
+        self.cached.len()
+    }
+
+    /// Forgets the conversation (keeps the system prompt).
+    pub fn reset(&mut self) {
+        self.messages.retain(|m| m.role == "system");
+        self.cached.clear();
+        self.ctx.clear();
+        self.sampler = Sampler::new(&self.sampling);
+    }
+
+    fn model(&self) -> &'m Model {
+        self.ctx.model()
+    }
+
+    fn prompt_tokens(&self) -> Result<Vec<Token>, ChatError> {
+        let text = self.model().apply_chat_template(self.template.as_deref(), &self.messages, true)?;
+        // The template writes BOS itself when the model wants one; parse its control tokens.
+        let with_bos = !text.starts_with("<bos>") && !text.starts_with("<s>");
+        Ok(self.model().tokenize(&text, with_bos, true)?)
+    }
+
+    /// Drops the oldest user/assistant turn (keeping a system prompt); false if none is left.
+    fn drop_oldest_turn(&mut self) -> bool {
+        let first = self.messages.iter().position(|m| m.role != "system");
+        match first {
+            // never drop the message being answered
+            Some(i) if self.messages[i + 1..].iter().any(|m| m.role == "user") => {
+                self.messages.remove(i);
+                while self.messages.get(i).is_some_and(|m| m.role == "assistant") {
+                    self.messages.remove(i);
+                }
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Sends a user message and streams the reply through `on_text`. `stop` interrupts it.
+    pub fn send(
+        &mut self,
+        user: &str,
+        stop: &AtomicBool,
+        on_text: &mut dyn FnMut(&str),
+    ) -> Result<(String, ReplyStats), ChatError> {
+        let mut stats = ReplyStats::default();
+        self.messages.push(ChatMessage { role: "user".into(), content: user.to_string() });
+        let n_ctx = self.ctx.n_ctx() as usize;
+        let mut prompt = self.prompt_tokens()?;
+        while prompt.len() + self.reply_reserve.min(n_ctx / 2) > n_ctx {
+            if !self.drop_oldest_turn() {
+                let tokens = prompt.len();
+                self.messages.pop();
+                return Err(ChatError::MessageTooLong { tokens, n_ctx: n_ctx as u32 });
+            }
+            stats.dropped_turns += 1;
+            prompt = self.prompt_tokens()?;
+        }
+        stats.prompt_tokens = prompt.len();
+
+        // Reuse the cached prefix; decode the rest of the prompt.
+        let common = self.cached.iter().zip(&prompt).take_while(|(a, b)| a == b).count();
+        // keep at least one token to decode so there are logits to sample from
+        let keep = common.min(prompt.len() - 1);
+        self.ctx.remove_range(0, keep as i32, -1);
+        self.cached.truncate(keep);
+        let t = Instant::now();
+        let n_batch = 512usize;
+        let mut batch = Batch::new(n_batch);
+        for chunk_start in (keep..prompt.len()).step_by(n_batch) {
+            let end = (chunk_start + n_batch).min(prompt.len());
+            batch.clear();
+            for (i, &tok) in prompt[chunk_start..end].iter().enumerate() {
+                let pos = chunk_start + i;
+                batch.add(tok, pos as i32, 0, pos + 1 == prompt.len()).expect("batch sized to fit");
+            }
+            self.ctx.decode(&batch)?;
+            self.cached.extend_from_slice(&prompt[chunk_start..end]);
+        }
+        stats.prompt_tokens_decoded = prompt.len() - keep;
+        stats.prompt_ms = t.elapsed().as_secs_f64() * 1000.0;
+
+        // Generate.
+        let t = Instant::now();
+        let mut reply_bytes: Vec<u8> = Vec::new();
+        let mut emitted = 0usize; // bytes of reply_bytes already passed to on_text
+        let mut logits_index = (batch.len() - 1) as i32;
+        loop {
+            if stop.load(Ordering::Relaxed) {
+                stats.interrupted = true;
+                break;
+            }
+            if stats.generated_tokens >= self.max_reply_tokens {
+                break;
+            }
+            if self.cached.len() >= n_ctx {
+                stats.context_full = true;
+                break;
+            }
+            let tok = self.sampler.sample(&mut self.ctx, logits_index);
+            if self.model().is_eog(tok) {
+                break;
+            }
+            reply_bytes.extend(self.model().token_piece_bytes(tok, false));
+            // Stream only complete UTF-8 characters.
+            let valid = match std::str::from_utf8(&reply_bytes[emitted..]) {
+                Ok(s) => s.len(),
+                Err(e) => e.valid_up_to(),
+            };
+            if valid > 0 {
+                on_text(std::str::from_utf8(&reply_bytes[emitted..emitted + valid]).expect("checked"));
+                emitted += valid;
+            }
+            batch.clear();
+            batch.add(tok, self.cached.len() as i32, 0, true).expect("one token fits");
+            match self.ctx.decode(&batch) {
+                Ok(()) => {}
+                Err(DecodeError::NoSlot { .. }) => {
+                    stats.context_full = true;
+                    break;
+                }
+                Err(e) => return Err(e.into()),
+            }
+            self.cached.push(tok);
+            logits_index = 0;
+            stats.generated_tokens += 1;
+        }
+        stats.generation_ms = t.elapsed().as_secs_f64() * 1000.0;
+        let reply = String::from_utf8_lossy(&reply_bytes).into_owned();
+        if emitted < reply_bytes.len() {
+            on_text(&String::from_utf8_lossy(&reply_bytes[emitted..]));
+        }
+        self.messages.push(ChatMessage { role: "assistant".into(), content: reply.trim().to_string() });
+        Ok((reply.trim().to_string(), stats))
+    }
+
+    /// Saves the KV state to `path` and the conversation to `path` + `.json`.
+    pub fn save(&mut self, path: &Path) -> Result<(), ChatError> {
+        self.ctx.save_state(path, &self.cached)?;
+        let conv = SavedConversation { messages: self.messages.clone(), template: self.template.clone() };
+        let json_path = conversation_path(path);
+        crate::atomic_write(&json_path, serde_json::to_string_pretty(&conv).expect("serialisable").as_bytes()).map_err(|e| {
+            ChatError::Conversation { path: json_path.display().to_string(), message: e.to_string() }
+        })
+    }
+
+    /// Loads a state saved by [`ChatSession::save`] (same model, context and cache types).
+    pub fn load(&mut self, path: &Path) -> Result<(), ChatError> {
+        let json_path = conversation_path(path);
+        let text = std::fs::read_to_string(&json_path)
+            .map_err(|e| ChatError::Conversation { path: json_path.display().to_string(), message: e.to_string() })?;
+        let conv: SavedConversation = serde_json::from_str(&text)
+            .map_err(|e| ChatError::Conversation { path: json_path.display().to_string(), message: e.to_string() })?;
+        self.ctx.clear();
+        self.cached.clear();
+        let tokens = self.ctx.load_state(path)?;
+        self.cached = tokens;
+        self.messages = conv.messages;
+        if conv.template.is_some() {
+            self.template = conv.template;
+        }
+        Ok(())
+    }
+}
+
+fn conversation_path(state: &Path) -> std::path::PathBuf {
+    let mut s = state.as_os_str().to_owned();
+    s.push(".json");
+    s.into()
+}

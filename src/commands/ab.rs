@@ -1,0 +1,241 @@
+use std::path::PathBuf;
+
+use anyhow::{bail, Context as _};
+use comfy_table::Table;
+use serde::Serialize;
+
+use super::runtime::load_text;
+use crate::cli::AbArgs;
+use kvtuner::bench::{self, Stat};
+use kvtuner::cache_type::CacheType;
+use kvtuner::eval::{Evaluator, Summary};
+use kvtuner::gguf;
+use kvtuner::kv_layout::KvLayout;
+use kvtuner::llama::{Backend, Context, ContextParams, LayerCacheTypes, Model, ModelParams};
+use kvtuner::profile::{EmbeddedProfile, ModelIdentity, Profile};
+use kvtuner::report::{plot_bits_vs_kld, PlotPoint};
+
+const CUDA_PAIRS: &str = include_str!("../cuda_fa_pairs.txt");
+
+struct Config {
+    name: String,
+    is_profile: bool,
+    params: ContextParams,
+}
+
+#[derive(Debug, Serialize)]
+struct SpeedAtDepth {
+    depth: u32,
+    pp512: Stat,
+    tg128: Stat,
+}
+
+#[derive(Debug, Serialize)]
+struct Row {
+    name: String,
+    is_profile: bool,
+    type_k: Vec<CacheType>,
+    type_v: Vec<CacheType>,
+    bits_per_value: f64,
+    /// KV bytes at the context (what the runtime allocated).
+    kv_bytes: u64,
+    /// KV bytes per token of context (global layers; sliding layers stop growing at their window).
+    kv_bytes_per_token: f64,
+    kld_mean: f64,
+    kld_stderr: f64,
+    kld_median: f64,
+    kld_p99: f64,
+    kld_max: f64,
+    top1: f64,
+    ppl: f64,
+    ppl_ratio: f64,
+    speed: Vec<SpeedAtDepth>,
+    /// Layers whose K-V pair has no compiled CUDA flash-attention kernel (GPU runs only).
+    gpu_pairs_without_kernel: Vec<usize>,
+}
+
+fn parse_uniform(spec: &str) -> anyhow::Result<(CacheType, CacheType)> {
+    let (k, v) = spec.split_once('/').unwrap_or((spec, spec));
+    Ok((k.parse().with_context(|| format!("--against `{spec}`"))?, v.parse().with_context(|| format!("--against `{spec}`"))?))
+}
+
+pub fn run(args: AbArgs) -> anyhow::Result<()> {
+    let start = std::time::Instant::now();
+    let (text, label) = load_text(&args.text)?;
+    if label.contains("documents 1-150") {
+        eprintln!("warning: {label} is the calibration half; quality measured on it is not held out");
+    }
+    let header = gguf::read_header(&args.model).with_context(|| format!("reading {}", args.model.display()))?;
+    let identity = ModelIdentity::from_header(&header)?;
+    let model = Model::load(Backend::init(), &args.model, &ModelParams { n_gpu_layers: args.n_gpu_layers, ..Default::default() })?;
+    let n_layer = model.n_layer() as usize;
+    let base = ContextParams { n_threads: args.threads, flash_attn: args.flash_attn, no_kv_profile: true, ..Default::default() };
+
+    let mut configs = Vec::new();
+    for spec in &args.against {
+        let (k, v) = parse_uniform(spec)?;
+        let name = if k == v { k.to_string() } else { format!("{k}/{v}") };
+        configs.push(Config { name, is_profile: false, params: ContextParams { type_k: k, type_v: v, ..base.clone() } });
+    }
+    for spec in &args.profiles {
+        if spec == "auto" {
+            match EmbeddedProfile::from_header(&header) {
+                Some(p) if p.problems.is_empty() => configs.push(Config {
+                    name: format!("profile {}", p.name.as_deref().unwrap_or("embedded")),
+                    is_profile: true,
+                    params: ContextParams { no_kv_profile: false, ..base.clone() },
+                }),
+                Some(p) => bail!("the model's embedded profile is unusable: {}", p.problems.join("; ")),
+                None if args.profiles.len() == 1 => {
+                    eprintln!("note: {} has no embedded profile; comparing uniform caches only", args.model.display())
+                }
+                None => bail!("--profile auto: {} has no embedded profile", args.model.display()),
+            }
+        } else {
+            let profile = Profile::load(PathBuf::from(spec))?;
+            profile.check_model(&identity).with_context(|| format!("profile {spec} does not fit {}", args.model.display()))?;
+            let layers = LayerCacheTypes { k: profile.layers.iter().map(|l| l.k).collect(), v: profile.layers.iter().map(|l| l.v).collect() };
+            configs.push(Config {
+                name: format!("profile {}", profile.name),
+                is_profile: true,
+                params: ContextParams { layer_types: Some(layers), ..base.clone() },
+            });
+        }
+    }
+
+    // Quality, every configuration on the same tokens.
+    eprintln!("quality: {} chunk(s) of {} tokens of {label}", args.chunks, args.ctx_size);
+    let mut ev = Evaluator::new(&model, &text, args.ctx_size, args.chunks, &base)?;
+    let base_ppl = ev.baseline_ppl();
+    let layout = KvLayout::probe(&model)?;
+    let gpu = Backend::init().supports_gpu_offload() && args.n_gpu_layers != 0;
+    let all_types: Vec<CacheType> = CacheType::ALL.to_vec();
+    let cuda_pairs = kvtuner::search::parse_pairs("cuda", &all_types, CUDA_PAIRS)?;
+
+    let mut rows = Vec::new();
+    for c in &configs {
+        let scores = ev.score(&c.params)?;
+        let s: Summary = scores.summary();
+        let ctx = Context::new(&model, &ContextParams { n_ctx: args.ctx_size, ..c.params.clone() })?;
+        let infos: Vec<_> = ctx.layers();
+        let type_k: Vec<CacheType> = infos.iter().map(|i| i.map_or(CacheType::F16, |i| i.type_k)).collect();
+        let type_v: Vec<CacheType> = infos.iter().map(|i| i.map_or(CacheType::F16, |i| i.type_v)).collect();
+        let types: Vec<(CacheType, CacheType)> = type_k.iter().copied().zip(type_v.iter().copied()).collect();
+        let missing: Vec<usize> = if gpu {
+            (0..n_layer).filter(|&il| infos[il].is_some() && !cuda_pairs.contains(&types[il])).collect()
+        } else {
+            Vec::new()
+        };
+        if !missing.is_empty() {
+            eprintln!("warning: {}: layers {missing:?} use K-V pairs without a compiled CUDA flash-attention kernel (slower)", c.name);
+        }
+        let per_token = layout
+            .layers
+            .iter()
+            .zip(&types)
+            .filter_map(|(l, (k, v))| l.filter(|s| !s.sliding).map(|s| (k.row_bytes(s.k_dim) + v.row_bytes(s.v_dim)) as f64))
+            .sum();
+        eprintln!("  {}: KLD {:.5}", c.name, s.kld_mean);
+        rows.push(Row {
+            name: c.name.clone(),
+            is_profile: c.is_profile,
+            bits_per_value: layout.bits_per_value(&types, args.ctx_size as u64),
+            kv_bytes: ctx.kv_buffer_bytes(),
+            kv_bytes_per_token: per_token,
+            type_k,
+            type_v,
+            kld_mean: s.kld_mean,
+            kld_stderr: s.kld_stderr,
+            kld_median: s.kld_median,
+            kld_p99: s.kld_p99,
+            kld_max: s.kld_max,
+            top1: s.top1,
+            ppl: s.ppl,
+            ppl_ratio: s.ppl / base_ppl,
+            speed: Vec::new(),
+            gpu_pairs_without_kernel: missing,
+        });
+    }
+
+    // Speed, configurations interleaved within each repetition.
+    if !args.no_speed {
+        let max_depth = args.depths.iter().copied().max().unwrap_or(0);
+        let n_ctx = (max_depth + 512).next_multiple_of(256);
+        eprintln!("speed: pp512 and tg128 at depths {:?}, {} repetitions", args.depths, args.reps);
+        let mut samples = vec![vec![(Vec::new(), Vec::new()); args.depths.len()]; configs.len()];
+        for rep in 0..args.reps {
+            for (ci, c) in configs.iter().enumerate() {
+                let mut ctx = Context::new(&model, &ContextParams { n_ctx, n_batch: 512, n_ubatch: 512, ..c.params.clone() })?;
+                for (di, &depth) in args.depths.iter().enumerate() {
+                    let s = bench::measure(&mut ctx, depth, 512, 128, 512)?;
+                    samples[ci][di].0.push(s.pp_tokens_per_s);
+                    samples[ci][di].1.push(s.tg_tokens_per_s);
+                }
+                eprintln!("  rep {}/{} {}", rep + 1, args.reps, c.name);
+            }
+        }
+        for (row, per_depth) in rows.iter_mut().zip(samples) {
+            row.speed = args
+                .depths
+                .iter()
+                .zip(per_depth)
+                .map(|(&depth, (pp, tg))| SpeedAtDepth { depth, pp512: Stat::of(&pp), tg128: Stat::of(&tg) })
+                .collect();
+        }
+    }
+
+    print_table(&rows, &args, base_ppl, &label);
+    if let Some(path) = &args.json {
+        let json = serde_json::to_string_pretty(&rows)?;
+        kvtuner::atomic_write(path, json.as_bytes()).with_context(|| format!("writing {}", path.display()))?;
+    }
+    if let Some(path) = &args.plot {
+        let points: Vec<PlotPoint> = rows
+            .iter()
+            .map(|r| PlotPoint { label: r.name.clone(), bits_per_value: r.bits_per_value, kld_mean: r.kld_mean, is_profile: r.is_profile })
+            .collect();
+        let title = format!("{}: KV cache bits vs KL divergence ({label})", identity.name.as_deref().unwrap_or(&identity.architecture));
+        plot_bits_vs_kld(path, &title, &points)?;
+    }
+    eprintln!("ab finished in {:.1} s", start.elapsed().as_secs_f64());
+    Ok(())
+}
+
+fn print_table(rows: &[Row], args: &AbArgs, base_ppl: f64, label: &str) {
+    let mut table = Table::new();
+    table.load_preset(comfy_table::presets::ASCII_MARKDOWN);
+    let mut header: Vec<String> = ["config", "bits/value", "KV MiB", "KLD mean ± se", "median", "p99", "max", "top-1", "PPL (ratio)"]
+        .into_iter()
+        .map(String::from)
+        .collect();
+    if !args.no_speed {
+        for d in &args.depths {
+            header.push(format!("pp512 @ d{d}"));
+            header.push(format!("tg128 @ d{d}"));
+        }
+    }
+    table.set_header(header);
+    for r in rows {
+        let mut cells = vec![
+            r.name.clone(),
+            format!("{:.2}", r.bits_per_value),
+            format!("{:.2}", r.kv_bytes as f64 / 1048576.0),
+            format!("{:.5} ± {:.5}", r.kld_mean, r.kld_stderr),
+            format!("{:.5}", r.kld_median),
+            format!("{:.4}", r.kld_p99),
+            format!("{:.3}", r.kld_max),
+            format!("{:.2}%", r.top1 * 100.0),
+            format!("{:.3} ({:.4})", r.ppl, r.ppl_ratio),
+        ];
+        for s in &r.speed {
+            cells.push(format!("{:.1} ({:.1}–{:.1})", s.pp512.median, s.pp512.min, s.pp512.max));
+            cells.push(format!("{:.1} ({:.1}–{:.1})", s.tg128.median, s.tg128.min, s.tg128.max));
+        }
+        table.add_row(cells);
+    }
+    println!(
+        "{} chunk(s) × {} tokens of {label}; baseline = f16 cache (PPL {base_ppl:.3}); KLD over the second half of each chunk",
+        args.chunks, args.ctx_size
+    );
+    println!("{table}");
+}
