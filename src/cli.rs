@@ -369,7 +369,7 @@ pub struct RuntimeArgs {
     /// V cache type for every layer (when no per-layer profile applies).
     #[arg(long = "cache-type-v", visible_alias = "ctv", default_value = "f16")]
     pub cache_type_v: CacheType,
-    /// Threads (0 = llama.cpp's default).
+    /// Threads (0 = all cores).
     #[arg(short = 't', long = "threads", default_value_t = 0)]
     pub threads: i32,
     /// Per-layer profile: `auto` = the one embedded in the model (if any), `off` = uniform

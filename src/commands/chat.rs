@@ -23,7 +23,14 @@ pub fn run(args: ChatArgs) -> anyhow::Result<()> {
     let types: Vec<(CacheType, CacheType)> = infos.iter().map(|i| i.map_or((CacheType::F16, CacheType::F16), |i| (i.type_k, i.type_v))).collect();
     let n_ctx = ctx.n_ctx();
     let bits = layout.bits_per_value(&types, n_ctx as u64);
-    let f16_bytes = layout.bytes(&layout.uniform(CacheType::F16, CacheType::F16), n_ctx as u64);
+    // what an f16 cache of the same cells would take (sliding layers hold window + batch here)
+    let f16_bytes: u64 = layout
+        .layers
+        .iter()
+        .zip(&infos)
+        .filter_map(|(shape, info)| Some((shape.as_ref()?, info.as_ref()?)))
+        .map(|(s, i)| (s.k_dim + s.v_dim) * 2 * i.n_cells as u64)
+        .sum();
     let banner = format!(
         "profile: {} — {:.2} bits/value; KV {:.2} MiB at {n_ctx} tokens (f16: {:.2} MiB)",
         opened.choice.describe(),
@@ -32,14 +39,29 @@ pub fn run(args: ChatArgs) -> anyhow::Result<()> {
         f16_bytes as f64 / 1048576.0
     );
     let sampling = SamplingParams { temperature: args.temp, top_k: args.top_k, top_p: args.top_p, min_p: args.min_p, seed: args.seed };
-    if args.template.is_none() && model.chat_template().is_none() {
-        anyhow::bail!(
-            "{} has no chat template; choose one with --template NAME (known: {})",
-            model.path().display(),
-            kvtuner::llama::builtin_templates().join(", ")
-        );
-    }
-    let mut session = ChatSession::new(ctx, sampling, args.template.clone(), args.system.clone());
+    let template = match (&args.template, model.chat_template()) {
+        (Some(t), _) => Some(t.clone()),
+        (None, Some(_)) => None,
+        (None, None) => {
+            // No tokenizer.chat_template: use llama.cpp's built-in template named after the
+            // architecture family (gemma3 → gemma), if there is one.
+            let arch = model.meta("general.architecture").unwrap_or_default();
+            let family = arch.trim_end_matches(|c: char| c.is_ascii_digit());
+            let builtins = kvtuner::llama::builtin_templates();
+            match builtins.iter().find(|b| *b == family) {
+                Some(name) => {
+                    eprintln!("note: the model has no chat template; using llama.cpp's built-in `{name}` (choose another with --template)");
+                    Some(name.clone())
+                }
+                None => anyhow::bail!(
+                    "{} has no chat template; choose one with --template NAME (known: {})",
+                    model.path().display(),
+                    builtins.join(", ")
+                ),
+            }
+        }
+    };
+    let mut session = ChatSession::new(ctx, sampling, template, args.system.clone());
     session.max_reply_tokens = args.n_predict;
 
     let stop = Arc::new(AtomicBool::new(false));

@@ -142,10 +142,15 @@ impl<'m> Context<'m> {
         cp.n_ctx = params.n_ctx;
         cp.n_batch = params.n_batch;
         cp.n_ubatch = params.n_ubatch.min(params.n_batch);
-        if params.n_threads > 0 {
-            cp.n_threads = params.n_threads;
-            cp.n_threads_batch = params.n_threads;
-        }
+        // llama.cpp's default (4) oversubscribes small machines, and its spinning thread pool
+        // then runs many times slower; default to the cores we have.
+        let threads = if params.n_threads > 0 {
+            params.n_threads
+        } else {
+            std::thread::available_parallelism().map_or(4, |n| n.get() as i32)
+        };
+        cp.n_threads = threads;
+        cp.n_threads_batch = threads;
         cp.flash_attn_type = match params.flash_attn {
             FlashAttn::Auto => sys::LLAMA_FLASH_ATTN_TYPE_AUTO,
             FlashAttn::On => sys::LLAMA_FLASH_ATTN_TYPE_ENABLED,
