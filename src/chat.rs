@@ -57,14 +57,33 @@ impl ReplyStats {
 #[derive(Debug, Serialize, Deserialize)]
 struct SavedConversation {
     messages: Vec<ChatMessage>,
-    template: Option<String>,
+    template: Template,
+}
+
+/// How a conversation becomes a prompt.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Template {
+    /// llama.cpp's template support: the model's `tokenizer.chat_template` (None) or a built-in name.
+    Llama(Option<String>),
+    /// A plain transcript (`User: …\nAssistant: …`) for base models without a chat template;
+    /// generation stops where the model starts the next `User:` line.
+    Plain,
+}
+
+impl Template {
+    fn stop(&self) -> &'static [&'static str] {
+        match self {
+            Template::Llama(_) => &[],
+            Template::Plain => &["\nUser:", "\nuser:"],
+        }
+    }
 }
 
 pub struct ChatSession<'m> {
     ctx: Context<'m>,
     sampler: Sampler,
     sampling: SamplingParams,
-    template: Option<String>,
+    template: Template,
     messages: Vec<ChatMessage>,
     /// Tokens whose K/V are in the cache, in order (positions 0..len).
     cached: Vec<Token>,
@@ -75,7 +94,7 @@ pub struct ChatSession<'m> {
 }
 
 impl<'m> ChatSession<'m> {
-    pub fn new(ctx: Context<'m>, sampling: SamplingParams, template: Option<String>, system: Option<String>) -> Self {
+    pub fn new(ctx: Context<'m>, sampling: SamplingParams, template: Template, system: Option<String>) -> Self {
         let messages = system.map(|s| vec![ChatMessage { role: "system".into(), content: s }]).unwrap_or_default();
         let n_ctx = ctx.n_ctx() as usize;
         ChatSession {
@@ -115,8 +134,26 @@ impl<'m> ChatSession<'m> {
         self.ctx.model()
     }
 
+    fn prompt_text(&self) -> Result<String, ChatError> {
+        match &self.template {
+            Template::Llama(name) => Ok(self.model().apply_chat_template(name.as_deref(), &self.messages, true)?),
+            Template::Plain => {
+                let mut text = String::new();
+                for m in &self.messages {
+                    match m.role.as_str() {
+                        "system" => text.push_str(&format!("{}\n\n", m.content)),
+                        "user" => text.push_str(&format!("User: {}\n", m.content)),
+                        _ => text.push_str(&format!("Assistant: {}\n", m.content)),
+                    }
+                }
+                text.push_str("Assistant:");
+                Ok(text)
+            }
+        }
+    }
+
     fn prompt_tokens(&self) -> Result<Vec<Token>, ChatError> {
-        let text = self.model().apply_chat_template(self.template.as_deref(), &self.messages, true)?;
+        let text = self.prompt_text()?;
         // The template writes BOS itself when the model wants one; parse its control tokens.
         let with_bos = !text.starts_with("<bos>") && !text.starts_with("<s>");
         Ok(self.model().tokenize(&text, with_bos, true)?)
@@ -187,6 +224,7 @@ impl<'m> ChatSession<'m> {
         let mut reply_bytes: Vec<u8> = Vec::new();
         let mut emitted = 0usize; // bytes of reply_bytes already passed to on_text
         let mut logits_index = (batch.len() - 1) as i32;
+        let stops = self.template.stop();
         loop {
             if stop.load(Ordering::Relaxed) {
                 stats.interrupted = true;
@@ -204,8 +242,24 @@ impl<'m> ChatSession<'m> {
                 break;
             }
             reply_bytes.extend(self.model().token_piece_bytes(tok, false));
-            // Stream only complete UTF-8 characters.
-            let valid = match std::str::from_utf8(&reply_bytes[emitted..]) {
+            // A stop string ends the reply (it is not part of it).
+            if let Some(cut) = stops.iter().filter_map(|s| find(&reply_bytes, s.as_bytes())).min() {
+                reply_bytes.truncate(cut);
+                if emitted < cut {
+                    on_text(&String::from_utf8_lossy(&reply_bytes[emitted..cut]));
+                }
+                emitted = cut;
+                self.cached.push(tok); // keep cache and token list in step: decode it below
+                batch.clear();
+                batch.add(tok, (self.cached.len() - 1) as i32, 0, false).expect("one token fits");
+                self.ctx.decode(&batch)?;
+                stats.generated_tokens += 1;
+                break;
+            }
+            // Stream complete UTF-8 characters, holding back what may start a stop string.
+            let held = stops.iter().map(|s| partial_suffix(&reply_bytes[emitted..], s.as_bytes())).max().unwrap_or(0);
+            let upto = reply_bytes.len() - held;
+            let valid = match std::str::from_utf8(&reply_bytes[emitted..upto]) {
                 Ok(s) => s.len(),
                 Err(e) => e.valid_up_to(),
             };
@@ -258,15 +312,35 @@ impl<'m> ChatSession<'m> {
         let tokens = self.ctx.load_state(path)?;
         self.cached = tokens;
         self.messages = conv.messages;
-        if conv.template.is_some() {
-            self.template = conv.template;
-        }
+        self.template = conv.template;
         Ok(())
     }
+}
+
+fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).position(|w| w == needle)
+}
+
+/// Length of the longest suffix of `text` that is a proper prefix of `stop`.
+fn partial_suffix(text: &[u8], stop: &[u8]) -> usize {
+    (1..stop.len().min(text.len() + 1)).rev().find(|&n| text.ends_with(&stop[..n])).unwrap_or(0)
 }
 
 fn conversation_path(state: &Path) -> std::path::PathBuf {
     let mut s = state.as_os_str().to_owned();
     s.push(".json");
     s.into()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stop_string_helpers() {
+        assert_eq!(find(b"Paris.\nUser: x", b"\nUser:"), Some(6));
+        assert_eq!(partial_suffix(b"Paris.\nUs", b"\nUser:"), 3);
+        assert_eq!(partial_suffix(b"Paris.", b"\nUser:"), 0);
+        assert_eq!(partial_suffix(b"", b"\nUser:"), 0);
+    }
 }

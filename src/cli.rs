@@ -68,7 +68,8 @@ pub struct ChatArgs {
     /// One-shot: answer this prompt and exit.
     #[arg(short = 'p', long)]
     pub prompt: Option<String>,
-    /// Chat template name (llama.cpp built-in, e.g. `gemma`, `chatml`) instead of the model's.
+    /// Chat template: a llama.cpp built-in name (e.g. `gemma`, `chatml`), or `plain` for a
+    /// `User:`/`Assistant:` transcript (the default for models without a template).
     #[arg(long)]
     pub template: Option<String>,
     /// Longest reply in tokens.

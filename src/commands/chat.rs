@@ -8,7 +8,7 @@ use rustyline::error::ReadlineError;
 use super::runtime::{open, ProfileChoice};
 use crate::cli::ChatArgs;
 use kvtuner::cache_type::CacheType;
-use kvtuner::chat::{ChatSession, ReplyStats};
+use kvtuner::chat::{ChatSession, ReplyStats, Template};
 use kvtuner::kv_layout::KvLayout;
 use kvtuner::llama::{Context, SamplingParams};
 
@@ -40,25 +40,14 @@ pub fn run(args: ChatArgs) -> anyhow::Result<()> {
     );
     let sampling = SamplingParams { temperature: args.temp, top_k: args.top_k, top_p: args.top_p, min_p: args.min_p, seed: args.seed };
     let template = match (&args.template, model.chat_template()) {
-        (Some(t), _) => Some(t.clone()),
-        (None, Some(_)) => None,
+        (Some(t), _) if t == "plain" => Template::Plain,
+        (Some(t), _) => Template::Llama(Some(t.clone())),
+        (None, Some(_)) => Template::Llama(None),
         (None, None) => {
-            // No tokenizer.chat_template: use llama.cpp's built-in template named after the
-            // architecture family (gemma3 → gemma), if there is one.
-            let arch = model.meta("general.architecture").unwrap_or_default();
-            let family = arch.trim_end_matches(|c: char| c.is_ascii_digit());
-            let builtins = kvtuner::llama::builtin_templates();
-            match builtins.iter().find(|b| *b == family) {
-                Some(name) => {
-                    eprintln!("note: the model has no chat template; using llama.cpp's built-in `{name}` (choose another with --template)");
-                    Some(name.clone())
-                }
-                None => anyhow::bail!(
-                    "{} has no chat template; choose one with --template NAME (known: {})",
-                    model.path().display(),
-                    builtins.join(", ")
-                ),
-            }
+            // No tokenizer.chat_template usually means a base model: a plain transcript works
+            // better for those than any instruction template.
+            eprintln!("note: the model has no chat template; using a plain `User:`/`Assistant:` transcript (choose one with --template NAME)");
+            Template::Plain
         }
     };
     let mut session = ChatSession::new(ctx, sampling, template, args.system.clone());
