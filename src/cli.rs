@@ -86,8 +86,8 @@ pub struct AbArgs {
     #[arg(short = 'm', long = "model")]
     pub model: PathBuf,
     /// Evaluation text: a file or `lee-evaluation` (never the calibration text).
-    #[arg(long)]
-    pub text: String,
+    #[arg(long, required_unless_present = "no_quality")]
+    pub text: Option<String>,
     /// Profiles to test: `auto` (the one embedded in the model) or YAML files; repeatable.
     #[arg(long = "profile", default_value = "auto")]
     pub profiles: Vec<String>,
@@ -107,8 +107,11 @@ pub struct AbArgs {
     #[arg(long, default_value_t = 3)]
     pub reps: usize,
     /// Skip the speed runs.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "no_quality")]
     pub no_speed: bool,
+    /// Skip the quality runs (speed and memory only; e.g. random-weight models).
+    #[arg(long)]
+    pub no_quality: bool,
     #[arg(long = "n-gpu-layers", visible_alias = "ngl", default_value_t = 0, allow_negative_numbers = true)]
     pub n_gpu_layers: i32,
     #[arg(short = 't', long = "threads", default_value_t = 0)]

@@ -41,14 +41,15 @@ struct Row {
     kv_bytes: u64,
     /// KV bytes per token of context (global layers; sliding layers stop growing at their window).
     kv_bytes_per_token: f64,
-    kld_mean: f64,
-    kld_stderr: f64,
-    kld_median: f64,
-    kld_p99: f64,
-    kld_max: f64,
-    top1: f64,
-    ppl: f64,
-    ppl_ratio: f64,
+    /// Quality fields are null with --no-quality.
+    kld_mean: Option<f64>,
+    kld_stderr: Option<f64>,
+    kld_median: Option<f64>,
+    kld_p99: Option<f64>,
+    kld_max: Option<f64>,
+    top1: Option<f64>,
+    ppl: Option<f64>,
+    ppl_ratio: Option<f64>,
     speed: Vec<SpeedAtDepth>,
     /// Layers whose K-V pair has no compiled CUDA flash-attention kernel (GPU runs only).
     gpu_pairs_without_kernel: Vec<usize>,
@@ -61,7 +62,11 @@ fn parse_uniform(spec: &str) -> anyhow::Result<(CacheType, CacheType)> {
 
 pub fn run(args: AbArgs) -> anyhow::Result<()> {
     let start = std::time::Instant::now();
-    let (text, label) = load_text(&args.text)?;
+    let (text, label) = match (&args.text, args.no_quality) {
+        (Some(t), _) => load_text(t)?,
+        (None, true) => (String::new(), String::from("(no text: --no-quality)")),
+        (None, false) => bail!("--text is required unless --no-quality"),
+    };
     if label.contains("documents 1-150") {
         eprintln!("warning: {label} is the calibration half; quality measured on it is not held out");
     }
@@ -104,9 +109,13 @@ pub fn run(args: AbArgs) -> anyhow::Result<()> {
     }
 
     // Quality, every configuration on the same tokens.
-    eprintln!("quality: {} chunk(s) of {} tokens of {label}", args.chunks, args.ctx_size);
-    let mut ev = Evaluator::new(&model, &text, args.ctx_size, args.chunks, &base)?;
-    let base_ppl = ev.baseline_ppl();
+    let mut ev = if args.no_quality {
+        None
+    } else {
+        eprintln!("quality: {} chunk(s) of {} tokens of {label}", args.chunks, args.ctx_size);
+        Some(Evaluator::new(&model, &text, args.ctx_size, args.chunks, &base)?)
+    };
+    let base_ppl = ev.as_ref().map_or(f64::NAN, |e| e.baseline_ppl());
     let layout = KvLayout::probe(&model)?;
     let gpu = Backend::init().supports_gpu_offload() && args.n_gpu_layers != 0;
     let all_types: Vec<CacheType> = CacheType::ALL.to_vec();
@@ -114,8 +123,10 @@ pub fn run(args: AbArgs) -> anyhow::Result<()> {
 
     let mut rows = Vec::new();
     for c in &configs {
-        let scores = ev.score(&c.params)?;
-        let s: Summary = scores.summary();
+        let s: Option<Summary> = match ev.as_mut() {
+            Some(ev) => Some(ev.score(&c.params)?.summary()),
+            None => None,
+        };
         let ctx = Context::new(&model, &ContextParams { n_ctx: args.ctx_size, ..c.params.clone() })?;
         let infos: Vec<_> = ctx.layers();
         let type_k: Vec<CacheType> = infos.iter().map(|i| i.map_or(CacheType::F16, |i| i.type_k)).collect();
@@ -135,7 +146,9 @@ pub fn run(args: AbArgs) -> anyhow::Result<()> {
             .zip(&types)
             .filter_map(|(l, (k, v))| l.filter(|s| !s.sliding).map(|s| (k.row_bytes(s.k_dim) + v.row_bytes(s.v_dim)) as f64))
             .sum();
-        eprintln!("  {}: KLD {:.5}", c.name, s.kld_mean);
+        if let Some(s) = &s {
+            eprintln!("  {}: KLD {:.5}", c.name, s.kld_mean);
+        }
         rows.push(Row {
             name: c.name.clone(),
             is_profile: c.is_profile,
@@ -144,14 +157,14 @@ pub fn run(args: AbArgs) -> anyhow::Result<()> {
             kv_bytes_per_token: per_token,
             type_k,
             type_v,
-            kld_mean: s.kld_mean,
-            kld_stderr: s.kld_stderr,
-            kld_median: s.kld_median,
-            kld_p99: s.kld_p99,
-            kld_max: s.kld_max,
-            top1: s.top1,
-            ppl: s.ppl,
-            ppl_ratio: s.ppl / base_ppl,
+            kld_mean: s.map(|s| s.kld_mean),
+            kld_stderr: s.map(|s| s.kld_stderr),
+            kld_median: s.map(|s| s.kld_median),
+            kld_p99: s.map(|s| s.kld_p99),
+            kld_max: s.map(|s| s.kld_max),
+            top1: s.map(|s| s.top1),
+            ppl: s.map(|s| s.ppl),
+            ppl_ratio: s.map(|s| s.ppl / base_ppl),
             speed: Vec::new(),
             gpu_pairs_without_kernel: missing,
         });
@@ -189,10 +202,15 @@ pub fn run(args: AbArgs) -> anyhow::Result<()> {
         let json = serde_json::to_string_pretty(&rows)?;
         kvtuner::atomic_write(path, json.as_bytes()).with_context(|| format!("writing {}", path.display()))?;
     }
-    if let Some(path) = &args.plot {
+    if let (Some(path), false) = (&args.plot, args.no_quality) {
         let points: Vec<PlotPoint> = rows
             .iter()
-            .map(|r| PlotPoint { label: r.name.clone(), bits_per_value: r.bits_per_value, kld_mean: r.kld_mean, is_profile: r.is_profile })
+            .map(|r| PlotPoint {
+                label: r.name.clone(),
+                bits_per_value: r.bits_per_value,
+                kld_mean: r.kld_mean.unwrap_or(f64::NAN),
+                is_profile: r.is_profile,
+            })
             .collect();
         let title = format!("{}: KV cache bits vs KL divergence ({label})", identity.name.as_deref().unwrap_or(&identity.architecture));
         plot_bits_vs_kld(path, &title, &points)?;
@@ -216,16 +234,23 @@ fn print_table(rows: &[Row], args: &AbArgs, base_ppl: f64, label: &str) {
     }
     table.set_header(header);
     for r in rows {
+        let q = |v: Option<f64>, f: &dyn Fn(f64) -> String| v.map_or("-".to_string(), f);
         let mut cells = vec![
             r.name.clone(),
             format!("{:.2}", r.bits_per_value),
             format!("{:.2}", r.kv_bytes as f64 / 1048576.0),
-            format!("{:.5} ± {:.5}", r.kld_mean, r.kld_stderr),
-            format!("{:.5}", r.kld_median),
-            format!("{:.4}", r.kld_p99),
-            format!("{:.3}", r.kld_max),
-            format!("{:.2}%", r.top1 * 100.0),
-            format!("{:.3} ({:.4})", r.ppl, r.ppl_ratio),
+            match (r.kld_mean, r.kld_stderr) {
+                (Some(m), Some(se)) => format!("{m:.5} ± {se:.5}"),
+                _ => "-".into(),
+            },
+            q(r.kld_median, &|v| format!("{v:.5}")),
+            q(r.kld_p99, &|v| format!("{v:.4}")),
+            q(r.kld_max, &|v| format!("{v:.3}")),
+            q(r.top1, &|v| format!("{:.2}%", v * 100.0)),
+            match (r.ppl, r.ppl_ratio) {
+                (Some(p), Some(ratio)) => format!("{p:.3} ({ratio:.4})"),
+                _ => "-".into(),
+            },
         ];
         for s in &r.speed {
             cells.push(format!("{:.1} ({:.1}–{:.1})", s.pp512.median, s.pp512.min, s.pp512.max));

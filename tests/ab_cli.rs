@@ -1,0 +1,100 @@
+//! `kvtuner ab` end to end on a small synthetic model.
+
+mod common;
+
+use std::process::Command;
+
+fn kvtuner(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_kvtuner")).args(args).output().expect("running kvtuner")
+}
+
+#[test]
+fn ab_prints_a_table_writes_json_and_svg_and_repeats_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = kvtuner::synth::SynthSpec { n_layer: 4, name: "synthetic-ab".into(), ..kvtuner::synth::SynthSpec::tiny() };
+    let model = common::synth_model(dir.path(), &spec);
+    let text = dir.path().join("eval.txt");
+    std::fs::write(&text, common::eval_text()).unwrap();
+    let (json, svg) = (dir.path().join("ab.json"), dir.path().join("ab.svg"));
+    let args = |json: &std::path::Path| {
+        vec![
+            "ab".to_string(),
+            "-m".into(),
+            model.to_str().unwrap().into(),
+            "--text".into(),
+            text.to_str().unwrap().into(),
+            "-c".into(),
+            "128".into(),
+            "--chunks".into(),
+            "2".into(),
+            "--reps".into(),
+            "1".into(),
+            "--against".into(),
+            "f16,q8_0,q4_0,q8_0/q4_0".into(),
+            "--json".into(),
+            json.to_str().unwrap().into(),
+            "--plot".into(),
+            svg.to_str().unwrap().into(),
+        ]
+    };
+    let a: Vec<String> = args(&json);
+    let out = kvtuner(&a.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("| config") && stdout.contains("q8_0/q4_0") && stdout.contains("pp512 @ d0"), "{stdout}");
+
+    let rows: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let rows = rows.as_array().unwrap();
+    assert_eq!(rows.len(), 4);
+    for r in rows {
+        for field in ["name", "type_k", "type_v", "bits_per_value", "kv_bytes", "kld_mean", "kld_p99", "top1", "ppl", "speed"] {
+            assert!(!r[field].is_null(), "{field} missing in {r}");
+        }
+        assert_eq!(r["type_k"].as_array().unwrap().len(), 4);
+    }
+    assert_eq!(rows[0]["name"], "f16");
+    assert_eq!(rows[0]["kld_mean"], 0.0, "the baseline against itself: the noise floor");
+    assert!(rows[3]["bits_per_value"].as_f64().unwrap() == 6.5);
+    let svg_text = std::fs::read_to_string(&svg).unwrap();
+    assert!(svg_text.starts_with("<svg") && svg_text.contains("q8_0/q4_0"));
+
+    // Same command again: identical quality numbers.
+    let json2 = dir.path().join("ab2.json");
+    let a2: Vec<String> = args(&json2);
+    assert!(kvtuner(&a2.iter().map(String::as_str).collect::<Vec<_>>()).status.success());
+    let rows2: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json2).unwrap()).unwrap();
+    for (x, y) in rows.iter().zip(rows2.as_array().unwrap()) {
+        for field in ["kld_mean", "kld_p99", "top1", "ppl"] {
+            assert_eq!(x[field], y[field], "{field} of {}", x["name"]);
+        }
+    }
+}
+
+#[test]
+fn ab_rejects_bad_input_clearly() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = kvtuner::synth::SynthSpec { n_layer: 4, name: "synthetic-ab-bad".into(), ..kvtuner::synth::SynthSpec::tiny() };
+    let model = common::synth_model(dir.path(), &spec);
+    let m = model.to_str().unwrap();
+    let short = dir.path().join("short.txt");
+    std::fs::write(&short, "too short").unwrap();
+    let err = |args: &[&str]| {
+        let out = kvtuner(args);
+        assert!(!out.status.success(), "{args:?} should fail");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let e = err(&["ab", "-m", m, "--text", short.to_str().unwrap(), "-c", "128", "--no-speed"]);
+    assert!(e.contains("fewer than one chunk"), "{e}");
+    let e = err(&["ab", "-m", m, "--text", short.to_str().unwrap(), "--against", "q3_k", "--no-speed"]);
+    assert!(e.contains("q3_k"), "{e}");
+
+    let other = common::synth_model(dir.path(), &kvtuner::synth::SynthSpec { n_layer: 4, seed: 9, n_ff: 320, name: "other".into(), ..kvtuner::synth::SynthSpec::tiny() });
+    let identity = kvtuner::profile::ModelIdentity::from_header(&kvtuner::gguf::read_header(&other).unwrap()).unwrap();
+    let profile = kvtuner::profile::Profile::uniform(&identity, kvtuner::cache_type::CacheType::Q8_0, kvtuner::cache_type::CacheType::Q4_0, "for-other");
+    let p = dir.path().join("other.yaml");
+    profile.save(&p).unwrap();
+    let text = dir.path().join("eval.txt");
+    std::fs::write(&text, common::eval_text()).unwrap();
+    let e = err(&["ab", "-m", m, "--text", text.to_str().unwrap(), "--profile", p.to_str().unwrap(), "--no-speed"]);
+    assert!(e.contains("does not fit") && e.contains("fingerprint"), "{e}");
+}
