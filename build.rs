@@ -198,6 +198,10 @@ fn cmake_options(root: &Path) -> BTreeMap<String, String> {
     set("GGML_CCACHE", "ON");
     set("GGML_NATIVE", if var("KVTUNER_PORTABLE").is_some() { "OFF" } else { "ON" });
     set("BUILD_SHARED_LIBS", if feature("dynamic-link") { "ON" } else { "OFF" });
+    if feature("dynamic-link") {
+        // libllama finds libggml* next to itself (kvtuner's own RUNPATH does not reach them)
+        set("CMAKE_INSTALL_RPATH", "$ORIGIN");
+    }
     if feature("cuda") {
         set("GGML_CUDA", "ON");
         set("GGML_CUDA_NCCL", "OFF");

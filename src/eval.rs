@@ -142,7 +142,8 @@ fn softmax_into(logits: &[f32], probs: &mut [f32]) -> (u32, f64, f64) {
     (arg, negent, lse)
 }
 
-/// KL(p‖q) where p is given by its probabilities and Σ p·log p, and q by logits. Returns
+/// KL(p‖q) where p is given by its probabilities and Σ p·log p, and q by logits (relative
+/// error ≲ 1e-4 from storing p in f32; see the cutoff test). Returns
 /// (kld, argmax of q, lse of q).
 fn kld_row(probs: &[f32], negent: f64, logits: &[f32]) -> (f64, u32, f64) {
     let (_, arg, lse_q) = lse(logits);
@@ -335,7 +336,9 @@ mod tests {
         };
         let (p, q) = (softmax(&base), softmax(&test));
         let exact: f64 = p.iter().zip(&q).map(|(p, q)| if *p > 0.0 { p * (p / q).ln() } else { 0.0 }).sum();
-        assert!((k - exact).abs() < 1e-6 * exact.max(1e-3), "{k} vs {exact}");
+        // f32 probabilities of a near-certain token limit the relative precision to ~1e-4,
+        // far below the sampling noise of a mean KLD (a few percent).
+        assert!((k - exact).abs() < 1e-4 * exact, "{k} vs {exact}");
     }
 
     #[test]

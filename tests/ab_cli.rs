@@ -53,7 +53,9 @@ fn ab_prints_a_table_writes_json_and_svg_and_repeats_exactly() {
         assert_eq!(r["type_k"].as_array().unwrap().len(), 4);
     }
     assert_eq!(rows[0]["name"], "f16");
-    assert_eq!(rows[0]["kld_mean"], 0.0, "the baseline against itself: the noise floor");
+    // the baseline against itself: the noise floor (f32 probabilities leave ~1e-9)
+    assert!(rows[0]["kld_mean"].as_f64().unwrap() < 1e-6, "{}", rows[0]);
+    assert_eq!(rows[0]["top1"], 1.0);
     assert!(rows[3]["bits_per_value"].as_f64().unwrap() == 6.5);
     let svg_text = std::fs::read_to_string(&svg).unwrap();
     assert!(svg_text.starts_with("<svg") && svg_text.contains("q8_0/q4_0"));

@@ -1,90 +1,220 @@
 #!/usr/bin/env bash
-# Runs on the lent H200 machine, from the repository root there, with .device-carry/ carried.
+# Runs on the lent H200 machine, from the repository root there, with .device-carry/ carried
+# (filled by scripts/gpu/pack.sh).
 #
-#   bash .device-carry/device-run.sh build    builds the CUDA libraries of the patched and the
-#                                             unpatched tree into .device-build/ (kept while the
-#                                             machine stays warm)
-#   bash .device-carry/device-run.sh measure  synthetic Llama-3.1-8B-shaped model, then speed and
-#                                             memory (kvtuner ab), patched vs unpatched (speed.c),
-#                                             GPU vs CPU quality on a small synthetic model
-# Results go to $OUT.
+#   bash .device-carry/device-run.sh build    CUDA shared libraries of the patched tree, then of the
+#                                             unpatched tree (only libllama differs: the patches
+#                                             touch include/ and src/ alone, so the unpatched
+#                                             libllama is rebuilt in the same build folder), the
+#                                             synthetic models, and, while time is left, the
+#                                             patched-vs-unpatched speed and the quality stages
+#   bash .device-carry/device-run.sh measure  whatever stage is not done yet: speed.c patched vs
+#                                             unpatched, GPU vs CPU quality on a small synthetic
+#                                             model, then `kvtuner ab --no-quality` on the
+#                                             Llama-3.1-8B-shaped model at depths 0, 32768, 8192,
+#                                             65536 (one run per depth)
+#
+# Everything the machine keeps between calls (while it stays warm) is in .device-build/ and the
+# models in /dev/shm; each stage leaves a stamp there, so a later call resumes. Results collect
+# in .device-build/out/; every call ends by packing them into $OUT/results.tgz plus
+# $OUT/summary.txt (the device tool brings back at most 8 files).
+# DEADLINE (seconds, default 560) bounds this call: stages that would not fit are left for the
+# next call, and long ones run under `timeout`.
 set -euo pipefail
 C=$PWD/.device-carry
 B=$PWD/.device-build
+R=$B/out
 OUT=${OUT:-/tmp/out}
-mkdir -p "$B" "$OUT"
+DEADLINE=${DEADLINE:-560}
+DEPTHS=${DEPTHS:-0 32768 8192 65536}
+REPS=${REPS:-2}
+mkdir -p "$B" "$R" "$OUT"
 export PATH=/usr/local/cuda/bin:$PATH
+K=$C/kvtuner
+LIBP=$B/lib-patched
+LIBS=$B/lib-stock
 
-build() { # $1 = patched|stock
-    local src=$B/$1
-    rm -rf "$src" && mkdir -p "$src" && tar xzf "$C/$1.tgz" -C "$src"
-    local t0=$SECONDS
-    cmake -S "$src" -B "$src/build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=ON \
+log() { echo "[$(date +%T) +${SECONDS}s] $*" | tee -a "$R/progress.log"; }
+left() { echo $((DEADLINE - SECONDS)); }
+limit() { local l=$(($(left) - $1)); echo $((l < 10 ? 10 : l)); } # timeout for a step, keeping $1 s
+done_() { [ -f "$B/done.$1" ]; }
+mark() { touch "$B/done.$1"; }
+
+finish() {
+    local rc=$?
+    log "exit $rc; stages done: $(cd "$B" && ls done.* 2>/dev/null | sed 's/done\.//' | tr '\n' ' ')"
+    {
+        echo "== $(date -u +%FT%TZ) call '$MODE', rc $rc"
+        cat "$R/gpu.txt" "$R/build-times.txt" "$R/speed-summary.txt" "$R/logits.txt" 2>/dev/null
+        for f in "$R"/quality-ngl*.md "$R"/ab-d*.md; do [ -f "$f" ] && { echo "-- $(basename "$f")"; cat "$f"; }; done
+        echo "-- progress"; cat "$R/progress.log"
+    } > "$OUT/summary.txt" 2>&1
+    tar czf "$OUT/results.tgz" -C "$R" . || true
+}
+MODE=${1:-}
+trap finish EXIT
+
+# --- builds --------------------------------------------------------------------------------
+cmake_configure() { # $1 = source tree
+    local gen=Ninja
+    command -v ninja > /dev/null || gen="Unix Makefiles"
+    cmake -S "$1" -B "$1/build" -G "$gen" -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=ON \
         -DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 -DGGML_CUDA_NCCL=OFF \
-        -DGGML_CUDA_FA_QUANTS="$(cat "$C/fa_pairs.txt")" -DGGML_NATIVE=ON -DGGML_OPENMP=OFF \
+        -DGGML_CUDA_FA_QUANTS="$(cat "$C/fa_pairs.txt")" -DGGML_NATIVE=ON -DGGML_OPENMP=OFF -DGGML_BLAS=OFF \
+        -DGGML_CCACHE=OFF -DLLAMA_ALL_WARNINGS=OFF \
         -DLLAMA_BUILD_COMMON=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF \
-        -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_APP=OFF -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF > "$OUT/cmake-$1.log" 2>&1
-    cmake --build "$src/build" --target llama -j"$(nproc)" > "$OUT/build-$1.log" 2>&1
-    echo "build $1: $((SECONDS - t0)) s" | tee -a "$OUT/build-times.txt"
+        -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_APP=OFF -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF
 }
 
-case ${1:-} in
-build)
-    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/gpu.txt"
-    build patched
-    build stock
-    ;;
-measure)
-    export LD_LIBRARY_PATH=$B/patched/build/bin
-    K=$C/kvtuner
-    ldd "$K" | grep -E "llama|ggml" | tee "$OUT/ldd.txt"
-    "$K" synth --preset llama31-8b --weights f16 -o /dev/shm/l8b.gguf | tee "$OUT/synth.txt"
-    "$K" inspect /dev/shm/l8b.gguf > "$OUT/inspect.txt"
-    # mixed profiles near 6.5 and 5.5 bits per value: more precision in the first and last 8 layers
-    python3 - "$C" <<'PY'
+build_patched() { # resumable: a call that runs out of time leaves the build folder for the next
+    local src=$B/patched t0=$SECONDS
+    if [ ! -f "$src/build/CMakeCache.txt" ]; then
+        rm -rf "$src" && mkdir -p "$src" && tar xzf "$C/patched.tgz" -C "$src"
+        log "configure patched"
+        cmake_configure "$src" > "$R/cmake-patched.log" 2>&1 || { tail -30 "$R/cmake-patched.log"; return 1; }
+    fi
+    log "build patched (target llama, -j$(nproc), $(left) s left)"
+    timeout "$(limit 20)" cmake --build "$src/build" --target llama -j"$(nproc)" >> "$R/build-patched.log" 2>&1 \
+        || { log "patched build stopped or failed"; tail -30 "$R/build-patched.log"; return 1; }
+    rm -rf "$LIBP" && mkdir -p "$LIBP" && cp -a "$src"/build/bin/lib*.so* "$LIBP"/
+    echo "build patched (llama + ggml + ggml-cuda, this call): $((SECONDS - t0)) s" | tee -a "$R/build-times.txt"
+    ls -la "$LIBP" > "$R/libs-patched.txt"
+    mark patched
+}
+
+build_stock() { # the unpatched libllama, rebuilt in the patched build folder (ggml is the same)
+    local src=$B/patched t0=$SECONDS f
+    rm -rf "$B/stock" && mkdir -p "$B/stock" && tar xzf "$C/stock.tgz" -C "$B/stock"
+    rm -rf "$B/patched-orig" && mkdir -p "$B/patched-orig" && tar xzf "$C/patched.tgz" -C "$B/patched-orig" include src
+    mapfile -t changed < <(cd "$B/stock" && { diff -rq include "$B/patched-orig/include" || true; diff -rq src "$B/patched-orig/src" || true; } | awk '/^Files / {print $2}')
+    log "unpatched files: ${changed[*]}"
+    [ ${#changed[@]} -gt 0 ]
+    if ! diff -rq "$B/stock/ggml" "$src/ggml" --exclude=build > /dev/null 2>&1; then log "ggml differs between the trees: cannot share it"; return 1; fi
+    for f in "${changed[@]}"; do cp "$B/stock/$f" "$src/$f"; done # new mtimes: ninja rebuilds these
+    log "build unpatched libllama"
+    cmake --build "$src/build" --target llama -j"$(nproc)" > "$R/build-stock.log" 2>&1 || { tail -30 "$R/build-stock.log"; return 1; }
+    rm -rf "$LIBS" && mkdir -p "$LIBS" && cp -a "$src"/build/bin/lib*.so* "$LIBS"/
+    # put the patched sources back (touched, so a later rebuild redoes them) and the patched libllama
+    tar xzf "$C/patched.tgz" -C "$src" "${changed[@]}" && touch "${changed[@]/#/$src/}"
+    cp -a "$LIBP"/libllama.so* "$src/build/bin/"
+    for f in "$LIBP"/lib*.so.*.*; do
+        b=$(basename "$f")
+        cmp -s "$f" "$LIBS/$b" && echo "same     $b" || echo "differs  $b"
+    done | tee "$R/libs-compare.txt"
+    echo "build unpatched (libllama only): $((SECONDS - t0)) s" | tee -a "$R/build-times.txt"
+    mark stock
+}
+
+# --- preparation ---------------------------------------------------------------------------
+models_dir() {
+    local avail
+    avail=$(df -BG --output=avail /dev/shm | tail -1 | tr -dc 0-9)
+    if [ "${avail:-0}" -lt 24 ]; then mount -o remount,size=48G /dev/shm 2> /dev/null || true; fi
+    avail=$(df -BG --output=avail /dev/shm | tail -1 | tr -dc 0-9)
+    if [ "${avail:-0}" -ge 24 ]; then echo /dev/shm/kvt; else echo /tmp/kvt; fi
+}
+
+prep() {
+    export LD_LIBRARY_PATH=$LIBP
+    M=$(models_dir) && mkdir -p "$M" && echo "$M" > "$B/models_dir"
+    ldd "$K" | grep -E "llama|ggml|not found" | tee "$R/ldd.txt"
+    "$K" --version | tee "$R/kvtuner-version.txt"
+    log "synth 8B-shaped model into $M"
+    "$K" synth --preset llama31-8b --weights f16 -o "$M/l8b.gguf" 2>&1 | tee "$R/synth.txt"
+    "$K" inspect "$M/l8b.gguf" > "$R/inspect.txt" 2>&1
+    # mixed profiles near 6.5 and 5.5 bits per value
+    python3 - "$B" <<'PY'
 import sys
-c = sys.argv[1]
-def preset(name, edge, middle):
-    with open(f"{c}/{name}.preset.yaml", "w") as f:
+b = sys.argv[1]
+def write(name, pick):
+    with open(f"{b}/{name}.preset.yaml", "w") as f:
         for i in range(32):
-            k, v = edge if (i < 8 or i >= 24) else middle
+            k, v = pick(i)
             f.write(f"{i}: {{nbits_key: {k}, nbits_value: {v}}}\n")
-preset("mixed-6.5", (8, 5), (8, 5))  # replaced below
 # 6.5 bpv: 24 layers q8_0/q5_0 (7.0) + 8 middle layers q5_0/q4_0 (5.0)
-with open(f"{c}/mixed-6.5.preset.yaml", "w") as f:
-    for i in range(32):
-        k, v = (5, 4) if 12 <= i < 20 else (8, 5)
-        f.write(f"{i}: {{nbits_key: {k}, nbits_value: {v}}}\n")
+write("mixed-6.5", lambda i: (5, 4) if 12 <= i < 20 else (8, 5))
 # 5.5 bpv: 16 outer layers q8_0/q4_0 (6.5) + 16 middle layers q4_0/q4_0 (4.5)
-with open(f"{c}/mixed-5.5.preset.yaml", "w") as f:
-    for i in range(32):
-        k, v = (4, 4) if 8 <= i < 24 else (8, 4)
-        f.write(f"{i}: {{nbits_key: {k}, nbits_value: {v}}}\n")
+write("mixed-5.5", lambda i: (4, 4) if 8 <= i < 24 else (8, 4))
 PY
     for p in mixed-6.5 mixed-5.5; do
-        "$K" profile import-kvtuner "$C/$p.preset.yaml" -m /dev/shm/l8b.gguf --name "$p" -o "$OUT/$p.yaml" > /dev/null
+        "$K" profile import-kvtuner "$B/$p.preset.yaml" -m "$M/l8b.gguf" --name "$p" -o "$R/$p.yaml"
     done
-    # patched (no profile) vs unpatched, same tree, interleaved
+    "$K" synth --preset tiny --layers 8 --heads 8 --kv-heads 2 --head-dim 128 --ffn 2048 --vocab 4096 -o "$M/small.gguf"
+    printf '%s\n' 0 1 2 3 4 5 6 7 | awk '{k=($1%2)?4:8; printf "%d: {nbits_key: %d, nbits_value: 4}\n", $1, k}' > "$B/small.preset.yaml"
+    "$K" profile import-kvtuner "$B/small.preset.yaml" -m "$M/small.gguf" --name small-mixed -o "$R/small-mixed.yaml"
     for v in patched stock; do
-        gcc -O2 -I"$B/$v/include" -I"$B/$v/ggml/include" "$C/speed.c" -o "$B/speed-$v" -L"$B/$v/build/bin" -lllama -lggml -lggml-base -Wl,-rpath,"$B/$v/build/bin"
+        gcc -O2 -I"$B/$v/include" -I"$B/$v/ggml/include" "$C/speed.c" -o "$B/speed-$v" \
+            -L"$B/lib-$v" -lllama -lggml -lggml-base -Wl,-rpath,"$B/lib-$v"
     done
-    : > "$OUT/speed-patched.txt"; : > "$OUT/speed-stock.txt"
+    mark prep
+}
+
+# --- measurements --------------------------------------------------------------------------
+speed_stock_vs_patched() { # patched (no profile) vs unpatched, same tree, interleaved
+    local M; M=$(cat "$B/models_dir")
+    : > "$R/speed-patched.txt"; : > "$R/speed-stock.txt"
+    log "speed.c patched vs unpatched, 3 rounds x 2 reps"
     for i in 1 2 3; do
-        LD_LIBRARY_PATH=$B/patched/build/bin "$B/speed-patched" /dev/shm/l8b.gguf 2 "$B/logits-patched.bin" >> "$OUT/speed-patched.txt"
-        LD_LIBRARY_PATH=$B/stock/build/bin "$B/speed-stock" /dev/shm/l8b.gguf 2 "$B/logits-stock.bin" >> "$OUT/speed-stock.txt"
+        LD_LIBRARY_PATH=$LIBP "$B/speed-patched" "$M/l8b.gguf" 2 "$B/logits-patched.bin" >> "$R/speed-patched.txt"
+        LD_LIBRARY_PATH=$LIBS "$B/speed-stock" "$M/l8b.gguf" 2 "$B/logits-stock.bin" >> "$R/speed-stock.txt"
     done
-    cmp -s "$B/logits-patched.bin" "$B/logits-stock.bin" && echo "logits bit-identical" > "$OUT/logits.txt" || echo "logits DIFFERENT" > "$OUT/logits.txt"
-    # speed and memory at depth
-    "$K" ab -m /dev/shm/l8b.gguf --no-quality -ngl 99 -fa on --depths 0,8192,32768,65536 --reps 2 \
-        --against f16,q8_0,q4_0,q8_0/q4_0 --profile "$OUT/mixed-6.5.yaml" --profile "$OUT/mixed-5.5.yaml" \
-        --json "$OUT/ab-8b.json" > "$OUT/ab-8b.md" 2> "$OUT/ab-8b.log"
-    # GPU vs CPU quality: a small synthetic model, one mixed profile
-    "$K" synth --preset tiny --layers 8 --heads 8 --kv-heads 2 --head-dim 128 --ffn 2048 --vocab 4096 -o /dev/shm/small.gguf > /dev/null
-    printf '%s\n' 0 1 2 3 4 5 6 7 | awk '{k=($1%2)?4:8; printf "%d: {nbits_key: %d, nbits_value: 4}\n", $1, k}' > "$C/small.preset.yaml"
-    "$K" profile import-kvtuner "$C/small.preset.yaml" -m /dev/shm/small.gguf --name small-mixed -o "$OUT/small-mixed.yaml" > /dev/null
+    if cmp -s "$B/logits-patched.bin" "$B/logits-stock.bin"; then r="logits bit-identical"; else r="logits DIFFERENT"; fi
+    echo "$r ($(stat -c %s "$B/logits-patched.bin") bytes each)" | tee "$R/logits.txt"
+    python3 - "$R" <<'PY' | tee "$R/speed-summary.txt"
+import statistics, sys
+r = sys.argv[1]
+def load(v):
+    rows = [l.split() for l in open(f"{r}/speed-{v}.txt") if l.startswith("pp512")]
+    return [float(x[1]) for x in rows], [float(x[3]) for x in rows]
+(pp_p, tg_p), (pp_s, tg_s) = load("patched"), load("stock")
+for name, a, b in (("pp512", pp_p, pp_s), ("tg128", tg_p, tg_s)):
+    ma, mb = statistics.median(a), statistics.median(b)
+    print(f"{name}: patched median {ma:.2f} ({min(a):.2f}-{max(a):.2f}), unpatched median {mb:.2f} ({min(b):.2f}-{max(b):.2f}), ratio {ma / mb:.4f}, n={len(a)}")
+PY
+    mark speed
+}
+
+quality() { # GPU vs CPU, small synthetic model, one mixed profile
+    local M ngl; M=$(cat "$B/models_dir")
     for ngl in 99 0; do
-        "$K" ab -m /dev/shm/small.gguf --text "$C/lee_background.cor" -c 512 --chunks 4 -ngl $ngl --no-speed \
-            --against f16,q8_0/q4_0 --profile "$OUT/small-mixed.yaml" --json "$OUT/quality-ngl$ngl.json" > "$OUT/quality-ngl$ngl.md" 2>&1
+        log "quality ngl $ngl"
+        LD_LIBRARY_PATH=$LIBP timeout "$(limit 5)" "$K" ab -m "$M/small.gguf" --text "$C/lee_background.cor" -c 512 --chunks 8 --ngl $ngl --no-speed \
+            --against f16,q8_0/q4_0 --profile "$R/small-mixed.yaml" --json "$R/quality-ngl$ngl.json" > "$R/quality-ngl$ngl.md" 2> "$R/quality-ngl$ngl.log"
+    done
+    mark quality
+}
+
+ab_depth() { # $1 = depth
+    local M d=$1; M=$(cat "$B/models_dir")
+    log "ab 8B at depth $d ($(left) s left)"
+    LD_LIBRARY_PATH=$LIBP timeout "$(limit 5)" "$K" ab -m "$M/l8b.gguf" --no-quality --ngl 99 --fa on -c 66048 \
+        --depths "$d" --reps "$REPS" --against f16,q8_0,q4_0,q8_0/q4_0 \
+        --profile "$R/mixed-6.5.yaml" --profile "$R/mixed-5.5.yaml" \
+        --json "$R/ab-d$d.json" > "$R/ab-d$d.md" 2> "$R/ab-d$d.log" || { log "ab depth $d failed or stopped"; tail -5 "$R/ab-d$d.log"; return 1; }
+    mark "ab$d"
+}
+
+# rough seconds each stage needs (a stage starts only if it fits in what is left)
+need_ab() { case $1 in 0) echo 50 ;; 8192) echo 60 ;; 32768) echo 120 ;; *) echo 230 ;; esac; }
+
+case $MODE in
+build | measure)
+    log "call $MODE, deadline ${DEADLINE}s"
+    if [ ! -f "$R/gpu.txt" ]; then
+        { nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
+          nvcc --version | tail -2; cmake --version | head -1; echo "ninja $(ninja --version 2>/dev/null)"; gcc --version | head -1
+          echo "nproc $(nproc)"; grep MemTotal /proc/meminfo; df -h /dev/shm /tmp | tail -2; uname -r; } > "$R/gpu.txt" 2>&1 || true
+        cat "$R/gpu.txt"
+    fi
+    if ! done_ patched; then build_patched; fi
+    if ! done_ stock; then build_stock; fi
+    [ -x "$K" ] || { log "no kvtuner binary in .device-carry: builds only"; exit 0; }
+    if ! done_ prep; then prep; fi
+    if ! done_ speed && [ "$(left)" -gt 100 ]; then speed_stock_vs_patched; fi
+    if ! done_ quality && [ "$(left)" -gt 60 ]; then quality || log "quality failed"; fi
+    for d in $DEPTHS; do
+        done_ "ab$d" && continue
+        if [ "$(left)" -gt "$(need_ab "$d")" ]; then ab_depth "$d" || true; else log "skip ab depth $d: $(left) s left"; fi
     done
     ;;
 *) echo "usage: $0 build|measure" >&2; exit 2 ;;

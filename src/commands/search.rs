@@ -149,7 +149,13 @@ pub fn run(args: SearchArgs) -> anyhow::Result<()> {
             ..Profile::uniform(&sens.model, CacheType::F16, CacheType::F16, "")
         };
         profile.save(out)?;
-        println!("wrote {} ({}, {:.2} bits/value, predicted KLD {:.5})", out.display(), profile.summary(), a.bits_per_value, a.predicted);
+        let msg = format!("wrote {} ({}, {:.2} bits/value, predicted KLD {:.5})", out.display(), profile.summary(), a.bits_per_value, a.predicted);
+        // with --json, stdout carries only the JSON document
+        if args.json {
+            eprintln!("{msg}");
+        } else {
+            println!("{msg}");
+        }
     }
 
     let report = render_report(&sens, &args, n_ctx, &frontier, verified_chosen.as_ref(), &comparisons, eval_label.as_deref(), search_seconds);
