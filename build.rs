@@ -16,17 +16,8 @@ use std::process::Command;
 use sha2::{Digest, Sha256};
 
 /// Parts of the llama.cpp tree the build needs; everything else in the crate is left behind.
-const TREE_PARTS: &[&str] = &[
-    "CMakeLists.txt",
-    "LICENSE",
-    "cmake",
-    "include",
-    "src",
-    "common",
-    "vendor",
-    "ggml",
-    "tools/CMakeLists.txt",
-];
+const TREE_PARTS: &[&str] =
+    &["CMakeLists.txt", "LICENSE", "cmake", "include", "src", "common", "vendor", "ggml", "tools/CMakeLists.txt"];
 
 fn main() {
     let root = PathBuf::from(var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));
@@ -85,7 +76,11 @@ fn resolve_source(root: &Path) -> Source {
         .output()
         .unwrap_or_else(|e| panic!("running `{cargo} metadata` for {}: {e}", manifest.display()));
     if !out.status.success() {
-        panic!("`cargo metadata --manifest-path {}` failed:\n{}", manifest.display(), String::from_utf8_lossy(&out.stderr));
+        panic!(
+            "`cargo metadata --manifest-path {}` failed:\n{}",
+            manifest.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     let meta: serde_json::Value = serde_json::from_slice(&out.stdout).expect("cargo metadata prints JSON");
     let pkg = meta["packages"]
@@ -172,7 +167,8 @@ fn cuda_fa_pairs(root: &Path) -> Vec<String> {
         .map(str::trim)
         .filter(|l| !l.is_empty() && !l.starts_with('#'))
         .map(|l| {
-            let (k, v) = l.split_once(char::is_whitespace).unwrap_or_else(|| panic!("{}: `{l}` is not `K V`", path.display()));
+            let (k, v) =
+                l.split_once(char::is_whitespace).unwrap_or_else(|| panic!("{}: `{l}` is not `K V`", path.display()));
             format!("{}-{}", k.trim(), v.trim())
         })
         .collect()

@@ -120,7 +120,11 @@ pub fn plan(n_layers_with_kv: &[usize], types: &[CacheType]) -> Vec<Trial> {
 }
 
 fn narrowest(types: &[CacheType]) -> CacheType {
-    *types.iter().filter(|t| t.is_quantized()).min_by(|a, b| a.bits_per_value().total_cmp(&b.bits_per_value())).expect("checked")
+    *types
+        .iter()
+        .filter(|t| t.is_quantized())
+        .min_by(|a, b| a.bits_per_value().total_cmp(&b.bits_per_value()))
+        .expect("checked")
 }
 
 /// Forward passes a calibration costs (baseline included), for the up-front estimate.
@@ -190,7 +194,11 @@ pub fn calibrate(
     Ok(assemble(identity, layout, opts, &types, &with_kv, &done, ev.forward_passes, start.elapsed().as_secs_f64()))
 }
 
-fn open_journal(path: &Path, key: &ResumeKey, done: &mut BTreeMap<Trial, Quality>) -> Result<std::fs::File, CalibrateError> {
+fn open_journal(
+    path: &Path,
+    key: &ResumeKey,
+    done: &mut BTreeMap<Trial, Quality>,
+) -> Result<std::fs::File, CalibrateError> {
     let err = |source| CalibrateError::Resume { path: path.to_path_buf(), source };
     let header = serde_json::to_string(key).expect("serialisable");
     if let Ok(f) = std::fs::File::open(path) {
@@ -228,7 +236,8 @@ fn assemble(
     // uniform V error, K to ~2×). So each layer's share of the narrow-type error comes from the
     // single-layer runs, and the uniform runs fix the scale for every type, K and V separately:
     //   ΔK_il(t) = q_il / Σ_j q_j · KLD(all K at t).
-    let total = |v: bool| -> f64 { with_kv.iter().map(|&l| done[&Trial::Layer { layer: l, v, ty: narrow }].kld_mean).sum() };
+    let total =
+        |v: bool| -> f64 { with_kv.iter().map(|&l| done[&Trial::Layer { layer: l, v, ty: narrow }].kld_mean).sum() };
     let (total_k, total_v) = (total(false), total(true));
     let mut layers = Vec::new();
     for &layer in with_kv {

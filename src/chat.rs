@@ -295,9 +295,8 @@ impl<'m> ChatSession<'m> {
         self.ctx.save_state(path, &self.cached)?;
         let conv = SavedConversation { messages: self.messages.clone(), template: self.template.clone() };
         let json_path = conversation_path(path);
-        crate::atomic_write(&json_path, serde_json::to_string_pretty(&conv).expect("serialisable").as_bytes()).map_err(|e| {
-            ChatError::Conversation { path: json_path.display().to_string(), message: e.to_string() }
-        })
+        crate::atomic_write(&json_path, serde_json::to_string_pretty(&conv).expect("serialisable").as_bytes())
+            .map_err(|e| ChatError::Conversation { path: json_path.display().to_string(), message: e.to_string() })
     }
 
     /// Loads a state saved by [`ChatSession::save`] (same model, context and cache types).

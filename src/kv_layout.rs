@@ -27,7 +27,8 @@ pub struct KvLayout {
 impl KvLayout {
     /// Reads the layout from the runtime: a tiny f16 context reports each layer's bytes and cells.
     pub fn probe(model: &Model) -> Result<KvLayout, CreateContextError> {
-        let params = ContextParams { n_ctx: 256, n_batch: 256, n_ubatch: 256, no_kv_profile: true, ..Default::default() };
+        let params =
+            ContextParams { n_ctx: 256, n_batch: 256, n_ubatch: 256, no_kv_profile: true, ..Default::default() };
         let ctx = Context::new(model, &params)?;
         let layers = ctx
             .layers()
@@ -69,12 +70,7 @@ impl KvLayout {
 
     /// Average storage bits per cached value at `n_ctx`.
     pub fn bits_per_value(&self, types: &[(CacheType, CacheType)], n_ctx: u64) -> f64 {
-        let values: u64 = self
-            .layers
-            .iter()
-            .flatten()
-            .map(|s| (s.k_dim + s.v_dim) * self.cells(s, n_ctx))
-            .sum();
+        let values: u64 = self.layers.iter().flatten().map(|s| (s.k_dim + s.v_dim) * self.cells(s, n_ctx)).sum();
         if values == 0 {
             return 0.0;
         }

@@ -7,8 +7,8 @@
 pub mod assets;
 pub mod bench;
 pub mod cache_type;
-pub mod chat;
 pub mod calibrate;
+pub mod chat;
 pub mod eval;
 pub mod gguf;
 pub mod kv_layout;
@@ -16,8 +16,8 @@ pub mod llama;
 pub mod profile;
 pub mod report;
 pub mod search;
-pub mod synth;
 pub mod sensitivity;
+pub mod synth;
 
 /// Writes `bytes` to `path` through a temp file in the same folder and a rename, so a reader
 /// never sees a half-written file and a failure leaves the old file intact.

@@ -31,7 +31,8 @@ pub fn plot_bits_vs_kld(path: &Path, title: &str, points: &[PlotPoint]) -> Resul
     let floor = 1e-5;
     let ys: Vec<f64> = points.iter().map(|p| p.kld_mean.max(floor)).collect();
     let (ymin, ymax) = ys.iter().fold((f64::MAX, f64::MIN), |(a, b), &y| (a.min(y), b.max(y)));
-    let (xmin, xmax) = points.iter().fold((f64::MAX, f64::MIN), |(a, b), p| (a.min(p.bits_per_value), b.max(p.bits_per_value)));
+    let (xmin, xmax) =
+        points.iter().fold((f64::MAX, f64::MIN), |(a, b), p| (a.min(p.bits_per_value), b.max(p.bits_per_value)));
 
     let root = SVGBackend::new(path, (900, 600)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| err(&e))?;
@@ -70,7 +71,11 @@ pub fn plot_bits_vs_kld(path: &Path, title: &str, points: &[PlotPoint]) -> Resul
             chart.draw_series(std::iter::once(Circle::new(at, 5, color.filled()))).map_err(|e| err(&e))?;
         }
         chart
-            .draw_series(std::iter::once(Text::new(p.label.clone(), (at.0 + 0.15, y * 1.08), ("sans-serif", 14).into_font().color(&color))))
+            .draw_series(std::iter::once(Text::new(
+                p.label.clone(),
+                (at.0 + 0.15, y * 1.08),
+                ("sans-serif", 14).into_font().color(&color),
+            )))
             .map_err(|e| err(&e))?;
     }
     root.present().map_err(|e| err(&e))?;

@@ -94,8 +94,10 @@ impl Sensitivity {
 
     pub fn load(path: &Path) -> Result<Sensitivity, SensitivityError> {
         let p = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|source| SensitivityError::Read { path: p.clone(), source })?;
-        let s: Sensitivity = serde_norway::from_str(&text).map_err(|source| SensitivityError::Parse { path: p.clone(), source })?;
+        let text =
+            std::fs::read_to_string(path).map_err(|source| SensitivityError::Read { path: p.clone(), source })?;
+        let s: Sensitivity =
+            serde_norway::from_str(&text).map_err(|source| SensitivityError::Parse { path: p.clone(), source })?;
         if s.schema != SCHEMA_VERSION {
             return Err(SensitivityError::Schema { path: p, found: s.schema });
         }

@@ -11,7 +11,8 @@ fn kvtuner(args: &[&str]) -> std::process::Output {
 #[test]
 fn ab_prints_a_table_writes_json_and_svg_and_repeats_exactly() {
     let dir = tempfile::tempdir().unwrap();
-    let spec = kvtuner::synth::SynthSpec { n_layer: 4, name: "synthetic-ab".into(), ..kvtuner::synth::SynthSpec::tiny() };
+    let spec =
+        kvtuner::synth::SynthSpec { n_layer: 4, name: "synthetic-ab".into(), ..kvtuner::synth::SynthSpec::tiny() };
     let model = common::synth_model(dir.path(), &spec);
     let text = dir.path().join("eval.txt");
     std::fs::write(&text, common::eval_text()).unwrap();
@@ -47,7 +48,9 @@ fn ab_prints_a_table_writes_json_and_svg_and_repeats_exactly() {
     let rows = rows.as_array().unwrap();
     assert_eq!(rows.len(), 4);
     for r in rows {
-        for field in ["name", "type_k", "type_v", "bits_per_value", "kv_bytes", "kld_mean", "kld_p99", "top1", "ppl", "speed"] {
+        for field in
+            ["name", "type_k", "type_v", "bits_per_value", "kv_bytes", "kld_mean", "kld_p99", "top1", "ppl", "speed"]
+        {
             assert!(!r[field].is_null(), "{field} missing in {r}");
         }
         assert_eq!(r["type_k"].as_array().unwrap().len(), 4);
@@ -75,7 +78,8 @@ fn ab_prints_a_table_writes_json_and_svg_and_repeats_exactly() {
 #[test]
 fn ab_rejects_bad_input_clearly() {
     let dir = tempfile::tempdir().unwrap();
-    let spec = kvtuner::synth::SynthSpec { n_layer: 4, name: "synthetic-ab-bad".into(), ..kvtuner::synth::SynthSpec::tiny() };
+    let spec =
+        kvtuner::synth::SynthSpec { n_layer: 4, name: "synthetic-ab-bad".into(), ..kvtuner::synth::SynthSpec::tiny() };
     let model = common::synth_model(dir.path(), &spec);
     let m = model.to_str().unwrap();
     let short = dir.path().join("short.txt");
@@ -90,9 +94,23 @@ fn ab_rejects_bad_input_clearly() {
     let e = err(&["ab", "-m", m, "--text", short.to_str().unwrap(), "--against", "q3_k", "--no-speed"]);
     assert!(e.contains("q3_k"), "{e}");
 
-    let other = common::synth_model(dir.path(), &kvtuner::synth::SynthSpec { n_layer: 4, seed: 9, n_ff: 320, name: "other".into(), ..kvtuner::synth::SynthSpec::tiny() });
+    let other = common::synth_model(
+        dir.path(),
+        &kvtuner::synth::SynthSpec {
+            n_layer: 4,
+            seed: 9,
+            n_ff: 320,
+            name: "other".into(),
+            ..kvtuner::synth::SynthSpec::tiny()
+        },
+    );
     let identity = kvtuner::profile::ModelIdentity::from_header(&kvtuner::gguf::read_header(&other).unwrap()).unwrap();
-    let profile = kvtuner::profile::Profile::uniform(&identity, kvtuner::cache_type::CacheType::Q8_0, kvtuner::cache_type::CacheType::Q4_0, "for-other");
+    let profile = kvtuner::profile::Profile::uniform(
+        &identity,
+        kvtuner::cache_type::CacheType::Q8_0,
+        kvtuner::cache_type::CacheType::Q4_0,
+        "for-other",
+    );
     let p = dir.path().join("other.yaml");
     profile.save(&p).unwrap();
     let text = dir.path().join("eval.txt");

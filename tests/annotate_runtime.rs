@@ -80,7 +80,11 @@ fn annotate_strip_is_byte_exact_on_gemma() {
 #[test]
 fn annotate_strip_is_byte_exact_on_synthetic() {
     let dir = tempfile::tempdir().unwrap();
-    let spec = kvtuner::synth::SynthSpec { n_layer: 5, name: "synthetic-annotate".into(), ..kvtuner::synth::SynthSpec::tiny() };
+    let spec = kvtuner::synth::SynthSpec {
+        n_layer: 5,
+        name: "synthetic-annotate".into(),
+        ..kvtuner::synth::SynthSpec::tiny()
+    };
     let model = common::synth_model(dir.path(), &spec);
     round_trip(&model, dir.path());
     // in place: annotate then strip gives the original bytes back
@@ -100,7 +104,8 @@ fn applied(model: &Model, params: &ContextParams) -> Vec<(CacheType, CacheType)>
 #[test]
 fn runtime_applies_the_embedded_profile_by_itself() {
     let dir = tempfile::tempdir().unwrap();
-    let spec = kvtuner::synth::SynthSpec { n_layer: 6, name: "synthetic-auto".into(), ..kvtuner::synth::SynthSpec::tiny() };
+    let spec =
+        kvtuner::synth::SynthSpec { n_layer: 6, name: "synthetic-auto".into(), ..kvtuner::synth::SynthSpec::tiny() };
     let model_path = common::synth_model(dir.path(), &spec);
     let (profile_path, profile) = mixed_profile(&model_path, dir.path());
     let annotated = dir.path().join("annotated.gguf");
@@ -125,7 +130,8 @@ fn runtime_applies_the_embedded_profile_by_itself() {
         assert_eq!((layer["type_k"].as_str(), layer["type_v"].as_str()), (Some("f16"), Some("f16")));
     }
     // and without it the binary reports the profile's types
-    let json: serde_json::Value = serde_json::from_str(&ok(&["layers", "-m", p(&annotated), "-c", "256", "--json"])).unwrap();
+    let json: serde_json::Value =
+        serde_json::from_str(&ok(&["layers", "-m", p(&annotated), "-c", "256", "--json"])).unwrap();
     assert_eq!(json["layers"][1]["type_k"], "q4_0");
     assert!(json["profile"].as_str().unwrap().contains("test-mixed"));
 }
@@ -133,7 +139,8 @@ fn runtime_applies_the_embedded_profile_by_itself() {
 #[test]
 fn malformed_embedded_profiles_fall_back_to_uniform_types() {
     let dir = tempfile::tempdir().unwrap();
-    let spec = kvtuner::synth::SynthSpec { n_layer: 4, name: "synthetic-bad".into(), ..kvtuner::synth::SynthSpec::tiny() };
+    let spec =
+        kvtuner::synth::SynthSpec { n_layer: 4, name: "synthetic-bad".into(), ..kvtuner::synth::SynthSpec::tiny() };
     let model_path = common::synth_model(dir.path(), &spec);
     let cases = [
         ("short", Value::str_array(["q8_0", "q8_0", "q8_0"]), "has 3 entries"),
@@ -158,8 +165,20 @@ fn malformed_embedded_profiles_fall_back_to_uniform_types() {
 #[test]
 fn a_profile_for_another_model_is_refused_unless_forced() {
     let dir = tempfile::tempdir().unwrap();
-    let a = common::synth_model(dir.path(), &kvtuner::synth::SynthSpec { n_layer: 4, seed: 1, name: "model-a".into(), ..kvtuner::synth::SynthSpec::tiny() });
-    let b = common::synth_model(dir.path(), &kvtuner::synth::SynthSpec { n_layer: 4, n_ff: 320, seed: 2, name: "model-b".into(), ..kvtuner::synth::SynthSpec::tiny() });
+    let a = common::synth_model(
+        dir.path(),
+        &kvtuner::synth::SynthSpec { n_layer: 4, seed: 1, name: "model-a".into(), ..kvtuner::synth::SynthSpec::tiny() },
+    );
+    let b = common::synth_model(
+        dir.path(),
+        &kvtuner::synth::SynthSpec {
+            n_layer: 4,
+            n_ff: 320,
+            seed: 2,
+            name: "model-b".into(),
+            ..kvtuner::synth::SynthSpec::tiny()
+        },
+    );
     let (profile, _) = mixed_profile(&a, dir.path());
     let out = dir.path().join("out.gguf");
     let res = kvtuner(&["annotate", p(&b), "--profile", p(&profile), "-o", p(&out)]);
@@ -170,7 +189,10 @@ fn a_profile_for_another_model_is_refused_unless_forced() {
     ok(&["annotate", p(&b), "--profile", p(&profile), "-o", p(&out), "--force"]);
     assert!(out.exists());
 
-    let c = common::synth_model(dir.path(), &kvtuner::synth::SynthSpec { n_layer: 3, name: "model-c".into(), ..kvtuner::synth::SynthSpec::tiny() });
+    let c = common::synth_model(
+        dir.path(),
+        &kvtuner::synth::SynthSpec { n_layer: 3, name: "model-c".into(), ..kvtuner::synth::SynthSpec::tiny() },
+    );
     let res = kvtuner(&["annotate", p(&c), "--profile", p(&profile), "-o", p(&dir.path().join("c.gguf")), "--force"]);
     assert!(!res.status.success());
     assert!(String::from_utf8_lossy(&res.stderr).contains("4 layers but the model has 3"));

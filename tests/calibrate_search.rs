@@ -19,7 +19,8 @@ fn kvtuner(args: &[&str]) -> std::process::Output {
 #[test]
 fn calibrate_yields_a_complete_table_and_search_a_verified_profile() {
     let dir = tempfile::tempdir().unwrap();
-    let spec = kvtuner::synth::SynthSpec { n_layer: 4, name: "synthetic-calib".into(), ..kvtuner::synth::SynthSpec::tiny() };
+    let spec =
+        kvtuner::synth::SynthSpec { n_layer: 4, name: "synthetic-calib".into(), ..kvtuner::synth::SynthSpec::tiny() };
     let path = common::synth_model(dir.path(), &spec);
     let identity = ModelIdentity::from_header(&gguf::read_header(&path).unwrap()).unwrap();
     let model = Model::load(Backend::init(), &path, &ModelParams::default()).unwrap();
@@ -34,7 +35,8 @@ fn calibrate_yields_a_complete_table_and_search_a_verified_profile() {
     };
     let resume = dir.path().join("sens.partial");
     let mut calls = 0;
-    let table = calibrate::calibrate(&model, &identity, &text, &opts, Some(&resume), &mut |_, _, _| calls += 1).unwrap();
+    let table =
+        calibrate::calibrate(&model, &identity, &text, &opts, Some(&resume), &mut |_, _, _| calls += 1).unwrap();
     assert_eq!(table.forward_passes, calibrate::cost(4, &types, 1), "stated cost = passes run");
     assert_eq!(table.layers.len(), 4);
     for l in &table.layers {

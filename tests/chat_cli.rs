@@ -24,7 +24,18 @@ fn annotated(dir: &Path) -> PathBuf {
 
 fn one_shot(model: &Path, extra: &[&str]) -> serde_json::Value {
     let out = Command::new(BIN)
-        .args(["chat", "-m", model.to_str().unwrap(), "--temp", "0", "-n", "48", "--json", "-p", "What is the capital of France?"])
+        .args([
+            "chat",
+            "-m",
+            model.to_str().unwrap(),
+            "--temp",
+            "0",
+            "-n",
+            "48",
+            "--json",
+            "-p",
+            "What is the capital of France?",
+        ])
         .args(extra)
         .output()
         .unwrap();
@@ -70,18 +81,30 @@ fn save_then_load_in_a_new_process_continues_with_the_same_kv_state() {
     let model = annotated(dir.path());
     let state = dir.path().join("conv.state");
     let s = state.to_str().unwrap();
-    let first = scripted(&model, &format!("What is the capital of France?\n/save {s}\n/stats\nAnd the capital of Italy?\n"));
+    let first =
+        scripted(&model, &format!("What is the capital of France?\n/save {s}\n/stats\nAnd the capital of Italy?\n"));
     let second = scripted(&model, &format!("/load {s}\n/stats\nAnd the capital of Italy?\n"));
     assert!(first.contains("saved KV state"), "{first}");
     assert!(second.contains("loaded 2 messages"), "{second}");
-    let context = |out: &str| out.lines().find(|l| l.contains("context ")).map(|l| l.split("context ").nth(1).unwrap().split('/').next().unwrap().to_string());
+    let context = |out: &str| {
+        out.lines()
+            .find(|l| l.contains("context "))
+            .map(|l| l.split("context ").nth(1).unwrap().split('/').next().unwrap().to_string())
+    };
     assert_eq!(context(&first), context(&second), "same tokens in the cache after /load");
     // stdin is not a terminal, so input is not echoed: answers follow the "> " prompts
     let last_answer = |out: &str| {
         out.lines()
             .map(|l| l.trim_start_matches("> ").trim())
-            .filter(|l| !l.is_empty() && l != &">" && !l.starts_with('(') && !l.starts_with("last reply:") && !l.starts_with("profile:") && !l.starts_with("commands:"))
-            .last()
+            .filter(|l| {
+                !l.is_empty()
+                    && l != &">"
+                    && !l.starts_with('(')
+                    && !l.starts_with("last reply:")
+                    && !l.starts_with("profile:")
+                    && !l.starts_with("commands:")
+            })
+            .next_back()
             .unwrap_or_default()
             .to_string()
     };
@@ -99,7 +122,8 @@ impl Tmux {
         assert!(st.success());
     }
     fn screen(&self) -> String {
-        let out = Command::new("tmux").args(["capture-pane", "-p", "-J", "-S", "-200", "-t", &self.name]).output().unwrap();
+        let out =
+            Command::new("tmux").args(["capture-pane", "-p", "-J", "-S", "-200", "-t", &self.name]).output().unwrap();
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
     fn wait_for(&self, what: impl Fn(&str) -> bool, secs: u64, label: &str) -> String {
@@ -134,7 +158,10 @@ fn interactive_chat_in_a_terminal() {
         model.display(),
         exit_file.display()
     );
-    let st = Command::new("tmux").args(["new-session", "-d", "-s", &tmux.name, "-x", "160", "-y", "50", &cmd]).status().unwrap();
+    let st = Command::new("tmux")
+        .args(["new-session", "-d", "-s", &tmux.name, "-x", "160", "-y", "50", &cmd])
+        .status()
+        .unwrap();
     assert!(st.success(), "tmux is needed for this test");
     let profile = kvtuner::profile::Profile::load(PROFILE).unwrap();
 

@@ -8,7 +8,15 @@ use kvtuner::llama::{Batch, Context, ContextParams, CreateContextError, FlashAtt
 const N_CTX: u32 = 512;
 
 fn params(k: CacheType, v: CacheType) -> ContextParams {
-    ContextParams { n_ctx: N_CTX, n_batch: 128, n_ubatch: 128, n_threads: 2, type_k: k, type_v: v, ..Default::default() }
+    ContextParams {
+        n_ctx: N_CTX,
+        n_batch: 128,
+        n_ubatch: 128,
+        n_threads: 2,
+        type_k: k,
+        type_v: v,
+        ..Default::default()
+    }
 }
 
 fn with_layers(k: CacheType, v: CacheType, layers: LayerCacheTypes) -> ContextParams {
@@ -42,14 +50,13 @@ fn run(ctx: &mut Context<'_>, tokens: &[i32]) -> Vec<f32> {
     for i in 0..tokens.len() as i32 {
         out.extend_from_slice(ctx.logits(i).unwrap());
     }
-    let mut pos = tokens.len() as i32;
     for step in 0..8 {
+        let pos = (tokens.len() + step) as i32;
         let next = tokens[step * 7 % tokens.len()];
         batch.clear();
         batch.add(next, pos, 0, true).unwrap();
         ctx.decode(&batch).unwrap();
         out.extend_from_slice(ctx.logits(0).unwrap());
-        pos += 1;
     }
     out
 }
@@ -59,7 +66,8 @@ fn assert_bit_identical(model: &Model, t: CacheType) {
     let mut uniform = Context::new(model, &params(t, t)).unwrap();
     let a = run(&mut uniform, &tokens);
     drop(uniform);
-    let mut layered = Context::new(model, &with_layers(CacheType::F16, CacheType::F16, uniform_layers(model, t, t))).unwrap();
+    let mut layered =
+        Context::new(model, &with_layers(CacheType::F16, CacheType::F16, uniform_layers(model, t, t))).unwrap();
     for (il, info) in layered.layers().into_iter().enumerate() {
         let info = info.unwrap_or_else(|| panic!("layer {il} has no KV cache"));
         assert_eq!((info.type_k, info.type_v), (t, t), "layer {il}");
@@ -115,7 +123,7 @@ fn check_mixed(model: &Model, kv_dim: u64) {
 fn mixed_arrays_run_and_report_their_types_gemma() {
     let model = common::gemma();
     check_mixed(&model, 256); // 1 KV head of dim 256
-    // Gemma 3 is iSWA: sliding-window layers hold the window, global layers the context.
+                              // Gemma 3 is iSWA: sliding-window layers hold the window, global layers the context.
     let long = ContextParams { n_ctx: 4096, ..with_layers(CacheType::F16, CacheType::F16, alternating(&model)) };
     let ctx = Context::new(&model, &long).unwrap();
     let infos: Vec<_> = ctx.layers().into_iter().map(Option::unwrap).collect();
@@ -147,7 +155,10 @@ fn bad_per_layer_input_is_a_clear_error() {
 
     let short = LayerCacheTypes { k: vec![CacheType::Q8_0; n - 1], v: vec![CacheType::F16; n - 1] };
     let e = create_err(&model, &with_layers(CacheType::F16, CacheType::F16, short));
-    assert!(matches!(Context::new(&model, &with_layers(CacheType::F16, CacheType::F16, LayerCacheTypes { k: vec![], v: vec![] })), Err(CreateContextError::LayerCount { .. })));
+    assert!(matches!(
+        Context::new(&model, &with_layers(CacheType::F16, CacheType::F16, LayerCacheTypes { k: vec![], v: vec![] })),
+        Err(CreateContextError::LayerCount { .. })
+    ));
     assert!(e.contains("5 entries") && e.contains("6 layers"), "{e}");
 
     // quantized V in one layer with flash attention explicitly off

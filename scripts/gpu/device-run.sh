@@ -18,6 +18,8 @@
 # models in /dev/shm; each stage leaves a stamp there, so a later call resumes. Results collect
 # in .device-build/out/; every call ends by packing them into $OUT/results.tgz plus
 # $OUT/summary.txt (the device tool brings back at most 8 files).
+# DEPTHS (default "0 32768 8192 65536"; one ab run each, `0,0` = a warm-up pass then depth 0), REPS
+# (default 2) and SKIP (e.g. "stock speed quality") narrow a call.
 # DEADLINE (seconds, default 560) bounds this call: stages that would not fit are left for the
 # next call, and long ones run under `timeout`.
 set -euo pipefail
@@ -39,6 +41,7 @@ left() { echo $((DEADLINE - SECONDS)); }
 limit() { local l=$(($(left) - $1)); echo $((l < 10 ? 10 : l)); } # timeout for a step, keeping $1 s
 done_() { [ -f "$B/done.$1" ]; }
 mark() { touch "$B/done.$1"; }
+skip() { [[ " ${SKIP:-} " == *" $1 "* ]]; } # SKIP="stock speed quality" leaves those stages out
 
 finish() {
     local rc=$?
@@ -143,6 +146,7 @@ PY
     printf '%s\n' 0 1 2 3 4 5 6 7 | awk '{k=($1%2)?4:8; printf "%d: {nbits_key: %d, nbits_value: 4}\n", $1, k}' > "$B/small.preset.yaml"
     "$K" profile import-kvtuner "$B/small.preset.yaml" -m "$M/small.gguf" --name small-mixed -o "$R/small-mixed.yaml"
     for v in patched stock; do
+        [ -d "$B/lib-$v" ] || continue
         gcc -O2 -I"$B/$v/include" -I"$B/$v/ggml/include" "$C/speed.c" -o "$B/speed-$v" \
             -L"$B/lib-$v" -lllama -lggml -lggml-base -Wl,-rpath,"$B/lib-$v"
     done
@@ -195,7 +199,7 @@ ab_depth() { # $1 = depth
 }
 
 # rough seconds each stage needs (a stage starts only if it fits in what is left)
-need_ab() { case $1 in 0) echo 50 ;; 8192) echo 60 ;; 32768) echo 120 ;; *) echo 230 ;; esac; }
+need_ab() { case $1 in 0 | 0,0) echo 50 ;; 8192) echo 60 ;; 32768) echo 120 ;; *) echo 230 ;; esac; }
 
 case $MODE in
 build | measure)
@@ -207,11 +211,11 @@ build | measure)
         cat "$R/gpu.txt"
     fi
     if ! done_ patched; then build_patched; fi
-    if ! done_ stock; then build_stock; fi
+    if ! done_ stock && ! skip stock; then build_stock; fi
     [ -x "$K" ] || { log "no kvtuner binary in .device-carry: builds only"; exit 0; }
     if ! done_ prep; then prep; fi
-    if ! done_ speed && [ "$(left)" -gt 100 ]; then speed_stock_vs_patched; fi
-    if ! done_ quality && [ "$(left)" -gt 60 ]; then quality || log "quality failed"; fi
+    if ! done_ speed && ! skip speed && done_ stock && [ "$(left)" -gt 100 ]; then speed_stock_vs_patched; fi
+    if ! done_ quality && ! skip quality && [ "$(left)" -gt 60 ]; then quality || log "quality failed"; fi
     for d in $DEPTHS; do
         done_ "ab$d" && continue
         if [ "$(left)" -gt "$(need_ab "$d")" ]; then ab_depth "$d" || true; else log "skip ab depth $d: $(left) s left"; fi

@@ -57,7 +57,10 @@ struct Row {
 
 fn parse_uniform(spec: &str) -> anyhow::Result<(CacheType, CacheType)> {
     let (k, v) = spec.split_once('/').unwrap_or((spec, spec));
-    Ok((k.parse().with_context(|| format!("--against `{spec}`"))?, v.parse().with_context(|| format!("--against `{spec}`"))?))
+    Ok((
+        k.parse().with_context(|| format!("--against `{spec}`"))?,
+        v.parse().with_context(|| format!("--against `{spec}`"))?,
+    ))
 }
 
 pub fn run(args: AbArgs) -> anyhow::Result<()> {
@@ -72,15 +75,28 @@ pub fn run(args: AbArgs) -> anyhow::Result<()> {
     }
     let header = gguf::read_header(&args.model).with_context(|| format!("reading {}", args.model.display()))?;
     let identity = ModelIdentity::from_header(&header)?;
-    let model = Model::load(Backend::init(), &args.model, &ModelParams { n_gpu_layers: args.n_gpu_layers, ..Default::default() })?;
+    let model = Model::load(
+        Backend::init(),
+        &args.model,
+        &ModelParams { n_gpu_layers: args.n_gpu_layers, ..Default::default() },
+    )?;
     let n_layer = model.n_layer() as usize;
-    let base = ContextParams { n_threads: args.threads, flash_attn: args.flash_attn, no_kv_profile: true, ..Default::default() };
+    let base = ContextParams {
+        n_threads: args.threads,
+        flash_attn: args.flash_attn,
+        no_kv_profile: true,
+        ..Default::default()
+    };
 
     let mut configs = Vec::new();
     for spec in &args.against {
         let (k, v) = parse_uniform(spec)?;
         let name = if k == v { k.to_string() } else { format!("{k}/{v}") };
-        configs.push(Config { name, is_profile: false, params: ContextParams { type_k: k, type_v: v, ..base.clone() } });
+        configs.push(Config {
+            name,
+            is_profile: false,
+            params: ContextParams { type_k: k, type_v: v, ..base.clone() },
+        });
     }
     for spec in &args.profiles {
         if spec == "auto" {
@@ -98,8 +114,13 @@ pub fn run(args: AbArgs) -> anyhow::Result<()> {
             }
         } else {
             let profile = Profile::load(PathBuf::from(spec))?;
-            profile.check_model(&identity).with_context(|| format!("profile {spec} does not fit {}", args.model.display()))?;
-            let layers = LayerCacheTypes { k: profile.layers.iter().map(|l| l.k).collect(), v: profile.layers.iter().map(|l| l.v).collect() };
+            profile
+                .check_model(&identity)
+                .with_context(|| format!("profile {spec} does not fit {}", args.model.display()))?;
+            let layers = LayerCacheTypes {
+                k: profile.layers.iter().map(|l| l.k).collect(),
+                v: profile.layers.iter().map(|l| l.v).collect(),
+            };
             configs.push(Config {
                 name: format!("profile {}", profile.name),
                 is_profile: true,
@@ -138,13 +159,18 @@ pub fn run(args: AbArgs) -> anyhow::Result<()> {
             Vec::new()
         };
         if !missing.is_empty() {
-            eprintln!("warning: {}: layers {missing:?} use K-V pairs without a compiled CUDA flash-attention kernel (slower)", c.name);
+            eprintln!(
+                "warning: {}: layers {missing:?} use K-V pairs without a compiled CUDA flash-attention kernel (slower)",
+                c.name
+            );
         }
         let per_token = layout
             .layers
             .iter()
             .zip(&types)
-            .filter_map(|(l, (k, v))| l.filter(|s| !s.sliding).map(|s| (k.row_bytes(s.k_dim) + v.row_bytes(s.v_dim)) as f64))
+            .filter_map(|(l, (k, v))| {
+                l.filter(|s| !s.sliding).map(|s| (k.row_bytes(s.k_dim) + v.row_bytes(s.v_dim)) as f64)
+            })
             .sum();
         if let Some(s) = &s {
             eprintln!("  {}: KLD {:.5}", c.name, s.kld_mean);
@@ -178,7 +204,8 @@ pub fn run(args: AbArgs) -> anyhow::Result<()> {
         let mut samples = vec![vec![(Vec::new(), Vec::new()); args.depths.len()]; configs.len()];
         for rep in 0..args.reps {
             for (ci, c) in configs.iter().enumerate() {
-                let mut ctx = Context::new(&model, &ContextParams { n_ctx, n_batch: 512, n_ubatch: 512, ..c.params.clone() })?;
+                let mut ctx =
+                    Context::new(&model, &ContextParams { n_ctx, n_batch: 512, n_ubatch: 512, ..c.params.clone() })?;
                 for (di, &depth) in args.depths.iter().enumerate() {
                     let s = bench::measure(&mut ctx, depth, 512, 128, 512)?;
                     samples[ci][di].0.push(s.pp_tokens_per_s);
@@ -212,7 +239,10 @@ pub fn run(args: AbArgs) -> anyhow::Result<()> {
                 is_profile: r.is_profile,
             })
             .collect();
-        let title = format!("{}: KV cache bits vs KL divergence ({label})", identity.name.as_deref().unwrap_or(&identity.architecture));
+        let title = format!(
+            "{}: KV cache bits vs KL divergence ({label})",
+            identity.name.as_deref().unwrap_or(&identity.architecture)
+        );
         plot_bits_vs_kld(path, &title, &points)?;
     }
     eprintln!("ab finished in {:.1} s", start.elapsed().as_secs_f64());
@@ -222,10 +252,11 @@ pub fn run(args: AbArgs) -> anyhow::Result<()> {
 fn print_table(rows: &[Row], args: &AbArgs, base_ppl: f64, label: &str) {
     let mut table = Table::new();
     table.load_preset(comfy_table::presets::ASCII_MARKDOWN);
-    let mut header: Vec<String> = ["config", "bits/value", "KV MiB", "KLD mean ± se", "median", "p99", "max", "top-1", "PPL (ratio)"]
-        .into_iter()
-        .map(String::from)
-        .collect();
+    let mut header: Vec<String> =
+        ["config", "bits/value", "KV MiB", "KLD mean ± se", "median", "p99", "max", "top-1", "PPL (ratio)"]
+            .into_iter()
+            .map(String::from)
+            .collect();
     if !args.no_speed {
         for d in &args.depths {
             header.push(format!("pp512 @ d{d}"));

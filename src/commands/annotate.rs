@@ -14,12 +14,19 @@ pub fn run_annotate(args: AnnotateArgs) -> anyhow::Result<()> {
     let identity = ModelIdentity::from_header(&header)?;
     if let Err(mismatch) = profile.check_model(&identity) {
         if !args.force {
-            return Err(anyhow::Error::new(mismatch)
-                .context(format!("profile {} was made for another model (use --force to apply it anyway)", args.profile.display())));
+            return Err(anyhow::Error::new(mismatch).context(format!(
+                "profile {} was made for another model (use --force to apply it anyway)",
+                args.profile.display()
+            )));
         }
         eprintln!("warning: {mismatch} (applying anyway: --force)");
         if profile.layers.len() != identity.layers {
-            bail!("profile {} has {} layers but the model has {}: cannot apply", args.profile.display(), profile.layers.len(), identity.layers);
+            bail!(
+                "profile {} has {} layers but the model has {}: cannot apply",
+                args.profile.display(),
+                profile.layers.len(),
+                identity.layers
+            );
         }
     }
     let mut edits = remove_profile_edits();

@@ -30,23 +30,31 @@ pub fn run(args: CalibrateArgs) -> anyhow::Result<()> {
         text_label: label,
     };
     let bar = ProgressBar::new(0);
-    bar.set_style(ProgressStyle::with_template("{bar:30} {pos}/{len} trials, {elapsed} elapsed, eta {eta}  {msg}").unwrap());
+    bar.set_style(
+        ProgressStyle::with_template("{bar:30} {pos}/{len} trials, {elapsed} elapsed, eta {eta}  {msg}").unwrap(),
+    );
     let partial = args.output.with_extension("partial");
     // Without a terminal (CI logs), print one line per trial instead of a bar.
     let plain = !std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let table = calibrate::calibrate(&opened.model, &identity, &text, &opts, Some(&partial), &mut |done, total, what| {
-        bar.set_length(total as u64);
-        bar.set_position(done as u64);
-        bar.set_message(what.to_string());
-        if plain {
-            eprintln!("[{:>6.1}s] {done}/{total} {what}", start.elapsed().as_secs_f64());
-        }
-    })?;
+    let table =
+        calibrate::calibrate(&opened.model, &identity, &text, &opts, Some(&partial), &mut |done, total, what| {
+            bar.set_length(total as u64);
+            bar.set_position(done as u64);
+            bar.set_message(what.to_string());
+            if plain {
+                eprintln!("[{:>6.1}s] {done}/{total} {what}", start.elapsed().as_secs_f64());
+            }
+        })?;
     bar.finish_and_clear();
     table.save(&args.output).with_context(|| format!("writing {}", args.output.display()))?;
     let _ = std::fs::remove_file(&partial);
 
-    println!("wrote {} ({} forward passes, {:.1} s)", args.output.display(), table.forward_passes, start.elapsed().as_secs_f64());
+    println!(
+        "wrote {} ({} forward passes, {:.1} s)",
+        args.output.display(),
+        table.forward_passes,
+        start.elapsed().as_secs_f64()
+    );
     println!("additive model check (uniform runs, measured vs sum of per-layer predictions):");
     for a in &table.anchors {
         println!(

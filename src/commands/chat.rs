@@ -12,7 +12,8 @@ use kvtuner::chat::{ChatSession, ReplyStats, Template};
 use kvtuner::kv_layout::KvLayout;
 use kvtuner::llama::{Context, SamplingParams};
 
-const HELP: &str = "commands: /reset  /stats  /profile  /save FILE  /load FILE  /quit   (end a line with \\ to continue it)";
+const HELP: &str =
+    "commands: /reset  /stats  /profile  /save FILE  /load FILE  /quit   (end a line with \\ to continue it)";
 
 pub fn run(args: ChatArgs) -> anyhow::Result<()> {
     let opened = open(&args.runtime)?;
@@ -20,7 +21,8 @@ pub fn run(args: ChatArgs) -> anyhow::Result<()> {
     let ctx = Context::new(model, &opened.params)?;
     let layout = KvLayout::probe(model)?;
     let infos = ctx.layers();
-    let types: Vec<(CacheType, CacheType)> = infos.iter().map(|i| i.map_or((CacheType::F16, CacheType::F16), |i| (i.type_k, i.type_v))).collect();
+    let types: Vec<(CacheType, CacheType)> =
+        infos.iter().map(|i| i.map_or((CacheType::F16, CacheType::F16), |i| (i.type_k, i.type_v))).collect();
     let n_ctx = ctx.n_ctx();
     let bits = layout.bits_per_value(&types, n_ctx as u64);
     // what an f16 cache of the same cells would take (sliding layers hold window + batch here)
@@ -38,7 +40,13 @@ pub fn run(args: ChatArgs) -> anyhow::Result<()> {
         ctx.kv_buffer_bytes() as f64 / 1048576.0,
         f16_bytes as f64 / 1048576.0
     );
-    let sampling = SamplingParams { temperature: args.temp, top_k: args.top_k, top_p: args.top_p, min_p: args.min_p, seed: args.seed };
+    let sampling = SamplingParams {
+        temperature: args.temp,
+        top_k: args.top_k,
+        top_p: args.top_p,
+        min_p: args.min_p,
+        seed: args.seed,
+    };
     let template = match (&args.template, model.chat_template()) {
         (Some(t), _) if t == "plain" => Template::Plain,
         (Some(t), _) => Template::Llama(Some(t.clone())),

@@ -75,7 +75,13 @@ pub fn run(args: InspectArgs) -> anyhow::Result<()> {
         .collect();
 
     let which = |sliding: bool| -> Vec<usize> {
-        layout.layers.iter().enumerate().filter(|(_, l)| l.is_some_and(|s| s.sliding == sliding)).map(|(i, _)| i).collect()
+        layout
+            .layers
+            .iter()
+            .enumerate()
+            .filter(|(_, l)| l.is_some_and(|s| s.sliding == sliding))
+            .map(|(i, _)| i)
+            .collect()
     };
     let report = Inspection {
         path: args.model.display().to_string(),
@@ -114,7 +120,12 @@ fn opt(v: Option<u64>) -> String {
 fn print_text(r: &Inspection, header: &GgufHeader) {
     println!("{}", r.path);
     println!("  architecture   {} ({})", r.architecture, r.name.as_deref().unwrap_or("unnamed"));
-    println!("  file           {:.1} MiB, GGUF v{}, {} tensors", r.file_bytes as f64 / 1048576.0, header.version, r.tensors);
+    println!(
+        "  file           {:.1} MiB, GGUF v{}, {} tensors",
+        r.file_bytes as f64 / 1048576.0,
+        header.version,
+        r.tensors
+    );
     println!("  fingerprint    {}", r.fingerprint);
     println!("  layers         {}", r.layers);
     println!(
@@ -127,7 +138,10 @@ fn print_text(r: &Inspection, header: &GgufHeader) {
     );
     println!("  context        {} (trained)", opt(r.context_length));
     if r.sliding_window > 0 {
-        println!("  sliding window {} tokens; sliding layers {:?}; global layers {:?}", r.sliding_window, r.sliding_layers, r.global_layers);
+        println!(
+            "  sliding window {} tokens; sliding layers {:?}; global layers {:?}",
+            r.sliding_window, r.sliding_layers, r.global_layers
+        );
     } else {
         println!("  sliding window none");
     }

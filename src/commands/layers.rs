@@ -33,7 +33,15 @@ pub fn run(args: LayersArgs) -> anyhow::Result<()> {
                 format!("{:.2}", i.bytes_k as f64 / 1048576.0),
                 format!("{:.2}", i.bytes_v as f64 / 1048576.0),
             ]),
-            None => table.add_row([il.to_string(), "-".into(), "-".into(), "(no KV cache)".into(), "".into(), "".into(), "".into()]),
+            None => table.add_row([
+                il.to_string(),
+                "-".into(),
+                "-".into(),
+                "(no KV cache)".into(),
+                "".into(),
+                "".into(),
+                "".into(),
+            ]),
         };
     }
     println!("{table}");

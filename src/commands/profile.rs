@@ -40,7 +40,8 @@ pub fn run(cmd: ProfileCommand) -> anyhow::Result<()> {
 fn show(path: &std::path::Path, model: Option<&std::path::Path>, json: bool) -> anyhow::Result<()> {
     let profile = Profile::load(path)?;
     if let Some(m) = model {
-        let identity = ModelIdentity::from_header(&gguf::read_header(m).with_context(|| format!("reading {}", m.display()))?)?;
+        let identity =
+            ModelIdentity::from_header(&gguf::read_header(m).with_context(|| format!("reading {}", m.display()))?)?;
         profile.check_model(&identity).with_context(|| format!("{} does not fit {}", path.display(), m.display()))?;
     }
     if json {

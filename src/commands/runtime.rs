@@ -49,7 +49,9 @@ pub fn open(args: &RuntimeArgs) -> anyhow::Result<Opened> {
         path => {
             let profile = Profile::load(PathBuf::from(path))?;
             let identity = ModelIdentity::from_header(&header)?;
-            profile.check_model(&identity).with_context(|| format!("profile {path} does not fit {}", args.model.display()))?;
+            profile
+                .check_model(&identity)
+                .with_context(|| format!("profile {path} does not fit {}", args.model.display()))?;
             ProfileChoice::File(Box::new(profile))
         }
     };
@@ -88,7 +90,8 @@ pub fn open(args: &RuntimeArgs) -> anyhow::Result<Opened> {
 pub fn load_text(spec: &str) -> anyhow::Result<(String, String)> {
     match spec {
         "lee-calibration" | "lee-evaluation" => {
-            let split = kvtuner::assets::load_split(&kvtuner::assets::cache_dir()).context("fetching the Lee corpus")?;
+            let split =
+                kvtuner::assets::load_split(&kvtuner::assets::cache_dir()).context("fetching the Lee corpus")?;
             Ok(if spec == "lee-calibration" {
                 (split.calibration.clone(), split.calibration_label())
             } else {

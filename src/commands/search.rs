@@ -71,16 +71,25 @@ pub fn run(args: SearchArgs) -> anyhow::Result<()> {
     if let Some(text_spec) = &args.verify {
         let model_path = args.model.as_ref().expect("clap requires -m with --verify");
         let (text, label) = load_text(text_spec)?;
-        let model =
-            Model::load(Backend::init(), model_path, &ModelParams { n_gpu_layers: args.n_gpu_layers, ..Default::default() })?;
+        let model = Model::load(
+            Backend::init(),
+            model_path,
+            &ModelParams { n_gpu_layers: args.n_gpu_layers, ..Default::default() },
+        )?;
         if model.n_layer() as usize != sens.layout.layers.len() {
-            bail!("{} has {} layers, the sensitivity table {}", model_path.display(), model.n_layer(), sens.layout.layers.len());
+            bail!(
+                "{} has {} layers, the sensitivity table {}",
+                model_path.display(),
+                model.n_layer(),
+                sens.layout.layers.len()
+            );
         }
         let base = ContextParams { n_threads: args.threads, no_kv_profile: true, ..Default::default() };
         eprintln!("verifying on {label} ({} chunks of {} tokens)", args.chunks, sens.context);
         let mut ev = Evaluator::new(&model, &text, sens.context, args.chunks, &base)?;
         let mut measure = |name: String, kind: &'static str, a: &Assignment| -> anyhow::Result<Verified> {
-            let types = LayerCacheTypes { k: a.types.iter().map(|t| t.0).collect(), v: a.types.iter().map(|t| t.1).collect() };
+            let types =
+                LayerCacheTypes { k: a.types.iter().map(|t| t.0).collect(), v: a.types.iter().map(|t| t.1).collect() };
             let summary = ev.score(&ContextParams { layer_types: Some(types), ..base.clone() })?.summary();
             eprintln!("  {name}: measured KLD {:.5} (predicted {:.5})", summary.kld_mean, a.predicted);
             Ok(Verified {
@@ -120,7 +129,11 @@ pub fn run(args: SearchArgs) -> anyhow::Result<()> {
 
     if let (Some(a), Some(out)) = (&chosen, &args.output) {
         let name = args.name.clone().unwrap_or_else(|| {
-            format!("{}-{:.1}bpv", sens.model.name.as_deref().unwrap_or(&sens.model.architecture).replace(' ', "-").to_lowercase(), a.bits_per_value)
+            format!(
+                "{}-{:.1}bpv",
+                sens.model.name.as_deref().unwrap_or(&sens.model.architecture).replace(' ', "-").to_lowercase(),
+                a.bits_per_value
+            )
         });
         let profile = Profile {
             name,
@@ -149,7 +162,13 @@ pub fn run(args: SearchArgs) -> anyhow::Result<()> {
             ..Profile::uniform(&sens.model, CacheType::F16, CacheType::F16, "")
         };
         profile.save(out)?;
-        let msg = format!("wrote {} ({}, {:.2} bits/value, predicted KLD {:.5})", out.display(), profile.summary(), a.bits_per_value, a.predicted);
+        let msg = format!(
+            "wrote {} ({}, {:.2} bits/value, predicted KLD {:.5})",
+            out.display(),
+            profile.summary(),
+            a.bits_per_value,
+            a.predicted
+        );
         // with --json, stdout carries only the JSON document
         if args.json {
             eprintln!("{msg}");
@@ -158,7 +177,16 @@ pub fn run(args: SearchArgs) -> anyhow::Result<()> {
         }
     }
 
-    let report = render_report(&sens, &args, n_ctx, &frontier, verified_chosen.as_ref(), &comparisons, eval_label.as_deref(), search_seconds);
+    let report = render_report(
+        &sens,
+        &args,
+        n_ctx,
+        &frontier,
+        verified_chosen.as_ref(),
+        &comparisons,
+        eval_label.as_deref(),
+        search_seconds,
+    );
     if args.json {
         let out = serde_json::json!({
             "context": n_ctx,
@@ -213,7 +241,7 @@ fn summarize(types: &[(CacheType, CacheType)]) -> String {
             None => counts.push((*t, 1)),
         }
     }
-    counts.sort_by(|a, b| b.1.cmp(&a.1));
+    counts.sort_by_key(|c| std::cmp::Reverse(c.1));
     counts.iter().map(|((k, v), n)| format!("{n}×{k}/{v}")).collect::<Vec<_>>().join(", ")
 }
 
@@ -248,9 +276,19 @@ fn render_report(
         "- calibration: {} ({} chunk(s) of {} tokens, {} forward passes, {:.0} s); {}",
         sens.text, sens.chunks, sens.context, sens.forward_passes, sens.seconds, sens.method
     );
-    let _ = writeln!(r, "- search: pairs `{}`, target context {n_ctx}, {} frontier points, {:.2} s", args.pairs, frontier.len(), search_seconds);
+    let _ = writeln!(
+        r,
+        "- search: pairs `{}`, target context {n_ctx}, {} frontier points, {:.2} s",
+        args.pairs,
+        frontier.len(),
+        search_seconds
+    );
     if let Some(label) = eval_label {
-        let _ = writeln!(r, "- verification text (held out): {label}, {} chunk(s) of {} tokens\n", args.chunks, sens.context);
+        let _ = writeln!(
+            r,
+            "- verification text (held out): {label}, {} chunk(s) of {} tokens\n",
+            args.chunks, sens.context
+        );
     }
     let row = |v: &Verified| {
         format!(
@@ -281,7 +319,10 @@ fn render_report(
         }
         let _ = writeln!(r, "\n| uniform | profile KLD / uniform KLD | profile KLD / first-last KLD |\n|---|---|---|");
         for c in comparisons {
-            let vs_h = c.heuristic.as_ref().map_or("-".into(), |h| format!("{:.3}", c.profile.measured.kld_mean / h.measured.kld_mean));
+            let vs_h = c
+                .heuristic
+                .as_ref()
+                .map_or("-".into(), |h| format!("{:.3}", c.profile.measured.kld_mean / h.measured.kld_mean));
             let _ = writeln!(r, "| {} | {:.3} | {} |", c.uniform.name, c.ratio, vs_h);
         }
         let mut points: Vec<(f64, f64)> = comparisons
@@ -294,7 +335,11 @@ fn render_report(
         points.sort_by(|a, b| a.0.total_cmp(&b.0));
         points.dedup();
         if let Some(rho) = correlation(&points) {
-            let _ = writeln!(r, "\nPredicted vs measured KLD over the {} verified configurations: Pearson r = {rho:.3}", points.len());
+            let _ = writeln!(
+                r,
+                "\nPredicted vs measured KLD over the {} verified configurations: Pearson r = {rho:.3}",
+                points.len()
+            );
         }
     }
     r

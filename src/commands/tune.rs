@@ -11,7 +11,11 @@ pub fn run(args: TuneArgs) -> anyhow::Result<()> {
         None => kvtuner::assets::ensure_model(&kvtuner::assets::cache_dir()).context("fetching Gemma 3 270M")?,
     };
     let work = args.work_dir.clone().unwrap_or_else(|| {
-        args.output.parent().filter(|p| !p.as_os_str().is_empty()).map(|p| p.to_path_buf()).unwrap_or_else(|| ".".into())
+        args.output
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .map(|p| p.to_path_buf())
+            .unwrap_or_else(|| ".".into())
     });
     std::fs::create_dir_all(&work).with_context(|| format!("creating {}", work.display()))?;
     let stem = args.output.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into());

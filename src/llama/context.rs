@@ -203,7 +203,7 @@ impl<'m> Context<'m> {
 
     /// Runs the model on a batch; logits of the tokens marked for output become readable.
     pub fn decode(&mut self, batch: &Batch) -> Result<(), DecodeError> {
-        if batch.len() == 0 {
+        if batch.is_empty() {
             return Err(DecodeError::Empty);
         }
         take_recent_log();
@@ -330,7 +330,5 @@ impl<'m> Context<'m> {
 }
 
 fn path_cstring(path: &Path) -> Result<CString, StateError> {
-    path.to_str()
-        .and_then(|s| CString::new(s).ok())
-        .ok_or_else(|| StateError::BadPath(path.display().to_string()))
+    path.to_str().and_then(|s| CString::new(s).ok()).ok_or_else(|| StateError::BadPath(path.display().to_string()))
 }

@@ -15,5 +15,7 @@ pub use context::{
     Context, ContextParams, CreateContextError, DecodeError, FlashAttn, KvLayerInfo, LayerCacheTypes, Perf, StateError,
 };
 pub use gguf_c::{GgufCError, GgufCSummary, GgufCTensor};
-pub use model::{builtin_templates, ChatMessage, LoadModelError, Model, ModelParams, TemplateError, Token, TokenizeError};
+pub use model::{
+    builtin_templates, ChatMessage, LoadModelError, Model, ModelParams, TemplateError, Token, TokenizeError,
+};
 pub use sampler::{Sampler, SamplingParams};

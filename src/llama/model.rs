@@ -106,10 +106,8 @@ impl Model {
         take_recent_log();
         // Safety: c_path is a valid C string for the call; params is a valid struct by value.
         let raw = unsafe { sys::llama_model_load_from_file(c_path.as_ptr(), mp) };
-        let raw = NonNull::new(raw).ok_or_else(|| LoadModelError::Failed {
-            path: path.to_path_buf(),
-            log: take_recent_log(),
-        })?;
+        let raw = NonNull::new(raw)
+            .ok_or_else(|| LoadModelError::Failed { path: path.to_path_buf(), log: take_recent_log() })?;
         Ok(Model { raw, path: path.to_path_buf() })
     }
 
@@ -184,7 +182,12 @@ impl Model {
             buf.resize(n as usize + 1, 0);
             // Safety: as above, with a buffer large enough for the whole value.
             unsafe {
-                sys::llama_model_meta_val_str(self.raw.as_ptr(), key.as_ptr(), buf.as_mut_ptr() as *mut c_char, buf.len())
+                sys::llama_model_meta_val_str(
+                    self.raw.as_ptr(),
+                    key.as_ptr(),
+                    buf.as_mut_ptr() as *mut c_char,
+                    buf.len(),
+                )
             };
         }
         buf.truncate(n as usize);
@@ -253,7 +256,14 @@ impl Model {
         loop {
             // Safety: buf is writable for its length.
             let n = unsafe {
-                sys::llama_token_to_piece(self.vocab(), token, buf.as_mut_ptr() as *mut c_char, buf.len() as i32, 0, special)
+                sys::llama_token_to_piece(
+                    self.vocab(),
+                    token,
+                    buf.as_mut_ptr() as *mut c_char,
+                    buf.len() as i32,
+                    0,
+                    special,
+                )
             };
             if n >= 0 {
                 buf.truncate(n as usize);
