@@ -96,15 +96,14 @@ fn save_then_load_in_a_new_process_continues_with_the_same_kv_state() {
     let last_answer = |out: &str| {
         out.lines()
             .map(|l| l.trim_start_matches("> ").trim())
-            .filter(|l| {
+            .rfind(|l| {
                 !l.is_empty()
-                    && l != &">"
+                    && *l != ">"
                     && !l.starts_with('(')
                     && !l.starts_with("last reply:")
                     && !l.starts_with("profile:")
                     && !l.starts_with("commands:")
             })
-            .next_back()
             .unwrap_or_default()
             .to_string()
     };
