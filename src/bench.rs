@@ -53,19 +53,23 @@ pub fn measure(ctx: &mut Context<'_>, depth: u32, n_pp: u32, n_tg: u32, batch_si
     // prompt processing: depth tokens first (not timed), then n_pp tokens
     ctx.clear();
     fill(ctx, 0, depth, batch_size)?;
+    ctx.synchronize();
     let t = Instant::now();
     fill(ctx, depth, n_pp, batch_size)?;
+    ctx.synchronize();
     let pp = n_pp as f64 / t.elapsed().as_secs_f64();
 
     // generation: depth tokens, then n_tg single-token steps
     ctx.remove_range(0, depth as i32, -1);
     let mut batch = Batch::new(1);
+    ctx.synchronize();
     let t = Instant::now();
     for i in 0..n_tg {
         batch.clear();
         batch.add(token(model, depth + i), (depth + i) as i32, 0, true).expect("one token fits");
         ctx.decode(&batch)?;
     }
+    ctx.synchronize();
     let tg = n_tg as f64 / t.elapsed().as_secs_f64();
     Ok(Speed { depth, pp_tokens_per_s: pp, tg_tokens_per_s: tg })
 }

@@ -217,6 +217,13 @@ impl<'m> Context<'m> {
         }
     }
 
+    /// Waits until the backends finished the work of earlier decode calls (GPU decodes return
+    /// before the GPU is done; timers must wait).
+    pub fn synchronize(&mut self) {
+        // Safety: valid context.
+        unsafe { sys::llama_synchronize(self.raw.as_ptr()) };
+    }
+
     /// Logits of batch token `i` of the last decode (it must have been marked for output;
     /// negative counts from the end of the outputs).
     pub fn logits(&self, i: i32) -> Option<&[f32]> {
