@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # `kvtuner annotate` on the real 253 MB model against `cp` of the same file, in one run:
 # whole-process wall time (median of N interleaved runs) and peak memory (max RSS).
+# `-o NEW` is compared with `cp`; `--in-place` (which fsyncs, so a crash leaves the old or the
+# new file) with `cp` followed by `sync` of the copy.
 #
 #   bench/annotate-vs-cp.sh [ROUNDS]
 set -euo pipefail
@@ -30,10 +32,14 @@ measure() {
 }
 
 sync
-: > "$work/cp.txt"; : > "$work/annotate.txt"
+cp_sync() { cp "$1" "$2" && sync "$2"; }
+cp "$model" "$work/inplace.gguf"
+: > "$work/cp.txt"; : > "$work/annotate.txt"; : > "$work/cp_sync.txt"; : > "$work/inplace.txt"
 for i in $(seq "$rounds"); do
     rm -f "$work/out.gguf"; measure cp "$model" "$work/out.gguf" >> "$work/cp.txt"
     rm -f "$work/out.gguf"; measure "$kvtuner" annotate "$model" --profile "$profile" -o "$work/out.gguf" >> "$work/annotate.txt"
+    rm -f "$work/out.gguf"; measure cp_sync "$model" "$work/out.gguf" >> "$work/cp_sync.txt"
+    measure "$kvtuner" annotate "$work/inplace.gguf" --profile "$profile" --in-place >> "$work/inplace.txt"
 done
 median() { sort -g | awk '{a[NR]=$1} END {print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}'; }
 t_cp=$(awk '{print $1}' "$work/cp.txt" | median); t_an=$(awk '{print $1}' "$work/annotate.txt" | median)
@@ -44,3 +50,8 @@ echo "|---|---|---|"
 echo "| cp | $t_cp | $(echo "$m_cp" | awk '{printf "%.1f", $1/1024}') |"
 echo "| kvtuner annotate | $t_an | $(echo "$m_an" | awk '{printf "%.1f", $1/1024}') |"
 echo "| ratio annotate/cp | $(echo "$t_an $t_cp" | awk '{printf "%.2f", $1/$2}') | |"
+t_cs=$(awk '{print $1}' "$work/cp_sync.txt" | median); t_ip=$(awk '{print $1}' "$work/inplace.txt" | median)
+m_ip=$(awk '{print $2}' "$work/inplace.txt" | sort -n | tail -1)
+echo "| cp + sync | $t_cs | |"
+echo "| kvtuner annotate --in-place (fsync) | $t_ip | $(echo "$m_ip" | awk '{printf "%.1f", $1/1024}') |"
+echo "| ratio in-place/(cp + sync) | $(echo "$t_ip $t_cs" | awk '{printf "%.2f", $1/$2}') | |"

@@ -59,21 +59,23 @@ pub fn plot_bits_vs_kld(path: &Path, title: &str, points: &[PlotPoint]) -> Resul
         let at = (p.bits_per_value, y);
         let color = if p.is_profile { RED } else { BLUE };
         if p.is_profile {
-            let s = 7;
             chart
                 .draw_series(std::iter::once(Polygon::new(
                     vec![(at.0, y * 1.25), (at.0 + 0.12, y), (at.0, y / 1.25), (at.0 - 0.12, y)],
                     color.filled(),
                 )))
                 .map_err(|e| err(&e))?;
-            let _ = s;
         } else {
             chart.draw_series(std::iter::once(Circle::new(at, 5, color.filled()))).map_err(|e| err(&e))?;
         }
+        // profiles are labelled below their point, uniform caches above, so a profile and the
+        // uniform cache of the same size stay readable
+        let label_y = if p.is_profile { y / 1.45 } else { y * 1.08 };
+        let label = if p.kld_mean < floor { format!("{} (KLD 0, drawn at {floor:.0e})", p.label) } else { p.label.clone() };
         chart
             .draw_series(std::iter::once(Text::new(
-                p.label.clone(),
-                (at.0 + 0.15, y * 1.08),
+                label,
+                (at.0 + 0.15, label_y),
                 ("sans-serif", 14).into_font().color(&color),
             )))
             .map_err(|e| err(&e))?;

@@ -343,7 +343,7 @@ fn failing_mid_copy_leaves_input_intact_and_no_temp_file() {
     let dir = tempfile::tempdir().unwrap();
     let x = write_fixture(dir.path(), "x.gguf");
     let original = fs::read(&x).unwrap();
-    let opts = RewriteOptions { chunk_size: 16, fail_after_bytes: Some(100) };
+    let opts = RewriteOptions { chunk_size: 16, fail_after_bytes: Some(100), ..Default::default() };
     let edits = MetadataEdits::new().set("kvtuner.k", 5u8);
     let mut seen = 0;
     for out in [dir.path().join("o.gguf"), x.clone()] {

@@ -60,7 +60,10 @@ fn rewrite(input: &Path, output: &Path, edits: &gguf::MetadataEdits) -> anyhow::
     let bar = ProgressBar::hidden();
     bar.set_style(ProgressStyle::with_template("{bar:40} {bytes}/{total_bytes} {bytes_per_sec}").unwrap());
     let mut shown = false;
-    let stats = gguf::rewrite(input, output, edits, &mut |done, total| {
+    // Replacing the model in place must survive a crash; a new file needs no flush to disk.
+    let same = output.canonicalize().ok().is_some_and(|o| input.canonicalize().ok() == Some(o));
+    let opts = gguf::RewriteOptions { durable: same, ..Default::default() };
+    let stats = gguf::rewrite_with(input, output, edits, &opts, &mut |done, total| {
         if !shown && start.elapsed().as_secs_f64() > 1.0 {
             bar.set_draw_target(indicatif::ProgressDrawTarget::stderr());
             shown = true;

@@ -61,6 +61,10 @@ impl MetadataEdits {
 pub struct RewriteOptions {
     /// Bytes of tensor data copied between progress reports.
     pub chunk_size: u64,
+    /// fsync the new file (and its folder) before and after the rename. Needed when the output
+    /// replaces data (in place): a crash then leaves the old or the new file, never a torn one.
+    /// A new output file loses nothing if a crash tears it, so it can skip the flush to disk.
+    pub durable: bool,
     /// Test hook: fail with [`RewriteError::InjectedFault`] once this many data bytes have
     /// been copied.
     #[doc(hidden)]
@@ -69,7 +73,7 @@ pub struct RewriteOptions {
 
 impl Default for RewriteOptions {
     fn default() -> Self {
-        RewriteOptions { chunk_size: 64 << 20, fail_after_bytes: None }
+        RewriteOptions { chunk_size: 64 << 20, fail_after_bytes: None, durable: true }
     }
 }
 
@@ -240,7 +244,9 @@ pub fn rewrite_with(
         progress(done, total);
     }
 
-    tmp.as_file().sync_all().map_err(werr("sync"))?;
+    if opts.durable {
+        tmp.as_file().sync_all().map_err(werr("sync"))?;
+    }
     let file_bytes = data_start + total;
     tmp.persist(output).map_err(|e| RewriteError::Io {
         path: output.to_path_buf(),
@@ -248,8 +254,10 @@ pub fn rewrite_with(
         source: e.error,
     })?;
     // Make the rename durable; failure here does not undo a complete, synced file.
-    if let Ok(d) = File::open(dir) {
-        let _ = d.sync_all();
+    if opts.durable {
+        if let Ok(d) = File::open(dir) {
+            let _ = d.sync_all();
+        }
     }
 
     Ok(RewriteStats {
