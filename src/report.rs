@@ -71,7 +71,8 @@ pub fn plot_bits_vs_kld(path: &Path, title: &str, points: &[PlotPoint]) -> Resul
         // profiles are labelled below their point, uniform caches above, so a profile and the
         // uniform cache of the same size stay readable
         let label_y = if p.is_profile { y / 1.45 } else { y * 1.08 };
-        let label = if p.kld_mean < floor { format!("{} (KLD 0, drawn at {floor:.0e})", p.label) } else { p.label.clone() };
+        let label =
+            if p.kld_mean < floor { format!("{} (KLD 0, drawn at {floor:.0e})", p.label) } else { p.label.clone() };
         chart
             .draw_series(std::iter::once(Text::new(
                 label,

@@ -2,11 +2,7 @@
 
 mod common;
 
-use std::process::Command;
-
-fn kvtuner(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_kvtuner")).args(args).output().expect("running kvtuner")
-}
+use common::kvtuner;
 
 #[test]
 fn ab_prints_a_table_writes_json_and_svg_and_repeats_exactly() {

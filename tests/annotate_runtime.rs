@@ -11,9 +11,7 @@ use kvtuner::gguf::{self, MetadataEdits, Value};
 use kvtuner::llama::{Backend, Context, ContextParams, GgufCSummary, Model, ModelParams};
 use kvtuner::profile::{LayerTypes, ModelIdentity, Profile};
 
-fn kvtuner(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_kvtuner")).args(args).output().expect("running kvtuner")
-}
+use common::kvtuner;
 
 fn ok(args: &[&str]) -> String {
     let out = kvtuner(args);

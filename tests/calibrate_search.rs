@@ -2,8 +2,6 @@
 
 mod common;
 
-use std::process::Command;
-
 use kvtuner::cache_type::CacheType;
 use kvtuner::calibrate::{self, CalibrateOptions};
 use kvtuner::gguf;
@@ -12,9 +10,7 @@ use kvtuner::profile::{ModelIdentity, Profile};
 use kvtuner::search;
 use kvtuner::sensitivity::Sensitivity;
 
-fn kvtuner(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_kvtuner")).args(args).output().expect("running kvtuner")
-}
+use common::kvtuner;
 
 #[test]
 fn calibrate_yields_a_complete_table_and_search_a_verified_profile() {

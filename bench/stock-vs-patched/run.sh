@@ -59,4 +59,8 @@ echo "|---|---|---|"
 echo "| unpatched | $pp_s | $tg_s |"
 echo "| patched, no profile | $pp_p | $tg_p |"
 echo "| ratio patched/unpatched | $(echo "$pp_p $pp_s" | awk '{printf "%.3f", $1/$2}') | $(echo "$tg_p $tg_s" | awk '{printf "%.3f", $1/$2}') |"
+# per-round ratios (each round runs both builds back to back): median and range
+ratios() { paste "$work/patched.txt" "$work/stock.txt" | awk -v c="$1" '{print $c/$(c+4)}' | sort -g; }
+rpp=$(ratios 2 | median); rtg=$(ratios 4 | median)
+echo "| per-round ratio, median (min–max) | $rpp ($(ratios 2 | head -1)–$(ratios 2 | tail -1)) | $rtg ($(ratios 4 | head -1)–$(ratios 4 | tail -1)) |"
 echo "logits (last prompt token + 128 generated tokens): $same"

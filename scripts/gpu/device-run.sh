@@ -19,7 +19,8 @@
 # in .device-build/out/; every call ends by packing them into $OUT/results.tgz plus
 # $OUT/summary.txt (the device tool brings back at most 8 files).
 # DEPTHS (default "0 32768 8192 65536"; one ab run each, `0,0` = a warm-up pass then depth 0), REPS
-# (default 2) and SKIP (e.g. "stock speed quality") narrow a call.
+# (default 2), AGAINST (the uniform caches ab compares, default f16,q8_0,q4_0,q8_0/q4_0) and SKIP
+# (e.g. "stock speed quality") shape a call.
 # DEADLINE (seconds, default 560) bounds this call: stages that would not fit are left for the
 # next call, and long ones run under `timeout`.
 set -euo pipefail
@@ -30,6 +31,7 @@ OUT=${OUT:-/tmp/out}
 DEADLINE=${DEADLINE:-560}
 DEPTHS=${DEPTHS:-0 32768 8192 65536}
 REPS=${REPS:-2}
+AGAINST=${AGAINST:-f16,q8_0,q4_0,q8_0/q4_0}
 mkdir -p "$B" "$R" "$OUT"
 export PATH=/usr/local/cuda/bin:$PATH
 K=$C/kvtuner
@@ -43,16 +45,21 @@ done_() { [ -f "$B/done.$1" ]; }
 mark() { touch "$B/done.$1"; }
 skip() { [[ " ${SKIP:-} " == *" $1 "* ]]; } # SKIP="stock speed quality" leaves those stages out
 
+pack_out() { # $1 = exit status (or "running"): summary.txt + results.tgz in $OUT, also mid-call
+    local rc=$1
+    {
+        echo "== $(date -u +%FT%TZ) call '$MODE', rc $rc"
+        # `|| true` and `if`: under set -e a missing file would end the EXIT trap before the tar
+        cat "$R/gpu.txt" "$R/build-times.txt" "$R/speed-summary.txt" "$R/logits.txt" 2>/dev/null || true
+        for f in "$R"/quality-ngl*.md "$R"/ab-d*.md; do if [ -f "$f" ]; then echo "-- $(basename "$f")"; cat "$f"; fi; done
+        echo "-- progress"; cat "$R/progress.log"
+    } > "$OUT/summary.txt" 2>&1
+    tar czf "$OUT/results.tgz.tmp" -C "$R" . && mv "$OUT/results.tgz.tmp" "$OUT/results.tgz" || true
+}
 finish() {
     local rc=$?
     log "exit $rc; stages done: $(cd "$B" && ls done.* 2>/dev/null | sed 's/done\.//' | tr '\n' ' ')"
-    {
-        echo "== $(date -u +%FT%TZ) call '$MODE', rc $rc"
-        cat "$R/gpu.txt" "$R/build-times.txt" "$R/speed-summary.txt" "$R/logits.txt" 2>/dev/null
-        for f in "$R"/quality-ngl*.md "$R"/ab-d*.md; do [ -f "$f" ] && { echo "-- $(basename "$f")"; cat "$f"; }; done
-        echo "-- progress"; cat "$R/progress.log"
-    } > "$OUT/summary.txt" 2>&1
-    tar czf "$OUT/results.tgz" -C "$R" . || true
+    pack_out "$rc"
 }
 MODE=${1:-}
 trap finish EXIT
@@ -192,14 +199,15 @@ ab_depth() { # $1 = depth
     local M d=$1; M=$(cat "$B/models_dir")
     log "ab 8B at depth $d ($(left) s left)"
     LD_LIBRARY_PATH=$LIBP timeout "$(limit 5)" "$K" ab -m "$M/l8b.gguf" --no-quality --ngl 99 --fa on -c 66048 \
-        --depths "$d" --reps "$REPS" --against f16,q8_0,q4_0,q8_0/q4_0 \
+        --depths "$d" --reps "$REPS" --against "$AGAINST" \
         --profile "$R/mixed-6.5.yaml" --profile "$R/mixed-5.5.yaml" \
         --json "$R/ab-d$d.json" > "$R/ab-d$d.md" 2> "$R/ab-d$d.log" || { log "ab depth $d failed or stopped"; tail -5 "$R/ab-d$d.log"; return 1; }
     mark "ab$d"
+    pack_out running # a call cut off later still returns this depth
 }
 
 # rough seconds each stage needs (a stage starts only if it fits in what is left)
-need_ab() { case $1 in 0 | 0,0) echo 50 ;; 8192) echo 60 ;; 32768) echo 120 ;; *) echo 230 ;; esac; }
+need_ab() { case $1 in 0 | 0,0) echo 50 ;; 8192) echo 60 ;; 32768) echo 120 ;; *) echo 150 ;; esac; } # 65536: 114 s with 6 configs
 
 case $MODE in
 build | measure)

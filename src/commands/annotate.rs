@@ -34,14 +34,15 @@ pub fn run_annotate(args: AnnotateArgs) -> anyhow::Result<()> {
         edits = edits.set(k, v);
     }
     let out = output_path(&args.model, &args.target)?;
-    rewrite(&args.model, &out, &edits)?;
+    rewrite(&header, &out, &edits)?;
     println!("annotated {} with profile {} ({})", out.display(), profile.name, profile.summary());
     Ok(())
 }
 
 pub fn run_strip(args: StripArgs) -> anyhow::Result<()> {
     let out = output_path(&args.model, &args.target)?;
-    let stats = rewrite(&args.model, &out, &remove_profile_edits())?;
+    let header = gguf::read_header(&args.model).with_context(|| format!("reading {}", args.model.display()))?;
+    let stats = rewrite(&header, &out, &remove_profile_edits())?;
     println!("removed {} profile keys: {}", stats.removed, out.display());
     Ok(())
 }
@@ -55,7 +56,12 @@ fn output_path(model: &Path, target: &OutputTarget) -> anyhow::Result<PathBuf> {
 }
 
 /// Rewrites with a progress bar that appears only when the copy takes longer than a second.
-fn rewrite(input: &Path, output: &Path, edits: &gguf::MetadataEdits) -> anyhow::Result<gguf::RewriteStats> {
+fn rewrite(
+    header: &gguf::GgufHeader,
+    output: &Path,
+    edits: &gguf::MetadataEdits,
+) -> anyhow::Result<gguf::RewriteStats> {
+    let input = header.path.as_path();
     let start = Instant::now();
     let bar = ProgressBar::hidden();
     bar.set_style(ProgressStyle::with_template("{bar:40} {bytes}/{total_bytes} {bytes_per_sec}").unwrap());
@@ -63,7 +69,7 @@ fn rewrite(input: &Path, output: &Path, edits: &gguf::MetadataEdits) -> anyhow::
     // Replacing the model in place must survive a crash; a new file needs no flush to disk.
     let same = output.canonicalize().ok().is_some_and(|o| input.canonicalize().ok() == Some(o));
     let opts = gguf::RewriteOptions { durable: same, ..Default::default() };
-    let stats = gguf::rewrite_with(input, output, edits, &opts, &mut |done, total| {
+    let stats = gguf::rewrite_header(header, output, edits, &opts, &mut |done, total| {
         if !shown && start.elapsed().as_secs_f64() > 1.0 {
             bar.set_draw_target(indicatif::ProgressDrawTarget::stderr());
             shown = true;

@@ -320,10 +320,22 @@ impl Src<'_> {
                 let what_arr = || format!("array of key `{key}`");
                 let count = self.u64(&what_arr)?;
                 self.check_count(count, elem.min_encoded_size(), offset, &what_arr)?;
-                let mut items = Vec::with_capacity(count as usize);
-                for _ in 0..count {
-                    items.push(self.value(elem, key, depth + 1)?);
-                }
+                let items = match elem.fixed_size() {
+                    // Fixed-size elements (e.g. a 262k-entry score array): one bulk read instead
+                    // of one small read per element; the bytes are the same.
+                    Some(size) => {
+                        let mut raw = vec![0u8; (count * size) as usize];
+                        self.bytes_into(&mut raw, &what)?;
+                        raw.chunks_exact(size as usize).map(|b| decode_fixed(elem, b)).collect()
+                    }
+                    None => {
+                        let mut items = Vec::with_capacity(count as usize);
+                        for _ in 0..count {
+                            items.push(self.value(elem, key, depth + 1)?);
+                        }
+                        items
+                    }
+                };
                 Value::Array(elem, items)
             }
         })
@@ -338,6 +350,29 @@ impl Src<'_> {
             type_id: id,
             offset,
         })
+    }
+}
+
+/// Decodes one little-endian fixed-size value (`b.len()` is the type's size).
+fn decode_fixed(ty: ValueType, b: &[u8]) -> Value {
+    let a = |n: usize| -> [u8; 8] {
+        let mut x = [0u8; 8];
+        x[..n].copy_from_slice(&b[..n]);
+        x
+    };
+    match ty {
+        ValueType::U8 => Value::U8(b[0]),
+        ValueType::I8 => Value::I8(b[0] as i8),
+        ValueType::U16 => Value::U16(u16::from_le_bytes([b[0], b[1]])),
+        ValueType::I16 => Value::I16(i16::from_le_bytes([b[0], b[1]])),
+        ValueType::U32 => Value::U32(u32::from_le_bytes([b[0], b[1], b[2], b[3]])),
+        ValueType::I32 => Value::I32(i32::from_le_bytes([b[0], b[1], b[2], b[3]])),
+        ValueType::F32 => Value::F32(f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
+        ValueType::Bool => Value::Bool(b[0] != 0),
+        ValueType::U64 => Value::U64(u64::from_le_bytes(a(8))),
+        ValueType::I64 => Value::I64(i64::from_le_bytes(a(8))),
+        ValueType::F64 => Value::F64(f64::from_le_bytes(a(8))),
+        ValueType::String | ValueType::Array => unreachable!("not fixed-size"),
     }
 }
 

@@ -6,7 +6,7 @@ use std::io::{self, BufWriter, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use super::read::{align_up, read_header, GgufReadError};
+use super::read::{align_up, read_header, GgufHeader, GgufReadError};
 use super::value::{encode_kv, Value};
 use super::{ALIGNMENT_KEY, GGUF_MAGIC};
 
@@ -96,6 +96,8 @@ pub struct RewriteStats {
 
 #[derive(Debug, thiserror::Error)]
 pub enum RewriteError {
+    #[error("{} changed while it was being rewritten ({was} bytes when its header was read, {now} now)", path.display())]
+    InputChanged { path: PathBuf, was: u64, now: u64 },
     #[error(transparent)]
     Read(#[from] GgufReadError),
     #[error("refusing to edit `general.alignment`: it would move every tensor's data")]
@@ -134,13 +136,31 @@ pub fn rewrite_with(
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<RewriteStats, RewriteError> {
     let start = Instant::now();
+    let header = read_header(input)?;
+    rewrite_header(&header, output, edits, opts, progress).map(|mut stats| {
+        stats.elapsed = start.elapsed();
+        stats
+    })
+}
+
+/// [`rewrite_with`] for a header the caller has already read (with [`read_header`]) from
+/// `header.path`, so a large header is parsed once. The file must not have changed since:
+/// its length is checked.
+pub fn rewrite_header(
+    header: &GgufHeader,
+    output: &Path,
+    edits: &MetadataEdits,
+    opts: &RewriteOptions,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<RewriteStats, RewriteError> {
+    let start = Instant::now();
+    let input = header.path.as_path();
     if edits.set.iter().any(|(k, _)| k == ALIGNMENT_KEY) {
         return Err(RewriteError::AlignmentEdit);
     }
     if edits.set.iter().any(|(k, _)| k.is_empty()) {
         return Err(RewriteError::EmptyKey);
     }
-    let header = read_header(input)?;
     if header.get(ALIGNMENT_KEY).is_some() && edits.removes(ALIGNMENT_KEY) {
         return Err(RewriteError::AlignmentEdit);
     }
@@ -178,6 +198,10 @@ pub fn rewrite_with(
     };
 
     let mut src = File::open(input).map_err(io_err(input, "open"))?;
+    let len_now = src.metadata().map_err(io_err(input, "stat"))?.len();
+    if len_now != header.file_len {
+        return Err(RewriteError::InputChanged { path: input.into(), was: header.file_len, now: len_now });
+    }
     let dir = match output.parent() {
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),

@@ -39,3 +39,8 @@ pub fn synth_llama(dir: &Path) -> Model {
     let path = synth_model(dir, &spec);
     Model::load(Backend::init(), &path, &ModelParams::default()).expect("loading the synthetic model")
 }
+
+/// Runs the `kvtuner` binary built for these tests.
+pub fn kvtuner(args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_kvtuner")).args(args).output().expect("running kvtuner")
+}
