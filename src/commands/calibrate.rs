@@ -55,15 +55,17 @@ pub fn run(args: CalibrateArgs) -> anyhow::Result<()> {
         table.forward_passes,
         start.elapsed().as_secs_f64()
     );
-    println!("additive model check (uniform runs, measured vs sum of per-layer predictions):");
+    println!("uniform runs (they set each type's scale; single-layer runs set each layer's share):");
     for a in &table.anchors {
-        println!(
-            "  K {:<5} V {:<5} measured KLD {:.5}  predicted {:.5}",
-            a.k.name(),
-            a.v.name(),
-            a.quality.kld_mean,
-            a.predicted_kld
-        );
+        let (is_v, ty) = if a.k == kvtuner::cache_type::CacheType::F16 { (true, a.v) } else { (false, a.k) };
+        let key = format!("{}:{ty}", if is_v { "v" } else { "k" });
+        let single: f64 = table.layers.iter().filter_map(|l| l.measured.get(&key)).map(|q| q.kld_mean).sum();
+        let note = if single > 0.0 {
+            format!("; the {} single-layer runs at {ty} sum to {single:.5}", table.layers.len())
+        } else {
+            String::new()
+        };
+        println!("  K {:<5} V {:<5} KLD {:.5}{note}", a.k.name(), a.v.name(), a.quality.kld_mean);
     }
     Ok(())
 }
