@@ -125,9 +125,9 @@ pub fn rewrite(
 
 /// Rewrites `input`'s metadata into `output`, copying every untouched entry, the tensor
 /// infos and the tensor data byte for byte. Only the padding before the data section is
-/// recomputed. The result is written to a temporary file next to `output`, synced, and
-/// renamed over `output`; on any error the temporary file is removed and nothing else
-/// changes. `progress(done, total)` reports tensor data bytes copied.
+/// recomputed. The result is written to a temporary file next to `output` (flushed to disk
+/// first when `opts.durable`) and renamed over `output`; on any error the temporary file is
+/// removed and nothing else changes. `progress(done, total)` reports tensor data bytes copied.
 pub fn rewrite_with(
     input: &Path,
     output: &Path,
