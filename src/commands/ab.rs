@@ -202,6 +202,15 @@ pub fn run(args: AbArgs) -> anyhow::Result<()> {
         let n_ctx = (max_depth + 512).next_multiple_of(256);
         eprintln!("speed: pp512 and tg128 at depths {:?}, {} repetitions", args.depths, args.reps);
         let mut samples = vec![vec![(Vec::new(), Vec::new()); args.depths.len()]; configs.len()];
+        // One untimed run first: the first decode of a process pays one-off costs (GPU kernel
+        // loading, allocations) that would otherwise land on whichever configuration runs first.
+        if let Some(first) = configs.first() {
+            let mut ctx = Context::new(
+                &model,
+                &ContextParams { n_ctx: 1024, n_batch: 512, n_ubatch: 512, ..first.params.clone() },
+            )?;
+            bench::measure(&mut ctx, 0, 512, 16, 512)?;
+        }
         for rep in 0..args.reps {
             for (ci, c) in configs.iter().enumerate() {
                 let mut ctx =
