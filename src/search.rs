@@ -404,9 +404,13 @@ pub fn heuristic_at_bytes(p: &Problem, max_bytes: u64) -> Result<Option<Assignme
 // ---------------------------------------------------------------------------------------------
 // Pair lists.
 
+/// The K-V pairs kvtuner's CUDA build compiles flash-attention kernels for; build.rs turns the
+/// same file into `GGML_CUDA_FA_QUANTS`.
+pub const CUDA_FA_PAIRS: &str = include_str!("cuda_fa_pairs.txt");
+
 /// Allowed (K, V) pairs from a spec:
 ///
-/// - `cuda`: the pairs of `cuda_list` (the caller passes `include_str!("cuda_fa_pairs.txt")`: one
+/// - `cuda`: the pairs of `cuda_list` (the caller passes [`CUDA_FA_PAIRS`]: one
 ///   `K V` pair per line, `#` starts a comment) whose two types are both candidate types — the
 ///   CUDA build supports them all, but only measured types can be predicted. Unknown type names
 ///   or malformed lines are errors; no pair left is an error.
@@ -485,7 +489,7 @@ mod tests {
     use proptest::prelude::*;
     use CacheType::{F16, Q4_0, Q5_0, Q8_0};
 
-    const CUDA: &str = include_str!("cuda_fa_pairs.txt");
+    const CUDA: &str = CUDA_FA_PAIRS;
     const TYPES: [CacheType; 4] = [F16, Q8_0, Q5_0, Q4_0];
 
     fn layer(k_dim: u64, v_dim: u64, cells: u64, dk: [f64; 4], dv: [f64; 4]) -> LayerCosts {

@@ -1,21 +1,16 @@
-use std::path::PathBuf;
-
 use anyhow::{bail, Context as _};
 use comfy_table::Table;
 use serde::Serialize;
 
-use super::runtime::load_text;
+use super::runtime::{load_profile_for, load_text, profile_layer_types, read_model_header};
 use crate::cli::AbArgs;
 use kvtuner::bench::{self, Stat};
 use kvtuner::cache_type::CacheType;
 use kvtuner::eval::{Evaluator, Summary};
-use kvtuner::gguf;
 use kvtuner::kv_layout::KvLayout;
-use kvtuner::llama::{Backend, Context, ContextParams, LayerCacheTypes, Model, ModelParams};
-use kvtuner::profile::{EmbeddedProfile, ModelIdentity, Profile};
+use kvtuner::llama::{Backend, Context, ContextParams, Model, ModelParams};
+use kvtuner::profile::{EmbeddedProfile, ModelIdentity};
 use kvtuner::report::{plot_bits_vs_kld, PlotPoint};
-
-const CUDA_PAIRS: &str = include_str!("../cuda_fa_pairs.txt");
 
 struct Config {
     name: String,
@@ -73,7 +68,7 @@ pub fn run(args: AbArgs) -> anyhow::Result<()> {
     if label.contains("documents 1-150") {
         eprintln!("warning: {label} is the calibration half; quality measured on it is not held out");
     }
-    let header = gguf::read_header(&args.model).with_context(|| format!("reading {}", args.model.display()))?;
+    let header = read_model_header(&args.model)?;
     let identity = ModelIdentity::from_header(&header)?;
     let model = Model::load(
         Backend::init(),
@@ -113,14 +108,8 @@ pub fn run(args: AbArgs) -> anyhow::Result<()> {
                 None => bail!("--profile auto: {} has no embedded profile", args.model.display()),
             }
         } else {
-            let profile = Profile::load(PathBuf::from(spec))?;
-            profile
-                .check_model(&identity)
-                .with_context(|| format!("profile {spec} does not fit {}", args.model.display()))?;
-            let layers = LayerCacheTypes {
-                k: profile.layers.iter().map(|l| l.k).collect(),
-                v: profile.layers.iter().map(|l| l.v).collect(),
-            };
+            let profile = load_profile_for(spec, &identity, &args.model)?;
+            let layers = profile_layer_types(&profile);
             configs.push(Config {
                 name: format!("profile {}", profile.name),
                 is_profile: true,
@@ -140,7 +129,7 @@ pub fn run(args: AbArgs) -> anyhow::Result<()> {
     let layout = KvLayout::probe(&model)?;
     let gpu = Backend::init().supports_gpu_offload() && args.n_gpu_layers != 0;
     let all_types: Vec<CacheType> = CacheType::ALL.to_vec();
-    let cuda_pairs = kvtuner::search::parse_pairs("cuda", &all_types, CUDA_PAIRS)?;
+    let cuda_pairs = kvtuner::search::parse_pairs("cuda", &all_types, kvtuner::search::CUDA_FA_PAIRS)?;
 
     let mut rows = Vec::new();
     for c in &configs {

@@ -4,13 +4,14 @@ use std::time::Instant;
 use anyhow::{bail, Context as _};
 use indicatif::{ProgressBar, ProgressStyle};
 
+use super::runtime::read_model_header;
 use crate::cli::{AnnotateArgs, OutputTarget, StripArgs};
 use kvtuner::gguf;
 use kvtuner::profile::{remove_profile_edits, ModelIdentity, Profile};
 
 pub fn run_annotate(args: AnnotateArgs) -> anyhow::Result<()> {
     let profile = Profile::load(&args.profile)?;
-    let header = gguf::read_header(&args.model).with_context(|| format!("reading {}", args.model.display()))?;
+    let header = read_model_header(&args.model)?;
     let identity = ModelIdentity::from_header(&header)?;
     if let Err(mismatch) = profile.check_model(&identity) {
         if !args.force {
@@ -41,7 +42,7 @@ pub fn run_annotate(args: AnnotateArgs) -> anyhow::Result<()> {
 
 pub fn run_strip(args: StripArgs) -> anyhow::Result<()> {
     let out = output_path(&args.model, &args.target)?;
-    let header = gguf::read_header(&args.model).with_context(|| format!("reading {}", args.model.display()))?;
+    let header = read_model_header(&args.model)?;
     let stats = rewrite(&header, &out, &remove_profile_edits())?;
     println!("removed {} profile keys: {}", stats.removed, out.display());
     Ok(())

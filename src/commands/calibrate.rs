@@ -6,13 +6,10 @@ use indicatif::{ProgressBar, ProgressStyle};
 use super::runtime::{load_text, open};
 use crate::cli::CalibrateArgs;
 use kvtuner::calibrate::{self, CalibrateOptions};
-use kvtuner::gguf;
-use kvtuner::profile::ModelIdentity;
 
 pub fn run(args: CalibrateArgs) -> anyhow::Result<()> {
     let start = Instant::now();
     let (text, label) = load_text(&args.text.text)?;
-    let identity = ModelIdentity::from_header(&gguf::read_header(&args.runtime.model)?)?;
     let mut runtime = args.runtime.clone();
     runtime.kv_profile = "off".into();
     let opened = open(&runtime)?;
@@ -36,15 +33,21 @@ pub fn run(args: CalibrateArgs) -> anyhow::Result<()> {
     let partial = args.output.with_extension("partial");
     // Without a terminal (CI logs), print one line per trial instead of a bar.
     let plain = !std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let table =
-        calibrate::calibrate(&opened.model, &identity, &text, &opts, Some(&partial), &mut |done, total, what| {
+    let table = calibrate::calibrate(
+        &opened.model,
+        &opened.identity,
+        &text,
+        &opts,
+        Some(&partial),
+        &mut |done, total, what| {
             bar.set_length(total as u64);
             bar.set_position(done as u64);
             bar.set_message(what.to_string());
             if plain {
                 eprintln!("[{:>6.1}s] {done}/{total} {what}", start.elapsed().as_secs_f64());
             }
-        })?;
+        },
+    )?;
     bar.finish_and_clear();
     table.save(&args.output).with_context(|| format!("writing {}", args.output.display()))?;
     let _ = std::fs::remove_file(&partial);

@@ -1,10 +1,10 @@
-use anyhow::Context as _;
 use comfy_table::Table;
 use serde::Serialize;
 
+use super::runtime::read_model_header;
 use crate::cli::InspectArgs;
 use kvtuner::cache_type::CacheType;
-use kvtuner::gguf::{self, GgufHeader};
+use kvtuner::gguf::GgufHeader;
 use kvtuner::kv_layout::KvLayout;
 use kvtuner::llama::{Backend, Model, ModelParams};
 use kvtuner::profile::EmbeddedProfile;
@@ -45,7 +45,7 @@ struct Inspection {
 }
 
 pub fn run(args: InspectArgs) -> anyhow::Result<()> {
-    let header = gguf::read_header(&args.model).with_context(|| format!("reading {}", args.model.display()))?;
+    let header = read_model_header(&args.model)?;
     let arch = header.architecture().unwrap_or("unknown").to_string();
     let key = |k: &str| header.get_u64(&format!("{arch}.{k}"));
     let model = Model::load(Backend::init(), &args.model, &ModelParams::default())?;

@@ -1,20 +1,15 @@
 use anyhow::Context as _;
 use comfy_table::Table;
 
+use super::runtime::read_identity;
 use crate::cli::ProfileCommand;
-use kvtuner::gguf;
-use kvtuner::profile::{import_kvtuner, ModelIdentity, Profile};
+use kvtuner::profile::{import_kvtuner, Profile};
 
 pub fn run(cmd: ProfileCommand) -> anyhow::Result<()> {
     match cmd {
         ProfileCommand::Show { profile, model, json } => show(&profile, model.as_deref(), json),
         ProfileCommand::ImportKvtuner { preset, model, name, output } => {
-            let identity = match &model {
-                Some(m) => Some(ModelIdentity::from_header(
-                    &gguf::read_header(m).with_context(|| format!("reading {}", m.display()))?,
-                )?),
-                None => None,
-            };
+            let identity = model.as_deref().map(read_identity).transpose()?;
             let (mut profile, mappings) = import_kvtuner(&preset, identity.as_ref())?;
             if let Some(name) = name {
                 profile.name = name;
@@ -40,8 +35,7 @@ pub fn run(cmd: ProfileCommand) -> anyhow::Result<()> {
 fn show(path: &std::path::Path, model: Option<&std::path::Path>, json: bool) -> anyhow::Result<()> {
     let profile = Profile::load(path)?;
     if let Some(m) = model {
-        let identity =
-            ModelIdentity::from_header(&gguf::read_header(m).with_context(|| format!("reading {}", m.display()))?)?;
+        let identity = read_identity(m)?;
         profile.check_model(&identity).with_context(|| format!("{} does not fit {}", path.display(), m.display()))?;
     }
     if json {

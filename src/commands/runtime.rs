@@ -1,14 +1,36 @@
 //! Turns the shared runtime flags (-m, -c, -ngl, -fa, -ctk, -ctv, -t, --kv-profile) into a
 //! loaded model and context parameters.
 
-use std::path::PathBuf;
+use std::path::Path;
 
 use anyhow::{bail, Context as _};
 
 use crate::cli::RuntimeArgs;
-use kvtuner::gguf;
+use kvtuner::gguf::{self, GgufHeader};
 use kvtuner::llama::{Backend, ContextParams, LayerCacheTypes, Model, ModelParams};
-use kvtuner::profile::{ModelIdentity, Profile};
+use kvtuner::profile::{ModelIdentity, Profile, META_NAME, META_TYPE_K};
+
+/// Reads a model's GGUF header (the error names the file).
+pub fn read_model_header(path: &Path) -> anyhow::Result<GgufHeader> {
+    gguf::read_header(path).with_context(|| format!("reading {}", path.display()))
+}
+
+/// The identity profiles are checked against.
+pub fn read_identity(path: &Path) -> anyhow::Result<ModelIdentity> {
+    Ok(ModelIdentity::from_header(&read_model_header(path)?)?)
+}
+
+/// Loads a profile file and checks that it was made for the model at `model`.
+pub fn load_profile_for(spec: &str, identity: &ModelIdentity, model: &Path) -> anyhow::Result<Profile> {
+    let profile = Profile::load(spec)?;
+    profile.check_model(identity).with_context(|| format!("profile {spec} does not fit {}", model.display()))?;
+    Ok(profile)
+}
+
+/// Per-layer types of a profile, as the context takes them.
+pub fn profile_layer_types(profile: &Profile) -> LayerCacheTypes {
+    LayerCacheTypes::from_pairs(profile.layers.iter().map(|l| (l.k, l.v)))
+}
 
 /// Which per-layer profile a context gets.
 pub enum ProfileChoice {
@@ -35,25 +57,20 @@ pub struct Opened {
     pub model: Model,
     pub params: ContextParams,
     pub choice: ProfileChoice,
+    pub identity: ModelIdentity,
 }
 
 pub fn open(args: &RuntimeArgs) -> anyhow::Result<Opened> {
-    let header = gguf::read_header(&args.model).with_context(|| format!("reading {}", args.model.display()))?;
+    let header = read_model_header(&args.model)?;
+    let identity = ModelIdentity::from_header(&header)?;
     let choice = match args.kv_profile.as_str() {
         "auto" => ProfileChoice::Auto {
             embedded: header
-                .get_str_array("kvtuner.cache.type_k")
-                .map(|_| header.get_str("kvtuner.profile.name").unwrap_or("unnamed").to_string()),
+                .get_str_array(META_TYPE_K)
+                .map(|_| header.get_str(META_NAME).unwrap_or("unnamed").to_string()),
         },
         "off" => ProfileChoice::Off,
-        path => {
-            let profile = Profile::load(PathBuf::from(path))?;
-            let identity = ModelIdentity::from_header(&header)?;
-            profile
-                .check_model(&identity)
-                .with_context(|| format!("profile {path} does not fit {}", args.model.display()))?;
-            ProfileChoice::File(Box::new(profile))
-        }
+        path => ProfileChoice::File(Box::new(load_profile_for(path, &identity, &args.model)?)),
     };
     let model = Model::load(
         Backend::init(),
@@ -77,13 +94,10 @@ pub fn open(args: &RuntimeArgs) -> anyhow::Result<Opened> {
             if p.layers.len() != model.n_layer() as usize {
                 bail!("profile {} has {} layers, the model has {}", p.name, p.layers.len(), model.n_layer());
             }
-            params.layer_types = Some(LayerCacheTypes {
-                k: p.layers.iter().map(|l| l.k).collect(),
-                v: p.layers.iter().map(|l| l.v).collect(),
-            });
+            params.layer_types = Some(profile_layer_types(p));
         }
     }
-    Ok(Opened { model, params, choice })
+    Ok(Opened { model, params, choice, identity })
 }
 
 /// Reads the text to run on; returns it with a label for reports.

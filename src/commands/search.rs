@@ -14,8 +14,6 @@ use kvtuner::profile::{Calibration, LayerTypes, Measured, Profile};
 use kvtuner::search::{self, Assignment, Problem};
 use kvtuner::sensitivity::Sensitivity;
 
-const CUDA_PAIRS: &str = include_str!("../cuda_fa_pairs.txt");
-
 /// One end-to-end verified configuration.
 #[derive(Debug, Clone, Serialize)]
 struct Verified {
@@ -41,7 +39,7 @@ pub fn run(args: SearchArgs) -> anyhow::Result<()> {
     let start = Instant::now();
     let sens = Sensitivity::load(&args.sensitivity)?;
     let n_ctx = args.ctx_size.unwrap_or(sens.context) as u64;
-    let pairs = search::parse_pairs(&args.pairs, &sens.types, CUDA_PAIRS)?;
+    let pairs = search::parse_pairs(&args.pairs, &sens.types, search::CUDA_FA_PAIRS)?;
     let problem = sens.problem(n_ctx, pairs);
     let frontier = search::frontier(&problem)?;
     if let Some(path) = &args.frontier {
@@ -88,8 +86,7 @@ pub fn run(args: SearchArgs) -> anyhow::Result<()> {
         eprintln!("verifying on {label} ({} chunks of {} tokens)", args.chunks, sens.context);
         let mut ev = Evaluator::new(&model, &text, sens.context, args.chunks, &base)?;
         let mut measure = |name: String, kind: &'static str, a: &Assignment| -> anyhow::Result<Verified> {
-            let types =
-                LayerCacheTypes { k: a.types.iter().map(|t| t.0).collect(), v: a.types.iter().map(|t| t.1).collect() };
+            let types = LayerCacheTypes::from_pairs(a.types.iter().copied());
             let summary = ev.score(&ContextParams { layer_types: Some(types), ..base.clone() })?.summary();
             eprintln!("  {name}: measured KLD {:.5} (predicted {:.5})", summary.kld_mean, a.predicted);
             Ok(Verified {

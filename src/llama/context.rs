@@ -29,6 +29,14 @@ pub struct LayerCacheTypes {
     pub v: Vec<CacheType>,
 }
 
+impl LayerCacheTypes {
+    /// From `(K, V)` per layer.
+    pub fn from_pairs(pairs: impl IntoIterator<Item = (CacheType, CacheType)>) -> LayerCacheTypes {
+        let (k, v) = pairs.into_iter().unzip();
+        LayerCacheTypes { k, v }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct ContextParams {
     pub n_ctx: u32,
