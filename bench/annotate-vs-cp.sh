@@ -35,11 +35,14 @@ sync
 cp_sync() { cp "$1" "$2" && sync "$2"; }
 cp "$model" "$work/inplace.gguf"
 : > "$work/cp.txt"; : > "$work/annotate.txt"; : > "$work/cp_sync.txt"; : > "$work/inplace.txt"
+# Every timed command starts from the same state: the previous output deleted and all dirty
+# pages written back (untimed), so no command pays for the writeback of the one before it.
+fresh() { rm -f "$work/out.gguf"; sync; }
 for i in $(seq "$rounds"); do
-    rm -f "$work/out.gguf"; measure cp "$model" "$work/out.gguf" >> "$work/cp.txt"
-    rm -f "$work/out.gguf"; measure "$kvtuner" annotate "$model" --profile "$profile" -o "$work/out.gguf" >> "$work/annotate.txt"
-    rm -f "$work/out.gguf"; measure cp_sync "$model" "$work/out.gguf" >> "$work/cp_sync.txt"
-    measure "$kvtuner" annotate "$work/inplace.gguf" --profile "$profile" --in-place >> "$work/inplace.txt"
+    fresh; measure cp "$model" "$work/out.gguf" >> "$work/cp.txt"
+    fresh; measure "$kvtuner" annotate "$model" --profile "$profile" -o "$work/out.gguf" >> "$work/annotate.txt"
+    fresh; measure cp_sync "$model" "$work/out.gguf" >> "$work/cp_sync.txt"
+    fresh; measure "$kvtuner" annotate "$work/inplace.gguf" --profile "$profile" --in-place >> "$work/inplace.txt"
 done
 median() { sort -g | awk '{a[NR]=$1} END {print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}'; }
 t_cp=$(awk '{print $1}' "$work/cp.txt" | median); t_an=$(awk '{print $1}' "$work/annotate.txt" | median)

@@ -792,6 +792,10 @@ pub const META_KLD: &str = "kvtuner.profile.kld_mean";
 pub const META_KLD_TEXT: &str = "kvtuner.profile.kld_eval_text";
 /// string: kvtuner version that wrote the keys.
 pub const META_TOOL: &str = "kvtuner.tool_version";
+/// u8 array of zeros, written last: keeps the tensor data at the input's offset modulo 64 KiB
+/// so annotating copies whole page-cache folios (see `gguf::COPY_GRANULE`). Carries no
+/// information.
+pub const META_PADDING: &str = "kvtuner.profile.padding";
 
 /// A model file's GGUF header could not identify the model.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use kvtuner::gguf::{
     encode_kv, encode_str, read_header, rewrite, rewrite_with, GgmlType, GgufReadError, GgufWriter, MetadataEdits,
-    RewriteError, RewriteOptions, Value, ValueType,
+    RewriteError, RewriteOptions, Value, ValueType, COPY_GRANULE,
 };
 use kvtuner::synth::{self, SynthSpec, WeightType};
 use proptest::prelude::*;
@@ -297,6 +297,38 @@ fn rewrite_set_then_remove_is_identity_and_set_is_idempotent() {
 }
 
 #[test]
+fn page_padding_keeps_data_congruent_and_is_stable() {
+    let dir = tempfile::tempdir().unwrap();
+    let x = write_fixture(dir.path(), "x.gguf");
+    let original = fs::read(&x).unwrap();
+    let h0 = read_header(&x).unwrap();
+    let opts = RewriteOptions { page_pad_key: Some("kvtuner.pad".into()), durable: false, ..Default::default() };
+    let set = MetadataEdits::new().set("kvtuner.note", "a longer note than before ✓");
+    let a = dir.path().join("a.gguf");
+    let stats = rewrite_with(&x, &a, &set, &opts, &mut noop()).unwrap();
+    let ha = read_header(&a).unwrap();
+    assert_eq!(ha.data_offset % COPY_GRANULE, h0.data_offset % COPY_GRANULE);
+    assert_eq!(ha.keys().last(), Some("kvtuner.pad"));
+    match ha.get("kvtuner.pad") {
+        Some(Value::Array(ValueType::U8, zeros)) => {
+            assert_eq!(zeros.len() as u64, stats.padding);
+            assert!(zeros.iter().all(|z| *z == Value::U8(0)));
+        }
+        other => panic!("padding entry is {other:?}"),
+    }
+    let bytes = fs::read(&a).unwrap();
+    assert_eq!(&bytes[ha.data_offset as usize..], &original[h0.data_offset as usize..]);
+    // Padding again (any padding entry replaced) gives the same file.
+    let b = dir.path().join("b.gguf");
+    rewrite_with(&a, &b, &set, &opts, &mut noop()).unwrap();
+    assert_eq!(fs::read(&b).unwrap(), bytes);
+    // Removing our keys restores the input.
+    let c = dir.path().join("c.gguf");
+    rewrite(&b, &c, &MetadataEdits::new().remove_prefix("kvtuner."), &mut noop()).unwrap();
+    assert_eq!(fs::read(&c).unwrap(), original);
+}
+
+#[test]
 fn rewrite_replaces_and_removes_original_keys() {
     let dir = tempfile::tempdir().unwrap();
     let x = write_fixture(dir.path(), "x.gguf");
@@ -438,7 +470,7 @@ proptest! {
         prop_assert_eq!(h.metadata.len(), kvs.len());
         for (e, (k, v)) in h.metadata.iter().zip(&kvs) {
             prop_assert_eq!(&e.key, k);
-            prop_assert_eq!(&e.value, v);
+            prop_assert_eq!(e.value(), v);
             let mut raw = Vec::new();
             encode_kv(k, v, &mut raw);
             prop_assert_eq!(&e.raw, &raw);

@@ -22,6 +22,13 @@ fuzz_target!(|data: &[u8]| {
             // a header that parses must be self-consistent
             assert!(header.data_offset <= header.file_len);
             assert!(header.alignment.is_power_of_two());
+            // values are decoded lazily from the checked bytes: decoding must not panic and
+            // must encode back to exactly those bytes
+            for e in &header.metadata {
+                let mut raw = Vec::new();
+                kvtuner::gguf::encode_kv(&e.key, e.value(), &mut raw);
+                assert_eq!(raw, e.raw);
+            }
             for t in &header.tensors {
                 assert!(header.data_offset + t.offset <= header.file_len);
             }

@@ -7,7 +7,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use super::runtime::read_model_header;
 use crate::cli::{AnnotateArgs, OutputTarget, StripArgs};
 use kvtuner::gguf;
-use kvtuner::profile::{remove_profile_edits, ModelIdentity, Profile};
+use kvtuner::profile::{remove_profile_edits, ModelIdentity, Profile, META_PADDING};
 
 pub fn run_annotate(args: AnnotateArgs) -> anyhow::Result<()> {
     let profile = Profile::load(&args.profile)?;
@@ -35,7 +35,7 @@ pub fn run_annotate(args: AnnotateArgs) -> anyhow::Result<()> {
         edits = edits.set(k, v);
     }
     let out = output_path(&args.model, &args.target)?;
-    rewrite(&header, &out, &edits)?;
+    rewrite(&header, &out, &edits, Some(META_PADDING))?;
     println!("annotated {} with profile {} ({})", out.display(), profile.name, profile.summary());
     Ok(())
 }
@@ -43,7 +43,7 @@ pub fn run_annotate(args: AnnotateArgs) -> anyhow::Result<()> {
 pub fn run_strip(args: StripArgs) -> anyhow::Result<()> {
     let out = output_path(&args.model, &args.target)?;
     let header = read_model_header(&args.model)?;
-    let stats = rewrite(&header, &out, &remove_profile_edits())?;
+    let stats = rewrite(&header, &out, &remove_profile_edits(), None)?;
     println!("removed {} profile keys: {}", stats.removed, out.display());
     Ok(())
 }
@@ -57,10 +57,13 @@ fn output_path(model: &Path, target: &OutputTarget) -> anyhow::Result<PathBuf> {
 }
 
 /// Rewrites with a progress bar that appears only when the copy takes longer than a second.
+/// `page_pad_key` names the padding entry that keeps the data page-congruent (annotate only:
+/// strip must give back the original bytes).
 fn rewrite(
     header: &gguf::GgufHeader,
     output: &Path,
     edits: &gguf::MetadataEdits,
+    page_pad_key: Option<&str>,
 ) -> anyhow::Result<gguf::RewriteStats> {
     let input = header.path.as_path();
     let start = Instant::now();
@@ -69,7 +72,7 @@ fn rewrite(
     let mut shown = false;
     // Replacing the model in place must survive a crash; a new file needs no flush to disk.
     let same = output.canonicalize().ok().is_some_and(|o| input.canonicalize().ok() == Some(o));
-    let opts = gguf::RewriteOptions { durable: same, ..Default::default() };
+    let opts = gguf::RewriteOptions { durable: same, page_pad_key: page_pad_key.map(String::from), ..Default::default() };
     let stats = gguf::rewrite_header(header, output, edits, &opts, &mut |done, total| {
         if !shown && start.elapsed().as_secs_f64() > 1.0 {
             bar.set_draw_target(indicatif::ProgressDrawTarget::stderr());

@@ -14,7 +14,9 @@ mod write;
 
 pub use ggml_type::GgmlType;
 pub use read::{read_header, GgufHeader, GgufReadError, MetadataEntry, TensorInfo, MAX_ARRAY_DEPTH};
-pub use rewrite::{rewrite, rewrite_header, rewrite_with, MetadataEdits, RewriteError, RewriteOptions, RewriteStats};
+pub use rewrite::{
+    rewrite, rewrite_header, rewrite_with, MetadataEdits, RewriteError, RewriteOptions, RewriteStats, COPY_GRANULE,
+};
 pub use value::{encode_kv, encode_str, MixedArray, Value, ValueType};
 pub use write::{encode_tensor_info, GgufWriteError, GgufWriter, TensorDataWriter};
 

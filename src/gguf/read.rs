@@ -2,7 +2,8 @@
 
 use std::collections::HashMap;
 use std::fs::File;
-use std::io::{self, BufReader, Read};
+use std::io::{self, Read};
+use std::sync::OnceLock;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 
@@ -15,13 +16,33 @@ use super::{ALIGNMENT_KEY, DEFAULT_ALIGNMENT, GGUF_MAGIC, MAX_DIMS};
 /// Nesting depth of arrays of arrays this reader accepts (llama.cpp accepts none).
 pub const MAX_ARRAY_DEPTH: usize = 16;
 
-/// One metadata entry as read from the file.
-#[derive(Debug, Clone, PartialEq)]
+/// One metadata entry as read from the file. Its value is decoded from `raw` on first use, so
+/// reading a header with a 262k-entry vocabulary allocates no per-token strings unless asked.
+#[derive(Debug, Clone)]
 pub struct MetadataEntry {
     pub key: String,
-    pub value: Value,
     /// The entry's exact bytes in the file: key length, key, type tag and payload.
     pub raw: Vec<u8>,
+    value: OnceLock<Value>,
+}
+
+impl MetadataEntry {
+    /// The decoded value (checked when the header was read).
+    pub fn value(&self) -> &Value {
+        self.value.get_or_init(|| {
+            let mut b = &self.raw[8 + self.key.len()..];
+            let ty = ValueType::from_id(u32::from_le_bytes(b[..4].try_into().expect("4 bytes")))
+                .expect("checked when read");
+            b = &b[4..];
+            decode_value(ty, &mut b)
+        })
+    }
+}
+
+impl PartialEq for MetadataEntry {
+    fn eq(&self, other: &Self) -> bool {
+        self.key == other.key && self.raw == other.raw
+    }
 }
 
 /// One tensor info: where a tensor's data lies relative to the data section.
@@ -66,7 +87,7 @@ pub struct GgufHeader {
 
 impl GgufHeader {
     pub fn get(&self, key: &str) -> Option<&Value> {
-        self.index.get(key).map(|&i| &self.metadata[i].value)
+        self.index.get(key).map(|&i| self.metadata[i].value())
     }
 
     pub fn entry(&self, key: &str) -> Option<&MetadataEntry> {
@@ -188,15 +209,19 @@ pub enum GgufReadError {
     TensorPastEnd { path: PathBuf, name: String, start: u64, end: u128, file_len: u64 },
 }
 
-/// A byte source that knows how much of the file is left, and can record what it reads.
+/// The header bytes read so far, grown on demand: parsing works on slices of one buffer (no
+/// per-value reads or allocations), and only the header is ever read.
 struct Src<'p> {
-    r: BufReader<File>,
+    file: File,
     path: &'p Path,
+    buf: Vec<u8>,
+    /// Position in the file (= index into `buf`, which starts at byte 0).
     pos: u64,
     len: u64,
-    record: Option<Vec<u8>>,
-    hasher: Option<Sha256>,
 }
+
+/// First read: enough for most headers; larger ones (a 262k-token vocabulary) grow by doubling.
+const FIRST_READ: u64 = 1 << 20;
 
 impl Src<'_> {
     fn remaining(&self) -> u64 {
@@ -207,44 +232,40 @@ impl Src<'_> {
         GgufReadError::Io { path: self.path.to_path_buf(), source }
     }
 
-    fn bytes_into(&mut self, buf: &mut [u8], what: &dyn Fn() -> String) -> Result<(), GgufReadError> {
-        let n = buf.len() as u64;
+    fn truncated(&self, what: &dyn Fn() -> String, needed: u64) -> GgufReadError {
+        GgufReadError::Truncated {
+            path: self.path.to_path_buf(),
+            what: what(),
+            offset: self.pos,
+            needed,
+            file_len: self.len,
+        }
+    }
+
+    /// Consumes `n` bytes and returns their range in `buf`.
+    fn take(&mut self, n: u64, what: &dyn Fn() -> String) -> Result<Range<usize>, GgufReadError> {
         if n > self.remaining() {
-            return Err(GgufReadError::Truncated {
-                path: self.path.to_path_buf(),
-                what: what(),
-                offset: self.pos,
-                needed: n,
-                file_len: self.len,
-            });
+            return Err(self.truncated(what, n));
         }
-        if let Err(e) = self.r.read_exact(buf) {
-            if e.kind() == io::ErrorKind::UnexpectedEof {
+        let end = self.pos + n;
+        if end > self.buf.len() as u64 {
+            let want = end.max(2 * self.buf.len() as u64).max(FIRST_READ).min(self.len);
+            let have = self.buf.len();
+            self.buf.resize(want as usize, 0);
+            if let Err(e) = self.file.read_exact(&mut self.buf[have..]) {
+                self.buf.truncate(have);
                 // The file shrank under us; report it as truncation.
-                return Err(GgufReadError::Truncated {
-                    path: self.path.to_path_buf(),
-                    what: what(),
-                    offset: self.pos,
-                    needed: n,
-                    file_len: self.len,
-                });
+                return Err(if e.kind() == io::ErrorKind::UnexpectedEof { self.truncated(what, n) } else { self.io(e) });
             }
-            return Err(self.io(e));
         }
-        self.pos += n;
-        if let Some(rec) = &mut self.record {
-            rec.extend_from_slice(buf);
-        }
-        if let Some(h) = &mut self.hasher {
-            h.update(&*buf);
-        }
-        Ok(())
+        let range = self.pos as usize..end as usize;
+        self.pos = end;
+        Ok(range)
     }
 
     fn array<const N: usize>(&mut self, what: &dyn Fn() -> String) -> Result<[u8; N], GgufReadError> {
-        let mut b = [0u8; N];
-        self.bytes_into(&mut b, what)?;
-        Ok(b)
+        let r = self.take(N as u64, what)?;
+        Ok(self.buf[r].try_into().expect("N bytes"))
     }
 
     fn u32(&mut self, what: &dyn Fn() -> String) -> Result<u32, GgufReadError> {
@@ -255,7 +276,8 @@ impl Src<'_> {
         Ok(u64::from_le_bytes(self.array(what)?))
     }
 
-    fn string(&mut self, what: &dyn Fn() -> String) -> Result<String, GgufReadError> {
+    /// Checks a length-prefixed UTF-8 string and returns the range of its bytes.
+    fn str_range(&mut self, what: &dyn Fn() -> String) -> Result<Range<usize>, GgufReadError> {
         let offset = self.pos;
         let len = self.u64(what)?;
         if len > self.remaining() {
@@ -267,13 +289,16 @@ impl Src<'_> {
                 file_len: self.len,
             });
         }
-        let mut buf = vec![0u8; len as usize];
-        self.bytes_into(&mut buf, what)?;
-        String::from_utf8(buf).map_err(|_| GgufReadError::InvalidUtf8 {
-            path: self.path.to_path_buf(),
-            what: what(),
-            offset,
-        })
+        let r = self.take(len, what)?;
+        if std::str::from_utf8(&self.buf[r.clone()]).is_err() {
+            return Err(GgufReadError::InvalidUtf8 { path: self.path.to_path_buf(), what: what(), offset });
+        }
+        Ok(r)
+    }
+
+    fn string(&mut self, what: &dyn Fn() -> String) -> Result<String, GgufReadError> {
+        let r = self.str_range(what)?;
+        Ok(std::str::from_utf8(&self.buf[r]).expect("checked by str_range").to_owned())
     }
 
     /// Checks that `count` items of at least `min_size` bytes each fit in the rest of the file.
@@ -296,21 +321,14 @@ impl Src<'_> {
         Ok(())
     }
 
-    fn value(&mut self, ty: ValueType, key: &str, depth: usize) -> Result<Value, GgufReadError> {
+    /// Checks one value of type `ty` (lengths, counts, UTF-8, nesting) and skips over it.
+    /// Nothing is decoded: [`decode_value`] does that later from the entry's raw bytes.
+    fn check_value(&mut self, ty: ValueType, key: &str, depth: usize) -> Result<(), GgufReadError> {
         let what = || format!("value of key `{key}`");
-        Ok(match ty {
-            ValueType::U8 => Value::U8(u8::from_le_bytes(self.array(&what)?)),
-            ValueType::I8 => Value::I8(i8::from_le_bytes(self.array(&what)?)),
-            ValueType::U16 => Value::U16(u16::from_le_bytes(self.array(&what)?)),
-            ValueType::I16 => Value::I16(i16::from_le_bytes(self.array(&what)?)),
-            ValueType::U32 => Value::U32(u32::from_le_bytes(self.array(&what)?)),
-            ValueType::I32 => Value::I32(i32::from_le_bytes(self.array(&what)?)),
-            ValueType::F32 => Value::F32(f32::from_le_bytes(self.array(&what)?)),
-            ValueType::Bool => Value::Bool(self.array::<1>(&what)?[0] != 0),
-            ValueType::String => Value::String(self.string(&what)?),
-            ValueType::U64 => Value::U64(u64::from_le_bytes(self.array(&what)?)),
-            ValueType::I64 => Value::I64(i64::from_le_bytes(self.array(&what)?)),
-            ValueType::F64 => Value::F64(f64::from_le_bytes(self.array(&what)?)),
+        match ty {
+            ValueType::String => {
+                self.str_range(&what)?;
+            }
             ValueType::Array => {
                 if depth >= MAX_ARRAY_DEPTH {
                     return Err(GgufReadError::ArrayTooDeep { path: self.path.to_path_buf(), key: key.to_string() });
@@ -320,25 +338,22 @@ impl Src<'_> {
                 let what_arr = || format!("array of key `{key}`");
                 let count = self.u64(&what_arr)?;
                 self.check_count(count, elem.min_encoded_size(), offset, &what_arr)?;
-                let items = match elem.fixed_size() {
-                    // Fixed-size elements (e.g. a 262k-entry score array): one bulk read instead
-                    // of one small read per element; the bytes are the same.
+                match elem.fixed_size() {
                     Some(size) => {
-                        let mut raw = vec![0u8; (count * size) as usize];
-                        self.bytes_into(&mut raw, &what)?;
-                        raw.chunks_exact(size as usize).map(|b| decode_fixed(elem, b)).collect()
+                        self.take(count * size, &what)?;
                     }
                     None => {
-                        let mut items = Vec::with_capacity(count as usize);
                         for _ in 0..count {
-                            items.push(self.value(elem, key, depth + 1)?);
+                            self.check_value(elem, key, depth + 1)?;
                         }
-                        items
                     }
-                };
-                Value::Array(elem, items)
+                }
             }
-        })
+            fixed => {
+                self.take(fixed.fixed_size().expect("scalar types have a size"), &what)?;
+            }
+        }
+        Ok(())
     }
 
     fn value_type(&mut self, key: &str) -> Result<ValueType, GgufReadError> {
@@ -350,6 +365,36 @@ impl Src<'_> {
             type_id: id,
             offset,
         })
+    }
+}
+
+/// Decodes a value that [`Src::check_value`] has already checked, advancing `b` past it.
+fn decode_value(ty: ValueType, b: &mut &[u8]) -> Value {
+    fn split<'a>(b: &mut &'a [u8], n: usize) -> &'a [u8] {
+        let (head, tail) = b.split_at(n);
+        *b = tail;
+        head
+    }
+    let u64_at = |b: &mut &[u8]| u64::from_le_bytes(split(b, 8).try_into().expect("8 bytes"));
+    match ty {
+        ValueType::String => {
+            let len = u64_at(b) as usize;
+            Value::String(String::from_utf8(split(b, len).to_vec()).expect("checked when read"))
+        }
+        ValueType::Array => {
+            let elem = ValueType::from_id(u32::from_le_bytes(split(b, 4).try_into().expect("4 bytes")))
+                .expect("checked when read");
+            let count = u64_at(b) as usize;
+            let items = match elem.fixed_size() {
+                Some(size) => split(b, count * size as usize)
+                    .chunks_exact(size as usize)
+                    .map(|c| decode_fixed(elem, c))
+                    .collect(),
+                None => (0..count).map(|_| decode_value(elem, b)).collect(),
+            };
+            Value::Array(elem, items)
+        }
+        fixed => decode_fixed(fixed, split(b, fixed.fixed_size().expect("scalar") as usize)),
     }
 }
 
@@ -387,15 +432,13 @@ pub fn read_header(path: &Path) -> Result<GgufHeader, GgufReadError> {
     let io_err = |source| GgufReadError::Io { path: path.to_path_buf(), source };
     let file = File::open(path).map_err(io_err)?;
     let len = file.metadata().map_err(io_err)?.len();
-    let mut src = Src { r: BufReader::with_capacity(1 << 16, file), path, pos: 0, len, record: None, hasher: None };
+    let mut src = Src { file, path, buf: Vec::new(), pos: 0, len };
 
     // Magic: read what is there so a short non-GGUF file reports bad magic, not truncation.
-    let mut magic = Vec::with_capacity(4);
-    (&mut src.r).take(4).read_to_end(&mut magic).map_err(io_err)?;
-    if magic != GGUF_MAGIC {
-        return Err(GgufReadError::BadMagic { path: path.to_path_buf(), found: magic });
+    let magic = src.take(len.min(4), &|| "magic".into())?;
+    if src.buf[magic.clone()] != GGUF_MAGIC[..] {
+        return Err(GgufReadError::BadMagic { path: path.to_path_buf(), found: src.buf[magic].to_vec() });
     }
-    src.pos = 4;
 
     let version = src.u32(&|| "version".into())?;
     if version != 2 && version != 3 {
@@ -413,7 +456,7 @@ pub fn read_header(path: &Path) -> Result<GgufHeader, GgufReadError> {
     let mut metadata = Vec::with_capacity(cap);
     let mut index = HashMap::with_capacity(cap);
     for i in 0..n_kv {
-        src.record = Some(Vec::new());
+        let entry_start = src.pos as usize;
         let key = src.string(&|| format!("key of metadata entry {i}"))?;
         if key.is_empty() {
             return Err(GgufReadError::EmptyKey { path: path.to_path_buf(), index: i });
@@ -422,13 +465,13 @@ pub fn read_header(path: &Path) -> Result<GgufHeader, GgufReadError> {
             return Err(GgufReadError::DuplicateKey { path: path.to_path_buf(), key });
         }
         let ty = src.value_type(&key)?;
-        let value = src.value(ty, &key, 0)?;
-        let raw = src.record.take().unwrap_or_default();
+        src.check_value(ty, &key, 0)?;
+        let raw = src.buf[entry_start..src.pos as usize].to_vec();
         index.insert(key.clone(), metadata.len());
-        metadata.push(MetadataEntry { key, value, raw });
+        metadata.push(MetadataEntry { key, raw, value: OnceLock::new() });
     }
 
-    let alignment = match index.get(ALIGNMENT_KEY).map(|&i| &metadata[i].value) {
+    let alignment = match index.get(ALIGNMENT_KEY).map(|&i| metadata[i].value()) {
         None => DEFAULT_ALIGNMENT,
         Some(Value::U32(a)) => u64::from(*a),
         Some(v) => return Err(GgufReadError::AlignmentType { path: path.to_path_buf(), found: v.value_type() }),
@@ -450,7 +493,6 @@ pub fn read_header(path: &Path) -> Result<GgufHeader, GgufReadError> {
     }
     let cap = n_tensors.min(src.remaining() / MIN_INFO) as usize;
     let info_start = src.pos;
-    src.hasher = Some(Sha256::new());
     let mut tensors = Vec::with_capacity(cap);
     let mut names = HashMap::with_capacity(cap);
     for i in 0..n_tensors {
@@ -472,7 +514,7 @@ pub fn read_header(path: &Path) -> Result<GgufHeader, GgufReadError> {
         tensors.push(TensorInfo { name, dims, ggml_type, offset });
     }
     let info_end = src.pos;
-    let fingerprint = src.hasher.take().map(|h| hex(&h.finalize())).unwrap_or_default();
+    let fingerprint = hex(&Sha256::digest(&src.buf[info_start as usize..info_end as usize]));
 
     let aligned = align_up(info_end, alignment).unwrap_or(u64::MAX);
     let data_offset = if n_tensors == 0 && len <= info_end { info_end } else { aligned.min(len) };
