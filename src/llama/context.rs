@@ -145,6 +145,27 @@ impl Drop for Context<'_> {
 
 impl<'m> Context<'m> {
     pub fn new(model: &'m Model, params: &ContextParams) -> Result<Context<'m>, CreateContextError> {
+        match &params.layer_types {
+            Some(layers) => {
+                let n = model.n_layer();
+                if layers.k.len() != n as usize || layers.v.len() != n as usize {
+                    return Err(CreateContextError::LayerCount { k: layers.k.len(), v: layers.v.len(), layers: n });
+                }
+                let k: Vec<sys::ggml_type> = layers.k.iter().map(|t| t.ggml_id()).collect();
+                let v: Vec<sys::ggml_type> = layers.v.iter().map(|t| t.ggml_id()).collect();
+                Self::with_type_ids(model, params, Some((&k, &v)))
+            }
+            None => Self::with_type_ids(model, params, None),
+        }
+    }
+
+    /// [`Context::new`] with per-layer ggml type ids as the C API takes them (any value, so tests
+    /// can reach the runtime's own checks); `params.layer_types` is ignored.
+    fn with_type_ids(
+        model: &'m Model,
+        params: &ContextParams,
+        layer_ids: Option<(&[sys::ggml_type], &[sys::ggml_type])>,
+    ) -> Result<Context<'m>, CreateContextError> {
         // Safety: returns a plain struct of defaults.
         let mut cp = unsafe { sys::llama_context_default_params() };
         cp.n_ctx = params.n_ctx;
@@ -170,23 +191,19 @@ impl<'m> Context<'m> {
         cp.swa_full = params.swa_full;
         cp.offload_kqv = params.offload_kqv;
         cp.no_perf = false;
-
-        // Kept alive until llama_init_from_model returns (it copies them).
-        let (k_ids, v_ids): (Vec<sys::ggml_type>, Vec<sys::ggml_type>);
-        if let Some(layers) = &params.layer_types {
-            let n = model.n_layer();
-            if layers.k.len() != n as usize || layers.v.len() != n as usize {
-                return Err(CreateContextError::LayerCount { k: layers.k.len(), v: layers.v.len(), layers: n });
+        if let Some((k, v)) = layer_ids {
+            // The C API takes one length for both arrays.
+            if k.len() != v.len() {
+                return Err(CreateContextError::LayerCount { k: k.len(), v: v.len(), layers: model.n_layer() });
             }
-            k_ids = layers.k.iter().map(|t| t.ggml_id()).collect();
-            v_ids = layers.v.iter().map(|t| t.ggml_id()).collect();
-            cp.type_k_layers = k_ids.as_ptr();
-            cp.type_v_layers = v_ids.as_ptr();
-            cp.n_type_layers = n;
+            cp.type_k_layers = k.as_ptr();
+            cp.type_v_layers = v.as_ptr();
+            cp.n_type_layers = k.len() as u32;
         }
 
         take_recent_log();
-        // Safety: the model outlives the context ('m); the per-layer arrays are valid for the call.
+        // Safety: the model outlives the context ('m); the per-layer arrays are borrowed for the
+        // call (llama_init_from_model copies them).
         let raw = unsafe { sys::llama_init_from_model(model.as_ptr(), cp) };
         let raw = NonNull::new(raw).ok_or_else(|| CreateContextError::Failed {
             model: model.path().display().to_string(),
@@ -346,4 +363,42 @@ impl<'m> Context<'m> {
 
 fn path_cstring(path: &Path) -> Result<CString, StateError> {
     path.to_str().and_then(|s| CString::new(s).ok()).ok_or_else(|| StateError::BadPath(path.display().to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::llama::{Backend, ModelParams};
+    use crate::synth::{write_model, SynthSpec};
+
+    /// The runtime's own type check (patch 0001), which the typed Rust API cannot reach: a type
+    /// the KV cache cannot store is refused with an error naming the layer, and the C side's
+    /// length check catches a count that does not match the model.
+    #[test]
+    fn runtime_refuses_unsupported_types_and_wrong_lengths() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tiny.gguf");
+        let spec = SynthSpec { n_layer: 3, ..SynthSpec::tiny() };
+        write_model(&spec, &path, &mut |_, _| {}).unwrap();
+        let model = Model::load(Backend::init(), &path, &ModelParams::default()).unwrap();
+        let params = ContextParams { n_ctx: 256, n_threads: 1, ..Default::default() };
+        let f16 = CacheType::F16.ggml_id();
+        let q2_k: sys::ggml_type = 10; // GGML_TYPE_Q2_K: a weight type, not a cache type
+
+        let err = Context::with_type_ids(&model, &params, Some((&[f16, q2_k, f16], &[f16; 3]))).unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.contains("layer 1: K cache type 10 (q2_K) is not supported"), "{msg}");
+
+        let err = Context::with_type_ids(&model, &params, Some((&[f16; 3], &[f16, f16, 9999]))).unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.contains("layer 2: V cache type 9999 (invalid) is not supported"), "{msg}");
+
+        let err = Context::with_type_ids(&model, &params, Some((&[f16; 2], &[f16; 2]))).unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.contains("have 2 entries, but the model has 3 layers"), "{msg}");
+
+        // the same arrays with supported types work
+        let ok = Context::with_type_ids(&model, &params, Some((&[f16; 3], &[f16; 3])));
+        assert!(ok.is_ok());
+    }
 }
