@@ -53,11 +53,6 @@ impl KvLayout {
         }
     }
 
-    /// `(k_dim, v_dim, cells)` per layer at `n_ctx`, the form `Profile::kv_bytes` takes.
-    pub fn dims_at(&self, n_ctx: u64) -> Vec<(u64, u64, u64)> {
-        self.layers.iter().map(|l| l.map_or((0, 0, 0), |s| (s.k_dim, s.v_dim, self.cells(&s, n_ctx)))).collect()
-    }
-
     /// KV bytes at `n_ctx` with `types[il] = (k, v)`.
     pub fn bytes(&self, types: &[(CacheType, CacheType)], n_ctx: u64) -> u64 {
         self.layers
@@ -102,5 +97,18 @@ mod tests {
         assert_eq!(layout.bits_per_value(&f16, 4096), 16.0);
         let mixed = vec![(CacheType::Q8_0, CacheType::Q4_0); 3];
         assert!((layout.bits_per_value(&mixed, 4096) - 6.5).abs() < 1e-12);
+    }
+
+    #[test]
+    fn mixed_layers_sum_their_row_bytes() {
+        let layout =
+            KvLayout { layers: vec![Some(LayerShape { k_dim: 256, v_dim: 256, sliding: false }); 3], window: 0 };
+        let types =
+            [(CacheType::F16, CacheType::F16), (CacheType::Q8_0, CacheType::Q4_0), (CacheType::Q8_0, CacheType::Q4_0)];
+        // q8_0: 8 blocks of 34 bytes per 256-value row; q4_0: 8 blocks of 18 bytes
+        let expected = ((512 + 512) + 2 * (272 + 144)) * 10;
+        assert_eq!(layout.bytes(&types, 10), expected);
+        let bpv = layout.bits_per_value(&types, 10);
+        assert!((bpv - expected as f64 * 8.0 / (3 * 512 * 10) as f64).abs() < 1e-12);
     }
 }

@@ -223,17 +223,6 @@ pub struct ProfileMismatch {
     pub differences: Vec<ModelDifference>,
 }
 
-/// `kv_dims` does not fit the profile.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum KvSizeError {
-    #[error("profile has {profile} layers but KV dimensions were given for {given}")]
-    LayerCount { profile: usize, given: usize },
-    #[error("layer {layer} {tensor}: {n} values per row is not a multiple of the {cache_type} block size {block}")]
-    NotBlockAligned { layer: usize, tensor: char, n: u64, cache_type: CacheType, block: u64 },
-    #[error("the KV dimensions hold no values, so bits per value is undefined")]
-    NoValues,
-}
-
 fn location_suffix(line: Option<usize>, column: Option<usize>) -> String {
     match (line, column) {
         (Some(l), Some(c)) => format!(":{l}:{c}"),
@@ -442,45 +431,6 @@ impl Profile {
         } else {
             Err(ProfileMismatch { profile: self.name.clone(), differences })
         }
-    }
-
-    /// Total KV cache bytes. `kv_dims[layer] = (n_embd_k_gqa, n_embd_v_gqa, cells)`, where
-    /// `cells` is what that layer keeps at the context (the window for sliding-window layers).
-    pub fn kv_bytes(&self, kv_dims: &[(u64, u64, u64)]) -> Result<u64, KvSizeError> {
-        Ok(self.kv_totals(kv_dims)?.0)
-    }
-
-    /// Average storage bits per cached K/V value over all layers, block scales included.
-    pub fn bits_per_value(&self, kv_dims: &[(u64, u64, u64)]) -> Result<f64, KvSizeError> {
-        let (bytes, values) = self.kv_totals(kv_dims)?;
-        if values == 0 {
-            return Err(KvSizeError::NoValues);
-        }
-        Ok(bytes as f64 * 8.0 / values as f64)
-    }
-
-    /// (total bytes, total values).
-    fn kv_totals(&self, kv_dims: &[(u64, u64, u64)]) -> Result<(u64, u64), KvSizeError> {
-        if kv_dims.len() != self.layers.len() {
-            return Err(KvSizeError::LayerCount { profile: self.layers.len(), given: kv_dims.len() });
-        }
-        let aligned = |layer: usize, tensor: char, t: CacheType, n: u64| {
-            let (block, _) = t.block();
-            // row_bytes floors; ggml refuses such rows, so do we rather than under-count.
-            if n.is_multiple_of(block) {
-                Ok(t.row_bytes(n))
-            } else {
-                Err(KvSizeError::NotBlockAligned { layer, tensor, n, cache_type: t, block })
-            }
-        };
-        let (mut bytes, mut values) = (0u64, 0u64);
-        for (i, (l, &(nk, nv, cells))) in self.layers.iter().zip(kv_dims).enumerate() {
-            let kb = aligned(i, 'K', l.k, nk)?;
-            let vb = aligned(i, 'V', l.v, nv)?;
-            bytes += (kb + vb) * cells;
-            values += (nk + nv) * cells;
-        }
-        Ok((bytes, values))
     }
 
     /// Compact description such as `12×q8_0/q4_0, 6×f16/f16` (K/V pairs, most common first).
@@ -704,30 +654,6 @@ mod tests {
         p.layers[1] = LayerTypes { k: CacheType::Q8_0, v: CacheType::Q4_0 };
         p.layers[2] = p.layers[1];
         assert_eq!(p.summary(), "2×q8_0/q4_0, 1×f16/f16");
-    }
-
-    #[test]
-    fn kv_bytes_and_bits_follow_row_bytes() {
-        let mut p = Profile::uniform(&model(), CacheType::Q8_0, CacheType::Q4_0, "x");
-        p.layers[0] = LayerTypes { k: CacheType::F16, v: CacheType::F16 };
-        // Layer 0: f16, 256+256 values × 10 cells; layers 1-2: q8_0/q4_0, 512 sliding cells.
-        let dims = [(256, 256, 10), (256, 256, 512), (256, 256, 512)];
-        let expected = (512 + 512) * 10 + 2 * (272 + 144) * 512;
-        assert_eq!(p.kv_bytes(&dims).unwrap(), expected);
-        let values = 512 * 10 + 2 * 512 * 512;
-        let bpv = p.bits_per_value(&dims).unwrap();
-        assert!((bpv - expected as f64 * 8.0 / values as f64).abs() < 1e-12);
-        let uniform = Profile::uniform(&model(), CacheType::Q8_0, CacheType::Q8_0, "u");
-        assert_eq!(uniform.bits_per_value(&dims).unwrap(), 8.5);
-    }
-
-    #[test]
-    fn kv_size_rejects_bad_dims() {
-        let p = Profile::uniform(&model(), CacheType::Q8_0, CacheType::Q4_0, "x");
-        assert_eq!(p.kv_bytes(&[(256, 256, 1)]), Err(KvSizeError::LayerCount { profile: 3, given: 1 }));
-        let err = p.kv_bytes(&[(256, 256, 1), (256, 100, 1), (256, 256, 1)]).unwrap_err();
-        assert!(err.to_string().contains("layer 1 V"), "{err}");
-        assert_eq!(p.bits_per_value(&[(256, 256, 0); 3]), Err(KvSizeError::NoValues));
     }
 
     #[test]

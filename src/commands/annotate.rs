@@ -72,7 +72,8 @@ fn rewrite(
     let mut shown = false;
     // Replacing the model in place must survive a crash; a new file needs no flush to disk.
     let same = output.canonicalize().ok().is_some_and(|o| input.canonicalize().ok() == Some(o));
-    let opts = gguf::RewriteOptions { durable: same, page_pad_key: page_pad_key.map(String::from), ..Default::default() };
+    let opts =
+        gguf::RewriteOptions { durable: same, page_pad_key: page_pad_key.map(String::from), ..Default::default() };
     let stats = gguf::rewrite_header(header, output, edits, &opts, &mut |done, total| {
         if !shown && start.elapsed().as_secs_f64() > 1.0 {
             bar.set_draw_target(indicatif::ProgressDrawTarget::stderr());

@@ -3,9 +3,9 @@
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::{self, Read};
-use std::sync::OnceLock;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
 
 use sha2::{Digest, Sha256};
 
@@ -31,8 +31,8 @@ impl MetadataEntry {
     pub fn value(&self) -> &Value {
         self.value.get_or_init(|| {
             let mut b = &self.raw[8 + self.key.len()..];
-            let ty = ValueType::from_id(u32::from_le_bytes(b[..4].try_into().expect("4 bytes")))
-                .expect("checked when read");
+            let ty =
+                ValueType::from_id(u32::from_le_bytes(b[..4].try_into().expect("4 bytes"))).expect("checked when read");
             b = &b[4..];
             decode_value(ty, &mut b)
         })
@@ -255,7 +255,11 @@ impl Src<'_> {
             if let Err(e) = self.file.read_exact(&mut self.buf[have..]) {
                 self.buf.truncate(have);
                 // The file shrank under us; report it as truncation.
-                return Err(if e.kind() == io::ErrorKind::UnexpectedEof { self.truncated(what, n) } else { self.io(e) });
+                return Err(if e.kind() == io::ErrorKind::UnexpectedEof {
+                    self.truncated(what, n)
+                } else {
+                    self.io(e)
+                });
             }
         }
         let range = self.pos as usize..end as usize;
@@ -386,10 +390,9 @@ fn decode_value(ty: ValueType, b: &mut &[u8]) -> Value {
                 .expect("checked when read");
             let count = u64_at(b) as usize;
             let items = match elem.fixed_size() {
-                Some(size) => split(b, count * size as usize)
-                    .chunks_exact(size as usize)
-                    .map(|c| decode_fixed(elem, c))
-                    .collect(),
+                Some(size) => {
+                    split(b, count * size as usize).chunks_exact(size as usize).map(|c| decode_fixed(elem, c)).collect()
+                }
                 None => (0..count).map(|_| decode_value(elem, b)).collect(),
             };
             Value::Array(elem, items)

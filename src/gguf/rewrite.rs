@@ -332,7 +332,10 @@ pub fn rewrite_header(
 /// `None` when the alignment makes that impossible or pointless.
 fn page_padding(unpadded: u64, key: &str, header: &GgufHeader) -> Option<u64> {
     let residue = header.data_offset % COPY_GRANULE;
-    if header.tensors.is_empty() || COPY_GRANULE % header.alignment != 0 || residue % header.alignment != 0 {
+    if header.tensors.is_empty()
+        || !COPY_GRANULE.is_multiple_of(header.alignment)
+        || !residue.is_multiple_of(header.alignment)
+    {
         return None;
     }
     // key length, key, array tag, element type, count
