@@ -100,6 +100,10 @@ pub struct AbArgs {
     /// Chunks to score.
     #[arg(long, default_value_t = 2)]
     pub chunks: usize,
+    /// Tokens per forward step in the quality runs (llama.cpp's -ub). 1 scores every position
+    /// through the single-token decode path (e.g. the GPU's decode kernels) instead of prefill.
+    #[arg(long = "eval-ubatch", default_value_t = 512, value_parser = clap::value_parser!(u32).range(1..))]
+    pub eval_ubatch: u32,
     /// Depths (tokens already in the cache) for the speed runs.
     #[arg(long, value_delimiter = ',', default_value = "0")]
     pub depths: Vec<u32>,

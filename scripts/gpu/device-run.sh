@@ -20,7 +20,10 @@
 # $OUT/summary.txt (the device tool brings back at most 8 files).
 # DEPTHS (default "0 32768 8192 65536"; one ab run each, `0,0` = a warm-up pass then depth 0), REPS
 # (default 2), AGAINST (the uniform caches ab compares, default f16,q8_0,q4_0,q8_0/q4_0) and SKIP
-# (e.g. "stock speed quality") shape a call.
+# (e.g. "stock speed quality fattn") shape a call. EVAL_UBATCH (default 1: every scored token through
+# the single-token decode kernels) is the quality stage's --eval-ubatch. GQA_MODES (default "1") lists the settings of
+# GGML_CUDA_FA_VEC_GQA that `ab` and the quality stage run under: "0 1" measures upstream's decode
+# kernel and patch 0003's in the same call, on the same machine and build (files *-gqa0, *-gqa1).
 # DEADLINE (seconds, default 560) bounds this call: stages that would not fit are left for the
 # next call, and long ones run under `timeout`.
 set -euo pipefail
@@ -32,6 +35,7 @@ DEADLINE=${DEADLINE:-560}
 DEPTHS=${DEPTHS:-0 32768 8192 65536}
 REPS=${REPS:-2}
 AGAINST=${AGAINST:-f16,q8_0,q4_0,q8_0/q4_0}
+GQA_MODES=${GQA_MODES:-1}
 mkdir -p "$B" "$R" "$OUT"
 export PATH=/usr/local/cuda/bin:$PATH
 K=$C/kvtuner
@@ -51,7 +55,8 @@ pack_out() { # $1 = exit status (or "running"): summary.txt + results.tgz in $OU
         echo "== $(date -u +%FT%TZ) call '$MODE', rc $rc"
         # `|| true` and `if`: under set -e a missing file would end the EXIT trap before the tar
         cat "$R/gpu.txt" "$R/build-times.txt" "$R/speed-summary.txt" "$R/logits.txt" 2>/dev/null || true
-        for f in "$R"/quality-ngl*.md "$R"/ab-d*.md; do if [ -f "$f" ]; then echo "-- $(basename "$f")"; cat "$f"; fi; done
+        for f in "$R"/fattn-test-*.txt; do if [ -f "$f" ]; then echo "-- $(basename "$f")"; tail -3 "$f"; fi; done
+        for f in "$R"/quality-*.md "$R"/ab-d*.md; do if [ -f "$f" ]; then echo "-- $(basename "$f")"; cat "$f"; fi; done
         echo "-- progress"; cat "$R/progress.log"
     } > "$OUT/summary.txt" 2>&1
     tar czf "$OUT/results.tgz.tmp" -C "$R" . && mv "$OUT/results.tgz.tmp" "$OUT/results.tgz" || true
@@ -154,60 +159,64 @@ PY
     "$K" profile import-kvtuner "$B/small.preset.yaml" -m "$M/small.gguf" --name small-mixed -o "$R/small-mixed.yaml"
     for v in patched stock; do
         [ -d "$B/lib-$v" ] || continue
-        gcc -O2 -I"$B/$v/include" -I"$B/$v/ggml/include" "$C/speed.c" -o "$B/speed-$v" \
-            -L"$B/lib-$v" -lllama -lggml -lggml-base -Wl,-rpath,"$B/lib-$v"
+        gcc -O2 -shared -fPIC -I"$B/$v/include" -I"$B/$v/ggml/include" "$C/step.c" -o "$B/step-$v.so" \
+            -L"$B/lib-$v" -lllama -Wl,--disable-new-dtags,-rpath,"$B/lib-$v"
     done
+    gcc -O2 "$C/interleave.c" -o "$B/interleave" -ldl -lm
     mark prep
 }
 
 # --- measurements --------------------------------------------------------------------------
-speed_stock_vs_patched() { # patched (no profile) vs unpatched, same tree, interleaved
+speed_stock_vs_patched() { # patched (no profile) vs unpatched, same tree, both in one process
     local M; M=$(cat "$B/models_dir")
-    : > "$R/speed-patched.txt"; : > "$R/speed-stock.txt"
-    log "speed.c patched vs unpatched, 3 rounds x 2 reps"
-    for i in 1 2 3; do
-        LD_LIBRARY_PATH=$LIBP "$B/speed-patched" "$M/l8b.gguf" 2 "$B/logits-patched.bin" >> "$R/speed-patched.txt"
-        LD_LIBRARY_PATH=$LIBS "$B/speed-stock" "$M/l8b.gguf" 2 "$B/logits-stock.bin" >> "$R/speed-stock.txt"
-    done
-    if cmp -s "$B/logits-patched.bin" "$B/logits-stock.bin"; then r="logits bit-identical"; else r="logits DIFFERENT"; fi
-    echo "$r ($(stat -c %s "$B/logits-patched.bin") bytes each)" | tee "$R/logits.txt"
-    python3 - "$R" <<'PY' | tee "$R/speed-summary.txt"
-import statistics, sys
-r = sys.argv[1]
-def load(v):
-    rows = [l.split() for l in open(f"{r}/speed-{v}.txt") if l.startswith("pp512")]
-    return [float(x[1]) for x in rows], [float(x[3]) for x in rows]
-(pp_p, tg_p), (pp_s, tg_s) = load("patched"), load("stock")
-for name, a, b in (("pp512", pp_p, pp_s), ("tg128", tg_p, tg_s)):
-    ma, mb = statistics.median(a), statistics.median(b)
-    print(f"{name}: patched median {ma:.2f} ({min(a):.2f}-{max(a):.2f}), unpatched median {mb:.2f} ({min(b):.2f}-{max(b):.2f}), ratio {ma / mb:.4f}, n={len(a)}")
-PY
+    log "interleave patched vs unpatched, 10 rounds"
+    # no LD_LIBRARY_PATH: each step.so finds its own build through its rpath
+    env -u LD_LIBRARY_PATH "$B/interleave" "$B/step-stock.so" "$B/step-patched.so" "$M/l8b.gguf" 10 4 \
+        > "$R/speed-summary.txt" 2> "$R/speed-rounds.txt"
+    cat "$R/speed-summary.txt"
     mark speed
+}
+
+fattn_test() { # the flash-attention op, GPU against CPU, with upstream's and patch 0003's decode kernel
+    g++ -O2 -std=c++17 -I"$B/patched/ggml/include" "$C/fattn-test.cpp" -o "$B/fattn-test" \
+        -L"$LIBP" -lggml -lggml-base -lggml-cpu -Wl,-rpath,"$LIBP"
+    local m
+    for m in 0 1; do
+        log "fattn-test GGML_CUDA_FA_VEC_GQA=$m"
+        GGML_CUDA_FA_VEC_GQA=$m timeout "$(limit 5)" "$B/fattn-test" "$(cat "$C/fa_pairs.txt")" > "$R/fattn-test-gqa$m.txt" 2>&1 \
+            || log "fattn-test gqa $m: failures (see fattn-test-gqa$m.txt)"
+        tail -1 "$R/fattn-test-gqa$m.txt"
+    done
+    mark fattn
 }
 
 quality() { # GPU vs CPU, small synthetic model, one mixed profile
     local M ngl; M=$(cat "$B/models_dir")
-    for ngl in 99 0; do
-        log "quality ngl $ngl"
-        LD_LIBRARY_PATH=$LIBP timeout "$(limit 5)" "$K" ab -m "$M/small.gguf" --text "$C/lee_background.cor" -c 512 --chunks 8 --ngl $ngl --no-speed \
-            --against f16,q8_0/q4_0 --profile "$R/small-mixed.yaml" --json "$R/quality-ngl$ngl.json" > "$R/quality-ngl$ngl.md" 2> "$R/quality-ngl$ngl.log"
+    local runs=("0 -") m ngl name
+    for m in $GQA_MODES; do runs+=("99 $m"); done
+    for run in "${runs[@]}"; do
+        read -r ngl m <<< "$run"
+        name=quality-ngl$ngl; [ "$m" = - ] || name=$name-gqa$m
+        log "quality ngl $ngl, GGML_CUDA_FA_VEC_GQA=$m"
+        GGML_CUDA_FA_VEC_GQA=${m/-/1} LD_LIBRARY_PATH=$LIBP timeout "$(limit 5)" "$K" ab -m "$M/small.gguf" --text "$C/lee_background.cor" -c 512 --chunks 8 --ngl $ngl --no-speed --eval-ubatch "${EVAL_UBATCH:-1}" \
+            --against f16,q8_0,q4_0,q8_0/q4_0 --profile "$R/small-mixed.yaml" --json "$R/$name.json" > "$R/$name.md" 2> "$R/$name.log"
     done
     mark quality
 }
 
-ab_depth() { # $1 = depth
-    local M d=$1; M=$(cat "$B/models_dir")
-    log "ab 8B at depth $d ($(left) s left)"
-    LD_LIBRARY_PATH=$LIBP timeout "$(limit 5)" "$K" ab -m "$M/l8b.gguf" --no-quality --ngl 99 --fa on -c 66048 \
+ab_depth() { # $1 = depth, $2 = GGML_CUDA_FA_VEC_GQA
+    local M d=$1 m=$2; M=$(cat "$B/models_dir")
+    log "ab 8B at depth $d, GGML_CUDA_FA_VEC_GQA=$m ($(left) s left)"
+    GGML_CUDA_FA_VEC_GQA=$m LD_LIBRARY_PATH=$LIBP timeout "$(limit 5)" "$K" ab -m "$M/l8b.gguf" --no-quality --ngl 99 --fa on -c 66048 \
         --depths "$d" --reps "$REPS" --against "$AGAINST" \
         --profile "$R/mixed-6.5.yaml" --profile "$R/mixed-5.5.yaml" \
-        --json "$R/ab-d$d.json" > "$R/ab-d$d.md" 2> "$R/ab-d$d.log" || { log "ab depth $d failed or stopped"; tail -5 "$R/ab-d$d.log"; return 1; }
-    mark "ab$d"
+        --json "$R/ab-d$d-gqa$m.json" > "$R/ab-d$d-gqa$m.md" 2> "$R/ab-d$d-gqa$m.log" || { log "ab depth $d gqa $m failed or stopped"; tail -5 "$R/ab-d$d-gqa$m.log"; return 1; }
+    mark "ab$d-gqa$m"
     pack_out running # a call cut off later still returns this depth
 }
 
 # rough seconds each stage needs (a stage starts only if it fits in what is left)
-need_ab() { case $1 in 0 | 0,0) echo 50 ;; 8192) echo 60 ;; 32768) echo 120 ;; *) echo 150 ;; esac; } # 65536: 114 s with 6 configs
+need_ab() { case $1 in 0 | 0,0) echo 50 ;; 8192) echo 60 ;; 16384) echo 80 ;; 32768) echo 120 ;; *) echo 150 ;; esac; } # 65536: 132 s with 7 configs
 
 case $MODE in
 build | measure)
@@ -223,11 +232,14 @@ build | measure)
     [ -x "$K" ] || { log "no kvtuner binary in .device-carry: builds only"; exit 0; }
     if ! done_ prep; then prep; fi
     if ! done_ speed && ! skip speed && done_ stock && [ "$(left)" -gt 100 ]; then speed_stock_vs_patched; fi
-    if ! done_ quality && ! skip quality && [ "$(left)" -gt 60 ]; then quality || log "quality failed"; fi
+    if ! done_ fattn && ! skip fattn && [ "$(left)" -gt 60 ]; then fattn_test || log "fattn-test failed"; fi
     for d in $DEPTHS; do
-        done_ "ab$d" && continue
-        if [ "$(left)" -gt "$(need_ab "$d")" ]; then ab_depth "$d" || true; else log "skip ab depth $d: $(left) s left"; fi
+        for m in $GQA_MODES; do
+            done_ "ab$d-gqa$m" && continue
+            if [ "$(left)" -gt "$(need_ab "$d")" ]; then ab_depth "$d" "$m" || true; else log "skip ab depth $d gqa $m: $(left) s left"; fi
+        done
     done
+    if ! done_ quality && ! skip quality && [ "$(left)" -gt 60 ]; then quality || log "quality failed"; fi
     ;;
 *) echo "usage: $0 build|measure" >&2; exit 2 ;;
 esac

@@ -123,7 +123,8 @@ pub fn run(args: AbArgs) -> anyhow::Result<()> {
         None
     } else {
         eprintln!("quality: {} chunk(s) of {} tokens of {label}", args.chunks, args.ctx_size);
-        Some(Evaluator::new(&model, &text, args.ctx_size, args.chunks, &base)?)
+        let eval_base = ContextParams { n_ubatch: args.eval_ubatch, ..base.clone() };
+        Some(Evaluator::new(&model, &text, args.ctx_size, args.chunks, &eval_base)?)
     };
     let base_ppl = ev.as_ref().map_or(f64::NAN, |e| e.baseline_ppl());
     let layout = KvLayout::probe(&model)?;
@@ -134,7 +135,7 @@ pub fn run(args: AbArgs) -> anyhow::Result<()> {
     let mut rows = Vec::new();
     for c in &configs {
         let s: Option<Summary> = match ev.as_mut() {
-            Some(ev) => Some(ev.score(&c.params)?.summary()),
+            Some(ev) => Some(ev.score(&ContextParams { n_ubatch: args.eval_ubatch, ..c.params.clone() })?.summary()),
             None => None,
         };
         let ctx = Context::new(&model, &ContextParams { n_ctx: args.ctx_size, ..c.params.clone() })?;
