@@ -17,8 +17,12 @@ threads=${3:-2}
 work=$root/target/bench-stock-vs-patched
 mkdir -p "$work"
 
-# kvtuner's patched shared build: the cache entry whose tree carries patch 0001
-patched=$(grep -l type_k_layers "$root"/target/dyn/kvtuner-llama/*/src/include/llama.h 2>/dev/null | head -1 | xargs -r dirname | xargs -r dirname | xargs -r dirname)
+# kvtuner's patched shared build: the most recently built cache entry whose tree carries patch 0001
+patched=""
+for stamp in $(ls -t "$root"/target/dyn/kvtuner-llama/*/built.stamp 2>/dev/null); do
+    d=$(dirname "$stamp")
+    if grep -q type_k_layers "$d/src/include/llama.h"; then patched=$d; break; fi
+done
 [ -n "$patched" ] && [ -f "$patched/built.stamp" ] || {
     echo "build the shared patched tree first: CARGO_TARGET_DIR=target/dyn cargo build --release --features dynamic-link" >&2
     exit 1
