@@ -114,3 +114,50 @@ fn ab_rejects_bad_input_clearly() {
     let e = err(&["ab", "-m", m, "--text", text.to_str().unwrap(), "--profile", p.to_str().unwrap(), "--no-speed"]);
     assert!(e.contains("does not fit") && e.contains("fingerprint"), "{e}");
 }
+
+/// `--eval-ubatch 1` scores every position through single-token decodes: the same positions and
+/// baseline as a whole-chunk batch, with KLDs of the same size (the kernels differ, so the values
+/// are close, not equal); 0 is refused.
+#[test]
+fn ab_eval_ubatch_one_scores_token_by_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec =
+        kvtuner::synth::SynthSpec { n_layer: 2, name: "synthetic-ub".into(), ..kvtuner::synth::SynthSpec::tiny() };
+    let model = common::synth_model(dir.path(), &spec);
+    let text = dir.path().join("eval.txt");
+    std::fs::write(&text, common::eval_text()).unwrap();
+    let run = |ubatch: &str, json: &std::path::Path| {
+        kvtuner(&[
+            "ab",
+            "-m",
+            model.to_str().unwrap(),
+            "--text",
+            text.to_str().unwrap(),
+            "-c",
+            "128",
+            "--chunks",
+            "1",
+            "--no-speed",
+            "--against",
+            "f16,q4_0",
+            "--eval-ubatch",
+            ubatch,
+            "--json",
+            json.to_str().unwrap(),
+        ])
+    };
+    let kld = |json: &std::path::Path| -> Vec<f64> {
+        let rows: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(json).unwrap()).unwrap();
+        rows.as_array().unwrap().iter().map(|r| r["kld_mean"].as_f64().unwrap()).collect()
+    };
+    let (batched, single) = (dir.path().join("b.json"), dir.path().join("s.json"));
+    assert!(run("512", &batched).status.success());
+    let out = run("1", &single);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let (b, s) = (kld(&batched), kld(&single));
+    assert!(b[0] < 1e-6 && s[0] < 1e-6, "baselines against themselves: {b:?} {s:?}");
+    assert!(s[1] > 0.0 && (s[1] / b[1] - 1.0).abs() < 0.25, "q4_0 KLD batched {} vs token by token {}", b[1], s[1]);
+    let out = run("0", &single);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("eval-ubatch"));
+}

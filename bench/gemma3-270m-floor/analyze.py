@@ -13,8 +13,13 @@ single-half KLD <= tau exists at a size only if choosing, for every half, the sm
 allowed by tau fits the size; the smallest such tau bounds every profile of that size from
 below. q5_0 halves (not measured) are given their q8_0 value, which can only lower the bound.
 
-  analyze.py single.json inspect.json [CTX]
+  analyze.py single.json inspect.json [CTX] [PRESET_DIR]
+
+With PRESET_DIR, also writes the profile that attains each bound (as KVTuner presets, for
+`kvtuner profile import-kvtuner`): an oracle chosen with the evaluation text itself, to be
+measured as a feasibility probe only (never reported as a tuned result).
 """
+import os
 import json
 import sys
 
@@ -23,6 +28,8 @@ BITS = {"f16": 16.0, "q8_0": 8.5, "q5_0": 5.5, "q4_0": 4.5}
 ab = {c["name"]: c for c in json.load(open(sys.argv[1]))}
 shape = json.load(open(sys.argv[2]))
 ctx = int(sys.argv[3]) if len(sys.argv) > 3 else 1024
+preset_dir = sys.argv[4] if len(sys.argv) > 4 else None
+PRESET_BITS = {"f16": 16, "q8_0": 8, "q5_0": 5, "q4_0": 4}
 n_layer = shape["layers"]
 sliding = set(shape["sliding_layers"])
 window = shape["sliding_window"]
@@ -96,4 +103,8 @@ for name in ["q8_0/q5_0", "q8_0/q4_0", "q5_0"]:
     target = 0.7 * c["kld_mean"]
     reach = "no" if tau is not None and tau > target else "not excluded"
     print(f"| {name} | {budget:.2f} | {c['kld_mean']:.5f} | {target:.5f} | {tau:.5f} | {reach} |")
+    if preset_dir and pick:
+        with open(os.path.join(preset_dir, f"oracle-{name.replace('/', '-')}.preset.yaml"), "w") as f:
+            for il in range(n_layer):
+                f.write(f"{il}: {{nbits_key: {PRESET_BITS[pick[(il, 'K')]]}, nbits_value: {PRESET_BITS[pick[(il, 'V')]]}}}\n")
 print(f"\nproperty held on every checked configuration: {'yes' if ok_all else 'NO'}")
