@@ -8,7 +8,7 @@
 #                                             libllama is rebuilt in the same build folder), the
 #                                             synthetic models, and, while time is left, the
 #                                             patched-vs-unpatched speed and the quality stages
-#   bash .device-carry/device-run.sh measure  whatever stage is not done yet: speed.c patched vs
+#   bash .device-carry/device-run.sh measure  whatever stage is not done yet: step.c/interleave.c patched vs
 #                                             unpatched, GPU vs CPU quality on a small synthetic
 #                                             model, then `kvtuner ab --no-quality` on the
 #                                             Llama-3.1-8B-shaped model at depths 0, 32768, 8192,
@@ -104,7 +104,17 @@ build_stock() { # the unpatched libllama, rebuilt in the patched build folder (g
     mapfile -t changed < <(cd "$B/stock" && { diff -rq include "$B/patched-orig/include" || true; diff -rq src "$B/patched-orig/src" || true; } | awk '/^Files / {print $2}')
     log "unpatched files: ${changed[*]}"
     [ ${#changed[@]} -gt 0 ]
-    if ! diff -rq "$B/stock/ggml" "$src/ggml" --exclude=build > /dev/null 2>&1; then log "ggml differs between the trees: cannot share it"; return 1; fi
+    if ! diff -rq "$B/stock/ggml" "$src/ggml" --exclude=build > /dev/null 2>&1; then
+        # a patch of ours touches ggml (0003, ggml-cuda): the unpatched tree needs its own build
+        log "ggml differs between the trees: full unpatched build ($(left) s left)"
+        cmake_configure "$B/stock" > "$R/cmake-stock.log" 2>&1 || { tail -30 "$R/cmake-stock.log"; return 1; }
+        timeout "$(limit 20)" cmake --build "$B/stock/build" --target llama -j"$(nproc)" > "$R/build-stock.log" 2>&1 \
+            || { log "unpatched build stopped or failed"; tail -30 "$R/build-stock.log"; return 1; }
+        rm -rf "$LIBS" && mkdir -p "$LIBS" && cp -a "$B/stock"/build/bin/lib*.so* "$LIBS"/
+        echo "build unpatched (whole tree): $((SECONDS - t0)) s" | tee -a "$R/build-times.txt"
+        mark stock
+        return 0
+    fi
     for f in "${changed[@]}"; do cp "$B/stock/$f" "$src/$f"; done # new mtimes: ninja rebuilds these
     log "build unpatched libllama"
     cmake --build "$src/build" --target llama -j"$(nproc)" > "$R/build-stock.log" 2>&1 || { tail -30 "$R/build-stock.log"; return 1; }
