@@ -272,7 +272,7 @@ fn rewrite_set_then_remove_is_identity_and_set_is_idempotent() {
     assert_eq!(keys, expected);
     assert_eq!(ha.get_str_array("kvtuner.cache_types").unwrap(), ["q8_0", "f16", "q4_0"]);
     for e in &h0.metadata {
-        assert_eq!(ha.entry(&e.key).unwrap().raw, e.raw, "{} changed", e.key);
+        assert_eq!(ha.entry(e.key()).unwrap().raw(), e.raw(), "{} changed", e.key());
     }
     // Tensor data identical.
     let ab = fs::read(&a).unwrap();
@@ -469,11 +469,11 @@ proptest! {
         let h = read_header(&p).unwrap();
         prop_assert_eq!(h.metadata.len(), kvs.len());
         for (e, (k, v)) in h.metadata.iter().zip(&kvs) {
-            prop_assert_eq!(&e.key, k);
+            prop_assert_eq!(e.key(), k.as_str());
             prop_assert_eq!(e.value(), v);
             let mut raw = Vec::new();
             encode_kv(k, v, &mut raw);
-            prop_assert_eq!(&e.raw, &raw);
+            prop_assert_eq!(e.raw(), &raw[..]);
         }
         prop_assert_eq!(h.file_len, bytes.len() as u64);
 

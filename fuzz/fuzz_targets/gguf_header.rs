@@ -27,10 +27,10 @@ fuzz_target!(|data: &[u8]| {
             // encodes as 1; the rewriter copies raw bytes, so that never changes a file)
             for e in &header.metadata {
                 let mut raw = Vec::new();
-                kvtuner::gguf::encode_kv(&e.key, e.value(), &mut raw);
-                assert_eq!(raw.len(), e.raw.len());
+                kvtuner::gguf::encode_kv(e.key(), e.value(), &mut raw);
+                assert_eq!(raw.len(), e.raw().len());
                 if !has_bool(e.value()) {
-                    assert_eq!(raw, e.raw);
+                    assert_eq!(raw, e.raw());
                 }
             }
             for t in &header.tensors {

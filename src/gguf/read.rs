@@ -18,15 +18,24 @@ pub const MAX_ARRAY_DEPTH: usize = 16;
 
 /// One metadata entry as read from the file. Its value is decoded from `raw` on first use, so
 /// reading a header with a 262k-entry vocabulary allocates no per-token strings unless asked.
+/// Read-only: the value is decoded from `raw`, which must stay the bytes that were checked.
 #[derive(Debug, Clone)]
 pub struct MetadataEntry {
-    pub key: String,
-    /// The entry's exact bytes in the file: key length, key, type tag and payload.
-    pub raw: Vec<u8>,
+    key: String,
+    raw: Vec<u8>,
     value: OnceLock<Value>,
 }
 
 impl MetadataEntry {
+    pub fn key(&self) -> &str {
+        &self.key
+    }
+
+    /// The entry's exact bytes in the file: key length, key, type tag and payload.
+    pub fn raw(&self) -> &[u8] {
+        &self.raw
+    }
+
     /// The decoded value (checked when the header was read).
     pub fn value(&self) -> &Value {
         self.value.get_or_init(|| {
@@ -134,7 +143,7 @@ impl GgufHeader {
 
     /// Metadata keys in file order.
     pub fn keys(&self) -> impl Iterator<Item = &str> {
-        self.metadata.iter().map(|e| e.key.as_str())
+        self.metadata.iter().map(|e| e.key())
     }
 
     /// Bytes of the tensor data section (from `data_offset` to the end of the file).

@@ -180,15 +180,15 @@ pub fn rewrite_header(
     let mut entries: Vec<Cow<'_, [u8]>> = Vec::with_capacity(header.metadata.len());
     let (mut replaced, mut removed) = (0, 0);
     for e in &header.metadata {
-        if let Some(v) = edits.value_for(&e.key) {
+        if let Some(v) = edits.value_for(e.key()) {
             let mut raw = Vec::new();
-            encode_kv(&e.key, v, &mut raw);
+            encode_kv(e.key(), v, &mut raw);
             entries.push(Cow::Owned(raw));
             replaced += 1;
-        } else if edits.removes(&e.key) || opts.page_pad_key.as_deref() == Some(e.key.as_str()) {
+        } else if edits.removes(e.key()) || opts.page_pad_key.as_deref() == Some(e.key()) {
             removed += 1;
         } else {
-            entries.push(Cow::Borrowed(&e.raw));
+            entries.push(Cow::Borrowed(e.raw()));
         }
     }
     let mut appended_keys: Vec<&str> = Vec::new();

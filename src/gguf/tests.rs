@@ -36,8 +36,8 @@ fn header_fields_and_raw_bytes() {
     assert_eq!(h.file_len, h.data_offset + 160 + 32);
     for e in &h.metadata {
         let mut raw = Vec::new();
-        encode_kv(&e.key, e.value(), &mut raw);
-        assert_eq!(raw, e.raw);
+        encode_kv(e.key(), e.value(), &mut raw);
+        assert_eq!(raw, e.raw());
     }
     let info = &bytes[h.tensor_info_range.start as usize..h.tensor_info_range.end as usize];
     let mut expected = Vec::new();
