@@ -92,6 +92,9 @@ pub struct Evaluator<'m> {
     model: &'m Model,
     n_ctx: u32,
     n_threads: i32,
+    /// Tokens per forward step (llama.cpp's n_ubatch), the same for the baseline and every
+    /// configuration scored, so they all run the same kernels (1 = single-token decodes).
+    n_ubatch: u32,
     chunks: Vec<BaselineChunk>,
     n_vocab: usize,
     /// Forward passes run so far (baseline included).
@@ -153,7 +156,8 @@ fn kld_row(probs: &[f32], negent: f64, logits: &[f32]) -> (f64, u32, f64) {
 
 impl<'m> Evaluator<'m> {
     /// Tokenizes `text`, cuts up to `max_chunks` chunks of `n_ctx` tokens and computes the
-    /// f16-cache baseline with `base` (its cache types are overridden to uniform f16).
+    /// f16-cache baseline with `base` (its cache types are overridden to uniform f16). Every
+    /// configuration is later scored with `base.n_ubatch` as its step size.
     pub fn new(
         model: &'m Model,
         text: &str,
@@ -175,6 +179,7 @@ impl<'m> Evaluator<'m> {
             model,
             n_ctx,
             n_threads: base.n_threads,
+            n_ubatch: base.n_ubatch.min(n_ctx).max(1),
             chunks: Vec::new(),
             n_vocab: model.n_vocab(),
             forward_passes: 0,
@@ -201,7 +206,7 @@ impl<'m> Evaluator<'m> {
         Ok(ev)
     }
 
-    /// Context parameters for a configuration: `base` with the evaluator's context size, and
+    /// Context parameters for a configuration: `base` with the evaluator's context and step size, and
     /// with uniform f16 when `layers` is None and no types are given.
     fn params(&self, base: &ContextParams, config: Option<&ContextParams>) -> ContextParams {
         let mut p = config.cloned().unwrap_or_else(|| ContextParams {
@@ -213,7 +218,7 @@ impl<'m> Evaluator<'m> {
         });
         p.n_ctx = self.n_ctx;
         p.n_batch = self.n_ctx;
-        p.n_ubatch = p.n_ubatch.min(self.n_ctx).max(1);
+        p.n_ubatch = self.n_ubatch;
         p
     }
 

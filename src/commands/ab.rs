@@ -135,7 +135,7 @@ pub fn run(args: AbArgs) -> anyhow::Result<()> {
     let mut rows = Vec::new();
     for c in &configs {
         let s: Option<Summary> = match ev.as_mut() {
-            Some(ev) => Some(ev.score(&ContextParams { n_ubatch: args.eval_ubatch, ..c.params.clone() })?.summary()),
+            Some(ev) => Some(ev.score(&c.params)?.summary()),
             None => None,
         };
         let ctx = Context::new(&model, &ContextParams { n_ctx: args.ctx_size, ..c.params.clone() })?;
