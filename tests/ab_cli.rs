@@ -7,11 +7,8 @@ use common::kvtuner;
 #[test]
 fn ab_prints_a_table_writes_json_and_svg_and_repeats_exactly() {
     let dir = tempfile::tempdir().unwrap();
-    let spec =
-        kvtuner::synth::SynthSpec { n_layer: 4, name: "synthetic-ab".into(), ..kvtuner::synth::SynthSpec::tiny() };
-    let model = common::synth_model(dir.path(), &spec);
-    let text = dir.path().join("eval.txt");
-    std::fs::write(&text, common::eval_text()).unwrap();
+    let model = common::tiny_model(dir.path(), 4, "synthetic-ab");
+    let text = common::eval_text_file(dir.path());
     let (json, svg) = (dir.path().join("ab.json"), dir.path().join("ab.svg"));
     let args = |json: &std::path::Path| {
         vec![
@@ -74,9 +71,7 @@ fn ab_prints_a_table_writes_json_and_svg_and_repeats_exactly() {
 #[test]
 fn ab_rejects_bad_input_clearly() {
     let dir = tempfile::tempdir().unwrap();
-    let spec =
-        kvtuner::synth::SynthSpec { n_layer: 4, name: "synthetic-ab-bad".into(), ..kvtuner::synth::SynthSpec::tiny() };
-    let model = common::synth_model(dir.path(), &spec);
+    let model = common::tiny_model(dir.path(), 4, "synthetic-ab-bad");
     let m = model.to_str().unwrap();
     let short = dir.path().join("short.txt");
     std::fs::write(&short, "too short").unwrap();
@@ -109,8 +104,7 @@ fn ab_rejects_bad_input_clearly() {
     );
     let p = dir.path().join("other.yaml");
     profile.save(&p).unwrap();
-    let text = dir.path().join("eval.txt");
-    std::fs::write(&text, common::eval_text()).unwrap();
+    let text = common::eval_text_file(dir.path());
     let e = err(&["ab", "-m", m, "--text", text.to_str().unwrap(), "--profile", p.to_str().unwrap(), "--no-speed"]);
     assert!(e.contains("does not fit") && e.contains("fingerprint"), "{e}");
 }
@@ -121,11 +115,8 @@ fn ab_rejects_bad_input_clearly() {
 #[test]
 fn ab_eval_ubatch_one_scores_token_by_token() {
     let dir = tempfile::tempdir().unwrap();
-    let spec =
-        kvtuner::synth::SynthSpec { n_layer: 2, name: "synthetic-ub".into(), ..kvtuner::synth::SynthSpec::tiny() };
-    let model = common::synth_model(dir.path(), &spec);
-    let text = dir.path().join("eval.txt");
-    std::fs::write(&text, common::eval_text()).unwrap();
+    let model = common::tiny_model(dir.path(), 2, "synthetic-ub");
+    let text = common::eval_text_file(dir.path());
     let run = |ubatch: &str, json: &std::path::Path| {
         kvtuner(&[
             "ab",

@@ -102,9 +102,7 @@ fn applied(model: &Model, params: &ContextParams) -> Vec<(CacheType, CacheType)>
 #[test]
 fn runtime_applies_the_embedded_profile_by_itself() {
     let dir = tempfile::tempdir().unwrap();
-    let spec =
-        kvtuner::synth::SynthSpec { n_layer: 6, name: "synthetic-auto".into(), ..kvtuner::synth::SynthSpec::tiny() };
-    let model_path = common::synth_model(dir.path(), &spec);
+    let model_path = common::tiny_model(dir.path(), 6, "synthetic-auto");
     let (profile_path, profile) = mixed_profile(&model_path, dir.path());
     let annotated = dir.path().join("annotated.gguf");
     ok(&["annotate", p(&model_path), "--profile", p(&profile_path), "-o", p(&annotated)]);
@@ -137,9 +135,7 @@ fn runtime_applies_the_embedded_profile_by_itself() {
 #[test]
 fn malformed_embedded_profiles_fall_back_to_uniform_types() {
     let dir = tempfile::tempdir().unwrap();
-    let spec =
-        kvtuner::synth::SynthSpec { n_layer: 4, name: "synthetic-bad".into(), ..kvtuner::synth::SynthSpec::tiny() };
-    let model_path = common::synth_model(dir.path(), &spec);
+    let model_path = common::tiny_model(dir.path(), 4, "synthetic-bad");
     let cases = [
         ("short", Value::str_array(["q8_0", "q8_0", "q8_0"]), "has 3 entries"),
         ("unknown", Value::str_array(["q8_0", "q3_k", "q8_0", "q8_0"]), "\"q3_k\" is not a KV cache type"),
@@ -187,10 +183,7 @@ fn a_profile_for_another_model_is_refused_unless_forced() {
     ok(&["annotate", p(&b), "--profile", p(&profile), "-o", p(&out), "--force"]);
     assert!(out.exists());
 
-    let c = common::synth_model(
-        dir.path(),
-        &kvtuner::synth::SynthSpec { n_layer: 3, name: "model-c".into(), ..kvtuner::synth::SynthSpec::tiny() },
-    );
+    let c = common::tiny_model(dir.path(), 3, "model-c");
     let res = kvtuner(&["annotate", p(&c), "--profile", p(&profile), "-o", p(&dir.path().join("c.gguf")), "--force"]);
     assert!(!res.status.success());
     assert!(String::from_utf8_lossy(&res.stderr).contains("4 layers but the model has 3"));

@@ -15,9 +15,7 @@ use common::kvtuner;
 #[test]
 fn calibrate_yields_a_complete_table_and_search_a_verified_profile() {
     let dir = tempfile::tempdir().unwrap();
-    let spec =
-        kvtuner::synth::SynthSpec { n_layer: 4, name: "synthetic-calib".into(), ..kvtuner::synth::SynthSpec::tiny() };
-    let path = common::synth_model(dir.path(), &spec);
+    let path = common::tiny_model(dir.path(), 4, "synthetic-calib");
     let identity = ModelIdentity::from_header(&gguf::read_header(&path).unwrap()).unwrap();
     let model = Model::load(Backend::init(), &path, &ModelParams::default()).unwrap();
     let text = common::eval_text();
@@ -62,8 +60,7 @@ fn calibrate_yields_a_complete_table_and_search_a_verified_profile() {
 
     // The binary: search at a budget, verify on text, write a profile bound to the model.
     let out = dir.path().join("p.yaml");
-    let text_file = dir.path().join("eval.txt");
-    std::fs::write(&text_file, &text).unwrap();
+    let text_file = common::eval_text_file(dir.path());
     let res = kvtuner(&[
         "search",
         sens_path.to_str().unwrap(),

@@ -26,6 +26,18 @@ pub fn eval_text() -> String {
     kvtuner::assets::load_split(&kvtuner::assets::cache_dir()).expect("fetching the Lee corpus").evaluation
 }
 
+/// The held-out half of the Lee corpus written to `dir/eval.txt`, for commands that read a file.
+pub fn eval_text_file(dir: &Path) -> PathBuf {
+    let path = dir.join("eval.txt");
+    std::fs::write(&path, eval_text()).expect("writing the evaluation text");
+    path
+}
+
+/// A tiny synthetic llama model (`SynthSpec::tiny`) with `n_layer` layers, written into `dir`.
+pub fn tiny_model(dir: &Path, n_layer: u32, name: &str) -> PathBuf {
+    synth_model(dir, &SynthSpec { n_layer, name: name.into(), ..SynthSpec::tiny() })
+}
+
 /// Writes a synthetic model of `spec` into `dir`.
 pub fn synth_model(dir: &Path, spec: &SynthSpec) -> PathBuf {
     let path = dir.join(format!("{}.gguf", spec.name));
@@ -35,8 +47,7 @@ pub fn synth_model(dir: &Path, spec: &SynthSpec) -> PathBuf {
 
 /// A small llama-architecture model with head dim 64 (q4_0/q8_0 blocks of 32 divide it).
 pub fn synth_llama(dir: &Path) -> Model {
-    let spec = SynthSpec { n_layer: 6, name: "synthetic-llama-6l".into(), ..SynthSpec::tiny() };
-    let path = synth_model(dir, &spec);
+    let path = tiny_model(dir, 6, "synthetic-llama-6l");
     Model::load(Backend::init(), &path, &ModelParams::default()).expect("loading the synthetic model")
 }
 
