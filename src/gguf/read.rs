@@ -17,8 +17,8 @@ use super::{ALIGNMENT_KEY, DEFAULT_ALIGNMENT, GGUF_MAGIC, MAX_DIMS};
 pub const MAX_ARRAY_DEPTH: usize = 16;
 
 /// One metadata entry as read from the file. Its value is decoded from `raw` on first use, so
-/// reading a header with a 262k-entry vocabulary allocates no per-token strings unless asked.
-/// Read-only: the value is decoded from `raw`, which must stay the bytes that were checked.
+/// reading a header with a 262k-entry vocabulary allocates no per-token strings unless asked;
+/// the entry is read-only so that `raw` stays the bytes that were checked.
 #[derive(Debug, Clone)]
 pub struct MetadataEntry {
     key: String,

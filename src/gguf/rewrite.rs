@@ -328,8 +328,7 @@ pub fn rewrite_header(
 
 /// Zero bytes for a `key` entry (an array of u8) such that a header of `unpadded` bytes plus
 /// that entry ends exactly at an offset congruent to the input's data offset modulo
-/// [`COPY_GRANULE`].
-/// `None` when the alignment makes that impossible or pointless.
+/// [`COPY_GRANULE`]; `None` when the alignment makes that impossible or pointless.
 fn page_padding(unpadded: u64, key: &str, header: &GgufHeader) -> Option<u64> {
     let residue = header.data_offset % COPY_GRANULE;
     if header.tensors.is_empty()
