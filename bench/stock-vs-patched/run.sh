@@ -5,7 +5,7 @@
 #
 # Needs kvtuner's shared-library build of the patched tree:
 #   CARGO_TARGET_DIR=target/dyn cargo build --release --features dynamic-link
-# Builds the same tree with the patch series reversed (= the pinned source) as shared libraries,
+# Builds the pinned source as it is (scripts/pinned-tree.sh) as shared libraries with the same options,
 # compiles step.c against each tree's llama.h, and runs interleave.c.
 #
 #   bench/stock-vs-patched/run.sh [MODEL] [ROUNDS] [THREADS]
@@ -28,16 +28,11 @@ done
     exit 1
 }
 
-# the unpatched tree: the patched copy with the series reversed, built with the same options
+# the unpatched tree: the pinned source as it is, built with the same options
 stock=$work/stock-shared
 if [ ! -f "$stock/built.stamp" ]; then
     rm -rf "$stock" && mkdir -p "$stock"
-    cp -r "$patched/src" "$stock/src"
-    mapfile -t series < <(grep -v '^#' "$root/patches/series" | sed '/^\s*$/d' | tac)
-    for p in "${series[@]}"; do
-        (cd "$stock/src" && GIT_CEILING_DIRECTORIES="$stock" git apply -R -p1 "$root/patches/$p")
-    done
-    ! grep -q type_k_layers "$stock/src/include/llama.h"
+    cp -r "$("$root/scripts/pinned-tree.sh")" "$stock/src"
     opts=$(grep -E '^(LLAMA_BUILD|LLAMA_CURL|LLAMA_OPENSSL|GGML_OPENMP|GGML_NATIVE|GGML_BLAS|GGML_CCACHE|LLAMA_ALL_WARNINGS|BUILD_SHARED_LIBS)[A-Z_]*:' "$patched/build/CMakeCache.txt" | sed -E 's/^([A-Z_]+):[A-Z]+=(.*)$/-D\1=\2/')
     CCACHE_BASEDIR="$stock" CCACHE_NOHASHDIR=1 cmake -S "$stock/src" -B "$stock/build" -DCMAKE_BUILD_TYPE=Release $opts >/dev/null
     CCACHE_BASEDIR="$stock" CCACHE_NOHASHDIR=1 cmake --build "$stock/build" --target llama -j"$(nproc)" >/dev/null

@@ -10,11 +10,7 @@ root=$(cd "$(dirname "$0")/../.." && pwd)
 carry=$root/.device-carry
 bin=$root/target/dyn/release/kvtuner
 [ -x "$bin" ] || echo "warning: $bin is missing: packing the trees only (enough for device-run.sh build)" >&2
-# The pinned upstream tree, resolved like build.rs does (cargo metadata on the vendor pin).
-pin=$(cargo metadata --format-version 1 --manifest-path "$root/vendor/llama-cpp-pin/Cargo.toml" |
-    python3 -c 'import json,sys; m=json.load(sys.stdin); print(next(p["manifest_path"] for p in m["packages"] if p["name"]=="llama-cpp-sys-2"))')
-upstream=$(dirname "$pin")/llama.cpp
-[ -f "$upstream/include/llama.h" ] || { echo "no llama.cpp tree at $upstream" >&2; exit 1; }
+upstream=$("$root/scripts/pinned-tree.sh")
 rm -rf "$carry" && mkdir -p "$carry"
 tmp=$(mktemp -d) && trap 'rm -rf "$tmp"' EXIT
 cp -r "$upstream" "$tmp/stock"
