@@ -94,7 +94,6 @@ print("\nLower bound on any profile's KLD at the size of each uniform configurat
 print("| size of | bits/value | uniform KLD | 0.7 × uniform | lower bound on a profile | 0.7× reachable? |")
 print("|---|---|---|---|---|---|")
 for name in ["q8_0/q5_0", "q8_0/q4_0", "q5_0"]:
-    k, v = (name.split("/") + [name])[:2] if "/" in name else (name, name)
     c = ab.get(name)
     if c is None:
         continue
