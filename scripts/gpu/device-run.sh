@@ -20,10 +20,12 @@
 # $OUT/summary.txt (the device tool brings back at most 8 files).
 # DEPTHS (default "0 32768 8192 65536"; one ab run each, `0,0` = a warm-up pass then depth 0), REPS
 # (default 2), AGAINST (the uniform caches ab compares, default f16,q8_0,q4_0,q8_0/q4_0) and SKIP
-# (e.g. "stock speed quality fattn") shape a call. EVAL_UBATCH (default 1: every scored token through
+# (e.g. "stock speed quality fattn fbench ncu") shape a call. EVAL_UBATCH (default 1: every scored token through
 # the single-token decode kernels) is the quality stage's --eval-ubatch. GQA_MODES (default "1") lists the settings of
-# GGML_CUDA_FA_VEC_GQA that `ab` and the quality stage run under: "0 1" measures upstream's decode
-# kernel and patch 0003's in the same call, on the same machine and build (files *-gqa0, *-gqa1).
+# GGML_CUDA_FA_VEC_GQA that `ab`, the op benchmark and the quality stage run under: "0 2" measures
+# upstream's decode kernel and patch 0003's in the same call, on the same machine and build (files
+# *-gqa0, *-gqa2). fattn-bench (the decode op alone, FB_PAIRS/FB_DEPTHS/FB_REPS) and ncu (hardware
+# counters, Firecracker machines only) run once per call.
 # DEADLINE (seconds, default 560) bounds this call: stages that would not fit are left for the
 # next call, and long ones run under `timeout`.
 set -euo pipefail
@@ -79,6 +81,24 @@ cmake_configure() { # $1 = source tree
         -DGGML_CCACHE=OFF -DLLAMA_ALL_WARNINGS=OFF \
         -DLLAMA_BUILD_COMMON=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF \
         -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_APP=OFF -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF
+}
+
+unpack_prebuilt() { # libraries built on the development machine (pack.sh with PREBUILT=DIR)
+    local t0=$SECONDS
+    rm -rf "$LIBP" "$B/patched" && mkdir -p "$LIBP" "$B/patched"
+    python3 -c 'import sys, tarfile; tarfile.open(sys.argv[1]).extractall(sys.argv[2])' "$C/libs-patched.tar.xz" "$LIBP"
+    tar xzf "$C/patched.tgz" -C "$B/patched" include ggml/include # headers for step.c and the op tests
+    # the libraries find each other through the folder (their RUNPATH names the build machine's)
+    if LD_LIBRARY_PATH=$LIBP ldd "$LIBP/libggml-cuda.so" | grep -q "not found"; then
+        LD_LIBRARY_PATH=$LIBP ldd "$LIBP/libggml-cuda.so" | tee "$R/ldd-prebuilt.txt"
+        log "prebuilt libraries miss a dependency here: building from source"
+        rm -rf "$B/patched"
+        build_patched
+        return
+    fi
+    echo "prebuilt patched libraries unpacked: $((SECONDS - t0)) s" | tee -a "$R/build-times.txt"
+    ls -la "$LIBP" > "$R/libs-patched.txt"
+    mark patched
 }
 
 build_patched() { # resumable: a call that runs out of time leaves the build folder for the next
@@ -191,13 +211,42 @@ fattn_test() { # the flash-attention op, GPU against CPU, with upstream's and pa
     g++ -O2 -std=c++17 -I"$B/patched/ggml/include" "$C/fattn-test.cpp" -o "$B/fattn-test" \
         -L"$LIBP" -lggml -lggml-base -lggml-cpu -Wl,-rpath,"$LIBP"
     local m
-    for m in 0 1; do
+    for m in ${FT_MODES:-0 $GQA_MODES}; do
+        [ -f "$R/fattn-test-gqa$m.txt" ] && continue # "0" twice
         log "fattn-test GGML_CUDA_FA_VEC_GQA=$m"
         GGML_CUDA_FA_VEC_GQA=$m timeout "$(limit 5)" "$B/fattn-test" "$(cat "$C/fa_pairs.txt")" > "$R/fattn-test-gqa$m.txt" 2>&1 \
             || log "fattn-test gqa $m: failures (see fattn-test-gqa$m.txt)"
         tail -1 "$R/fattn-test-gqa$m.txt"
     done
     mark fattn
+}
+
+fattn_bench() { # the decode op alone, 32 layers of caches, per K-V pair, depth and kernel setting
+    g++ -O2 -std=c++17 -I"$B/patched/ggml/include" "$C/fattn-bench.cpp" -o "$B/fattn-bench" \
+        -L"$LIBP" -lggml -lggml-base -Wl,-rpath,"$LIBP"
+    local m
+    for m in $GQA_MODES; do
+        log "fattn-bench GGML_CUDA_FA_VEC_GQA=$m"
+        GGML_CUDA_FA_VEC_GQA=$m timeout "$(limit 5)" "$B/fattn-bench" "${FB_PAIRS:-f16-f16;q8_0-q8_0;q4_0-q4_0;q8_0-q4_0;q5_0-q5_0;q8_0-q5_0;f16-q4_0}" \
+            "${FB_DEPTHS:-256,16384,32768,65536}" 32 "${FB_REPS:-20}" > "$R/fattn-bench-gqa$m.txt" 2>&1 || log "fattn-bench gqa $m failed"
+        cat "$R/fattn-bench-gqa$m.txt"
+    done
+    mark fbench
+}
+
+ncu_profile() { # hardware counters for one decode op per kernel setting (Firecracker machines only)
+    uname -r | tee "$R/uname.txt"
+    command -v ncu > /dev/null || { log "no ncu"; mark ncu; return 0; }
+    case $(uname -r) in *fc*) ;; *) log "ncu reads counters on Firecracker machines only"; mark ncu; return 0 ;; esac
+    local m
+    for m in ${NCU_MODES:-0 2}; do
+        log "ncu GGML_CUDA_FA_VEC_GQA=$m"
+        GGML_CUDA_FA_VEC_GQA=$m timeout 120 ncu --clock-control none --kernel-name regex:flash_attn --launch-skip 64 --launch-count 2 \
+            --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats --section MemoryWorkloadAnalysis \
+            "$B/fattn-bench" "${NCU_PAIRS:-q4_0-q4_0;f16-f16}" 32768 32 1 > "$R/ncu-gqa$m.txt" 2>&1 || log "ncu gqa $m: rc $?"
+        tail -60 "$R/ncu-gqa$m.txt"
+    done
+    mark ncu
 }
 
 quality() { # GPU vs CPU, small synthetic model, one mixed profile
@@ -208,25 +257,26 @@ quality() { # GPU vs CPU, small synthetic model, one mixed profile
         read -r ngl m <<< "$run"
         name=quality-ngl$ngl; [ "$m" = - ] || name=$name-gqa$m
         log "quality ngl $ngl, GGML_CUDA_FA_VEC_GQA=$m"
-        GGML_CUDA_FA_VEC_GQA=${m/-/1} LD_LIBRARY_PATH=$LIBP timeout "$(limit 5)" "$K" ab -m "$M/small.gguf" --text "$C/lee_background.cor" -c 512 --chunks 8 --ngl $ngl --no-speed --eval-ubatch "${EVAL_UBATCH:-1}" \
+        GGML_CUDA_FA_VEC_GQA=${m/-/1} LD_LIBRARY_PATH=$LIBP timeout "$(limit 5)" "$K" ab -m "$M/small.gguf" --text "$C/lee_background.cor" -c 512 --chunks "${QUALITY_CHUNKS:-8}" --ngl $ngl --no-speed --eval-ubatch "${EVAL_UBATCH:-1}" \
             --against f16,q8_0,q4_0,q8_0/q4_0 --profile "$R/small-mixed.yaml" --json "$R/$name.json" > "$R/$name.md" 2> "$R/$name.log"
     done
     mark quality
 }
 
-ab_depth() { # $1 = depth, $2 = GGML_CUDA_FA_VEC_GQA
-    local M d=$1 m=$2; M=$(cat "$B/models_dir")
-    log "ab 8B at depth $d, GGML_CUDA_FA_VEC_GQA=$m ($(left) s left)"
-    GGML_CUDA_FA_VEC_GQA=$m LD_LIBRARY_PATH=$LIBP timeout "$(limit 5)" "$K" ab -m "$M/l8b.gguf" --no-quality --ngl 99 --fa on -c 66048 \
+ab_depth() { # $1 = depth, $2 = GGML_CUDA_FA_VEC_GQA, $3 = file suffix (optional; extra env in AB_ENV)
+    local M d=$1 m=$2 x=${3:-}; M=$(cat "$B/models_dir")
+    local name=ab-d$d-gqa$m$x
+    log "ab 8B at depth $d, GGML_CUDA_FA_VEC_GQA=$m ${AB_ENV:-} ($(left) s left)"
+    env ${AB_ENV:-} GGML_CUDA_FA_VEC_GQA=$m LD_LIBRARY_PATH=$LIBP timeout "$(limit 5)" "$K" ab -m "$M/l8b.gguf" --no-quality --ngl 99 --fa on -c 66048 \
         --depths "$d" --reps "$REPS" --against "$AGAINST" \
         --profile "$R/mixed-6.5.yaml" --profile "$R/mixed-5.5.yaml" \
-        --json "$R/ab-d$d-gqa$m.json" > "$R/ab-d$d-gqa$m.md" 2> "$R/ab-d$d-gqa$m.log" || { log "ab depth $d gqa $m failed or stopped"; tail -5 "$R/ab-d$d-gqa$m.log"; return 1; }
-    mark "ab$d-gqa$m"
+        --json "$R/$name.json" > "$R/$name.md" 2> "$R/$name.log" || { log "ab depth $d gqa $m$x failed or stopped"; tail -5 "$R/$name.log"; return 1; }
+    mark "ab$d-gqa$m$x"
     pack_out running # a call cut off later still returns this depth
 }
 
 # rough seconds each stage needs (a stage starts only if it fits in what is left)
-need_ab() { case $1 in 0 | 0,0) echo 50 ;; 8192) echo 60 ;; 16384) echo 80 ;; 32768) echo 120 ;; *) echo 150 ;; esac; } # 65536: 132 s with 7 configs
+need_ab() { case $1 in 0 | 0,0) echo 30 ;; 8192) echo 40 ;; 16384) echo 40 ;; 32768) echo 60 ;; *) echo 125 ;; esac; } # 65536: 106-113 s with 6 configs
 
 case $MODE in
 build | measure)
@@ -237,12 +287,15 @@ build | measure)
           echo "nproc $(nproc)"; grep MemTotal /proc/meminfo; df -h /dev/shm /tmp | tail -2; uname -r; } > "$R/gpu.txt" 2>&1 || true
         cat "$R/gpu.txt"
     fi
-    if ! done_ patched; then build_patched; fi
+    if ! done_ patched; then if [ -f "$C/libs-patched.tar.xz" ]; then unpack_prebuilt; else build_patched; fi; fi
     if ! done_ stock && ! skip stock; then build_stock; fi
     [ -x "$K" ] || { log "no kvtuner binary in .device-carry: builds only"; exit 0; }
     if ! done_ prep; then prep; fi
     if ! done_ speed && ! skip speed && done_ stock && [ "$(left)" -gt 100 ]; then speed_stock_vs_patched; fi
     if ! done_ fattn && ! skip fattn && [ "$(left)" -gt 60 ]; then fattn_test || log "fattn-test failed"; fi
+    if ! done_ fbench && ! skip fbench && [ "$(left)" -gt 60 ]; then fattn_bench || log "fattn-bench failed"; fi
+    if ! done_ ncu && ! skip ncu && [ "$(left)" -gt 90 ]; then ncu_profile || log "ncu failed"; fi
+    if [ "${QUALITY_FIRST:-0}" = 1 ] && ! done_ quality && ! skip quality && [ "$(left)" -gt 60 ]; then quality || log "quality failed"; fi
     for d in $DEPTHS; do
         for m in $GQA_MODES; do
             done_ "ab$d-gqa$m" && continue
@@ -250,6 +303,12 @@ build | measure)
         done
     done
     if ! done_ quality && ! skip quality && [ "$(left)" -gt 60 ]; then quality || log "quality failed"; fi
+    # ROTOFF="DEPTH MODE": one more ab run without the Hadamard rotation of quantized caches
+    # (LLAMA_ATTN_ROT_DISABLE=1), to show what the rotation's small kernels cost per token
+    if [ -n "${ROTOFF:-}" ]; then
+        read -r d m <<< "$ROTOFF"
+        if ! done_ "ab$d-gqa$m-rotoff" && [ "$(left)" -gt "$(need_ab "$d")" ]; then AB_ENV=LLAMA_ATTN_ROT_DISABLE=1 ab_depth "$d" "$m" -rotoff || true; fi
+    fi
     ;;
 *) echo "usage: $0 build|measure" >&2; exit 2 ;;
 esac

@@ -34,8 +34,14 @@ tar czf "$carry/patched.tgz" -C "$patched" "${excludes[@]}" "${parts[@]}"
 tar czf "$carry/stock.tgz" -C "$tmp/stock" "${excludes[@]}" "${parts[@]}"
 
 grep -v '^#' "$root/src/cuda_fa_pairs.txt" | awk 'NF==2 {printf "%s%s-%s", (n++ ? ";" : ""), $1, $2}' > "$carry/fa_pairs.txt"
-[ -x "$bin" ] && cp "$bin" "$carry/kvtuner"
-cp "$root/bench/stock-vs-patched/step.c" "$root/bench/stock-vs-patched/interleave.c" "$root/bench/gpu/fattn-test.cpp" "$carry/"
+[ -x "$bin" ] && strip -o "$carry/kvtuner" "$bin" # symbols stay here: the carry is capped at 64 MiB
+cp "$root/bench/stock-vs-patched/step.c" "$root/bench/stock-vs-patched/interleave.c" "$root/bench/gpu/fattn-test.cpp" \
+    "$root/bench/gpu/fattn-bench.cpp" "$carry/"
+# PREBUILT=DIR: CUDA libraries of this same patched tree, built here (scripts/gpu/build-cuda-here.sh),
+# so the device only measures
+if [ -n "${PREBUILT:-}" ]; then
+    (cd "$PREBUILT" && tar cf - lib*.so*) | xz -T0 -6 > "$carry/libs-patched.tar.xz"
+fi
 cp "$root/scripts/gpu/device-run.sh" "$carry/"
 corpus=${KVTUNER_CACHE:-$HOME/.cache/kvtuner}/lee_background.cor
 [ -f "$corpus" ] && cp "$corpus" "$carry/"

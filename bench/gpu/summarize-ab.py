@@ -1,0 +1,101 @@
+#!/usr/bin/env python3
+"""Before/after tables for bench/gpu-h200.md from `kvtuner ab` runs on the device.
+
+    summarize-ab.py DIR MODEL_BYTES [BEFORE_MODE AFTER_MODE]
+
+DIR holds ab-d<depth>-gqa<mode>.json (scripts/gpu/device-run.sh); MODEL_BYTES is the GGUF's size
+(the weights a decode step reads, as issue 8 counts them). Prints generation before/after, after
+divided by f16 of the same run, q4_0's share of its byte roofline (4.3 TB/s, the device-to-device
+copy rate measured on this GPU) and prefill after/before.
+"""
+import glob
+import json
+import math
+import os
+import re
+import sys
+
+BANDWIDTH = 4.3e12
+
+
+def load(path):
+    with open(path) as f:
+        return {c["name"]: c for c in json.load(f)}
+
+
+def speed(config, depth, what):
+    for s in config["speed"]:
+        if s["depth"] == depth:
+            return s[what]
+    raise KeyError(f"{config['name']}: no {what} at depth {depth}")
+
+
+def fmt(s):
+    return f"{s['median']:.1f} ({s['min']:.1f}–{s['max']:.1f})"
+
+
+def main():
+    root, model_bytes = sys.argv[1], float(sys.argv[2])
+    before, after = (sys.argv[3], sys.argv[4]) if len(sys.argv) > 4 else ("0", "2")
+    depths = sorted({int(re.search(r"ab-d(\d+)-gqa", p).group(1)) for p in glob.glob(os.path.join(root, "ab-d*-gqa*.json"))})
+    runs = {}
+    for d in depths:
+        b, a = (os.path.join(root, f"ab-d{d}-gqa{m}.json") for m in (before, after))
+        if os.path.exists(b) and os.path.exists(a):
+            runs[d] = (load(b), load(a))
+    depths = sorted(runs)
+    names = list(runs[depths[0]][1])
+
+    print(f"**tg128 tok/s**, median (min–max); before = GGML_CUDA_FA_VEC_GQA={before}, after = {after}\n")
+    head = "| config | bits/value |" + "".join(f" d{d} before | d{d} after |" for d in depths)
+    print(head)
+    print("|---|---|" + "---|---|" * len(depths))
+    for n in names:
+        row = f"| {n} | {runs[depths[0]][1][n]['bits_per_value']:.2f} |"
+        for d in depths:
+            b, a = runs[d]
+            row += f" {fmt(speed(b[n], d, 'tg128'))} | **{fmt(speed(a[n], d, 'tg128'))}** |"
+        print(row)
+
+    print("\n**after ÷ f16 of the same run (generation)**\n")
+    print("| config |" + "".join(f" d{d} |" for d in depths))
+    print("|---|" + "---|" * len(depths))
+    for n in names:
+        if n == "f16":
+            continue
+        row = f"| {n} |"
+        for d in depths:
+            a = runs[d][1]
+            r = speed(a[n], d, "tg128")["median"] / speed(a["f16"], d, "tg128")["median"]
+            row += f" {r:.3f}{'' if r >= 1.0 else ' (below)'} |"
+        print(row)
+
+    print("\n**share of the byte roofline** (model bytes + the cache at that depth, read once per token at 4.3 TB/s)\n")
+    print("| config |" + "".join(f" d{d}: tok/s / roofline |" for d in depths))
+    print("|---|" + "---|" * len(depths))
+    for n in names:
+        row = f"| {n} |"
+        for d in depths:
+            a = runs[d][1][n]
+            roof = BANDWIDTH / (model_bytes + a["kv_bytes_per_token"] * d)
+            got = speed(a, d, "tg128")["median"]
+            row += f" {got:.1f} / {roof:.0f} = {100 * got / roof:.0f}% |"
+        print(row)
+
+    print("\n**prefill (pp512) after ÷ before**\n")
+    print("| config |" + "".join(f" d{d} |" for d in depths))
+    print("|---|" + "---|" * len(depths))
+    logs = []
+    for n in names:
+        row = f"| {n} |"
+        for d in depths:
+            b, a = runs[d]
+            r = speed(a[n], d, "pp512")["median"] / speed(b[n], d, "pp512")["median"]
+            logs.append(math.log(r))
+            row += f" {r:.3f} |"
+        print(row)
+    print(f"\ngeometric mean over all {len(logs)} cells: {math.exp(sum(logs) / len(logs)):.3f}")
+
+
+if __name__ == "__main__":
+    main()

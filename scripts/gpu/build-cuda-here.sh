@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# Builds the CUDA shared libraries of the patched llama.cpp tree on this machine (no GPU needed),
+# so that the lent GPU machine only measures: `PREBUILT=<out>/build/bin scripts/gpu/pack.sh`.
+# nvcc, the CUDA runtime and cuBLAS come from NVIDIA's PyPI wheels (13.0, the device's version)
+# unpacked into CUDA_HOME (default /opt/cuda13); libcuda.so is a link-time stub (the real driver
+# library is on the device). Incremental: a second run rebuilds what changed (ninja + ccache).
+#
+#   scripts/gpu/build-cuda-here.sh [OUT_DIR]     (default target/cuda-here)
+set -euo pipefail
+root=$(cd "$(dirname "$0")/../.." && pwd)
+out=${1:-$root/target/cuda-here}
+cuda=${CUDA_HOME:-/opt/cuda13}
+
+if [ ! -x "$cuda/bin/nvcc" ]; then
+    tmp=$(mktemp -d) && trap 'rm -rf "$tmp"' EXIT
+    python3 -m pip download -q --no-deps -d "$tmp" "nvidia-cuda-nvcc==13.0.*" "nvidia-cuda-runtime==13.0.*" \
+        "nvidia-cublas==13.0.*" "nvidia-cuda-cccl==13.0.*" "nvidia-nvvm==13.0.*" "nvidia-cuda-crt==13.0.*"
+    for w in "$tmp"/*.whl; do python3 -m zipfile -e "$w" "$tmp/x"; done
+    mkdir -p "$(dirname "$cuda")" && rm -rf "$cuda" && mv "$tmp/x/nvidia/cu13" "$cuda"
+    chmod +x "$cuda"/bin/* "$cuda"/nvvm/bin/*
+    ln -sfn lib "$cuda/lib64"
+    (cd "$cuda/lib" && ln -sf libcudart.so.13 libcudart.so && ln -sf libcublas.so.13 libcublas.so && ln -sf libcublasLt.so.13 libcublasLt.so)
+    mkdir -p "$cuda/lib/stubs"
+    echo 'void kvtuner_libcuda_stub(void) {}' > "$tmp/stub.c"
+    gcc -shared -fPIC -Wl,-soname,libcuda.so.1 -o "$cuda/lib/stubs/libcuda.so" "$tmp/stub.c"
+fi
+command -v ninja > /dev/null || python3 -m pip install -q ninja
+
+# the same tree and flash-attention pairs the device would build (pack.sh)
+bash "$root/scripts/gpu/pack.sh" > /dev/null
+mkdir -p "$out/src" "$out/new" && rm -rf "$out/new"/* && tar xzf "$root/.device-carry/patched.tgz" -C "$out/new"
+# copy only what changed, so ninja rebuilds only that (pack.sh gives every file a new mtime)
+python3 - "$out/new" "$out/src" <<'PY'
+import filecmp, os, shutil, sys
+new, src = sys.argv[1:]
+for d, _, files in os.walk(new):
+    for f in files:
+        a = os.path.join(d, f)
+        b = os.path.join(src, os.path.relpath(a, new))
+        if not os.path.exists(b) or not filecmp.cmp(a, b, shallow=False):
+            os.makedirs(os.path.dirname(b), exist_ok=True)
+            shutil.copy2(a, b)
+            os.utime(b)
+PY
+export PATH=$cuda/bin:$PATH CUDACXX=$cuda/bin/nvcc
+if [ ! -f "$out/build/CMakeCache.txt" ]; then
+    cmake -S "$out/src" -B "$out/build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=ON \
+        -DCUDAToolkit_ROOT="$cuda" -DCMAKE_CUDA_COMPILER="$cuda/bin/nvcc" \
+        -DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 -DGGML_CUDA_NCCL=OFF \
+        -DGGML_CUDA_FA_QUANTS="$(cat "$root/.device-carry/fa_pairs.txt")" \
+        -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON \
+        -DGGML_OPENMP=OFF -DGGML_BLAS=OFF -DGGML_CCACHE=ON -DLLAMA_ALL_WARNINGS=OFF \
+        -DLLAMA_BUILD_COMMON=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF \
+        -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_APP=OFF -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF
+fi
+cmake --build "$out/build" --target llama -j"$(nproc)"
+strip --strip-unneeded "$out"/build/bin/lib*.so.*.*
+ls -la "$out/build/bin"
