@@ -175,8 +175,10 @@ fn interactive_chat_in_a_terminal() {
         assert!(s.contains(&line), "missing `{line}` in\n{s}");
     }
 
-    // Ctrl-C stops the answer, not the program.
-    tmux.send(&["Write a very long story about a dragon who learns to cook.", "Enter"]);
+    // Ctrl-C stops the answer, not the program. The prompt must keep the model busy past the
+    // 1.5 s wait on any machine: this one runs to the 400-token limit (~9 s on 2 cores), where a
+    // "long story" prompt got a one-line answer.
+    tmux.send(&["Count from 1 to 100, separated by commas.", "Enter"]);
     std::thread::sleep(Duration::from_millis(1500));
     tmux.send(&["C-c"]);
     tmux.wait_for(|s| s.contains("(interrupted)"), 30, "the interruption");
