@@ -5,8 +5,8 @@ The search ranks profiles with an additive model; near 7 bits per value on Gemma
 is off (errors saturate and a lone quantized half in the first layers costs ~0.006), so this asks
 how far *measured* steps get: each round proposes moves that keep the size (raise one half one
 level and pay with the cheapest downgrades by predicted cost per saved bit), ranks them with the
-calibrated model, measures the best N end to end on the calibration half with `kvtuner ab`, and
-keeps the best if it beats the current profile there. The final profile is then measured once on
+calibrated model, measures the best N not measured before end to end on the calibration half
+with `kvtuner ab`, and keeps the best if it beats the current profile there. The final profile is then measured once on
 the held-out half.
 
     refine.py KVTUNER MODEL SENS.yaml START(f16|q8_0/q5_0|PROFILE.yaml) BUDGET_CONFIG OUT_DIR [ROUNDS] [N]
@@ -127,12 +127,16 @@ def main():
     else:
         sk, sv = (start.split("/") + [start])[:2]
         current = tuple((sk, sv) for _ in sens)
-    log = open(os.path.join(out_dir, "refine.log"), "a")
+    log = open(os.path.join(out_dir, "refine.log"), "w")
+    seen = {current}  # every profile measured so far: a round proposes only new ones
     res = measure(kvtuner, model, "lee-calibration", [("start", current)], out_dir, "round0", header)
     cur_kld = res["profile start"][0]
     print(f"start: {bits(current, cells) / (2 * sum(cells)):.2f} bpv, calibration KLD {cur_kld:.5f}", file=log, flush=True)
     for r in range(1, rounds + 1):
-        cands = moves(current, sens, cells, budget)[:n_best]
+        cands = [c for c in moves(current, sens, cells, budget) if c not in seen][:n_best]
+        if not cands:
+            break
+        seen.update(cands)
         names = [(f"r{r}c{i}", c) for i, c in enumerate(cands)]
         res = measure(kvtuner, model, "lee-calibration", names, out_dir, f"round{r}", header)
         best = min(names, key=lambda nc: res[f"profile {nc[0]}"][0])
