@@ -10,7 +10,7 @@
 #include "ggml.h"
 #include "ggml-alloc.h"
 #include "ggml-backend.h"
-#include "ggml-cpu.h"
+#include "fattn-common.h"
 
 #include <algorithm>
 #include <chrono>
@@ -23,27 +23,10 @@
 #include <string>
 #include <vector>
 
-static ggml_type type_by_name(const std::string & n) {
-    for (int t = 0; t < GGML_TYPE_COUNT; t++) {
-        const char * tn = ggml_type_name((ggml_type) t);
-        if (tn && n == tn) return (ggml_type) t;
-    }
-    fprintf(stderr, "unknown type %s\n", n.c_str());
-    exit(2);
-}
 
 // Valid rows of type t (random values, quantized once), repeated to fill n_bytes.
 static std::vector<uint8_t> filler(ggml_type t, int d, size_t n_bytes, std::mt19937 & rng) {
-    const int64_t n_rows = 4096;
-    std::normal_distribution<float> nd(0.0f, 1.0f);
-    std::vector<float> f((size_t) d * n_rows);
-    for (auto & x : f) x = nd(rng);
-    std::vector<uint8_t> rows(ggml_row_size(t, d) * n_rows);
-    if (t == GGML_TYPE_F16) {
-        ggml_fp32_to_fp16_row(f.data(), (ggml_fp16_t *) rows.data(), f.size());
-    } else {
-        ggml_quantize_chunk(t, f.data(), rows.data(), 0, n_rows, d, nullptr);
-    }
+    const std::vector<uint8_t> rows = random_rows(t, d, 4096, rng);
     std::vector<uint8_t> out(n_bytes);
     for (size_t o = 0; o < n_bytes; o += rows.size()) {
         memcpy(out.data() + o, rows.data(), std::min(rows.size(), n_bytes - o));
@@ -64,12 +47,7 @@ int main(int argc, char ** argv) {
     ggml_backend_t gpu = ggml_backend_init_by_type(GGML_BACKEND_DEVICE_TYPE_GPU, nullptr);
     if (!gpu) { fprintf(stderr, "need a GPU backend\n"); return 1; }
 
-    std::vector<std::pair<ggml_type, ggml_type>> pairs;
-    std::stringstream ps(argv[1]);
-    for (std::string p; std::getline(ps, p, ';');) {
-        const size_t dash = p.find('-');
-        pairs.emplace_back(type_by_name(p.substr(0, dash)), type_by_name(p.substr(dash + 1)));
-    }
+    const auto pairs = parse_pairs(argv[1]);
     std::vector<int> depths;
     std::stringstream ds(argv[2]);
     for (std::string s; std::getline(ds, s, ',');) depths.push_back(atoi(s.c_str()));

@@ -10,12 +10,12 @@
 #include "ggml-alloc.h"
 #include "ggml-backend.h"
 #include "ggml-cpu.h"
+#include "fattn-common.h"
 
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <random>
-#include <sstream>
 #include <string>
 #include <vector>
 
@@ -26,28 +26,7 @@ struct fa_case {
     bool sinks;
 };
 
-static ggml_type type_by_name(const std::string & n) {
-    for (int t = 0; t < GGML_TYPE_COUNT; t++) {
-        const char * tn = ggml_type_name((ggml_type) t);
-        if (tn && n == tn) return (ggml_type) t;
-    }
-    fprintf(stderr, "unknown type %s\n", n.c_str());
-    exit(2);
-}
 
-// Raw bytes of n_rows rows of d random values stored as type t.
-static std::vector<uint8_t> random_rows(ggml_type t, int d, int64_t n_rows, std::mt19937 & rng) {
-    std::normal_distribution<float> nd(0.0f, 1.0f);
-    std::vector<float> f(d * n_rows);
-    for (auto & x : f) x = nd(rng);
-    std::vector<uint8_t> out(ggml_row_size(t, d) * n_rows);
-    if (t == GGML_TYPE_F16) {
-        ggml_fp32_to_fp16_row(f.data(), (ggml_fp16_t *) out.data(), f.size());
-    } else {
-        ggml_quantize_chunk(t, f.data(), out.data(), 0, n_rows, d, nullptr);
-    }
-    return out;
-}
 
 struct fa_inputs {
     std::vector<float> q, sinks;
@@ -94,12 +73,7 @@ int main(int argc, char ** argv) {
     ggml_backend_t cpu = ggml_backend_init_by_type(GGML_BACKEND_DEVICE_TYPE_CPU, nullptr);
     if (!gpu || !cpu) { fprintf(stderr, "need a GPU and the CPU backend\n"); return 1; }
 
-    std::vector<std::pair<ggml_type, ggml_type>> pairs;
-    std::stringstream ss(argv[1]);
-    for (std::string p; std::getline(ss, p, ';');) {
-        const size_t dash = p.find('-');
-        pairs.emplace_back(type_by_name(p.substr(0, dash)), type_by_name(p.substr(dash + 1)));
-    }
+    const auto pairs = parse_pairs(argv[1]);
     struct heads { int h, hkv; };
     const heads shapes[] = { { 32, 8 }, { 16, 2 }, { 8, 4 }, { 4, 1 }, { 8, 8 } };
 

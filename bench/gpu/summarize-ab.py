@@ -34,6 +34,14 @@ def fmt(s):
     return f"{s['median']:.1f} ({s['min']:.1f}–{s['max']:.1f})"
 
 
+def print_table(title, header, rows):
+    print(f"{title}\n")
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    for row in rows:
+        print("| " + " | ".join(row) + " |")
+
+
 def main():
     root, model_bytes = sys.argv[1], float(sys.argv[2])
     before, after = (sys.argv[3], sys.argv[4]) if len(sys.argv) > 4 else ("0", "2")
@@ -46,54 +54,36 @@ def main():
     depths = sorted(runs)
     names = list(runs[depths[0]][1])
 
-    print(f"**tg128 tok/s**, median (min–max); before = GGML_CUDA_FA_VEC_GQA={before}, after = {after}\n")
-    head = "| config | bits/value |" + "".join(f" d{d} before | d{d} after |" for d in depths)
-    print(head)
-    print("|---|---|" + "---|---|" * len(depths))
-    for n in names:
-        row = f"| {n} | {runs[depths[0]][1][n]['bits_per_value']:.2f} |"
-        for d in depths:
-            b, a = runs[d]
-            row += f" {fmt(speed(b[n], d, 'tg128'))} | **{fmt(speed(a[n], d, 'tg128'))}** |"
-        print(row)
+    print_table(f"**tg128 tok/s**, median (min–max); before = GGML_CUDA_FA_VEC_GQA={before}, after = {after}",
+                ["config", "bits/value"] + [f"d{d} {w}" for d in depths for w in ("before", "after")],
+                [[n, f"{runs[depths[0]][1][n]['bits_per_value']:.2f}"]
+                 + [c for d in depths for c in (fmt(speed(runs[d][0][n], d, "tg128")),
+                                                 f"**{fmt(speed(runs[d][1][n], d, 'tg128'))}**")]
+                 for n in names])
 
-    print("\n**after ÷ f16 of the same run (generation)**\n")
-    print("| config |" + "".join(f" d{d} |" for d in depths))
-    print("|---|" + "---|" * len(depths))
-    for n in names:
-        if n == "f16":
-            continue
-        row = f"| {n} |"
-        for d in depths:
-            a = runs[d][1]
-            r = speed(a[n], d, "tg128")["median"] / speed(a["f16"], d, "tg128")["median"]
-            row += f" {r:.3f}{'' if r >= 1.0 else ' (below)'} |"
-        print(row)
+    def vs_f16(n, d):
+        a = runs[d][1]
+        r = speed(a[n], d, "tg128")["median"] / speed(a["f16"], d, "tg128")["median"]
+        return f"{r:.3f}{'' if r >= 1.0 else ' (below)'}"
 
-    print("\n**share of the byte roofline** (model bytes + the cache at that depth, read once per token at 4.3 TB/s)\n")
-    print("| config |" + "".join(f" d{d}: tok/s / roofline |" for d in depths))
-    print("|---|" + "---|" * len(depths))
-    for n in names:
-        row = f"| {n} |"
-        for d in depths:
-            a = runs[d][1][n]
-            roof = BANDWIDTH / (model_bytes + a["kv_bytes_per_token"] * d)
-            got = speed(a, d, "tg128")["median"]
-            row += f" {got:.1f} / {roof:.0f} = {100 * got / roof:.0f}% |"
-        print(row)
+    print_table("\n**after ÷ f16 of the same run (generation)**", ["config"] + [f"d{d}" for d in depths],
+                [[n] + [vs_f16(n, d) for d in depths] for n in names if n != "f16"])
 
-    print("\n**prefill (pp512) after ÷ before**\n")
-    print("| config |" + "".join(f" d{d} |" for d in depths))
-    print("|---|" + "---|" * len(depths))
-    logs = []
-    for n in names:
-        row = f"| {n} |"
-        for d in depths:
-            b, a = runs[d]
-            r = speed(a[n], d, "pp512")["median"] / speed(b[n], d, "pp512")["median"]
-            logs.append(math.log(r))
-            row += f" {r:.3f} |"
-        print(row)
+    def roofline(n, d):
+        a = runs[d][1][n]
+        roof = BANDWIDTH / (model_bytes + a["kv_bytes_per_token"] * d)
+        got = speed(a, d, "tg128")["median"]
+        return f"{got:.1f} / {roof:.0f} = {100 * got / roof:.0f}%"
+
+    print_table("\n**share of the byte roofline** (model bytes + the cache at that depth, read once per token at 4.3 TB/s)",
+                ["config"] + [f"d{d}: tok/s / roofline" for d in depths],
+                [[n] + [roofline(n, d) for d in depths] for n in names])
+
+    pp = {(n, d): speed(runs[d][1][n], d, "pp512")["median"] / speed(runs[d][0][n], d, "pp512")["median"]
+          for n in names for d in depths}
+    print_table("\n**prefill (pp512) after ÷ before**", ["config"] + [f"d{d}" for d in depths],
+                [[n] + [f"{pp[n, d]:.3f}" for d in depths] for n in names])
+    logs = [math.log(r) for r in pp.values()]
     print(f"\ngeometric mean over all {len(logs)} cells: {math.exp(sum(logs) / len(logs)):.3f}")
 
 

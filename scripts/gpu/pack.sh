@@ -36,7 +36,7 @@ tar czf "$carry/stock.tgz" -C "$tmp/stock" "${excludes[@]}" "${parts[@]}"
 grep -v '^#' "$root/src/cuda_fa_pairs.txt" | awk 'NF==2 {printf "%s%s-%s", (n++ ? ";" : ""), $1, $2}' > "$carry/fa_pairs.txt"
 [ -x "$bin" ] && strip -o "$carry/kvtuner" "$bin" # symbols stay here: the carry is capped at 64 MiB
 cp "$root/bench/stock-vs-patched/step.c" "$root/bench/stock-vs-patched/interleave.c" "$root/bench/gpu/fattn-test.cpp" \
-    "$root/bench/gpu/fattn-bench.cpp" "$carry/"
+    "$root/bench/gpu/fattn-bench.cpp" "$root/bench/gpu/fattn-common.h" "$carry/"
 # PREBUILT=DIR: CUDA libraries of this same patched tree, built here (scripts/gpu/build-cuda-here.sh),
 # so the device only measures
 if [ -n "${PREBUILT:-}" ]; then
