@@ -263,6 +263,10 @@ quality() { # GPU vs CPU, small synthetic model, one mixed profile
     mark quality
 }
 
+quality_stage() { # once per machine, if not skipped and a minute is left
+    if ! done_ quality && ! skip quality && [ "$(left)" -gt 60 ]; then quality || log "quality failed"; fi
+}
+
 ab_depth() { # $1 = depth, $2 = GGML_CUDA_FA_VEC_GQA, $3 = file suffix (optional; extra env in AB_ENV)
     local M d=$1 m=$2 x=${3:-}; M=$(cat "$B/models_dir")
     local name=ab-d$d-gqa$m$x
@@ -295,14 +299,14 @@ build | measure)
     if ! done_ fattn && ! skip fattn && [ "$(left)" -gt 60 ]; then fattn_test || log "fattn-test failed"; fi
     if ! done_ fbench && ! skip fbench && [ "$(left)" -gt 60 ]; then fattn_bench || log "fattn-bench failed"; fi
     if ! done_ ncu && ! skip ncu && [ "$(left)" -gt 90 ]; then ncu_profile || log "ncu failed"; fi
-    if [ "${QUALITY_FIRST:-0}" = 1 ] && ! done_ quality && ! skip quality && [ "$(left)" -gt 60 ]; then quality || log "quality failed"; fi
+    if [ "${QUALITY_FIRST:-0}" = 1 ]; then quality_stage; fi
     for d in $DEPTHS; do
         for m in $GQA_MODES; do
             done_ "ab$d-gqa$m" && continue
             if [ "$(left)" -gt "$(need_ab "$d")" ]; then ab_depth "$d" "$m" || true; else log "skip ab depth $d gqa $m: $(left) s left"; fi
         done
     done
-    if ! done_ quality && ! skip quality && [ "$(left)" -gt 60 ]; then quality || log "quality failed"; fi
+    quality_stage
     # ROTOFF="DEPTH MODE": one more ab run without the Hadamard rotation of quantized caches
     # (LLAMA_ATTN_ROT_DISABLE=1), to show what the rotation's small kernels cost per token
     if [ -n "${ROTOFF:-}" ]; then
