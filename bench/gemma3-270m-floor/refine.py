@@ -15,6 +15,7 @@ BUDGET_CONFIG is the uniform configuration whose size the profile may not exceed
 """
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -22,16 +23,9 @@ BITS = {"f16": 16.0, "q8_0": 8.5, "q5_0": 5.5, "q4_0": 4.5}
 LADDER = ["q4_0", "q5_0", "q8_0", "f16"]  # the `cuda` pairs keep K at least as precise as V
 
 
-def load_yaml(path):
-    # the files are small and regular; avoid a PyYAML dependency
-    import re
-    text = open(path).read()
-    return text, re
-
-
 def sens_table(path):
     """Per layer: predicted cost of each K and V type, and the cells the layer caches at ctx 1024."""
-    text, re = load_yaml(path)
+    text = open(path).read()  # small and regular: read with regexes, no PyYAML needed
     window = int(re.search(r"\n  window: (\d+)", text).group(1))
     sliding = [s == "true" for s in re.findall(r"\n    sliding: (\w+)", text)]
     layers = []
@@ -122,7 +116,6 @@ def main():
     bk, bv = (budget_cfg.split("/") + [budget_cfg])[:2]
     budget = bits([(bk, bv)] * len(sens), cells)
     if start.endswith(".yaml"):
-        import re
         current = tuple(tuple(m) for m in re.findall(r"\{ k: (\w+), +v: (\w+) +\}", open(start).read()))
     else:
         sk, sv = (start.split("/") + [start])[:2]
