@@ -2,7 +2,8 @@
 // test-backend-ops: same inputs (K/V quantized once, identical bytes on both backends), output
 // compared by normalised mean squared error. Covers every K-V pair kvtuner's CUDA build compiles,
 // single-token decode with and without grouped-query attention, head sizes 128 and 256, short
-// and long caches with a partly masked tail, logit softcapping and attention sinks.
+// and long caches with a partly masked tail, logit softcapping and attention sinks. Then whole
+// decode steps of a layer with llama.cpp's Hadamard rotations (run_layer).
 //
 //   fattn-test "f16-f16;q8_0-q4_0;..."     (the GGML_CUDA_FA_QUANTS list)
 // Run it with GGML_CUDA_FA_VEC_GQA=0 and without to test upstream's and kvtuner's decode kernels.
@@ -63,6 +64,141 @@ static std::vector<float> run(ggml_backend_t backend, const fa_case & c, const f
     return r;
 }
 
+// ---- one decode step of a layer as llama.cpp builds it for quantized caches ----
+// Q and the new K row rotated by a Hadamard transform of n_k (K quantized), the new V row and the
+// attention output by one of 64 (V quantized), K/V rows written into the caches with set_rows,
+// then flash attention over the caches. kvtuner's CUDA build folds the rotations into other
+// kernels; `unfused` marks the rotated tensors as outputs, which keeps every rotation a kernel of
+// its own, so the two runs on the GPU must agree bit for bit.
+struct layer_inputs {
+    std::vector<float> q, k_new, v_new;
+    std::vector<uint8_t> k_cache, v_cache;
+    std::vector<ggml_fp16_t> mask;
+    int64_t cell;
+};
+
+static std::vector<float> hadamard(int n) {
+    std::vector<float> h((size_t) n * n);
+    for (int i = 0; i < n; i++)
+        for (int j = 0; j < n; j++) h[(size_t) i * n + j] = (__builtin_popcount(i & j) % 2 ? -1.0f : 1.0f) / std::sqrt((float) n);
+    return h;
+}
+
+static ggml_tensor * rotate(ggml_context * ctx, ggml_tensor * x, ggml_tensor * h) {
+    ggml_tensor * r = ggml_mul_mat(ctx, h, ggml_reshape_2d(ctx, x, h->ne[0], ggml_nelements(x) / h->ne[0]));
+    ggml_mul_mat_set_hint(r, GGML_HINT_SRC0_IS_HADAMARD);
+    return r;
+}
+
+static std::vector<float> run_layer(ggml_backend_t backend, const fa_case & c, const layer_inputs & in, bool unfused) {
+    const bool rot_k = ggml_is_quantized(c.tk), rot_v = ggml_is_quantized(c.tv);
+    const int n_k = c.d; // llama.cpp: the largest power of two dividing the head size
+    const int kv_row = c.d * c.n_head_kv;
+    ggml_init_params ip = { 64 * ggml_tensor_overhead() + ggml_graph_overhead(), nullptr, true };
+    ggml_context * ctx = ggml_init(ip);
+    ggml_tensor * hk = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, n_k, n_k);
+    ggml_tensor * hv = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, 64, 64);
+    ggml_tensor * q = ggml_new_tensor_3d(ctx, GGML_TYPE_F32, c.d, c.n_head, 1);
+    ggml_tensor * kn = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, kv_row, 1);
+    ggml_tensor * vn = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, kv_row, 1);
+    ggml_tensor * kc = ggml_new_tensor_2d(ctx, c.tk, kv_row, c.n_kv);
+    ggml_tensor * vc = ggml_new_tensor_2d(ctx, c.tv, kv_row, c.n_kv);
+    ggml_tensor * idx = ggml_new_tensor_1d(ctx, GGML_TYPE_I64, 1);
+    ggml_tensor * m = ggml_new_tensor_4d(ctx, GGML_TYPE_F16, c.n_kv, 1, 1, 1);
+
+    ggml_cgraph * gf = ggml_new_graph(ctx);
+    ggml_tensor * qr = q, * kr = kn, * vr = vn;
+    if (rot_k) {
+        qr = rotate(ctx, q, hk);
+        kr = rotate(ctx, kn, hk);
+    }
+    if (rot_v) {
+        vr = rotate(ctx, vn, hv);
+    }
+    for (ggml_tensor * t : { qr, kr, vr }) {
+        if (unfused && t->op == GGML_OP_MUL_MAT) ggml_set_output(t);
+    }
+    ggml_build_forward_expand(gf, qr);
+    ggml_build_forward_expand(gf, vr);
+    ggml_build_forward_expand(gf, kr);
+    ggml_build_forward_expand(gf, ggml_set_rows(ctx, kc, ggml_reshape_2d(ctx, kr, kv_row, 1), idx));
+    ggml_build_forward_expand(gf, ggml_set_rows(ctx, vc, ggml_reshape_2d(ctx, vr, kv_row, 1), idx));
+    ggml_tensor * kview = ggml_view_3d(ctx, kc, c.d, c.n_kv, c.n_head_kv, kc->nb[1], ggml_row_size(c.tk, c.d), 0);
+    ggml_tensor * vview = ggml_view_3d(ctx, vc, c.d, c.n_kv, c.n_head_kv, vc->nb[1], ggml_row_size(c.tv, c.d), 0);
+    ggml_tensor * qp = ggml_permute(ctx, ggml_reshape_3d(ctx, qr, c.d, c.n_head, 1), 0, 2, 1, 3);
+    ggml_tensor * out = ggml_flash_attn_ext(ctx, qp, kview, vview, m, 1.0f / std::sqrt((float) c.d), 0.0f, 0.0f);
+    if (unfused) ggml_set_output(out);
+    if (rot_v) out = rotate(ctx, out, hv);
+    ggml_build_forward_expand(gf, out);
+
+    ggml_backend_buffer_t buf = ggml_backend_alloc_ctx_tensors(ctx, backend);
+    const std::vector<float> h_k = hadamard(n_k), h_v = hadamard(64);
+    ggml_backend_tensor_set(hk, h_k.data(), 0, ggml_nbytes(hk));
+    ggml_backend_tensor_set(hv, h_v.data(), 0, ggml_nbytes(hv));
+    ggml_backend_tensor_set(q, in.q.data(), 0, ggml_nbytes(q));
+    ggml_backend_tensor_set(kn, in.k_new.data(), 0, ggml_nbytes(kn));
+    ggml_backend_tensor_set(vn, in.v_new.data(), 0, ggml_nbytes(vn));
+    ggml_backend_tensor_set(kc, in.k_cache.data(), 0, ggml_nbytes(kc));
+    ggml_backend_tensor_set(vc, in.v_cache.data(), 0, ggml_nbytes(vc));
+    ggml_backend_tensor_set(idx, &in.cell, 0, sizeof(int64_t));
+    ggml_backend_tensor_set(m, in.mask.data(), 0, ggml_nbytes(m));
+    if (ggml_backend_graph_compute(backend, gf) != GGML_STATUS_SUCCESS) {
+        fprintf(stderr, "graph compute failed on %s\n", ggml_backend_name(backend));
+        exit(1);
+    }
+    // the output, then both caches' bytes (as floats would lose nothing: compare them exactly)
+    std::vector<float> r(ggml_nelements(out));
+    ggml_backend_tensor_get(out, r.data(), 0, ggml_nbytes(out));
+    for (ggml_tensor * cache : { kc, vc }) {
+        std::vector<uint8_t> bytes(ggml_row_size(cache->type, kv_row));
+        ggml_backend_tensor_get(cache, bytes.data(), in.cell * cache->nb[1], bytes.size());
+        for (uint8_t b : bytes) r.push_back(b);
+    }
+    ggml_backend_buffer_free(buf);
+    ggml_free(ctx);
+    return r;
+}
+
+// Layer cases: GPU fused == GPU unfused exactly; GPU vs CPU within the op bound.
+static int test_layers(ggml_backend_t gpu, ggml_backend_t cpu, const std::vector<std::pair<ggml_type, ggml_type>> & pairs,
+                       std::mt19937 & rng, double max_nmse) {
+    int failed = 0;
+    for (auto [tk, tv] : pairs) {
+        for (int d : { 128, 256 }) {
+            const fa_case c = { tk, tv, d, 32, 8, 8192, 37, 0.0f, false };
+            std::normal_distribution<float> nd(0.0f, 1.0f);
+            layer_inputs in;
+            in.q.resize((size_t) d * c.n_head);
+            in.k_new.resize((size_t) d * c.n_head_kv);
+            in.v_new.resize((size_t) d * c.n_head_kv);
+            for (auto * v : { &in.q, &in.k_new, &in.v_new }) for (auto & x : *v) x = nd(rng);
+            in.k_cache = random_rows(tk, d * c.n_head_kv, c.n_kv, rng);
+            in.v_cache = random_rows(tv, d * c.n_head_kv, c.n_kv, rng);
+            in.cell = c.n_kv - c.n_masked - 1;
+            in.mask.resize(c.n_kv);
+            for (int i = 0; i < c.n_kv; i++) in.mask[i] = ggml_fp32_to_fp16(i < c.n_kv - c.n_masked ? 0.0f : -INFINITY);
+
+            const std::vector<float> fused = run_layer(gpu, c, in, false), plain = run_layer(gpu, c, in, true);
+            const std::vector<float> ref = run_layer(cpu, c, in, true);
+            const size_t n_out = (size_t) d * c.n_head;
+            size_t n_diff = 0;
+            for (size_t i = 0; i < fused.size(); i++) n_diff += fused[i] != plain[i];
+            double num = 0, den = 0;
+            for (size_t i = 0; i < n_out; i++) {
+                num += (fused[i] - ref[i]) * (fused[i] - ref[i]);
+                den += ref[i] * ref[i];
+            }
+            const double nmse = num / den;
+            const bool ok = n_diff == 0 && std::isfinite(nmse) && nmse <= max_nmse;
+            failed += !ok;
+            printf("%s layer K=%-5s V=%-5s D=%3d heads=32/8 n_kv=8192: fused vs unfused %zu of %zu values differ, "
+                   "NMSE vs CPU %.3e\n", ok ? "ok  " : "FAIL", ggml_type_name(tk), ggml_type_name(tv), d, n_diff,
+                   fused.size(), nmse);
+        }
+    }
+    return failed;
+}
+
 int main(int argc, char ** argv) {
     if (argc != 2) {
         fprintf(stderr, "usage: %s \"TK-TV;TK-TV;...\"\n", argv[0]);
@@ -120,9 +256,11 @@ int main(int argc, char ** argv) {
                ok ? "ok  " : "FAIL", ggml_type_name(c.tk), ggml_type_name(c.tv), c.d, c.n_head, c.n_head_kv,
                c.n_head / c.n_head_kv, c.n_kv, c.n_masked, c.softcap, c.sinks, nmse);
     }
+    const int layer_failed = test_layers(gpu, cpu, pairs, rng, max_nmse);
     const char * gqa = getenv("GGML_CUDA_FA_VEC_GQA");
-    printf("%zu cases, %d failed, worst NMSE %.3e (bound %.0e); GGML_CUDA_FA_VEC_GQA=%s\n", cases.size(), failed, worst,
-           max_nmse, gqa ? gqa : "(unset: GQA decode kernel on)");
+    printf("%zu op cases, %d failed, worst NMSE %.3e (bound %.0e); %zu layer cases, %d failed; GGML_CUDA_FA_VEC_GQA=%s\n",
+           cases.size(), failed, worst, max_nmse, 2 * pairs.size(), layer_failed, gqa ? gqa : "(unset: GQA decode kernel on)");
+    failed += layer_failed;
     ggml_backend_free(gpu);
     ggml_backend_free(cpu);
     return failed ? 1 : 0;

@@ -214,7 +214,7 @@ fattn_test() { # the flash-attention op, GPU against CPU, with upstream's and pa
     for m in ${FT_MODES:-0 $GQA_MODES}; do
         [ -f "$R/fattn-test-gqa$m.txt" ] && continue # "0" twice
         log "fattn-test GGML_CUDA_FA_VEC_GQA=$m"
-        GGML_CUDA_FA_VEC_GQA=$m timeout "$(limit 5)" "$B/fattn-test" "$(cat "$C/fa_pairs.txt")" > "$R/fattn-test-gqa$m.txt" 2>&1 \
+        GGML_CUDA_FA_VEC_GQA=$m GGML_CUDA_FA_VEC_GQA_MIN_KV=0 timeout "$(limit 5)" "$B/fattn-test" "$(cat "$C/fa_pairs.txt")" > "$R/fattn-test-gqa$m.txt" 2>&1 \
             || log "fattn-test gqa $m: failures (see fattn-test-gqa$m.txt)"
         tail -1 "$R/fattn-test-gqa$m.txt"
     done
@@ -227,7 +227,7 @@ fattn_bench() { # the decode op alone, 32 layers of caches, per K-V pair, depth 
     local m
     for m in $GQA_MODES; do
         log "fattn-bench GGML_CUDA_FA_VEC_GQA=$m"
-        GGML_CUDA_FA_VEC_GQA=$m timeout "$(limit 5)" "$B/fattn-bench" "${FB_PAIRS:-f16-f16;q8_0-q8_0;q4_0-q4_0;q8_0-q4_0;q5_0-q5_0;q8_0-q5_0;f16-q4_0}" \
+        GGML_CUDA_FA_VEC_GQA=$m GGML_CUDA_FA_VEC_GQA_MIN_KV=0 timeout "$(limit 5)" "$B/fattn-bench" "${FB_PAIRS:-f16-f16;q8_0-q8_0;q4_0-q4_0;q8_0-q4_0;q5_0-q5_0;q8_0-q5_0;f16-q4_0}" \
             "${FB_DEPTHS:-256,16384,32768,65536}" 32 "${FB_REPS:-20}" > "$R/fattn-bench-gqa$m.txt" 2>&1 || log "fattn-bench gqa $m failed"
         cat "$R/fattn-bench-gqa$m.txt"
     done
