@@ -3,7 +3,8 @@
 # so that the lent GPU machine only measures: `PREBUILT=<out>/build/bin scripts/gpu/pack.sh`.
 # nvcc, the CUDA runtime and cuBLAS come from NVIDIA's PyPI wheels (13.0, the device's version)
 # unpacked into CUDA_HOME (default /opt/cuda13); libcuda.so is a link-time stub (the real driver
-# library is on the device). Incremental: a second run rebuilds what changed (ninja + ccache).
+# library is on the device; --no-as-needed keeps the stub's libcuda.so.1 among the needed libraries
+# although it defines none of the driver's symbols). Incremental: a second run rebuilds what changed (ninja + ccache).
 #
 #   scripts/gpu/build-cuda-here.sh [OUT_DIR]     (default target/cuda-here)
 set -euo pipefail
@@ -47,6 +48,7 @@ if [ ! -f "$out/build/CMakeCache.txt" ]; then
     cmake -S "$out/src" -B "$out/build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=ON \
         -DCUDAToolkit_ROOT="$cuda" -DCMAKE_CUDA_COMPILER="$cuda/bin/nvcc" \
         -DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 -DGGML_CUDA_NCCL=OFF \
+        -DCMAKE_SHARED_LINKER_FLAGS=-Wl,--no-as-needed \
         -DGGML_CUDA_FA_QUANTS="$(cat "$root/.device-carry/fa_pairs.txt")" \
         -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON \
         -DGGML_OPENMP=OFF -DGGML_BLAS=OFF -DGGML_CCACHE=ON -DLLAMA_ALL_WARNINGS=OFF \
