@@ -56,5 +56,10 @@ if [ ! -f "$out/build/CMakeCache.txt" ]; then
         -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_APP=OFF -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF
 fi
 cmake --build "$out/build" --target llama -j"$(nproc)"
+# The stub gets the driver functions libggml-cuda calls, so that a static link here resolves too
+# (`cargo build --features cuda` with CUDA_PATH=$cuda); they are never called on this machine.
+nm -D --undefined-only "$out/build/bin/libggml-cuda.so" | awk '$2 ~ /^cu[A-Z]/ {sub(/@.*/, "", $2); print $2}' | sort -u |
+    awk '{printf "int %s(void) { return 999; }\n", $1}' > "$out/libcuda-stub.c"
+gcc -shared -fPIC -Wl,-soname,libcuda.so.1 -o "$cuda/lib/stubs/libcuda.so" "$out/libcuda-stub.c"
 strip --strip-unneeded "$out"/build/bin/lib*.so.*.*
 ls -la "$out/build/bin"
