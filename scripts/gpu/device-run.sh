@@ -23,7 +23,7 @@
 # (e.g. "stock speed quality fattn fbench ncu") shape a call. EVAL_UBATCH (default 1: every scored token through
 # the single-token decode kernels) is the quality stage's --eval-ubatch. GQA_MODES (default "1") lists the settings of
 # GGML_CUDA_FA_VEC_GQA that `ab`, the op benchmark and the quality stage run under: "0 2" measures
-# upstream's decode kernel and patch 0003's in the same call, on the same machine and build (files
+# upstream's decode kernels and patches 0003-0004's in the same call, on the same machine and build (files
 # *-gqa0, *-gqa2). fattn-bench (the decode op alone, FB_PAIRS/FB_DEPTHS/FB_REPS) and ncu (hardware
 # counters, Firecracker machines only) run once per call.
 # DEADLINE (seconds, default 560) bounds this call: stages that would not fit are left for the
@@ -126,7 +126,7 @@ build_stock() { # the unpatched libllama, rebuilt in the patched build folder (g
     log "unpatched files: ${changed[*]}"
     [ ${#changed[@]} -gt 0 ]
     if ! diff -rq "$B/stock/ggml" "$src/ggml" --exclude=build > /dev/null 2>&1; then
-        # a patch of ours touches ggml (0003, ggml-cuda): the unpatched tree needs its own build
+        # patches of ours touch ggml (0003, 0004: ggml-cuda): the unpatched tree needs its own build
         log "ggml differs between the trees: full unpatched build ($(left) s left)"
         cmake_configure "$B/stock" > "$R/cmake-stock.log" 2>&1 || { tail -30 "$R/cmake-stock.log"; return 1; }
         timeout "$(limit 20)" cmake --build "$B/stock/build" --target llama -j"$(nproc)" > "$R/build-stock.log" 2>&1 \
@@ -208,7 +208,7 @@ speed_stock_vs_patched() { # patched (no profile) vs unpatched, same tree, both 
     mark speed
 }
 
-fattn_test() { # the flash-attention op, GPU against CPU, with upstream's and patch 0003's decode kernel
+fattn_test() { # the flash-attention op and a layer's decode step, GPU against CPU, upstream's kernels and ours
     g++ -O2 -std=c++17 -I"$B/patched/ggml/include" "$C/fattn-test.cpp" -o "$B/fattn-test" \
         -L"$LIBP" -lggml -lggml-base -lggml-cpu -Wl,-rpath,"$LIBP"
     local m
