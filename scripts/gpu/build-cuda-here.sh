@@ -45,15 +45,15 @@ for d, _, files in os.walk(new):
 PY
 export PATH=$cuda/bin:$PATH CUDACXX=$cuda/bin/nvcc
 if [ ! -f "$out/build/CMakeCache.txt" ]; then
-    cmake -S "$out/src" -B "$out/build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=ON \
+    # the options shared with device-run.sh, plus: this machine's toolchain, a CPU baseline the
+    # device's CPU has (no -march=native here), ccache
+    mapfile -t opts < <(grep -v '^#' "$root/scripts/gpu/cmake-cuda-options.txt" | sed '/^\s*$/d')
+    cmake -S "$out/src" -B "$out/build" -G Ninja "${opts[@]}" \
         -DCUDAToolkit_ROOT="$cuda" -DCMAKE_CUDA_COMPILER="$cuda/bin/nvcc" \
-        -DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 -DGGML_CUDA_NCCL=OFF \
         -DCMAKE_SHARED_LINKER_FLAGS=-Wl,--no-as-needed \
         -DGGML_CUDA_FA_QUANTS="$(cat "$root/.device-carry/fa_pairs.txt")" \
         -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON \
-        -DGGML_OPENMP=OFF -DGGML_BLAS=OFF -DGGML_CCACHE=ON -DLLAMA_ALL_WARNINGS=OFF \
-        -DLLAMA_BUILD_COMMON=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF \
-        -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_APP=OFF -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF
+        -DGGML_CCACHE=ON
 fi
 cmake --build "$out/build" --target llama -j"$(nproc)"
 # The stub gets the driver functions libggml-cuda calls, so that a static link here resolves too

@@ -72,15 +72,12 @@ MODE=${1:-}
 trap finish EXIT
 
 # --- builds --------------------------------------------------------------------------------
-cmake_configure() { # $1 = source tree
-    local gen=Ninja
+cmake_configure() { # $1 = source tree; the options shared with build-cuda-here.sh, plus this machine's CPU
+    local gen=Ninja opts
     command -v ninja > /dev/null || gen="Unix Makefiles"
-    cmake -S "$1" -B "$1/build" -G "$gen" -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=ON \
-        -DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 -DGGML_CUDA_NCCL=OFF \
-        -DGGML_CUDA_FA_QUANTS="$(cat "$C/fa_pairs.txt")" -DGGML_NATIVE=ON -DGGML_OPENMP=OFF -DGGML_BLAS=OFF \
-        -DGGML_CCACHE=OFF -DLLAMA_ALL_WARNINGS=OFF \
-        -DLLAMA_BUILD_COMMON=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF \
-        -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_APP=OFF -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF
+    mapfile -t opts < <(grep -v '^#' "$C/cmake-cuda-options.txt" | sed '/^\s*$/d')
+    cmake -S "$1" -B "$1/build" -G "$gen" "${opts[@]}" -DGGML_CUDA_FA_QUANTS="$(cat "$C/fa_pairs.txt")" \
+        -DGGML_NATIVE=ON -DGGML_CCACHE=OFF
 }
 
 unpack_prebuilt() { # libraries built on the development machine (pack.sh with PREBUILT=DIR)

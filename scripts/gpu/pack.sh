@@ -42,7 +42,7 @@ cp "$root/bench/stock-vs-patched/step.c" "$root/bench/stock-vs-patched/interleav
 if [ -n "${PREBUILT:-}" ]; then
     (cd "$PREBUILT" && tar cf - lib*.so*) | xz -T0 -6 > "$carry/libs-patched.tar.xz"
 fi
-cp "$root/scripts/gpu/device-run.sh" "$carry/"
+cp "$root/scripts/gpu/device-run.sh" "$root/scripts/gpu/cmake-cuda-options.txt" "$carry/"
 corpus=${KVTUNER_CACHE:-$HOME/.cache/kvtuner}/lee_background.cor
 [ -f "$corpus" ] && cp "$corpus" "$carry/"
 du -sh "$carry" && ls -la "$carry"
