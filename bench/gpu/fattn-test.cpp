@@ -29,6 +29,23 @@ struct fa_case {
 
 
 
+// A mask of n_kv cells whose last n_masked are hidden.
+static std::vector<ggml_fp16_t> masked_tail(int n_kv, int n_masked) {
+    std::vector<ggml_fp16_t> m(n_kv);
+    for (int i = 0; i < n_kv; i++) m[i] = ggml_fp32_to_fp16(i < n_kv - n_masked ? 0.0f : -INFINITY);
+    return m;
+}
+
+// Normalised mean squared error of the first n values of a against reference b.
+static double nmse(const std::vector<float> & a, const std::vector<float> & b, size_t n) {
+    double num = 0, den = 0;
+    for (size_t i = 0; i < n; i++) {
+        num += (a[i] - b[i]) * (a[i] - b[i]);
+        den += b[i] * b[i];
+    }
+    return num / den;
+}
+
 struct fa_inputs {
     std::vector<float> q, sinks;
     std::vector<uint8_t> k, v;
@@ -193,9 +210,7 @@ static std::vector<float> run_layer(ggml_backend_t backend, const fa_case & c, c
 // skipped exactly the rotations kvtuner's patch 0004 folds (none with GGML_CUDA_FA_VEC_GQA=0), so
 // the equality is not that of two unfolded runs.
 static int test_layers(ggml_backend_t gpu, ggml_backend_t cpu, const std::vector<std::pair<ggml_type, ggml_type>> & pairs,
-                       std::mt19937 & rng, double max_nmse) {
-    const char * env = getenv("GGML_CUDA_FA_VEC_GQA");
-    const bool folding = env == nullptr || atoi(env) != 0;
+                       std::mt19937 & rng, double max_nmse, bool folding) {
     int failed = 0;
     for (auto [tk, tv] : pairs) {
         for (int d : { 128, 256 }) {
@@ -209,31 +224,24 @@ static int test_layers(ggml_backend_t gpu, ggml_backend_t cpu, const std::vector
             in.k_cache = random_rows(tk, d * c.n_head_kv, c.n_kv, rng);
             in.v_cache = random_rows(tv, d * c.n_head_kv, c.n_kv, rng);
             in.cell = c.n_kv - c.n_masked - 1;
-            in.mask.resize(c.n_kv);
-            for (int i = 0; i < c.n_kv; i++) in.mask[i] = ggml_fp32_to_fp16(i < c.n_kv - c.n_masked ? 0.0f : -INFINITY);
+            in.mask = masked_tail(c.n_kv, c.n_masked);
 
             layer_skips skipped;
             const std::vector<float> fused = run_layer(gpu, c, in, false, &skipped), plain = run_layer(gpu, c, in, true);
             const std::vector<float> ref = run_layer(cpu, c, in, true);
-            const size_t n_out = (size_t) d * c.n_head;
             size_t n_diff = 0;
             for (size_t i = 0; i < fused.size(); i++) n_diff += fused[i] != plain[i];
-            double num = 0, den = 0;
-            for (size_t i = 0; i < n_out; i++) {
-                num += (fused[i] - ref[i]) * (fused[i] - ref[i]);
-                den += ref[i] * ref[i];
-            }
-            const double nmse = num / den;
+            const double err = nmse(fused, ref, (size_t) d * c.n_head); // the output; caches follow
             // what patch 0004 folds here: K/V rotations into the cache write, Q's and the output's
             // into the decode kernel, which takes every pair with a quantized V
             const bool rk = ggml_is_quantized(tk), rv = ggml_is_quantized(tv);
             const layer_skips want = { folding && rk && rv, folding && rk, folding && rv, folding && rv };
             const bool skips_ok = skipped.q == want.q && skipped.k == want.k && skipped.v == want.v && skipped.out == want.out;
-            const bool ok = n_diff == 0 && std::isfinite(nmse) && nmse <= max_nmse && skips_ok;
+            const bool ok = n_diff == 0 && std::isfinite(err) && err <= max_nmse && skips_ok;
             failed += !ok;
             printf("%s layer K=%-5s V=%-5s D=%3d heads=32/8 n_kv=8192: fused vs unfused %zu of %zu values differ, "
                    "NMSE vs CPU %.3e, folded Q%d K%d V%d out%d (expected %d%d%d%d)\n", ok ? "ok  " : "FAIL",
-                   ggml_type_name(tk), ggml_type_name(tv), d, n_diff, fused.size(), nmse, skipped.q, skipped.k,
+                   ggml_type_name(tk), ggml_type_name(tv), d, n_diff, fused.size(), err, skipped.q, skipped.k,
                    skipped.v, skipped.out, want.q, want.k, want.v, want.out);
         }
     }
@@ -278,27 +286,21 @@ int main(int argc, char ** argv) {
         for (auto & x : in.q) x = nd(rng);
         in.k = random_rows(c.tk, c.d, (int64_t) c.n_kv * c.n_head_kv, rng);
         in.v = random_rows(c.tv, c.d, (int64_t) c.n_kv * c.n_head_kv, rng);
-        in.mask.resize(c.n_kv);
-        for (int i = 0; i < c.n_kv; i++) in.mask[i] = ggml_fp32_to_fp16(i < c.n_kv - c.n_masked ? 0.0f : -INFINITY);
+        in.mask = masked_tail(c.n_kv, c.n_masked);
         in.sinks.resize(c.n_head);
         for (auto & x : in.sinks) x = nd(rng);
 
         const std::vector<float> a = run(gpu, c, in), b = run(cpu, c, in);
-        double num = 0, den = 0;
-        for (size_t i = 0; i < a.size(); i++) {
-            num += (a[i] - b[i]) * (a[i] - b[i]);
-            den += b[i] * b[i];
-        }
-        const double nmse = num / den;
-        const bool ok = std::isfinite(nmse) && nmse <= max_nmse;
-        worst = std::max(worst, std::isfinite(nmse) ? nmse : INFINITY);
+        const double err = nmse(a, b, a.size());
+        const bool ok = std::isfinite(err) && err <= max_nmse;
+        worst = std::max(worst, std::isfinite(err) ? err : INFINITY);
         failed += !ok;
         printf("%s K=%-5s V=%-5s D=%3d heads=%2d/%d (gqa %d) n_kv=%5d masked=%3d softcap=%g sinks=%d  NMSE %.3e\n",
                ok ? "ok  " : "FAIL", ggml_type_name(c.tk), ggml_type_name(c.tv), c.d, c.n_head, c.n_head_kv,
-               c.n_head / c.n_head_kv, c.n_kv, c.n_masked, c.softcap, c.sinks, nmse);
+               c.n_head / c.n_head_kv, c.n_kv, c.n_masked, c.softcap, c.sinks, err);
     }
-    const int layer_failed = test_layers(gpu, cpu, pairs, rng, max_nmse);
     const char * gqa = getenv("GGML_CUDA_FA_VEC_GQA");
+    const int layer_failed = test_layers(gpu, cpu, pairs, rng, max_nmse, gqa == nullptr || atoi(gqa) != 0);
     printf("%zu op cases, %d failed, worst NMSE %.3e (bound %.0e); %zu layer cases, %d failed; GGML_CUDA_FA_VEC_GQA=%s\n",
            cases.size(), failed, worst, max_nmse, 2 * pairs.size(), layer_failed, gqa ? gqa : "(unset: GQA decode kernel on)");
     failed += layer_failed;
