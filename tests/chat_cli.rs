@@ -111,9 +111,14 @@ fn save_then_load_in_a_new_process_continues_with_the_same_kv_state() {
     assert!(last_answer(&second).contains("Rome"), "{second}");
 }
 
+/// The screen's last line that is not blank.
+fn last_line(screen: &str) -> Option<&str> {
+    screen.lines().rev().find(|l| !l.trim().is_empty())
+}
+
 /// The screen ends with an empty input prompt: the program waits for a line.
 fn at_prompt(screen: &str) -> bool {
-    screen.lines().rev().find(|l| !l.trim().is_empty()).is_some_and(|l| l.trim_end() == ">")
+    last_line(screen).is_some_and(|l| l.trim_end() == ">")
 }
 
 struct Tmux {
@@ -130,7 +135,7 @@ impl Tmux {
     /// and for the echo, typing again if the first keys were dropped.
     fn enter_line(&self, text: &str) {
         self.wait_for(at_prompt, 60, "the input prompt");
-        let echoed = |s: &str| s.lines().rev().find(|l| !l.trim().is_empty()).is_some_and(|l| l.ends_with(text));
+        let echoed = |s: &str| last_line(s).is_some_and(|l| l.ends_with(text));
         for _ in 0..3 {
             self.send(&["-l", text]);
             let start = Instant::now();
