@@ -73,7 +73,7 @@ def main():
         a = runs[d][1][n]
         roof = BANDWIDTH / (model_bytes + a["kv_bytes_per_token"] * d)
         got = speed(a, d, "tg128")["median"]
-        return f"{got:.1f} / {roof:.0f} = {100 * got / roof:.0f}%"
+        return f"{got:.1f} / {roof:.1f} = {100 * got / roof:.1f}%"
 
     print_table("\n**share of the byte roofline** (model bytes + the cache at that depth, read once per token at 4.3 TB/s)",
                 ["config"] + [f"d{d}: tok/s / roofline" for d in depths],
