@@ -107,7 +107,8 @@ pub struct AbArgs {
     /// Depths (tokens already in the cache) for the speed runs.
     #[arg(long, value_delimiter = ',', default_value = "0")]
     pub depths: Vec<u32>,
-    /// Repetitions of each speed run (configurations interleaved).
+    /// Repetitions of each speed run (configurations interleaved). Within one, a pp512 pass
+    /// shorter than 0.25 s is repeated (up to 5 passes) and its median kept.
     #[arg(long, default_value_t = 3)]
     pub reps: usize,
     /// Skip the speed runs.
