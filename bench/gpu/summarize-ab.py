@@ -3,7 +3,9 @@
 
     summarize-ab.py DIR MODEL_BYTES [BEFORE_MODE AFTER_MODE]
 
-DIR holds ab-d<depth>-gqa<mode>.json (scripts/gpu/device-run.sh); MODEL_BYTES is the GGUF's size
+DIR holds ab-d<depth>-gqa<mode>.json (scripts/gpu/device-run.sh), and ab-d<depth>-gqa<mode>-r<N>.json
+for the later rounds of a call with ROUNDS > 1: every number is then the median over the rounds'
+medians (min and max over all repetitions). MODEL_BYTES is the GGUF's size
 (the weights a decode step reads, as issue 8 counts them). Prints generation before/after, after
 divided by f16 of the same run, q4_0's share of its byte roofline (4.3 TB/s, the device-to-device
 copy rate measured on this GPU) and prefill after/before.
@@ -21,6 +23,28 @@ BANDWIDTH = 4.3e12
 def load(path):
     with open(path) as f:
         return {c["name"]: c for c in json.load(f)}
+
+
+def median(values):
+    v = sorted(values)
+    return (v[(len(v) - 1) // 2] + v[len(v) // 2]) / 2
+
+
+def load_rounds(root, d, mode):
+    """The runs of one depth and mode, rounds pooled into one config list (None if not measured)."""
+    paths = [os.path.join(root, f"ab-d{d}-gqa{mode}.json")]
+    paths += sorted(glob.glob(os.path.join(root, f"ab-d{d}-gqa{mode}-r[0-9]*.json")))
+    rounds = [load(p) for p in paths if os.path.exists(p)]
+    if not rounds:
+        return None
+    pooled = rounds[0]
+    for name, config in pooled.items():
+        for s in config["speed"]:
+            for what in ("pp512", "tg128"):
+                stats = [speed(r[name], s["depth"], what) for r in rounds]
+                s[what] = {"median": median([x["median"] for x in stats]),
+                           "min": min(x["min"] for x in stats), "max": max(x["max"] for x in stats)}
+    return pooled, len(rounds)
 
 
 def speed(config, depth, what):
@@ -46,13 +70,15 @@ def main():
     root, model_bytes = sys.argv[1], float(sys.argv[2])
     before, after = (sys.argv[3], sys.argv[4]) if len(sys.argv) > 4 else ("0", "2")
     depths = sorted({int(re.search(r"ab-d(\d+)-gqa", p).group(1)) for p in glob.glob(os.path.join(root, "ab-d*-gqa*.json"))})
-    runs = {}
+    runs, rounds = {}, {}
     for d in depths:
-        b, a = (os.path.join(root, f"ab-d{d}-gqa{m}.json") for m in (before, after))
-        if os.path.exists(b) and os.path.exists(a):
-            runs[d] = (load(b), load(a))
+        b, a = (load_rounds(root, d, m) for m in (before, after))
+        if b and a:
+            runs[d] = (b[0], a[0])
+            rounds[d] = (b[1], a[1])
     depths = sorted(runs)
     names = list(runs[depths[0]][1])
+    print("rounds (processes per mode) pooled: " + ", ".join(f"d{d} {rounds[d][0]}+{rounds[d][1]}" for d in depths) + "\n")
 
     print_table(f"**tg128 tok/s**, median (min–max); before = GGML_CUDA_FA_VEC_GQA={before}, after = {after}",
                 ["config", "bits/value"] + [f"d{d} {w}" for d in depths for w in ("before", "after")],

@@ -19,7 +19,7 @@
 # in .device-build/out/; every call ends by packing them into $OUT/results.tgz plus
 # $OUT/summary.txt (the device tool brings back at most 8 files).
 # DEPTHS (default "0 32768 8192 65536"; one ab run each, `0,0` = a warm-up pass then depth 0), REPS
-# (default 2), AGAINST (the uniform caches ab compares, default f16,q8_0,q4_0,q8_0/q4_0) and SKIP
+# (default 2), ROUNDS (default 1; new processes per depth and mode, ABBA order), AGAINST (the uniform caches ab compares, default f16,q8_0,q4_0,q8_0/q4_0) and SKIP
 # (e.g. "stock speed quality fattn fbench ncu") shape a call. EVAL_UBATCH (default 1: every scored token through
 # the single-token decode kernels) is the quality stage's --eval-ubatch. GQA_MODES (default "1") lists the settings of
 # GGML_CUDA_FA_VEC_GQA that `ab`, the op benchmark and the quality stage run under: "0 2" measures
@@ -299,10 +299,17 @@ build | measure)
     if ! done_ fbench && ! skip fbench && [ "$(left)" -gt 60 ]; then fattn_bench || log "fattn-bench failed"; fi
     if ! done_ ncu && ! skip ncu && [ "$(left)" -gt 90 ]; then ncu_profile || log "ncu failed"; fi
     if [ "${QUALITY_FIRST:-0}" = 1 ]; then quality_stage; fi
-    for d in $DEPTHS; do
-        for m in $GQA_MODES; do
-            done_ "ab$d-gqa$m" && continue
-            if [ "$(left)" -gt "$(need_ab "$d")" ]; then ab_depth "$d" "$m" || true; else log "skip ab depth $d gqa $m: $(left) s left"; fi
+    # ROUNDS > 1 repeats every depth in a new process per mode, modes in reverse order on even rounds
+    # (ABBA), so that a slow drift of the GPU's speed over the call does not favour either mode;
+    # summarize-ab.py pools the rounds (files *-r2, *-r3, ...)
+    for ((r = 1; r <= ${ROUNDS:-1}; r++)); do
+        modes=$GQA_MODES; ((r % 2 == 0)) && modes=$(echo "$GQA_MODES" | tr ' ' '\n' | tac | tr '\n' ' ')
+        x=""; ((r > 1)) && x="-r$r"
+        for d in $DEPTHS; do
+            for m in $modes; do
+                done_ "ab$d-gqa$m$x" && continue
+                if [ "$(left)" -gt "$(need_ab "$d")" ]; then ab_depth "$d" "$m" "$x" || true; else log "skip ab depth $d gqa $m$x: $(left) s left"; fi
+            done
         done
     done
     quality_stage
