@@ -21,7 +21,9 @@
 # DEPTHS (default "0 32768 8192 65536"; one ab run each, `0,0` = a warm-up pass then depth 0), REPS
 # (default 2), ROUNDS (default 1; new processes per depth and mode, ABBA order), AGAINST (the uniform caches ab compares, default f16,q8_0,q4_0,q8_0/q4_0) and SKIP
 # (e.g. "stock speed quality fattn fbench ncu") shape a call. EVAL_UBATCH (default 1: every scored token through
-# the single-token decode kernels) is the quality stage's --eval-ubatch. GQA_MODES (default "1") lists the settings of
+# the single-token decode kernels) is the quality stage's --eval-ubatch. FT_PAIRS (default: every pair built,
+# fa_pairs.txt) narrows fattn-test to some K-V pairs. AB_PROFILES (default "mixed-6.5 mixed-5.5"; "" for none) are the
+# profiles ab runs besides AGAINST. GQA_MODES (default "1") lists the settings of
 # GGML_CUDA_FA_VEC_GQA that `ab`, the op benchmark and the quality stage run under: "0 2" measures
 # upstream's decode kernels and patches 0003-0004's in the same call, on the same machine and build (files
 # *-gqa0, *-gqa2). fattn-bench (the decode op alone, FB_PAIRS/FB_DEPTHS/FB_REPS) and ncu (hardware
@@ -212,7 +214,7 @@ fattn_test() { # the flash-attention op and a layer's decode step, GPU against C
     for m in ${FT_MODES:-0 $GQA_MODES}; do
         [ -f "$R/fattn-test-gqa$m.txt" ] && continue # "0" twice
         log "fattn-test GGML_CUDA_FA_VEC_GQA=$m"
-        GGML_CUDA_FA_VEC_GQA=$m GGML_CUDA_FA_VEC_GQA_MIN_KV=0 timeout "$(limit 5)" "$B/fattn-test" "$(cat "$C/fa_pairs.txt")" > "$R/fattn-test-gqa$m.txt" 2>&1 \
+        GGML_CUDA_FA_VEC_GQA=$m GGML_CUDA_FA_VEC_GQA_MIN_KV=0 timeout "$(limit 5)" "$B/fattn-test" "${FT_PAIRS:-$(cat "$C/fa_pairs.txt")}" > "$R/fattn-test-gqa$m.txt" 2>&1 \
             || log "fattn-test gqa $m: failures (see fattn-test-gqa$m.txt)"
         tail -1 "$R/fattn-test-gqa$m.txt"
     done
@@ -272,14 +274,14 @@ ab_depth() { # $1 = depth, $2 = GGML_CUDA_FA_VEC_GQA, $3 = file suffix (optional
     log "ab 8B at depth $d, GGML_CUDA_FA_VEC_GQA=$m ${AB_ENV:-} ($(left) s left)"
     env ${AB_ENV:-} GGML_CUDA_FA_VEC_GQA=$m LD_LIBRARY_PATH=$LIBP timeout "$(limit 5)" "$K" ab -m "$M/l8b.gguf" --no-quality --ngl 99 --fa on -c 66048 \
         --depths "$d" --reps "$REPS" --against "$AGAINST" \
-        --profile "$R/mixed-6.5.yaml" --profile "$R/mixed-5.5.yaml" \
+        $(for p in ${AB_PROFILES-mixed-6.5 mixed-5.5}; do echo "--profile $R/$p.yaml"; done) \
         --json "$R/$name.json" > "$R/$name.md" 2> "$R/$name.log" || { log "ab depth $d gqa $m$x failed or stopped"; tail -5 "$R/$name.log"; return 1; }
     mark "ab$d-gqa$m$x"
     pack_out running # a call cut off later still returns this depth
 }
 
 # rough seconds each stage needs (a stage starts only if it fits in what is left)
-need_ab() { case $1 in 0 | 0,0) echo 30 ;; 8192) echo 40 ;; 16384) echo 40 ;; 32768) echo 60 ;; *) echo 125 ;; esac; } # 65536: 106-113 s with 6 configs
+need_ab() { case $1 in 0 | 0,0) echo 30 ;; 8192) echo 40 ;; 16384) echo 32 ;; 32768) echo 55 ;; *) echo 120 ;; esac; } # 6 configs, REPS=2 (call 19): 16384 27-29 s, 32768 47-52 s, 65536 105-114 s
 
 case $MODE in
 build | measure)
