@@ -18,16 +18,22 @@
 # models in /dev/shm; each stage leaves a stamp there, so a later call resumes. Results collect
 # in .device-build/out/; every call ends by packing them into $OUT/results.tgz plus
 # $OUT/summary.txt (the device tool brings back at most 8 files).
-# DEPTHS (default "0 32768 8192 65536"; one ab run each, `0,0` = a warm-up pass then depth 0), REPS
-# (default 2), ROUNDS (default 1; new processes per depth and mode, ABBA order), AGAINST (the uniform caches ab compares, default f16,q8_0,q4_0,q8_0/q4_0) and SKIP
-# (e.g. "stock speed quality fattn fbench ncu") shape a call. EVAL_UBATCH (default 1: every scored token through
-# the single-token decode kernels) is the quality stage's --eval-ubatch. FT_PAIRS (default: every pair built,
-# fa_pairs.txt) narrows fattn-test to some K-V pairs. AB_PROFILES (default "mixed-6.5 mixed-5.5"; "" for none) are the
-# profiles ab runs besides AGAINST. GQA_MODES (default "1") lists the settings of
-# GGML_CUDA_FA_VEC_GQA that `ab`, the op benchmark and the quality stage run under: "0 2" measures
-# upstream's decode kernels and patches 0003-0004's in the same call, on the same machine and build (files
-# *-gqa0, *-gqa2). fattn-bench (the decode op alone, FB_PAIRS/FB_DEPTHS/FB_REPS) and ncu (hardware
-# counters, Firecracker machines only) run once per call.
+# Environment that shapes a call:
+#   DEPTHS       default "0 32768 8192 65536"; one ab run each (`0,0` = a warm-up pass then depth 0)
+#   REPS         default 2; repetitions inside one ab run (configurations interleaved)
+#   ROUNDS       default 1; more repeats every depth in new processes, modes in ABBA order (the
+#                first process of a pair runs 1-3% faster in prefill, whichever mode it runs)
+#   AGAINST      the uniform caches ab compares, default f16,q8_0,q4_0,q8_0/q4_0
+#   AB_PROFILES  default "mixed-6.5 mixed-5.5" ("" for none): profiles ab runs besides AGAINST
+#   SKIP         e.g. "stock speed quality fattn fbench ncu": stages left out
+#   EVAL_UBATCH  default 1 (every scored token through the single-token decode kernels): the
+#                quality stage's --eval-ubatch
+#   FT_PAIRS     default every pair built (fa_pairs.txt): the K-V pairs fattn-test checks
+#   GQA_MODES    default "1": the settings of GGML_CUDA_FA_VEC_GQA that `ab`, the op benchmark and
+#                the quality stage run under; "0 2" measures upstream's decode kernels and patches
+#                0003-0004's in the same call, on the same machine and build (files *-gqa0, *-gqa2)
+# fattn-bench (the decode op alone, FB_PAIRS/FB_DEPTHS/FB_REPS) and ncu (hardware counters,
+# Firecracker machines only) run once per call.
 # DEADLINE (seconds, default 560) bounds this call: stages that would not fit are left for the
 # next call, and long ones run under `timeout`.
 set -euo pipefail
