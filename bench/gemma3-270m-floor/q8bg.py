@@ -18,7 +18,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from refine import BITS, bits, measure, sens_table, write_profile  # noqa: E402
+from refine import BITS, bits, measure, profile_header, sens_table, write_profile  # noqa: E402
 
 BACKGROUND = ("q8_0", "q8_0")
 PAIRS = [("q8_0", "q5_0"), ("q8_0", "q4_0"), ("q5_0", "q5_0"), ("q5_0", "q4_0"), ("q4_0", "q4_0"),
@@ -52,15 +52,13 @@ def main():
     os.makedirs(out_dir, exist_ok=True)
     _, cells = sens_table(sens_path)
     n = len(cells)
-    fp = json.loads(os.popen(f"{kvtuner} inspect --json {model}").read())
-    header = ("schema: 1\nname: NAME\nmodel:\n  architecture: gemma3\n  layers: %d\n  fingerprint: %s\n"
-              "  name: Gemma 3 270m\nlayers:\n") % (n, fp["fingerprint"])
+    header = profile_header(kvtuner, model, n)
 
-    def run(tag, text, profiles):
+    def run(tag, text, profiles):  # a run whose JSON is there is read back, not repeated
         js = os.path.join(out_dir, f"{tag}.json")
-        if not os.path.exists(js):
-            measure(kvtuner, model, text, profiles, out_dir, tag, header)
-        return {c["name"]: (c["kld_mean"], c["kld_stderr"]) for c in json.load(open(js))}
+        if os.path.exists(js):
+            return {c["name"]: (c["kld_mean"], c["kld_stderr"]) for c in json.load(open(js))}
+        return measure(kvtuner, model, text, profiles, out_dir, tag, header)
 
     base = run("background", "lee-calibration", [("bg", (BACKGROUND,) * n)])["profile bg"][0]
     deltas = [{} for _ in cells]

@@ -84,6 +84,13 @@ def moves(profile, sens, cells, budget):
     return sorted(set(out), key=lambda p: predicted(p, sens))
 
 
+def profile_header(kvtuner, model, n_layers):
+    """A profile file's lines before its layers, for `write_profile` (NAME stands for the name)."""
+    info = json.loads(subprocess.run([kvtuner, "inspect", "--json", model], capture_output=True, text=True, check=True).stdout)
+    return ("schema: 1\nname: NAME\nmodel:\n  architecture: gemma3\n  layers: %d\n  fingerprint: %s\n"
+            "  name: Gemma 3 270m\nlayers:\n") % (n_layers, info["fingerprint"])
+
+
 def write_profile(path, name, profile, header):
     with open(path, "w") as f:
         f.write(header.replace("NAME", name))
@@ -109,10 +116,7 @@ def main():
     n_best = int(sys.argv[8]) if len(sys.argv) > 8 else 8
     os.makedirs(out_dir, exist_ok=True)
     sens, cells = sens_table(sens_path)
-    fp = subprocess.run([kvtuner, "inspect", "--json", model], capture_output=True, text=True, check=True)
-    info = json.loads(fp.stdout)
-    header = ("schema: 1\nname: NAME\nmodel:\n  architecture: gemma3\n  layers: %d\n  fingerprint: %s\n"
-              "  name: Gemma 3 270m\nlayers:\n") % (len(sens), info["fingerprint"])
+    header = profile_header(kvtuner, model, len(sens))
     bk, bv = (budget_cfg.split("/") + [budget_cfg])[:2]
     budget = bits([(bk, bv)] * len(sens), cells)
     if start.endswith(".yaml"):

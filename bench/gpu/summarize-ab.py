@@ -15,6 +15,7 @@ import json
 import math
 import os
 import re
+import statistics
 import sys
 
 BANDWIDTH = 4.3e12
@@ -23,11 +24,6 @@ BANDWIDTH = 4.3e12
 def load(path):
     with open(path) as f:
         return {c["name"]: c for c in json.load(f)}
-
-
-def median(values):
-    v = sorted(values)
-    return (v[(len(v) - 1) // 2] + v[len(v) // 2]) / 2
 
 
 def load_rounds(root, d, mode):
@@ -42,7 +38,7 @@ def load_rounds(root, d, mode):
         for s in config["speed"]:
             for what in ("pp512", "tg128"):
                 stats = [speed(r[name], s["depth"], what) for r in rounds]
-                s[what] = {"median": median([x["median"] for x in stats]),
+                s[what] = {"median": statistics.median(x["median"] for x in stats),
                            "min": min(x["min"] for x in stats), "max": max(x["max"] for x in stats)}
     return pooled, len(rounds)
 
