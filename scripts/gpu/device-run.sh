@@ -275,12 +275,13 @@ quality_stage() { # once per machine, if not skipped and a minute is left
 }
 
 ab_depth() { # $1 = depth, $2 = GGML_CUDA_FA_VEC_GQA, $3 = file suffix (optional; extra env in AB_ENV)
-    local M d=$1 m=$2 x=${3:-}; M=$(cat "$B/models_dir")
+    local M d=$1 m=$2 x=${3:-} p profiles=(); M=$(cat "$B/models_dir")
     local name=ab-d$d-gqa$m$x
+    for p in ${AB_PROFILES-mixed-6.5 mixed-5.5}; do profiles+=(--profile "$R/$p.yaml"); done
     log "ab 8B at depth $d, GGML_CUDA_FA_VEC_GQA=$m ${AB_ENV:-} ($(left) s left)"
     env ${AB_ENV:-} GGML_CUDA_FA_VEC_GQA=$m LD_LIBRARY_PATH=$LIBP timeout "$(limit 5)" "$K" ab -m "$M/l8b.gguf" --no-quality --ngl 99 --fa on -c 66048 \
         --depths "$d" --reps "$REPS" --against "$AGAINST" \
-        $(for p in ${AB_PROFILES-mixed-6.5 mixed-5.5}; do echo "--profile $R/$p.yaml"; done) \
+        "${profiles[@]}" \
         --json "$R/$name.json" > "$R/$name.md" 2> "$R/$name.log" || { log "ab depth $d gqa $m$x failed or stopped"; tail -5 "$R/$name.log"; return 1; }
     mark "ab$d-gqa$m$x"
     pack_out running # a call cut off later still returns this depth
@@ -308,8 +309,8 @@ build | measure)
     if ! done_ ncu && ! skip ncu && [ "$(left)" -gt 90 ]; then ncu_profile || log "ncu failed"; fi
     if [ "${QUALITY_FIRST:-0}" = 1 ]; then quality_stage; fi
     # ROUNDS > 1 repeats every depth in a new process per mode, modes in reverse order on even rounds
-    # (ABBA), so that a slow drift of the GPU's speed over the call does not favour either mode;
-    # summarize-ab.py pools the rounds (files *-r2, *-r3, ...)
+    # (ABBA): the first process of a pair runs prefill 1-3% faster whichever mode it runs (calls
+    # 20-21), and ABBA cancels that and any slow drift; summarize-ab.py pools the rounds (*-r2, ...)
     for ((r = 1; r <= ${ROUNDS:-1}; r++)); do
         modes=$GQA_MODES; ((r % 2 == 0)) && modes=$(echo "$GQA_MODES" | tr ' ' '\n' | tac | tr '\n' ' ')
         x=""; ((r > 1)) && x="-r$r"
