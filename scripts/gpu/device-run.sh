@@ -21,8 +21,8 @@
 # Environment that shapes a call:
 #   DEPTHS       default "0 32768 8192 65536"; one ab run each (`0,0` = a warm-up pass then depth 0)
 #   REPS         default 2; repetitions inside one ab run (configurations interleaved)
-#   ROUNDS       default 1; more repeats every depth in new processes, modes in ABBA order (the
-#                first process of a pair runs 1-3% faster in prefill, whichever mode it runs)
+#   ROUNDS       default 1; more repeats every depth in new processes, modes in ABBA order
+#                (prefill moves by up to 3% from one process to the next)
 #   AGAINST      the uniform caches ab compares, default f16,q8_0,q4_0,q8_0/q4_0
 #   AB_PROFILES  default "mixed-6.5 mixed-5.5" ("" for none): profiles ab runs besides AGAINST
 #   SKIP         e.g. "stock speed quality fattn fbench ncu": stages left out
@@ -288,7 +288,13 @@ ab_depth() { # $1 = depth, $2 = GGML_CUDA_FA_VEC_GQA, $3 = file suffix (optional
 }
 
 # rough seconds each stage needs (a stage starts only if it fits in what is left)
-need_ab() { case $1 in 0 | 0,0) echo 30 ;; 8192) echo 40 ;; 16384) echo 32 ;; 32768) echo 55 ;; *) echo 120 ;; esac; } # 6 configs, REPS=2 (call 19): 16384 27-29 s, 32768 47-52 s, 65536 105-114 s
+# 6 configs, REPS=2 (call 19): 16384 27-29 s, 32768 47-52 s, 65536 105-114 s; REPS=3 (call 22): 16384
+# 38-43 s, 32768 67-75 s, so the time scales with REPS
+need_ab() {
+    local s
+    case $1 in 0 | 0,0) s=30 ;; 8192) s=40 ;; 16384) s=32 ;; 32768) s=55 ;; *) s=120 ;; esac
+    echo $((s * REPS / 2))
+}
 
 case $MODE in
 build | measure)
@@ -309,8 +315,9 @@ build | measure)
     if ! done_ ncu && ! skip ncu && [ "$(left)" -gt 90 ]; then ncu_profile || log "ncu failed"; fi
     if [ "${QUALITY_FIRST:-0}" = 1 ]; then quality_stage; fi
     # ROUNDS > 1 repeats every depth in a new process per mode, modes in reverse order on even rounds
-    # (ABBA): the first process of a pair runs prefill 1-3% faster whichever mode it runs (calls
-    # 20-21), and ABBA cancels that and any slow drift; summarize-ab.py pools the rounds (*-r2, ...)
+    # (ABBA): prefill moves by up to 3% between processes (in calls 20-21 the first of a pair was
+    # the faster one, in call 22 not), and ABBA cancels order and slow drift alike; summarize-ab.py
+    # pools the rounds (*-r2, ...)
     for ((r = 1; r <= ${ROUNDS:-1}; r++)); do
         modes=$GQA_MODES; ((r % 2 == 0)) && modes=$(echo "$GQA_MODES" | tr ' ' '\n' | tac | tr '\n' ' ')
         x=""; ((r > 1)) && x="-r$r"
