@@ -13,12 +13,11 @@ summed change by exact dynamic programming over layers, and measures the picks o
 Results go to OUT_DIR (one `kvtuner ab` JSON per candidate pair, so an interrupted run resumes;
 summary in OUT_DIR/q8bg.md).
 """
-import json
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from refine import BITS, bits, measure, profile_header, sens_table, write_profile  # noqa: E402
+from refine import BITS, bits, measure, profile_header, read_kld, sens_table, write_profile  # noqa: E402
 
 BACKGROUND = ("q8_0", "q8_0")
 PAIRS = [("q8_0", "q5_0"), ("q8_0", "q4_0"), ("q5_0", "q5_0"), ("q5_0", "q4_0"), ("q4_0", "q4_0"),
@@ -57,7 +56,7 @@ def main():
     def run(tag, text, profiles):  # a run whose JSON is there is read back, not repeated
         js = os.path.join(out_dir, f"{tag}.json")
         if os.path.exists(js):
-            return {c["name"]: (c["kld_mean"], c["kld_stderr"]) for c in json.load(open(js))}
+            return read_kld(js)
         return measure(kvtuner, model, text, profiles, out_dir, tag, header)
 
     base = run("background", "lee-calibration", [("bg", (BACKGROUND,) * n)])["profile bg"][0]

@@ -107,7 +107,13 @@ def measure(kvtuner, model, text, profiles, out_dir, tag, header):
     js = os.path.join(out_dir, f"{tag}.json")
     subprocess.run([kvtuner, "ab", "-m", model, "--text", text, "--no-speed", "-t", "2", "--against", "f16",
                     *args, "--json", js], check=True, stdout=open(os.path.join(out_dir, f"{tag}.md"), "w"))
-    return {c["name"]: (c["kld_mean"], c["kld_stderr"]) for c in json.load(open(js))}
+    return read_kld(js)
+
+
+def read_kld(path):
+    """An `ab --json` file's configs: name -> (KLD mean, its standard error)."""
+    with open(path) as f:
+        return {c["name"]: (c["kld_mean"], c["kld_stderr"]) for c in json.load(f)}
 
 
 def main():
