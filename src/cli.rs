@@ -82,8 +82,8 @@ pub struct ChatArgs {
 
 #[derive(Debug, Args)]
 pub struct AbArgs {
-    /// Model file (GGUF).
-    #[arg(short = 'm', long = "model")]
+    /// Model: a GGUF file, or a model `kvtuner fetch` knows (`gemma3-270m`, `qwen2.5-coder-0.5b`).
+    #[arg(short = 'm', long = "model", value_parser = model_arg)]
     pub model: PathBuf,
     /// Evaluation text: a file or `lee-evaluation` (never the calibration text).
     #[arg(long, required_unless_present = "no_quality")]
@@ -134,7 +134,7 @@ pub struct AbArgs {
 #[derive(Debug, Args)]
 pub struct TuneArgs {
     /// Model (default: the fetched Gemma 3 270M).
-    #[arg(short = 'm', long = "model")]
+    #[arg(short = 'm', long = "model", value_parser = model_arg)]
     pub model: Option<PathBuf>,
     /// Calibration text (default: the Lee corpus' calibration half).
     #[arg(long, default_value = "lee-calibration")]
@@ -191,7 +191,7 @@ pub struct SearchArgs {
     #[arg(long, requires = "model")]
     pub verify: Option<String>,
     /// Model for verification.
-    #[arg(short = 'm', long = "model")]
+    #[arg(short = 'm', long = "model", value_parser = model_arg)]
     pub model: Option<PathBuf>,
     /// Chunks of the calibration context to verify on.
     #[arg(long, default_value_t = 2)]
@@ -282,7 +282,7 @@ pub enum ProfileCommand {
     Show {
         profile: PathBuf,
         /// Check that the profile fits this model.
-        #[arg(short = 'm', long = "model")]
+        #[arg(short = 'm', long = "model", value_parser = model_arg)]
         model: Option<PathBuf>,
         #[arg(long)]
         json: bool,
@@ -291,7 +291,7 @@ pub enum ProfileCommand {
     ImportKvtuner {
         preset: PathBuf,
         /// Bind the profile to this model (architecture, layer count, weights fingerprint).
-        #[arg(short = 'm', long = "model")]
+        #[arg(short = 'm', long = "model", value_parser = model_arg)]
         model: Option<PathBuf>,
         /// Profile name (default: the preset's file stem).
         #[arg(long)]
@@ -304,6 +304,9 @@ pub enum ProfileCommand {
 
 #[derive(Debug, Args)]
 pub struct FetchArgs {
+    /// Models to fetch by name: `gemma3-270m` (default), `qwen2.5-coder-0.5b`, or `all`.
+    #[arg(long = "model", value_delimiter = ',', default_value = "gemma3-270m")]
+    pub models: Vec<String>,
     /// Cache folder (default: $KVTUNER_CACHE, else ~/.cache/kvtuner).
     #[arg(long)]
     pub cache: Option<PathBuf>,
@@ -360,8 +363,8 @@ pub struct SynthArgs {
 /// How to load a model and create a context; shared by the commands that run the model.
 #[derive(Debug, Clone, Args)]
 pub struct RuntimeArgs {
-    /// Model file (GGUF).
-    #[arg(short = 'm', long = "model")]
+    /// Model: a GGUF file, or a model `kvtuner fetch` knows (`gemma3-270m`, `qwen2.5-coder-0.5b`).
+    #[arg(short = 'm', long = "model", value_parser = model_arg)]
     pub model: PathBuf,
     /// Context size in tokens.
     #[arg(short = 'c', long = "ctx-size", default_value_t = 1024)]
@@ -394,4 +397,19 @@ pub struct LayersArgs {
     /// Print JSON.
     #[arg(long)]
     pub json: bool,
+}
+
+/// `-m`: a GGUF path, or the name of a model `kvtuner fetch` knows (fetched and verified on
+/// first use). An existing file of that name wins.
+fn model_arg(spec: &str) -> Result<PathBuf, String> {
+    let path = PathBuf::from(spec);
+    if path.exists() {
+        return Ok(path);
+    }
+    match kvtuner::assets::known_model(spec) {
+        Some(m) => kvtuner::assets::ensure(&kvtuner::assets::cache_dir(), &m.asset)
+            .map_err(|e| format!("fetching {}: {e}", m.description)),
+        // A missing file is reported by whoever opens it, with the usual message.
+        None => Ok(path),
+    }
 }

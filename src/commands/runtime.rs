@@ -6,6 +6,7 @@ use std::path::Path;
 use anyhow::{bail, Context as _};
 
 use crate::cli::RuntimeArgs;
+use kvtuner::assets::NamedText;
 use kvtuner::gguf::{self, GgufHeader};
 use kvtuner::llama::{Backend, ContextParams, LayerCacheTypes, Model, ModelParams};
 use kvtuner::profile::{ModelIdentity, Profile, META_NAME, META_TYPE_K};
@@ -102,19 +103,13 @@ pub fn open(args: &RuntimeArgs) -> anyhow::Result<Opened> {
 
 /// Reads the text to run on; returns it with a label for reports.
 pub fn load_text(spec: &str) -> anyhow::Result<(String, String)> {
-    match spec {
-        "lee-calibration" | "lee-evaluation" => {
-            let split =
-                kvtuner::assets::load_split(&kvtuner::assets::cache_dir()).context("fetching the Lee corpus")?;
-            Ok(if spec == "lee-calibration" {
-                (split.calibration.clone(), split.calibration_label())
-            } else {
-                (split.evaluation.clone(), split.evaluation_label())
-            })
+    match NamedText::parse(spec) {
+        Some(named) => {
+            named.load(&kvtuner::assets::cache_dir()).with_context(|| format!("fetching the text of {spec}"))
         }
-        path => {
-            let text = std::fs::read_to_string(path).with_context(|| format!("reading text file {path}"))?;
-            Ok((text, path.to_string()))
+        None => {
+            let text = std::fs::read_to_string(spec).with_context(|| format!("reading text file {spec}"))?;
+            Ok((text, spec.to_string()))
         }
     }
 }
