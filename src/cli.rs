@@ -104,6 +104,11 @@ pub struct AbArgs {
     /// through the single-token decode path (e.g. the GPU's decode kernels) instead of prefill.
     #[arg(long = "eval-ubatch", default_value_t = 512, value_parser = clap::value_parser!(u32).range(1..))]
     pub eval_ubatch: u32,
+    /// Largest f16 baseline to keep in memory, MiB (n_ctx/2 × n_vocab floats per chunk; default
+    /// 2048). A larger one is streamed: baseline and configurations step through each chunk
+    /// together, so memory stays flat at any context.
+    #[arg(long = "eval-memory")]
+    pub eval_memory_mib: Option<u64>,
     /// Depths (tokens already in the cache) for the speed runs.
     #[arg(long, value_delimiter = ',', default_value = "0")]
     pub depths: Vec<u32>,

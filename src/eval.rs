@@ -33,10 +33,14 @@ pub struct Scores {
     pub top1_same: Vec<bool>,
     /// Negative log-likelihood of the true next token.
     pub nll: Vec<f64>,
+    /// Scored positions per chunk (the first `chunk_sizes[0]` entries are chunk 0's, ...).
+    pub chunk_sizes: Vec<usize>,
+    /// KV buffer bytes of the context that was scored, as the runtime allocated them.
+    pub kv_bytes: u64,
 }
 
 /// Summary of [`Scores`].
-#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Summary {
     pub kld_mean: f64,
     /// Standard error of the mean KLD.
@@ -47,6 +51,10 @@ pub struct Summary {
     pub top1: f64,
     pub ppl: f64,
     pub positions: usize,
+    /// Mean KLD of each chunk: how much the text, not the cache, moves the number.
+    pub kld_chunk_means: Vec<f64>,
+    /// KV buffer bytes the runtime allocated for the scored context.
+    pub kv_bytes: u64,
 }
 
 impl Scores {
@@ -57,6 +65,13 @@ impl Scores {
         let mut sorted = self.kld.clone();
         sorted.sort_by(|a, b| a.total_cmp(b));
         let pct = |p: f64| sorted.get(((sorted.len() as f64 - 1.0) * p).round() as usize).copied().unwrap_or(0.0);
+        let mut chunk_means = Vec::with_capacity(self.chunk_sizes.len());
+        let mut at = 0;
+        for &len in &self.chunk_sizes {
+            let part = &self.kld[at..(at + len).min(self.kld.len())];
+            chunk_means.push(part.iter().sum::<f64>() / part.len().max(1) as f64);
+            at += len;
+        }
         Summary {
             kld_mean: mean,
             kld_stderr: (var / n).sqrt(),
@@ -66,6 +81,8 @@ impl Scores {
             top1: self.top1_same.iter().filter(|&&s| s).count() as f64 / n,
             ppl: (self.nll.iter().sum::<f64>() / self.nll.len().max(1) as f64).exp(),
             positions: self.kld.len(),
+            kld_chunk_means: chunk_means,
+            kv_bytes: self.kv_bytes,
         }
     }
 
@@ -73,18 +90,52 @@ impl Scores {
         let s = self.summary();
         Quality { kld_mean: s.kld_mean, kld_p99: s.kld_p99, top1: s.top1 }
     }
+
+    fn push(&mut self, row: RowScore) {
+        self.kld.push(row.kld);
+        self.top1_same.push(row.top1_same);
+        self.nll.push(row.nll);
+    }
 }
 
 /// Baseline distributions of one chunk's scored positions.
 struct BaselineChunk {
-    tokens: Vec<Token>,
     /// Row-major [positions][n_vocab] probabilities under the f16 cache.
     probs: Vec<f32>,
     /// Σ p·log p per position (minus the entropy), so KL(p‖q) = negent − Σ p·x + lse(x).
     negent: Vec<f64>,
     top1: Vec<u32>,
-    /// Negative log-likelihood of the true next token under the baseline.
-    nll: Vec<f64>,
+}
+
+/// Where the f16-cache baseline lives while configurations are scored.
+enum Baseline {
+    /// Every scored row's probabilities, computed once: each configuration then costs one pass.
+    Stored(Vec<BaselineChunk>),
+    /// Nothing stored: the baseline runs in lock-step with the configurations it is compared to,
+    /// a step of `n_ubatch` tokens at a time, so memory does not grow with the context.
+    Streamed,
+}
+
+/// How an [`Evaluator`] holds its baseline.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BaselineMode {
+    Stored,
+    Streamed,
+}
+
+/// Default limit for a stored baseline (`n_ctx/2 × n_vocab` f32 per chunk); above it the
+/// evaluator streams. 2 GiB holds 4 chunks of 1024 tokens of Gemma 3's 262k vocabulary.
+pub const DEFAULT_STORED_BASELINE_LIMIT: u64 = 2 << 30;
+
+/// Configurations stepped in lock-step with one streamed baseline (each holds its own context).
+const STREAM_GROUP: usize = 8;
+
+/// The scores of one position against the baseline.
+struct RowScore {
+    kld: f64,
+    top1_same: bool,
+    nll: f64,
 }
 
 /// Chunks of text with their f16-cache baseline, ready to score configurations against.
@@ -95,9 +146,15 @@ pub struct Evaluator<'m> {
     /// Tokens per forward step (llama.cpp's n_ubatch), the same for the baseline and every
     /// configuration scored, so they all run the same kernels (1 = single-token decodes).
     n_ubatch: u32,
-    chunks: Vec<BaselineChunk>,
+    /// Parameters of the baseline context (uniform f16).
+    base: ContextParams,
+    chunks: Vec<Vec<Token>>,
+    baseline: Baseline,
+    /// NLL of the true next token under the baseline, per chunk (filled by the first pass that
+    /// runs the baseline).
+    baseline_nll: Vec<Vec<f64>>,
     n_vocab: usize,
-    /// Forward passes run so far (baseline included).
+    /// Forward passes run so far (baseline included), counted per chunk.
     pub forward_passes: u64,
     /// Seconds spent in forward passes.
     pub forward_seconds: f64,
@@ -127,7 +184,7 @@ fn lse(logits: &[f32]) -> (f32, u32, f64) {
     (max, arg, max as f64 + sum.ln())
 }
 
-/// Fills `probs` with softmax(logits); returns (argmax, Σ p·log p).
+/// Fills `probs` with softmax(logits); returns (argmax, Σ p·log p, lse).
 fn softmax_into(logits: &[f32], probs: &mut [f32]) -> (u32, f64, f64) {
     let (max, arg, lse) = lse(logits);
     let floor = max - CUTOFF;
@@ -154,16 +211,44 @@ fn kld_row(probs: &[f32], negent: f64, logits: &[f32]) -> (f64, u32, f64) {
     ((negent - dot + lse_q).max(0.0), arg, lse_q)
 }
 
+/// Scores one position: the configuration's logits against the baseline row.
+fn score_row(probs: &[f32], negent: f64, top1: u32, logits: &[f32], next: usize) -> RowScore {
+    let (kld, arg, lse_q) = kld_row(probs, negent, logits);
+    RowScore { kld, top1_same: arg == top1, nll: lse_q - logits[next] as f64 }
+}
+
+/// Peak resident memory of this process so far (Linux: VmHWM), in bytes.
+pub fn peak_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
 impl<'m> Evaluator<'m> {
-    /// Tokenizes `text`, cuts up to `max_chunks` chunks of `n_ctx` tokens and computes the
-    /// f16-cache baseline with `base` (its cache types are overridden to uniform f16). Every
-    /// configuration is later scored with `base.n_ubatch` as its step size.
+    /// Tokenizes `text`, cuts up to `max_chunks` chunks of `n_ctx` tokens and prepares the
+    /// f16-cache baseline with `base` (its cache types are overridden to uniform f16): stored when
+    /// it fits [`DEFAULT_STORED_BASELINE_LIMIT`], streamed otherwise. Every configuration is
+    /// later scored with `base.n_ubatch` as its step size.
     pub fn new(
         model: &'m Model,
         text: &str,
         n_ctx: u32,
         max_chunks: usize,
         base: &ContextParams,
+    ) -> Result<Evaluator<'m>, EvalError> {
+        Self::with_limit(model, text, n_ctx, max_chunks, base, DEFAULT_STORED_BASELINE_LIMIT)
+    }
+
+    /// [`Evaluator::new`] with the stored baseline limited to `stored_limit` bytes (0 = always
+    /// stream).
+    pub fn with_limit(
+        model: &'m Model,
+        text: &str,
+        n_ctx: u32,
+        max_chunks: usize,
+        base: &ContextParams,
+        stored_limit: u64,
     ) -> Result<Evaluator<'m>, EvalError> {
         if n_ctx < 16 {
             return Err(EvalError::ContextTooSmall(n_ctx));
@@ -175,49 +260,73 @@ impl<'m> Evaluator<'m> {
             return Err(EvalError::TextTooShort { tokens: tokens.len(), n_ctx });
         }
         let bos = model.token_bos();
-        let mut ev = Evaluator {
-            model,
-            n_ctx,
-            n_threads: base.n_threads,
-            n_ubatch: base.n_ubatch.min(n_ctx).max(1),
-            chunks: Vec::new(),
-            n_vocab: model.n_vocab(),
-            forward_passes: 0,
-            forward_seconds: 0.0,
-        };
-        let params = ev.params(base, None);
-        let mut ctx = Context::new(model, &params)?;
-        for c in 0..n_chunks {
-            let mut chunk = tokens[c * per_chunk..(c + 1) * per_chunk].to_vec();
-            chunk[0] = bos;
-            let scored = ev.scored(&chunk);
-            let n_vocab = ev.n_vocab;
-            let mut probs = vec![0f32; scored.len() * n_vocab];
-            let (mut negent, mut top1, mut nll) = (Vec::new(), Vec::new(), Vec::new());
-            ev.forward(&mut ctx, &chunk, |i, logits| {
-                let (arg, ne, lse) = softmax_into(logits, &mut probs[i * n_vocab..(i + 1) * n_vocab]);
-                negent.push(ne);
-                top1.push(arg);
-                let next = chunk[scored.start + i + 1] as usize;
-                nll.push(lse - logits[next] as f64);
-            })?;
-            ev.chunks.push(BaselineChunk { tokens: chunk, probs, negent, top1, nll });
-        }
-        Ok(ev)
-    }
-
-    /// Context parameters for a configuration: `base` with the evaluator's context and step size, and
-    /// with uniform f16 when `layers` is None and no types are given.
-    fn params(&self, base: &ContextParams, config: Option<&ContextParams>) -> ContextParams {
-        let mut p = config.cloned().unwrap_or_else(|| ContextParams {
+        let chunks: Vec<Vec<Token>> = (0..n_chunks)
+            .map(|c| {
+                let mut chunk = tokens[c * per_chunk..(c + 1) * per_chunk].to_vec();
+                chunk[0] = bos;
+                chunk
+            })
+            .collect();
+        let n_vocab = model.n_vocab();
+        let n_ubatch = base.n_ubatch.min(n_ctx).max(1);
+        let base = ContextParams {
             type_k: crate::cache_type::CacheType::F16,
             type_v: crate::cache_type::CacheType::F16,
             layer_types: None,
             no_kv_profile: true,
             ..base.clone()
-        });
+        };
+        let mut ev = Evaluator {
+            model,
+            n_ctx,
+            n_threads: base.n_threads,
+            n_ubatch,
+            base,
+            chunks,
+            baseline: Baseline::Streamed,
+            baseline_nll: Vec::new(),
+            n_vocab,
+            forward_passes: 0,
+            forward_seconds: 0.0,
+        };
+        let stored_bytes = (n_chunks * ev.scored_len()) as u64 * n_vocab as u64 * 4;
+        if stored_bytes <= stored_limit {
+            ev.store_baseline()?;
+        }
+        Ok(ev)
+    }
+
+    fn store_baseline(&mut self) -> Result<(), EvalError> {
+        let params = self.params(&self.base.clone());
+        let mut ctx = Context::new(self.model, &params)?;
+        let n_vocab = self.n_vocab;
+        let chunks = std::mem::take(&mut self.chunks);
+        let mut stored = Vec::with_capacity(chunks.len());
+        let mut nlls = Vec::with_capacity(chunks.len());
+        for chunk in &chunks {
+            let scored = self.scored(chunk);
+            let mut probs = vec![0f32; scored.len() * n_vocab];
+            let (mut negent, mut top1, mut nll) = (Vec::new(), Vec::new(), Vec::new());
+            self.forward(&mut [&mut ctx], chunk, |i, logits| {
+                let (arg, ne, lse) = softmax_into(logits[0], &mut probs[i * n_vocab..(i + 1) * n_vocab]);
+                negent.push(ne);
+                top1.push(arg);
+                nll.push(lse - logits[0][chunk[scored.start + i + 1] as usize] as f64);
+            })?;
+            stored.push(BaselineChunk { probs, negent, top1 });
+            nlls.push(nll);
+        }
+        self.chunks = chunks;
+        self.baseline = Baseline::Stored(stored);
+        self.baseline_nll = nlls;
+        Ok(())
+    }
+
+    /// Context parameters for a configuration: `config` with the evaluator's context and step size.
+    fn params(&self, config: &ContextParams) -> ContextParams {
+        let mut p = config.clone();
         p.n_ctx = self.n_ctx;
-        p.n_batch = self.n_ctx;
+        p.n_batch = self.n_ubatch;
         p.n_ubatch = self.n_ubatch;
         p
     }
@@ -227,70 +336,159 @@ impl<'m> Evaluator<'m> {
         chunk.len() / 2..chunk.len() - 1
     }
 
+    fn scored_len(&self) -> usize {
+        let n = self.n_ctx as usize;
+        n - 1 - n / 2
+    }
+
     pub fn chunks(&self) -> usize {
         self.chunks.len()
     }
 
     /// Scored positions over all chunks.
     pub fn positions(&self) -> usize {
-        self.chunks.iter().map(|c| c.top1.len()).sum()
+        self.chunks.len() * self.scored_len()
     }
 
     pub fn n_ctx(&self) -> u32 {
         self.n_ctx
     }
 
+    pub fn mode(&self) -> BaselineMode {
+        match self.baseline {
+            Baseline::Stored(_) => BaselineMode::Stored,
+            Baseline::Streamed => BaselineMode::Streamed,
+        }
+    }
+
+    /// Runs `chunk` through every context in `ctxs` in lock-step, `n_ubatch` tokens a step, and
+    /// calls `on_row(i, logits)` for the i-th scored position with each context's logits row.
     fn forward(
         &mut self,
-        ctx: &mut Context<'_>,
+        ctxs: &mut [&mut Context<'_>],
         chunk: &[Token],
-        mut on_row: impl FnMut(usize, &[f32]),
+        mut on_row: impl FnMut(usize, &[&[f32]]),
     ) -> Result<(), EvalError> {
         let start = Instant::now();
-        ctx.clear();
-        let scored = self.scored(chunk);
-        let mut batch = Batch::new(chunk.len());
-        batch.add_sequence(chunk, 0, 0, |i| scored.contains(&i)).map_err(|_| DecodeError::Empty)?;
-        ctx.decode(&batch)?;
-        for (row, pos) in scored.enumerate() {
-            let logits = ctx.logits(pos as i32).expect("logits of a scored position");
-            on_row(row, logits);
+        for ctx in ctxs.iter_mut() {
+            ctx.clear();
         }
-        self.forward_passes += 1;
+        let scored = self.scored(chunk);
+        let step = self.n_ubatch as usize;
+        let mut batch = Batch::new(step);
+        for first in (0..chunk.len()).step_by(step) {
+            let part = &chunk[first..(first + step).min(chunk.len())];
+            batch.clear();
+            batch
+                .add_sequence(part, first as i32, 0, |i| scored.contains(&(first + i)))
+                .map_err(|_| DecodeError::Empty)?;
+            for ctx in ctxs.iter_mut() {
+                ctx.decode(&batch)?;
+            }
+            let mut rows: Vec<&[f32]> = Vec::with_capacity(ctxs.len());
+            for pos in first.max(scored.start)..(first + part.len()).min(scored.end) {
+                rows.clear();
+                rows.extend(ctxs.iter().map(|c| c.logits((pos - first) as i32).expect("logits of a scored position")));
+                on_row(pos - scored.start, &rows);
+            }
+        }
+        self.forward_passes += ctxs.len() as u64;
         self.forward_seconds += start.elapsed().as_secs_f64();
         Ok(())
     }
 
     /// Scores a configuration (its cache types / per-layer types) on every chunk.
     pub fn score(&mut self, config: &ContextParams) -> Result<Scores, EvalError> {
-        let params = self.params(config, Some(config));
-        let model = self.model;
-        let mut ctx = Context::new(model, &params)?;
-        let mut scores = Scores::default();
+        Ok(self.score_many(std::slice::from_ref(config))?.pop().expect("one configuration"))
+    }
+
+    /// Scores configurations on every chunk. A stored baseline scores them one after another; a
+    /// streamed one runs up to eight at a time in lock-step with the baseline.
+    pub fn score_many(&mut self, configs: &[ContextParams]) -> Result<Vec<Scores>, EvalError> {
+        let mut out = Vec::with_capacity(configs.len());
+        if matches!(self.baseline, Baseline::Stored(_)) {
+            for config in configs {
+                out.push(self.score_stored(config)?);
+            }
+        } else {
+            for group in configs.chunks(STREAM_GROUP) {
+                out.extend(self.score_streamed(group)?);
+            }
+        }
+        Ok(out)
+    }
+
+    fn score_stored(&mut self, config: &ContextParams) -> Result<Scores, EvalError> {
+        let mut ctx = Context::new(self.model, &self.params(config))?;
+        let mut scores = Scores { kv_bytes: ctx.kv_buffer_bytes(), ..Scores::default() };
         let chunks = std::mem::take(&mut self.chunks);
+        let Baseline::Stored(stored) = std::mem::replace(&mut self.baseline, Baseline::Streamed) else {
+            unreachable!("called with a stored baseline")
+        };
+        let n_vocab = self.n_vocab;
         let result = (|| {
-            for chunk in &chunks {
-                let scored = self.scored(&chunk.tokens);
-                let n_vocab = self.n_vocab;
-                self.forward(&mut ctx, &chunk.tokens, |i, logits| {
-                    let probs = &chunk.probs[i * n_vocab..(i + 1) * n_vocab];
-                    let (kld, arg, lse_q) = kld_row(probs, chunk.negent[i], logits);
-                    scores.kld.push(kld);
-                    scores.top1_same.push(arg == chunk.top1[i]);
-                    let next = chunk.tokens[scored.start + i + 1] as usize;
-                    scores.nll.push(lse_q - logits[next] as f64);
+            for (chunk, base) in chunks.iter().zip(&stored) {
+                let scored = self.scored(chunk);
+                self.forward(&mut [&mut ctx], chunk, |i, logits| {
+                    let probs = &base.probs[i * n_vocab..(i + 1) * n_vocab];
+                    let next = chunk[scored.start + i + 1] as usize;
+                    scores.push(score_row(probs, base.negent[i], base.top1[i], logits[0], next));
                 })?;
+                scores.chunk_sizes.push(scored.len());
             }
             Ok(())
         })();
         self.chunks = chunks;
+        self.baseline = Baseline::Stored(stored);
         result.map(|_| scores)
     }
 
-    /// Perplexity of the baseline itself.
+    fn score_streamed(&mut self, configs: &[ContextParams]) -> Result<Vec<Scores>, EvalError> {
+        let mut base_ctx = Context::new(self.model, &self.params(&self.base.clone()))?;
+        let mut ctxs = Vec::with_capacity(configs.len());
+        for c in configs {
+            ctxs.push(Context::new(self.model, &self.params(c))?);
+        }
+        let mut scores: Vec<Scores> =
+            ctxs.iter().map(|c| Scores { kv_bytes: c.kv_buffer_bytes(), ..Scores::default() }).collect();
+        let mut row = vec![0f32; self.n_vocab];
+        let chunks = std::mem::take(&mut self.chunks);
+        let record_nll = self.baseline_nll.is_empty();
+        let mut nlls = Vec::new();
+        let result = (|| {
+            for chunk in &chunks {
+                let scored = self.scored(chunk);
+                let mut nll = Vec::new();
+                let mut all: Vec<&mut Context<'_>> = std::iter::once(&mut base_ctx).chain(ctxs.iter_mut()).collect();
+                self.forward(&mut all, chunk, |i, logits| {
+                    let next = chunk[scored.start + i + 1] as usize;
+                    let (top1, negent, lse) = softmax_into(logits[0], &mut row);
+                    nll.push(lse - logits[0][next] as f64);
+                    for (s, l) in scores.iter_mut().zip(&logits[1..]) {
+                        s.push(score_row(&row, negent, top1, l, next));
+                    }
+                })?;
+                for s in scores.iter_mut() {
+                    s.chunk_sizes.push(scored.len());
+                }
+                nlls.push(nll);
+            }
+            Ok(())
+        })();
+        self.chunks = chunks;
+        if record_nll && result.is_ok() {
+            self.baseline_nll = nlls;
+        }
+        result.map(|_| scores)
+    }
+
+    /// Perplexity of the baseline itself (NaN before a streamed baseline has run).
     pub fn baseline_ppl(&self) -> f64 {
-        let nll: Vec<f64> = self.chunks.iter().flat_map(|c| c.nll.iter().copied()).collect();
-        (nll.iter().sum::<f64>() / nll.len().max(1) as f64).exp()
+        let nll: Vec<f64> = self.baseline_nll.iter().flatten().copied().collect();
+        if nll.is_empty() {
+            return f64::NAN;
+        }
+        (nll.iter().sum::<f64>() / nll.len() as f64).exp()
     }
 
     pub fn threads(&self) -> i32 {
@@ -348,8 +546,15 @@ mod tests {
 
     #[test]
     fn summary_statistics() {
-        let s = Scores { kld: vec![0.0, 0.1, 0.2, 0.3], top1_same: vec![true, true, false, true], nll: vec![1.0; 4] };
+        let s = Scores {
+            kld: vec![0.0, 0.1, 0.2, 0.3],
+            top1_same: vec![true, true, false, true],
+            nll: vec![1.0; 4],
+            chunk_sizes: vec![1, 3],
+            kv_bytes: 7,
+        };
         let m = s.summary();
+        assert_eq!(m.kld_chunk_means, vec![0.0, 0.2]);
         assert!((m.kld_mean - 0.15).abs() < 1e-12);
         assert_eq!(m.top1, 0.75);
         assert!((m.ppl - 1f64.exp()).abs() < 1e-12);

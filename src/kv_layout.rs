@@ -77,6 +77,60 @@ impl KvLayout {
     }
 }
 
+/// What a context's KV cache holds, read back from the runtime: bytes per layer as allocated
+/// and the values they store (cells × row length), so bits per value need no model of the
+/// runtime's sizing rules (sliding-window caches hold window + ubatch cells, for example).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct RuntimeKv {
+    /// Σ K and V tensor bytes over the layers.
+    pub tensor_bytes: u64,
+    /// Bytes of the backend buffers holding the cache (what `llama_kv_buffer_size` reports).
+    pub buffer_bytes: u64,
+    /// Cached values (K and V) at full occupancy.
+    pub values: u64,
+}
+
+impl RuntimeKv {
+    pub fn of(ctx: &Context<'_>) -> RuntimeKv {
+        let mut kv = RuntimeKv { tensor_bytes: 0, buffer_bytes: ctx.kv_buffer_bytes(), values: 0 };
+        for info in ctx.layers().into_iter().flatten() {
+            kv.tensor_bytes += info.bytes_k + info.bytes_v;
+            kv.values += values_in(info.type_k, info.bytes_k) + values_in(info.type_v, info.bytes_v);
+        }
+        kv
+    }
+
+    /// Storage bits per cached value (tensor bytes; buffers add only alignment).
+    pub fn bits_per_value(&self) -> f64 {
+        if self.values == 0 {
+            0.0
+        } else {
+            self.tensor_bytes as f64 * 8.0 / self.values as f64
+        }
+    }
+}
+
+/// Values stored in `bytes` of type `ty` (whole blocks).
+fn values_in(ty: CacheType, bytes: u64) -> u64 {
+    let (block, block_bytes) = ty.block();
+    bytes / block_bytes * block
+}
+
+/// Cells each layer holds at context `n_ctx` with steps of `n_ubatch` tokens, read from a
+/// context the runtime creates for it (`None` for layers without a cache). The context uses the
+/// cheapest cache type (cells do not depend on the type).
+pub fn runtime_cells(model: &Model, n_ctx: u32, n_ubatch: u32) -> Result<Vec<Option<u64>>, CreateContextError> {
+    let params = ContextParams {
+        n_ctx,
+        n_batch: n_ubatch.min(n_ctx),
+        n_ubatch: n_ubatch.min(n_ctx),
+        no_kv_profile: true,
+        ..Default::default()
+    };
+    let ctx = Context::new(model, &params)?;
+    Ok(ctx.layers().into_iter().map(|i| i.map(|i| i.n_cells as u64)).collect())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -6,8 +6,8 @@ use super::runtime::{load_profile_for, load_text, profile_layer_types, read_mode
 use crate::cli::AbArgs;
 use kvtuner::bench::{self, Stat};
 use kvtuner::cache_type::CacheType;
-use kvtuner::eval::{Evaluator, Summary};
-use kvtuner::kv_layout::KvLayout;
+use kvtuner::eval::{peak_rss_bytes, Evaluator, DEFAULT_STORED_BASELINE_LIMIT};
+use kvtuner::kv_layout::RuntimeKv;
 use kvtuner::llama::{Backend, Context, ContextParams, Model, ModelParams};
 use kvtuner::profile::{EmbeddedProfile, ModelIdentity};
 use kvtuner::report::{plot_bits_vs_kld, PlotPoint};
@@ -45,6 +45,10 @@ struct Row {
     top1: Option<f64>,
     ppl: Option<f64>,
     ppl_ratio: Option<f64>,
+    /// Mean KLD of each chunk (how much the text moves the number).
+    kld_chunk_means: Option<Vec<f64>>,
+    /// Peak resident memory of the process after the quality runs.
+    eval_peak_rss_bytes: Option<u64>,
     speed: Vec<SpeedAtDepth>,
     /// Layers whose K-V pair has no compiled CUDA flash-attention kernel (GPU runs only).
     gpu_pairs_without_kernel: Vec<usize>,
@@ -118,26 +122,36 @@ pub fn run(args: AbArgs) -> anyhow::Result<()> {
         }
     }
 
-    // Quality, every configuration on the same tokens.
-    let mut ev = if args.no_quality {
-        None
+    // Quality, every configuration on the same tokens (a streamed baseline scores them together).
+    let (summaries, base_ppl) = if args.no_quality {
+        (vec![None; configs.len()], f64::NAN)
     } else {
-        eprintln!("quality: {} chunk(s) of {} tokens of {label}", args.chunks, args.ctx_size);
         let eval_base = ContextParams { n_ubatch: args.eval_ubatch, ..base.clone() };
-        Some(Evaluator::new(&model, &text, args.ctx_size, args.chunks, &eval_base)?)
+        let limit = args.eval_memory_mib.map_or(DEFAULT_STORED_BASELINE_LIMIT, |m| m << 20);
+        let mut ev = Evaluator::with_limit(&model, &text, args.ctx_size, args.chunks, &eval_base, limit)?;
+        eprintln!(
+            "quality: {} chunk(s) of {} tokens of {label} (baseline {:?})",
+            ev.chunks(),
+            args.ctx_size,
+            ev.mode()
+        );
+        let params: Vec<ContextParams> = configs.iter().map(|c| c.params.clone()).collect();
+        let scores = ev.score_many(&params)?;
+        for (c, s) in configs.iter().zip(&scores) {
+            eprintln!("  {}: KLD {:.5}", c.name, s.summary().kld_mean);
+        }
+        if let Some(peak) = peak_rss_bytes() {
+            eprintln!("quality runs: peak resident memory {:.0} MiB", peak as f64 / 1048576.0);
+        }
+        (scores.iter().map(|s| Some(s.summary())).collect(), ev.baseline_ppl())
     };
-    let base_ppl = ev.as_ref().map_or(f64::NAN, |e| e.baseline_ppl());
-    let layout = KvLayout::probe(&model)?;
+    let eval_peak_rss = if args.no_quality { None } else { peak_rss_bytes() };
     let gpu = Backend::init().supports_gpu_offload() && args.n_gpu_layers != 0;
     let all_types: Vec<CacheType> = CacheType::ALL.to_vec();
     let cuda_pairs = kvtuner::search::parse_pairs("cuda", &all_types, kvtuner::search::CUDA_FA_PAIRS)?;
 
     let mut rows = Vec::new();
-    for c in &configs {
-        let s: Option<Summary> = match ev.as_mut() {
-            Some(ev) => Some(ev.score(&c.params)?.summary()),
-            None => None,
-        };
+    for (c, s) in configs.iter().zip(summaries) {
         let ctx = Context::new(&model, &ContextParams { n_ctx: args.ctx_size, ..c.params.clone() })?;
         let infos: Vec<_> = ctx.layers();
         let type_k: Vec<CacheType> = infos.iter().map(|i| i.map_or(CacheType::F16, |i| i.type_k)).collect();
@@ -154,33 +168,32 @@ pub fn run(args: AbArgs) -> anyhow::Result<()> {
                 c.name
             );
         }
-        let per_token = layout
-            .layers
+        // Per token of context: layers that hold every token (sliding ones stop at their window).
+        let per_token = infos
             .iter()
-            .zip(&types)
-            .filter_map(|(l, (k, v))| {
-                l.filter(|s| !s.sliding).map(|s| (k.row_bytes(s.k_dim) + v.row_bytes(s.v_dim)) as f64)
-            })
+            .flatten()
+            .filter(|i| !i.is_swa)
+            .map(|i| (i.bytes_k + i.bytes_v) as f64 / i.n_cells.max(1) as f64)
             .sum();
-        if let Some(s) = &s {
-            eprintln!("  {}: KLD {:.5}", c.name, s.kld_mean);
-        }
+        let kv = RuntimeKv::of(&ctx);
         rows.push(Row {
             name: c.name.clone(),
             is_profile: c.is_profile,
-            bits_per_value: layout.bits_per_value(&types, args.ctx_size as u64),
-            kv_bytes: ctx.kv_buffer_bytes(),
+            bits_per_value: kv.bits_per_value(),
+            kv_bytes: kv.buffer_bytes,
             kv_bytes_per_token: per_token,
             type_k,
             type_v,
-            kld_mean: s.map(|s| s.kld_mean),
-            kld_stderr: s.map(|s| s.kld_stderr),
-            kld_median: s.map(|s| s.kld_median),
-            kld_p99: s.map(|s| s.kld_p99),
-            kld_max: s.map(|s| s.kld_max),
-            top1: s.map(|s| s.top1),
-            ppl: s.map(|s| s.ppl),
-            ppl_ratio: s.map(|s| s.ppl / base_ppl),
+            kld_mean: s.as_ref().map(|s| s.kld_mean),
+            kld_stderr: s.as_ref().map(|s| s.kld_stderr),
+            kld_median: s.as_ref().map(|s| s.kld_median),
+            kld_p99: s.as_ref().map(|s| s.kld_p99),
+            kld_max: s.as_ref().map(|s| s.kld_max),
+            top1: s.as_ref().map(|s| s.top1),
+            ppl: s.as_ref().map(|s| s.ppl),
+            ppl_ratio: s.as_ref().map(|s| s.ppl / base_ppl),
+            kld_chunk_means: s.map(|s| s.kld_chunk_means),
+            eval_peak_rss_bytes: eval_peak_rss,
             speed: Vec::new(),
             gpu_pairs_without_kernel: missing,
         });
