@@ -1,12 +1,14 @@
 //! Per-layer K/V sensitivity, measured end to end on real text at a low cost.
 //!
 //! Estimator: for every layer, one forward pass with only that layer's K at the narrowest
-//! candidate type (the rest f16), and one with only its V there — `2·L` passes per chunk; they
-//! give each layer's share of the error. For every quantized type, one uniform "anchor" pass for
-//! K (all K at t, V f16) and one for V fix the scale: a layer's predicted ΔKLD at type t is its
-//! share times the uniform error at t. Total: `1 + 2·L + 2·(T−1)` passes per chunk instead of
-//! `1 + 2·L·(T−1)`. `kvtuner search --verify` then measures how well the sums predict mixed
-//! profiles end to end.
+//! candidate type (the rest at the background type, f16 or q8_0), and one with only its V there
+//! — `2·L` passes per chunk on the first `layer_chunks` chunks; they give each layer's share of
+//! the error. For every quantized type, one uniform "anchor" pass for K (all K at t, V f16) and
+//! one for V fix the scale, on every chunk (the scale is what heavy-tailed, text-dependent errors
+//! move most, and it costs only `2·(T−1)` passes): a layer's predicted ΔKLD at type t is its share
+//! times the uniform error at t. Total per chunk: `1 + 2·L + 2·(T−1)` passes (plus one for a
+//! q8_0 background) instead of `1 + 2·L·(T−1)`. The measured selection ([`crate::select`]) then
+//! verifies what the sums predict.
 //!
 //! Results are appended to `<output>.partial` as they come, so an interrupted run resumes.
 
@@ -19,7 +21,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::cache_type::CacheType;
 use crate::eval::{EvalError, Evaluator};
-use crate::kv_layout::KvLayout;
+use crate::kv_layout::{runtime_cells, KvLayout, RUNTIME_UBATCH};
 use crate::llama::{ContextParams, CreateContextError, LayerCacheTypes, Model};
 use crate::profile::ModelIdentity;
 use crate::sensitivity::{Anchor, LayerSensitivity, Quality, Sensitivity, SCHEMA_VERSION};
@@ -27,7 +29,13 @@ use crate::sensitivity::{Anchor, LayerSensitivity, Quality, Sensitivity, SCHEMA_
 #[derive(Debug, Clone)]
 pub struct CalibrateOptions {
     pub n_ctx: u32,
+    /// Chunks of the text for the uniform runs (and the evaluator).
     pub chunks: usize,
+    /// Chunks for the single-layer runs (the first ones; at most `chunks`).
+    pub layer_chunks: usize,
+    /// What the other layers hold during a single-layer run: f16, or q8_0 (a layer's share is
+    /// then its change from the all-q8_0 cache, which is where profiles near 7 bits live).
+    pub background: CacheType,
     /// Candidate types; f16 is always included (as the reference).
     pub types: Vec<CacheType>,
     /// Base context parameters (threads, flash attention, GPU offload of the KV cache).
@@ -46,6 +54,8 @@ pub enum CalibrateError {
     Eval(#[from] EvalError),
     #[error("resume file {path}: {source}")]
     Resume { path: PathBuf, source: std::io::Error },
+    #[error("the background type {0} must be f16 or a candidate type wider than the narrowest one")]
+    Background(CacheType),
 }
 
 /// One end-to-end trial.
@@ -55,6 +65,8 @@ pub enum Trial {
     Layer { layer: usize, v: bool, ty: CacheType },
     /// Every layer's K (or V) at `ty`, the other cache f16.
     Uniform { v: bool, ty: CacheType },
+    /// Every layer's K and V at `ty` (the background of the single-layer runs, when not f16).
+    Background { ty: CacheType },
 }
 
 impl Trial {
@@ -62,12 +74,17 @@ impl Trial {
         match self {
             Trial::Layer { layer, v, ty } => format!("layer {layer} {} {ty}", if *v { "V" } else { "K" }),
             Trial::Uniform { v, ty } => format!("uniform {} {ty}", if *v { "V" } else { "K" }),
+            Trial::Background { ty } => format!("background {ty}"),
         }
     }
 
-    fn types(&self, n_layer: usize) -> LayerCacheTypes {
-        let mut k = vec![CacheType::F16; n_layer];
-        let mut v = vec![CacheType::F16; n_layer];
+    fn types(&self, n_layer: usize, background: CacheType) -> LayerCacheTypes {
+        let fill = match self {
+            Trial::Layer { .. } | Trial::Background { .. } => background,
+            Trial::Uniform { .. } => CacheType::F16,
+        };
+        let mut k = vec![fill; n_layer];
+        let mut v = vec![fill; n_layer];
         match *self {
             Trial::Layer { layer, v: is_v, ty } => {
                 if is_v {
@@ -83,8 +100,14 @@ impl Trial {
                     k.fill(ty)
                 }
             }
+            Trial::Background { .. } => {}
         }
         LayerCacheTypes { k, v }
+    }
+
+    /// Single-layer runs screen on the first chunks; the others run on every chunk.
+    fn is_layer(&self) -> bool {
+        matches!(self, Trial::Layer { .. })
     }
 }
 
@@ -94,6 +117,10 @@ struct ResumeKey {
     fingerprint: String,
     n_ctx: u32,
     chunks: usize,
+    #[serde(default)]
+    layer_chunks: usize,
+    #[serde(default)]
+    background: Option<CacheType>,
     text_label: String,
     text_tokens: usize,
 }
@@ -105,9 +132,12 @@ struct ResumeLine {
 }
 
 /// The trials a calibration runs, in order.
-pub fn plan(n_layers_with_kv: &[usize], types: &[CacheType]) -> Vec<Trial> {
+pub fn plan(n_layers_with_kv: &[usize], types: &[CacheType], background: CacheType) -> Vec<Trial> {
     let narrow = narrowest(types);
     let mut trials = Vec::new();
+    if background != CacheType::F16 {
+        trials.push(Trial::Background { ty: background });
+    }
     for &layer in n_layers_with_kv {
         trials.push(Trial::Layer { layer, v: false, ty: narrow });
         trials.push(Trial::Layer { layer, v: true, ty: narrow });
@@ -127,10 +157,13 @@ fn narrowest(types: &[CacheType]) -> CacheType {
         .expect("checked")
 }
 
-/// Forward passes a calibration costs (baseline included), for the up-front estimate.
-pub fn cost(n_layers_with_kv: usize, types: &[CacheType], chunks: usize) -> u64 {
+/// Forward passes a calibration costs (baseline included, one per chunk), for the up-front
+/// estimate.
+pub fn cost(n_layers_with_kv: usize, types: &[CacheType], opts: &CalibrateOptions) -> u64 {
     let quantized = types.iter().filter(|t| t.is_quantized()).count();
-    ((1 + 2 * n_layers_with_kv + 2 * quantized) * chunks) as u64
+    let background = usize::from(opts.background != CacheType::F16);
+    let layer_chunks = opts.layer_chunks.clamp(1, opts.chunks.max(1));
+    ((1 + 2 * quantized + background) * opts.chunks.max(1) + 2 * n_layers_with_kv * layer_chunks) as u64
 }
 
 /// Runs the calibration. `progress(done, total, label)` is called before each trial.
@@ -142,7 +175,22 @@ pub fn calibrate(
     resume: Option<&Path>,
     progress: &mut dyn FnMut(usize, usize, &str),
 ) -> Result<Sensitivity, CalibrateError> {
+    progress(0, 0, "baseline (f16 cache)");
+    let mut ev = Evaluator::new(model, text, opts.n_ctx, opts.chunks, &opts.base)?;
+    calibrate_with(&mut ev, identity, opts, resume, progress)
+}
+
+/// [`calibrate`] on an evaluator the caller made (and may go on using, e.g. to select
+/// profiles on the same text without recomputing its baseline).
+pub fn calibrate_with(
+    ev: &mut Evaluator<'_>,
+    identity: &ModelIdentity,
+    opts: &CalibrateOptions,
+    resume: Option<&Path>,
+    progress: &mut dyn FnMut(usize, usize, &str),
+) -> Result<Sensitivity, CalibrateError> {
     let start = Instant::now();
+    let model = ev.model();
     let mut types = opts.types.clone();
     if !types.contains(&CacheType::F16) {
         types.insert(0, CacheType::F16);
@@ -152,18 +200,23 @@ pub fn calibrate(
     if !types.iter().any(|t| t.is_quantized()) {
         return Err(CalibrateError::NoQuantizedType(types));
     }
+    let bg = opts.background;
+    if bg != CacheType::F16 && (!types.contains(&bg) || bg == narrowest(&types)) {
+        return Err(CalibrateError::Background(bg));
+    }
     let layout = KvLayout::probe(model).map_err(CalibrateError::Layout)?;
+    let cells = runtime_cells(model, opts.n_ctx, RUNTIME_UBATCH).map_err(CalibrateError::Layout)?;
     let with_kv: Vec<usize> = layout.layers.iter().enumerate().filter(|(_, l)| l.is_some()).map(|(i, _)| i).collect();
-    let trials = plan(&with_kv, &types);
-
-    progress(0, trials.len(), "baseline (f16 cache)");
-    let mut ev = Evaluator::new(model, text, opts.n_ctx, opts.chunks, &opts.base)?;
+    let trials = plan(&with_kv, &types, bg);
+    let layer_chunks = opts.layer_chunks.clamp(1, ev.chunks());
 
     // Resume: reuse lines of a previous run with identical settings.
     let key = ResumeKey {
         fingerprint: identity.fingerprint.clone(),
         n_ctx: opts.n_ctx,
         chunks: ev.chunks(),
+        layer_chunks,
+        background: Some(bg),
         text_label: opts.text_label.clone(),
         text_tokens: ev.positions(),
     };
@@ -179,8 +232,9 @@ pub fn calibrate(
             continue;
         }
         progress(i, trials.len(), &trial.key());
-        let config = ContextParams { layer_types: Some(trial.types(n_layer)), ..opts.base.clone() };
-        let quality = ev.score(&config)?.quality();
+        let config = ContextParams { layer_types: Some(trial.types(n_layer, bg)), ..opts.base.clone() };
+        let n_chunks = if trial.is_layer() { layer_chunks } else { ev.chunks() };
+        let quality = ev.score_many_first(std::slice::from_ref(&config), n_chunks)?[0].quality();
         if let (Some(f), Some(path)) = (journal.as_mut(), resume) {
             let line = serde_json::to_string(&ResumeLine { trial: trial.clone(), quality }).expect("serialisable");
             writeln!(f, "{line}")
@@ -191,7 +245,20 @@ pub fn calibrate(
     }
     progress(trials.len(), trials.len(), "done");
 
-    Ok(assemble(identity, layout, opts, &types, &with_kv, &done, ev.forward_passes, start.elapsed().as_secs_f64()))
+    let opts = CalibrateOptions { chunks: ev.chunks(), layer_chunks, ..opts.clone() };
+    let mut table = assemble(
+        identity,
+        layout,
+        &opts,
+        &types,
+        &with_kv,
+        &done,
+        // the evaluator's baseline included (it is made for the calibration)
+        ev.forward_passes,
+        start.elapsed().as_secs_f64(),
+    );
+    table.cells = cells;
+    Ok(table)
 }
 
 fn open_journal(
@@ -231,13 +298,18 @@ fn assemble(
 ) -> Sensitivity {
     let narrow = narrowest(types);
     let uniform = |v: bool, ty: CacheType| done[&Trial::Uniform { v, ty }].kld_mean;
+    // Against a q8_0 background a layer's error is its change from the all-q8_0 cache.
+    let floor = match opts.background {
+        CacheType::F16 => 0.0,
+        ty => done[&Trial::Background { ty }].kld_mean,
+    };
     // Single-layer errors do not add up to the uniform error (each single-layer run also carries
     // effects that do not accumulate: on Gemma 3 270M the per-layer V deltas sum to ~6× the
     // uniform V error, K to ~2×). So each layer's share of the narrow-type error comes from the
     // single-layer runs, and the uniform runs fix the scale for every type, K and V separately:
     //   ΔK_il(t) = q_il / Σ_j q_j · KLD(all K at t).
-    let total =
-        |v: bool| -> f64 { with_kv.iter().map(|&l| done[&Trial::Layer { layer: l, v, ty: narrow }].kld_mean).sum() };
+    let single = |layer: usize, v: bool| (done[&Trial::Layer { layer, v, ty: narrow }].kld_mean - floor).max(0.0);
+    let total = |v: bool| -> f64 { with_kv.iter().map(|&l| single(l, v)).sum() };
     let (total_k, total_v) = (total(false), total(true));
     let mut layers = Vec::new();
     for &layer in with_kv {
@@ -248,7 +320,7 @@ fn assemble(
             let q = done[&Trial::Layer { layer, v: is_v, ty: narrow }];
             measured.insert(format!("{}:{narrow}", if is_v { "v" } else { "k" }), q);
             let sum = if is_v { total_v } else { total_k };
-            let share = if sum > 0.0 { q.kld_mean.max(0.0) / sum } else { 1.0 / with_kv.len() as f64 };
+            let share = if sum > 0.0 { single(layer, is_v) / sum } else { 1.0 / with_kv.len() as f64 };
             for &ty in types {
                 let delta = if ty.is_quantized() { share * uniform(is_v, ty) } else { 0.0 };
                 map.insert(ty, delta.max(0.0));
@@ -266,10 +338,16 @@ fn assemble(
         types: types.to_vec(),
         layers,
         anchors: Vec::new(),
+        background: match opts.background {
+            CacheType::F16 => None,
+            ty => Some(Anchor { k: ty, v: ty, quality: done[&Trial::Background { ty }], predicted_kld: 0.0 }),
+        },
+        cells: Vec::new(),
         forward_passes,
         seconds,
         method: format!(
-            "each layer's share of the error from single-layer runs at {narrow} (one K or V at a time, rest f16), scaled per type and per K/V by uniform runs"
+            "each layer's share of the error from single-layer runs at {narrow} (one K or V at a time, rest {}; {} of {} chunks), scaled per type and per K/V by uniform runs on every chunk",
+            opts.background, opts.layer_chunks, opts.chunks
         ),
     };
     let n_layer = s.layout.layers.len();

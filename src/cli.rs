@@ -138,15 +138,16 @@ pub struct AbArgs {
 
 #[derive(Debug, Args)]
 pub struct TuneArgs {
-    /// Model (default: the fetched Gemma 3 270M).
+    /// Model (default: the fetched Gemma 3 270M): a file or a known model's name.
     #[arg(short = 'm', long = "model", value_parser = model_arg)]
     pub model: Option<PathBuf>,
-    /// Calibration text (default: the Lee corpus' calibration half).
+    /// Calibration text: profiles are measured and chosen on it.
     #[arg(long, default_value = "lee-calibration")]
     pub text: String,
-    /// Held-out text for verification (default: the Lee corpus' evaluation half).
-    #[arg(long, default_value = "lee-evaluation")]
-    pub eval_text: String,
+    /// Held-out texts (comma-separated), only reported (default: the other half of each named
+    /// text, or lee-evaluation).
+    #[arg(long, value_delimiter = ',')]
+    pub eval_text: Vec<String>,
     /// Bits per cached value of the profile.
     #[arg(long, default_value_t = 6.5)]
     pub budget: f64,
@@ -154,6 +155,11 @@ pub struct TuneArgs {
     pub pairs: String,
     #[arg(short = 'c', long = "ctx-size", default_value_t = 1024)]
     pub ctx_size: u32,
+    #[command(flatten)]
+    pub plan: CalibrationPlan,
+    /// Chunks of each held-out text.
+    #[arg(long, default_value_t = 4)]
+    pub eval_chunks: usize,
     #[arg(short = 't', long = "threads", default_value_t = 0)]
     pub threads: i32,
     /// Folder for the sensitivity table, profile and report (default: next to the output).
@@ -178,7 +184,8 @@ pub struct SearchArgs {
     /// list like `q8_0/q4_0,f16/f16`.
     #[arg(long, default_value = "cuda")]
     pub pairs: String,
-    /// Target context (sliding-window layers cost their window); default: the calibration context.
+    /// Target context: sizes are what the runtime allocates there (default: the calibration
+    /// context; another one needs -m to read them).
     #[arg(short = 'c', long = "ctx-size")]
     pub ctx_size: Option<u32>,
     /// Profile name (default: from the model and the bits per value).
@@ -190,22 +197,29 @@ pub struct SearchArgs {
     /// Write the whole Pareto frontier here (JSON).
     #[arg(long)]
     pub frontier: Option<PathBuf>,
-    /// Verify end to end on this held-out text (a file or `lee-evaluation`): the chosen profile,
-    /// and for each uniform configuration between q4_0 and q8_0 the best profile and the
-    /// first/last-layers heuristic at equal or fewer bytes. Needs -m.
-    #[arg(long, requires = "model")]
-    pub verify: Option<String>,
-    /// Model for verification.
+    /// Model: choose by measurement. Candidates near the budget (uniform caches, each
+    /// estimator's pick and its Pareto neighbours) are measured on --text and the best measured
+    /// wins; a profile is chosen only if it beats every uniform cache within the budget.
     #[arg(short = 'm', long = "model", value_parser = model_arg)]
     pub model: Option<PathBuf>,
-    /// Chunks of the calibration context to verify on.
-    #[arg(long, default_value_t = 2)]
+    /// Text the choice is measured on (with -m): a file, or a named text.
+    #[arg(long, default_value = "lee-calibration")]
+    pub text: String,
+    /// Held-out texts (comma-separated) to check on, never to choose: the chosen profile, and a
+    /// selection at the size of each uniform configuration from q4_0 to q8_0. Needs -m.
+    #[arg(long, requires = "model", value_delimiter = ',')]
+    pub verify: Vec<String>,
+    /// Chunks of the calibration context per text measured.
+    #[arg(long, default_value_t = 4)]
     pub chunks: usize,
+    /// Cheaper Pareto neighbours of the predicted pick to measure too.
+    #[arg(long, default_value_t = 2)]
+    pub neighbours: usize,
     #[arg(short = 't', long = "threads", default_value_t = 0)]
     pub threads: i32,
     #[arg(long = "n-gpu-layers", visible_alias = "ngl", default_value_t = 0, allow_negative_numbers = true)]
     pub n_gpu_layers: i32,
-    /// Write the verification report here (markdown).
+    /// Write the report here (markdown).
     #[arg(long)]
     pub report: Option<PathBuf>,
     /// Print JSON instead of tables.
@@ -227,15 +241,29 @@ pub struct CalibrateArgs {
     pub runtime: RuntimeArgs,
     #[command(flatten)]
     pub text: TextArgs,
-    /// Chunks of -c tokens to score (each costs one forward pass per trial).
-    #[arg(long, default_value_t = 1)]
-    pub chunks: usize,
-    /// Candidate cache types (comma-separated); f16 is the reference.
-    #[arg(long, value_delimiter = ',', default_value = "f16,q8_0,q5_0,q4_0")]
-    pub types: Vec<kvtuner::cache_type::CacheType>,
+    #[command(flatten)]
+    pub plan: CalibrationPlan,
     /// Output sensitivity table (YAML); `<output>.partial` keeps progress for resuming.
     #[arg(short, long)]
     pub output: PathBuf,
+}
+
+/// What a calibration measures and on how much text.
+#[derive(Debug, Clone, Args)]
+pub struct CalibrationPlan {
+    /// Chunks of -c tokens for the uniform runs (each costs one forward pass per trial).
+    #[arg(long, default_value_t = 4)]
+    pub chunks: usize,
+    /// Of those, chunks for the single-layer runs (2 per layer: the bulk of the cost).
+    #[arg(long, default_value_t = 1)]
+    pub layer_chunks: usize,
+    /// What the other layers hold during a single-layer run: f16, or q8_0 (layers then measure
+    /// their change from an all-q8_0 cache, where profiles near 7 bits per value live).
+    #[arg(long, default_value = "f16")]
+    pub background: CacheType,
+    /// Candidate cache types (comma-separated); f16 is the reference.
+    #[arg(long, value_delimiter = ',', default_value = "f16,q8_0,q5_0,q4_0")]
+    pub types: Vec<CacheType>,
 }
 
 #[derive(Debug, Args)]

@@ -354,6 +354,10 @@ impl<'m> Evaluator<'m> {
         self.n_ctx
     }
 
+    pub fn model(&self) -> &'m Model {
+        self.model
+    }
+
     pub fn mode(&self) -> BaselineMode {
         match self.baseline {
             Baseline::Stored(_) => BaselineMode::Stored,
@@ -405,20 +409,27 @@ impl<'m> Evaluator<'m> {
     /// Scores configurations on every chunk. A stored baseline scores them one after another; a
     /// streamed one runs up to eight at a time in lock-step with the baseline.
     pub fn score_many(&mut self, configs: &[ContextParams]) -> Result<Vec<Scores>, EvalError> {
+        self.score_many_first(configs, self.chunks.len())
+    }
+
+    /// [`Evaluator::score_many`] on the first `n_chunks` chunks only (e.g. cheap screening runs
+    /// on part of the text the decisive runs use whole).
+    pub fn score_many_first(&mut self, configs: &[ContextParams], n_chunks: usize) -> Result<Vec<Scores>, EvalError> {
+        let n_chunks = n_chunks.clamp(1, self.chunks.len());
         let mut out = Vec::with_capacity(configs.len());
         if matches!(self.baseline, Baseline::Stored(_)) {
             for config in configs {
-                out.push(self.score_stored(config)?);
+                out.push(self.score_stored(config, n_chunks)?);
             }
         } else {
             for group in configs.chunks(STREAM_GROUP) {
-                out.extend(self.score_streamed(group)?);
+                out.extend(self.score_streamed(group, n_chunks)?);
             }
         }
         Ok(out)
     }
 
-    fn score_stored(&mut self, config: &ContextParams) -> Result<Scores, EvalError> {
+    fn score_stored(&mut self, config: &ContextParams, n_chunks: usize) -> Result<Scores, EvalError> {
         let mut ctx = Context::new(self.model, &self.params(config))?;
         let mut scores = Scores { kv_bytes: ctx.kv_buffer_bytes(), ..Scores::default() };
         let chunks = std::mem::take(&mut self.chunks);
@@ -427,7 +438,7 @@ impl<'m> Evaluator<'m> {
         };
         let n_vocab = self.n_vocab;
         let result = (|| {
-            for (chunk, base) in chunks.iter().zip(&stored) {
+            for (chunk, base) in chunks.iter().zip(&stored).take(n_chunks) {
                 let scored = self.scored(chunk);
                 self.forward(&mut [&mut ctx], chunk, |i, logits| {
                     let probs = &base.probs[i * n_vocab..(i + 1) * n_vocab];
@@ -443,7 +454,7 @@ impl<'m> Evaluator<'m> {
         result.map(|_| scores)
     }
 
-    fn score_streamed(&mut self, configs: &[ContextParams]) -> Result<Vec<Scores>, EvalError> {
+    fn score_streamed(&mut self, configs: &[ContextParams], n_chunks: usize) -> Result<Vec<Scores>, EvalError> {
         let mut base_ctx = Context::new(self.model, &self.params(&self.base.clone()))?;
         let mut ctxs = Vec::with_capacity(configs.len());
         for c in configs {
@@ -453,10 +464,10 @@ impl<'m> Evaluator<'m> {
             ctxs.iter().map(|c| Scores { kv_bytes: c.kv_buffer_bytes(), ..Scores::default() }).collect();
         let mut row = vec![0f32; self.n_vocab];
         let chunks = std::mem::take(&mut self.chunks);
-        let record_nll = self.baseline_nll.is_empty();
+        let record_nll = self.baseline_nll.is_empty() && n_chunks == chunks.len();
         let mut nlls = Vec::new();
         let result = (|| {
-            for chunk in &chunks {
+            for chunk in chunks.iter().take(n_chunks) {
                 let scored = self.scored(chunk);
                 let mut nll = Vec::new();
                 let mut all: Vec<&mut Context<'_>> = std::iter::once(&mut base_ctx).chain(ctxs.iter_mut()).collect();

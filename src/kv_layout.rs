@@ -116,6 +116,10 @@ fn values_in(ty: CacheType, bytes: u64) -> u64 {
     bytes / block_bytes * block
 }
 
+/// Tokens per step the sizes are read at: llama.cpp's default `-ub`, which kvtuner's chat, ab
+/// speed runs and server use too (a sliding-window cache holds window + ubatch cells).
+pub const RUNTIME_UBATCH: u32 = 512;
+
 /// Cells each layer holds at context `n_ctx` with steps of `n_ubatch` tokens, read from a
 /// context the runtime creates for it (`None` for layers without a cache). The context uses the
 /// cheapest cache type (cells do not depend on the type).

@@ -16,8 +16,10 @@ pub mod llama;
 pub mod profile;
 pub mod report;
 pub mod search;
+pub mod select;
 pub mod sensitivity;
 pub mod synth;
+pub mod tune;
 
 /// Writes `bytes` to `path` through a temp file in the same folder and a rename, so a reader
 /// never sees a half-written file and a failure leaves the old file intact.

@@ -128,6 +128,21 @@ pub struct Measured {
     /// KLD the search predicted before measuring.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub predicted_kld: Option<f64>,
+    /// Mean KLD on the calibration text, where the profile was chosen by measurement.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kld_calibration: Option<f64>,
+    /// The uniform cache it was compared against on `kld_eval_text`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub compared_uniform: Option<ComparedUniform>,
+}
+
+/// A uniform configuration and its KLD on the same text as the profile's.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ComparedUniform {
+    /// `K/V` or one type for both, e.g. `q8_0/q4_0`.
+    pub types: String,
+    pub kld_mean: f64,
 }
 
 /// How the profile was made.

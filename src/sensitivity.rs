@@ -61,6 +61,15 @@ pub struct Sensitivity {
     pub layers: Vec<LayerSensitivity>,
     #[serde(default)]
     pub anchors: Vec<Anchor>,
+    /// The uniform cache the single-layer runs were measured against when it was not f16 (their
+    /// errors are changes from it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub background: Option<Anchor>,
+    /// Cells each layer holds at `context`, read back from the runtime (llama.cpp's default
+    /// n_ubatch of 512; `null` for layers without a cache). Empty in tables from before they were
+    /// recorded: searching those needs the model to read them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cells: Vec<Option<u64>>,
     /// Forward passes spent and wall time.
     pub forward_passes: u64,
     pub seconds: f64,
@@ -122,10 +131,102 @@ impl Sensitivity {
     }
 }
 
+/// Predicted error per cache type of one layer's K or V.
+pub type TypeErrors = BTreeMap<CacheType, f64>;
+
+/// How per-layer errors are predicted from a calibration's measurements. Each is a different
+/// guess at how single-layer errors add up; the measured selection verifies the candidates of
+/// all of them, so a poor guess costs a few passes, never a worse profile.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Estimator {
+    /// Each layer's share of the summed single-layer mean KLD at the narrowest type, times the
+    /// uniform run at each type (K and V scaled separately): the table's own `k`/`v` values.
+    Share,
+    /// Shares from each single-layer run's p99 KLD instead of its mean: weighs the layers whose
+    /// errors sit in the tail (heavy-tailed models such as Qwen2.5).
+    Tail,
+    /// Single-layer mean KLD as measured, scaled per type by the uniform runs' ratio to the
+    /// narrowest type: K against V keeps the single-layer runs' proportions.
+    Direct,
+}
+
+impl Estimator {
+    pub const ALL: [Estimator; 3] = [Estimator::Share, Estimator::Tail, Estimator::Direct];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Estimator::Share => "share",
+            Estimator::Tail => "tail",
+            Estimator::Direct => "direct",
+        }
+    }
+}
+
 impl Sensitivity {
-    /// The search problem at context `n_ctx` (sliding layers hold their window) over `pairs`.
-    pub fn problem(&self, n_ctx: u64, pairs: Vec<(CacheType, CacheType)>) -> crate::search::Problem {
-        let by_layer: BTreeMap<usize, &LayerSensitivity> = self.layers.iter().map(|l| (l.layer, l)).collect();
+    /// The narrowest quantized candidate type (the single-layer runs use it).
+    pub fn narrowest(&self) -> Option<CacheType> {
+        self.types
+            .iter()
+            .copied()
+            .filter(|t| t.is_quantized())
+            .min_by(|a, b| a.bits_per_value().total_cmp(&b.bits_per_value()))
+    }
+
+    fn anchor(&self, v: bool, ty: CacheType) -> Option<f64> {
+        self.anchors
+            .iter()
+            .find(|a| if v { a.k == CacheType::F16 && a.v == ty } else { a.v == CacheType::F16 && a.k == ty })
+            .map(|a| a.quality.kld_mean)
+    }
+
+    /// Per layer (by position in `layers`), predicted K and V errors per type under `est`.
+    /// `None` when the table lacks the single-layer or uniform runs the estimator needs.
+    pub fn layer_errors(&self, est: Estimator) -> Option<Vec<(TypeErrors, TypeErrors)>> {
+        if est == Estimator::Share {
+            return Some(self.layers.iter().map(|l| (l.k.clone(), l.v.clone())).collect());
+        }
+        let narrow = self.narrowest()?;
+        let mut sides: [Vec<BTreeMap<CacheType, f64>>; 2] = [Vec::new(), Vec::new()];
+        for (is_v, out) in [(false, 0usize), (true, 1)] {
+            let key = format!("{}:{narrow}", if is_v { "v" } else { "k" });
+            let q: Vec<Quality> = self.layers.iter().map(|l| l.measured.get(&key).copied()).collect::<Option<_>>()?;
+            let a_narrow = self.anchor(is_v, narrow)?;
+            let floor = self.background.as_ref().map_or(0.0, |b| b.quality.kld_mean);
+            let total: f64 = q.iter().map(|q| q.kld_p99.max(0.0)).sum();
+            for qi in &q {
+                let mut map = BTreeMap::new();
+                for &ty in &self.types {
+                    let delta = if !ty.is_quantized() {
+                        0.0
+                    } else {
+                        let a = self.anchor(is_v, ty)?;
+                        match est {
+                            Estimator::Tail if total > 0.0 => qi.kld_p99.max(0.0) / total * a,
+                            Estimator::Tail => a / q.len() as f64,
+                            _ if a_narrow > 0.0 => (qi.kld_mean - floor).max(0.0) * a / a_narrow,
+                            _ => (qi.kld_mean - floor).max(0.0),
+                        }
+                    };
+                    map.insert(ty, delta.max(0.0));
+                }
+                sides[out].push(map);
+            }
+        }
+        let [k, v] = sides;
+        Some(k.into_iter().zip(v).collect())
+    }
+
+    /// The search problem under `est` for a runtime whose layers hold `cells[il]` tokens
+    /// (read back from the runtime: [`crate::kv_layout::runtime_cells`]) over `pairs`.
+    pub fn problem(
+        &self,
+        est: Estimator,
+        cells: &[Option<u64>],
+        pairs: Vec<(CacheType, CacheType)>,
+    ) -> Option<crate::search::Problem> {
+        let errors = self.layer_errors(est)?;
+        let by_layer: BTreeMap<usize, usize> = self.layers.iter().enumerate().map(|(i, l)| (l.layer, i)).collect();
         let layers = self
             .layout
             .layers
@@ -133,16 +234,16 @@ impl Sensitivity {
             .enumerate()
             .map(|(il, shape)| {
                 let shape = (*shape)?;
-                let sens = by_layer.get(&il)?;
+                let (dk, dv) = errors[*by_layer.get(&il)?].clone();
                 Some(crate::search::LayerCosts {
                     k_dim: shape.k_dim,
                     v_dim: shape.v_dim,
-                    cells: self.layout.cells(&shape, n_ctx),
-                    dk: sens.k.clone(),
-                    dv: sens.v.clone(),
+                    cells: cells.get(il).copied().flatten()?,
+                    dk,
+                    dv,
                 })
             })
             .collect();
-        crate::search::Problem { layers, pairs }
+        Some(crate::search::Problem { layers, pairs })
     }
 }

@@ -5,12 +5,27 @@ mod common;
 use kvtuner::cache_type::CacheType;
 use kvtuner::calibrate::{self, CalibrateOptions};
 use kvtuner::gguf;
+use kvtuner::kv_layout::{runtime_cells, RUNTIME_UBATCH};
 use kvtuner::llama::{Backend, ContextParams, Model, ModelParams};
 use kvtuner::profile::{ModelIdentity, Profile};
 use kvtuner::search;
+use kvtuner::select::{Problems, SelectOptions};
 use kvtuner::sensitivity::Sensitivity;
+use kvtuner::tune::{self, TuneOptions};
 
 use common::kvtuner;
+
+fn options(types: &[CacheType], chunks: usize, background: CacheType) -> CalibrateOptions {
+    CalibrateOptions {
+        n_ctx: 64,
+        chunks,
+        layer_chunks: 1,
+        background,
+        types: types.to_vec(),
+        base: ContextParams { n_threads: 2, no_kv_profile: true, ..Default::default() },
+        text_label: "lee (test)".into(),
+    }
+}
 
 #[test]
 fn calibrate_yields_a_complete_table_and_search_a_verified_profile() {
@@ -20,18 +35,14 @@ fn calibrate_yields_a_complete_table_and_search_a_verified_profile() {
     let model = Model::load(Backend::init(), &path, &ModelParams::default()).unwrap();
     let text = common::eval_text();
     let types = vec![CacheType::F16, CacheType::Q8_0, CacheType::Q4_0];
-    let opts = CalibrateOptions {
-        n_ctx: 64,
-        chunks: 1,
-        types: types.clone(),
-        base: ContextParams { n_threads: 2, no_kv_profile: true, ..Default::default() },
-        text_label: "lee (test)".into(),
-    };
+    let opts = options(&types, 2, CacheType::F16);
     let resume = dir.path().join("sens.partial");
     let mut calls = 0;
     let table =
         calibrate::calibrate(&model, &identity, &text, &opts, Some(&resume), &mut |_, _, _| calls += 1).unwrap();
-    assert_eq!(table.forward_passes, calibrate::cost(4, &types, 1), "stated cost = passes run");
+    // 2 baseline passes, 4 uniform runs on 2 chunks, 8 single-layer runs on 1 chunk
+    assert_eq!(calibrate::cost(4, &types, &opts), 2 + 8 + 8);
+    assert_eq!(table.forward_passes, calibrate::cost(4, &types, &opts), "stated cost = passes run");
     assert_eq!(table.layers.len(), 4);
     for l in &table.layers {
         for t in &types {
@@ -41,26 +52,35 @@ fn calibrate_yields_a_complete_table_and_search_a_verified_profile() {
         assert!(l.measured.contains_key("k:q4_0") && l.measured.contains_key("v:q4_0"));
     }
     assert_eq!(table.anchors.len(), 4, "K and V anchors for q8_0 and q4_0");
+    assert_eq!(table.cells, runtime_cells(&model, 64, RUNTIME_UBATCH).unwrap(), "cells read from the runtime");
+    // llama.cpp rounds the cache up to 256 cells: sizes come from it, not from -c.
+    assert_eq!(table.cells, vec![Some(256); 4]);
 
     // Deterministic, and a rerun resumes from the journal instead of recomputing.
     let again = calibrate::calibrate(&model, &identity, &text, &opts, Some(&resume), &mut |_, _, _| {}).unwrap();
-    assert_eq!(again.forward_passes, 1, "only the baseline is recomputed");
+    assert_eq!(again.forward_passes, 2, "only the baseline is recomputed");
     assert_eq!(again.layers, table.layers);
 
     let sens_path = dir.path().join("sens.yaml");
     table.save(&sens_path).unwrap();
     assert_eq!(Sensitivity::load(&sens_path).unwrap(), table);
 
-    // The search frontier is monotone and spans all-q4_0 to all-f16.
+    // Every estimator gives a monotone frontier spanning all-q4_0 to all-f16.
     let pairs = search::parse_pairs("cpu", &table.types, "").unwrap();
-    let frontier = search::frontier(&table.problem(64, pairs)).unwrap();
-    assert!(frontier.windows(2).all(|w| w[0].bytes < w[1].bytes && w[0].predicted > w[1].predicted));
-    assert!((frontier[0].bits_per_value - 4.5).abs() < 1e-9);
-    assert_eq!(frontier.last().unwrap().predicted, 0.0);
+    let problems = Problems::new(&table, &table.cells, &pairs).unwrap();
+    assert_eq!(problems.by_estimator.len(), 3);
+    for (est, problem) in &problems.by_estimator {
+        let frontier = search::frontier(problem).unwrap();
+        assert!(frontier.windows(2).all(|w| w[0].bytes < w[1].bytes && w[0].predicted > w[1].predicted), "{est:?}");
+        assert!((frontier[0].bits_per_value - 4.5).abs() < 1e-9);
+        assert_eq!(frontier.last().unwrap().predicted, 0.0);
+    }
 
-    // The binary: search at a budget, verify on text, write a profile bound to the model.
+    // The binary: choose by measurement at a budget, check on held-out text, write a profile.
     let out = dir.path().join("p.yaml");
     let text_file = common::eval_text_file(dir.path());
+    let cal_file = dir.path().join("cal.txt");
+    std::fs::write(&cal_file, kvtuner::assets::load_split(&kvtuner::assets::cache_dir()).unwrap().calibration).unwrap();
     let res = kvtuner(&[
         "search",
         sens_path.to_str().unwrap(),
@@ -70,21 +90,106 @@ fn calibrate_yields_a_complete_table_and_search_a_verified_profile() {
         "cuda",
         "-o",
         out.to_str().unwrap(),
-        "--verify",
-        text_file.to_str().unwrap(),
         "-m",
         path.to_str().unwrap(),
+        "--text",
+        cal_file.to_str().unwrap(),
+        "--verify",
+        text_file.to_str().unwrap(),
         "--chunks",
         "1",
         "--json",
     ]);
     assert!(res.status.success(), "{}", String::from_utf8_lossy(&res.stderr));
     let json: serde_json::Value = serde_json::from_slice(&res.stdout).unwrap();
-    assert!(json["verified"]["measured"]["kld_mean"].is_number());
+    let sel = &json["selection"];
+    let chosen = sel["chosen"]["summary"]["kld_mean"].as_f64().unwrap();
+    let considered = sel["considered"].as_array().unwrap();
+    let uniforms: Vec<f64> = considered
+        .iter()
+        .filter(|c| c["origin"]["kind"] == "uniform")
+        .map(|c| c["summary"]["kld_mean"].as_f64().unwrap())
+        .collect();
+    assert_eq!(uniforms.len(), 2, "q8_0/q4_0 and q4_0, the uniform pairs within 7 bits: {uniforms:?}");
+    assert!(uniforms.iter().all(|&u| chosen <= u), "chosen {chosen} vs uniform {uniforms:?}");
+    assert!(sel["chosen"]["kv"]["tensor_bytes"].as_u64().unwrap() <= sel["max_bytes"].as_u64().unwrap());
+    assert_eq!(json["held_out"].as_array().unwrap().len(), 1);
+    let sizes = json["sizes"].as_array().unwrap();
+    let names: Vec<&str> = sizes.iter().map(|s| s["uniform"]["label"].as_str().unwrap()).collect();
+    assert_eq!(names, ["uniform q4_0", "uniform q8_0/q4_0", "uniform q8_0"]);
     let profile = Profile::load(&out).unwrap();
     profile.check_model(&identity).unwrap();
     let m = profile.measured.unwrap();
     assert!(m.bits_per_value <= 7.0 && m.kld_mean.is_some() && m.predicted_kld.is_some());
+    assert_eq!(m.kld_calibration, Some(chosen));
+    assert!(m.compared_uniform.is_some());
+}
+
+#[test]
+fn q8_0_background_measures_changes_from_uniform_q8_0() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = common::tiny_model(dir.path(), 3, "synthetic-bg");
+    let identity = ModelIdentity::from_header(&gguf::read_header(&path).unwrap()).unwrap();
+    let model = Model::load(Backend::init(), &path, &ModelParams::default()).unwrap();
+    let types = vec![CacheType::F16, CacheType::Q8_0, CacheType::Q4_0];
+    let opts = options(&types, 1, CacheType::Q8_0);
+    let table = calibrate::calibrate(&model, &identity, &common::eval_text(), &opts, None, &mut |_, _, _| {}).unwrap();
+    assert_eq!(table.forward_passes, calibrate::cost(3, &types, &opts));
+    assert_eq!(calibrate::cost(3, &types, &opts), 1 + 1 + 4 + 6, "baseline, background, anchors, layers");
+    let bg = table.background.as_ref().expect("the all-q8_0 run is recorded");
+    assert_eq!((bg.k, bg.v), (CacheType::Q8_0, CacheType::Q8_0));
+    // A single-layer run holds the other layers at q8_0, so it is never below the all-q8_0
+    // floor by much, and each layer's share comes from its change from that floor.
+    for l in &table.layers {
+        assert!(l.measured["k:q4_0"].kld_mean > 0.5 * bg.quality.kld_mean, "layer {}", l.layer);
+    }
+    let bad = CalibrateOptions { background: CacheType::Q4_0, ..opts };
+    let err = calibrate::calibrate(&model, &identity, &common::eval_text(), &bad, None, &mut |_, _, _| {}).unwrap_err();
+    assert!(err.to_string().contains("background"), "{err}");
+}
+
+#[test]
+fn tune_never_keeps_a_profile_that_measures_worse_than_uniform() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = common::tiny_model(dir.path(), 4, "synthetic-tune");
+    let identity = ModelIdentity::from_header(&gguf::read_header(&path).unwrap()).unwrap();
+    let model = Model::load(Backend::init(), &path, &ModelParams::default()).unwrap();
+    let split = kvtuner::assets::load_split(&kvtuner::assets::cache_dir()).unwrap();
+    let types = vec![CacheType::F16, CacheType::Q8_0, CacheType::Q5_0, CacheType::Q4_0];
+    let mut opts = TuneOptions {
+        calibrate: options(&types, 2, CacheType::F16),
+        pairs: "cuda".into(),
+        budget_bits: 6.5,
+        target_ctx: 64,
+        eval_chunks: 1,
+        select: SelectOptions::default(),
+        name: None,
+    };
+    let held = vec![(split.evaluation.clone(), "held out".to_string())];
+    let tuned = tune::tune(&model, &identity, (&split.calibration, "cal"), &held, &opts, None, &mut |_| {}).unwrap();
+    let sel = &tuned.selection;
+    let best_uniform = sel.best_uniform.as_ref().unwrap();
+    assert!(sel.chosen.kld() <= best_uniform.kld());
+    for c in &sel.considered {
+        assert!(c.kv.tensor_bytes <= sel.max_bytes, "{} is over the budget", c.candidate.label);
+        assert_eq!(c.kv.tensor_bytes, c.candidate.expected_bytes, "runtime bytes = search bytes");
+        assert!(sel.chosen.kld() <= c.kld() || !c.is_uniform());
+    }
+    assert!(sel.considered.iter().any(|c| !c.is_uniform()), "profiles were candidates");
+    assert_eq!(sel.profile_wins, !sel.chosen.is_uniform());
+    assert_eq!(tuned.held_out.len(), 1);
+    assert_eq!(tuned.held_out[0].uniform.candidate.types, best_uniform.candidate.types);
+    let m = tuned.profile.measured.as_ref().unwrap();
+    assert_eq!(m.kv_bytes, sel.chosen.kv.tensor_bytes);
+    assert_eq!(m.kld_mean, Some(tuned.held_out[0].chosen.kld()));
+
+    // At exactly all-q4_0's size nothing but uniform q4_0 fits: the tool keeps it and says so.
+    opts.budget_bits = 4.5;
+    let tuned = tune::tune(&model, &identity, (&split.calibration, "cal"), &held, &opts, None, &mut |_| {}).unwrap();
+    assert!(!tuned.selection.profile_wins);
+    assert_eq!(tuned.selection.chosen.candidate.types, vec![(CacheType::Q4_0, CacheType::Q4_0); 4]);
+    assert!(tuned.selection.verdict().contains("keeping the uniform cache"), "{}", tuned.selection.verdict());
+    assert!(tuned.profile.name.contains("uniform-q4_0-q4_0"), "{}", tuned.profile.name);
 }
 
 #[test]

@@ -4,8 +4,8 @@ use std::path::{Path, PathBuf};
 
 use kvtuner::cache_type::CacheType;
 use kvtuner::profile::{
-    import_kvtuner, Calibration, ImportError, LayerTypes, Measured, ModelIdentity, Profile, ProfileInvalid,
-    ProfileLoadError,
+    import_kvtuner, Calibration, ComparedUniform, ImportError, LayerTypes, Measured, ModelIdentity, Profile,
+    ProfileInvalid, ProfileLoadError,
 };
 use proptest::prelude::*;
 
@@ -30,6 +30,8 @@ fn sample() -> Profile {
         kld_mean: Some(0.0123),
         kld_eval_text: Some("lee_background.cor, documents 151-300".into()),
         predicted_kld: Some(0.011),
+        kld_calibration: None,
+        compared_uniform: None,
     });
     p.calibration = Some(Calibration {
         text: "lee_background.cor, documents 1-150".into(),
@@ -285,7 +287,8 @@ prop_compose! {
         fingerprint in "[0-9a-f]{0,64}",
         model_name in proptest::option::of(text()),
         measured in proptest::option::of((finite(), any::<u64>(), any::<u32>(),
-            proptest::option::of(finite()), proptest::option::of(text()), proptest::option::of(finite()))),
+            proptest::option::of(finite()), proptest::option::of(text()), proptest::option::of(finite()),
+            proptest::option::of(finite()), proptest::option::of((text(), finite())))),
         calibration in proptest::option::of((text(), any::<u32>(), any::<u32>(),
             proptest::collection::vec(cache_type(), 0..5), proptest::option::of(text()))),
         tool_version in proptest::option::of("[0-9]\\.[0-9]\\.[0-9]"),
@@ -296,8 +299,9 @@ prop_compose! {
             description,
             model: ModelIdentity { architecture: arch, layers: layers.len(), fingerprint, name: model_name },
             layers: layers.into_iter().map(|(k, v)| LayerTypes { k, v }).collect(),
-            measured: measured.map(|(bits_per_value, kv_bytes, context, kld_mean, kld_eval_text, predicted_kld)| Measured {
-                bits_per_value, kv_bytes, context, kld_mean, kld_eval_text, predicted_kld,
+            measured: measured.map(|(bits_per_value, kv_bytes, context, kld_mean, kld_eval_text, predicted_kld, kld_calibration, uniform)| Measured {
+                bits_per_value, kv_bytes, context, kld_mean, kld_eval_text, predicted_kld, kld_calibration,
+                compared_uniform: uniform.map(|(types, kld_mean)| ComparedUniform { types, kld_mean }),
             }),
             calibration: calibration.map(|(text, context, chunks, types, pairs)| Calibration { text, context, chunks, types, pairs }),
             tool_version,

@@ -30,13 +30,20 @@ pub fn run_annotate(args: AnnotateArgs) -> anyhow::Result<()> {
             );
         }
     }
+    let out = output_path(&args.model, &args.target)?;
+    write_annotated(&header, &profile, &out)?;
+    println!("annotated {} with profile {} ({})", out.display(), profile.name, profile.summary());
+    Ok(())
+}
+
+/// Writes the model of `header` with `profile` in its metadata to `out` (any earlier profile
+/// keys removed).
+pub fn write_annotated(header: &gguf::GgufHeader, profile: &Profile, out: &Path) -> anyhow::Result<()> {
     let mut edits = remove_profile_edits();
     for (k, v) in profile.to_metadata() {
         edits = edits.set(k, v);
     }
-    let out = output_path(&args.model, &args.target)?;
-    rewrite(&header, &out, &edits, Some(META_PADDING))?;
-    println!("annotated {} with profile {} ({})", out.display(), profile.name, profile.summary());
+    rewrite(header, out, &edits, Some(META_PADDING))?;
     Ok(())
 }
 

@@ -4,8 +4,26 @@ use anyhow::Context as _;
 use indicatif::{ProgressBar, ProgressStyle};
 
 use super::runtime::{load_text, open};
-use crate::cli::CalibrateArgs;
+use crate::cli::{CalibrateArgs, CalibrationPlan};
 use kvtuner::calibrate::{self, CalibrateOptions};
+
+/// The library's options from the command line's calibration plan.
+pub fn calibrate_options(
+    plan: &CalibrationPlan,
+    n_ctx: u32,
+    base: kvtuner::llama::ContextParams,
+    text_label: String,
+) -> CalibrateOptions {
+    CalibrateOptions {
+        n_ctx,
+        chunks: plan.chunks,
+        layer_chunks: plan.layer_chunks.min(plan.chunks),
+        background: plan.background,
+        types: plan.types.clone(),
+        base,
+        text_label,
+    }
+}
 
 pub fn run(args: CalibrateArgs) -> anyhow::Result<()> {
     let start = Instant::now();
@@ -14,18 +32,12 @@ pub fn run(args: CalibrateArgs) -> anyhow::Result<()> {
     runtime.kv_profile = "off".into();
     let opened = open(&runtime)?;
     let n_layer = opened.model.n_layer() as usize;
-    let passes = calibrate::cost(n_layer, &args.types, args.chunks);
+    let opts = calibrate_options(&args.plan, args.runtime.ctx_size, opened.params.clone(), label.clone());
+    let passes = calibrate::cost(n_layer, &args.plan.types, &opts);
     eprintln!(
-        "calibrating {} layers × K/V on {label}: {} chunks of {} tokens, about {passes} forward passes",
-        n_layer, args.chunks, args.runtime.ctx_size
+        "calibrating {} layers × K/V on {label}: {} chunks of {} tokens ({} for single-layer runs), about {passes} forward passes",
+        n_layer, args.plan.chunks, args.runtime.ctx_size, opts.layer_chunks
     );
-    let opts = CalibrateOptions {
-        n_ctx: args.runtime.ctx_size,
-        chunks: args.chunks,
-        types: args.types.clone(),
-        base: opened.params.clone(),
-        text_label: label,
-    };
     let bar = ProgressBar::new(0);
     bar.set_style(
         ProgressStyle::with_template("{bar:30} {pos}/{len} trials, {elapsed} elapsed, eta {eta}  {msg}").unwrap(),

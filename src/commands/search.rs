@@ -1,215 +1,199 @@
-use std::fmt::Write as _;
-use std::time::Instant;
+//! `kvtuner search`: the frontier of a sensitivity table and, with -m, the measured choice.
 
 use anyhow::{bail, Context as _};
 use comfy_table::Table;
-use serde::Serialize;
 
 use super::runtime::load_text;
 use crate::cli::SearchArgs;
 use kvtuner::cache_type::CacheType;
-use kvtuner::eval::{Evaluator, Summary};
-use kvtuner::llama::{Backend, ContextParams, LayerCacheTypes, Model, ModelParams};
-use kvtuner::profile::{Calibration, LayerTypes, Measured, Profile};
-use kvtuner::search::{self, Assignment, Problem};
+use kvtuner::eval::Evaluator;
+use kvtuner::kv_layout::{runtime_cells, RUNTIME_UBATCH};
+use kvtuner::llama::{Backend, ContextParams, Model, ModelParams};
+use kvtuner::search::{self, Assignment};
+use kvtuner::select::{self, report, Measurer, Problems, SelectOptions};
 use kvtuner::sensitivity::Sensitivity;
-
-/// One end-to-end verified configuration.
-#[derive(Debug, Clone, Serialize)]
-struct Verified {
-    name: String,
-    kind: &'static str,
-    bits_per_value: f64,
-    kv_bytes: u64,
-    predicted_kld: f64,
-    measured: Summary,
-}
-
-/// A uniform configuration and what the search and the heuristic do at its size.
-#[derive(Debug, Clone, Serialize)]
-struct Comparison {
-    uniform: Verified,
-    profile: Verified,
-    heuristic: Option<Verified>,
-    /// profile KLD / uniform KLD
-    ratio: f64,
-}
+use kvtuner::tune::{profile_for, Chosen};
 
 pub fn run(args: SearchArgs) -> anyhow::Result<()> {
-    let start = Instant::now();
+    let start = std::time::Instant::now();
     let sens = Sensitivity::load(&args.sensitivity)?;
-    let n_ctx = args.ctx_size.unwrap_or(sens.context) as u64;
+    let n_ctx = args.ctx_size.unwrap_or(sens.context);
     let pairs = search::parse_pairs(&args.pairs, &sens.types, search::CUDA_FA_PAIRS)?;
-    let problem = sens.problem(n_ctx, pairs);
-    let frontier = search::frontier(&problem)?;
+    let model = match &args.model {
+        Some(path) => {
+            let model = Model::load(
+                Backend::init(),
+                path,
+                &ModelParams { n_gpu_layers: args.n_gpu_layers, ..Default::default() },
+            )?;
+            if model.n_layer() as usize != sens.layout.layers.len() {
+                bail!(
+                    "{} has {} layers, the sensitivity table {}",
+                    path.display(),
+                    model.n_layer(),
+                    sens.layout.layers.len()
+                );
+            }
+            Some(model)
+        }
+        None => None,
+    };
+    let cells = match &model {
+        Some(m) => runtime_cells(m, n_ctx, RUNTIME_UBATCH)?,
+        None if n_ctx == sens.context && !sens.cells.is_empty() => sens.cells.clone(),
+        None => bail!(
+            "the sizes at context {n_ctx} come from the runtime: pass -m MODEL ({} records them at context {} only)",
+            args.sensitivity.display(),
+            sens.context
+        ),
+    };
+    let problems = Problems::new(&sens, &cells, &pairs)?;
+    let frontier = search::frontier(problems.main())?;
     if let Some(path) = &args.frontier {
         kvtuner::atomic_write(path, serde_json::to_string_pretty(&frontier)?.as_bytes())
             .with_context(|| format!("writing {}", path.display()))?;
     }
-
-    let chosen = match (args.budget, args.max_kld) {
-        (Some(bits), _) => Some(search::best_within_bits(&problem, bits)?.with_context(|| {
+    if !args.json {
+        print_frontier(&frontier, n_ctx);
+    }
+    let predicted: Option<Assignment> = match (args.budget, args.max_kld) {
+        (Some(bits), _) => Some(search::best_within_bits(problems.main(), bits)?.with_context(|| {
             format!("no profile fits {bits} bits per value (the smallest needs {:.2})", frontier[0].bits_per_value)
         })?),
         (None, Some(kld)) => Some(
-            search::cheapest_within_error(&problem, kld)?
+            search::cheapest_within_error(problems.main(), kld)?
                 .with_context(|| format!("no profile reaches a predicted KLD of {kld}"))?,
         ),
         (None, None) => None,
     };
-
-    if !args.json {
-        print_frontier(&frontier, n_ctx);
-    }
     let search_seconds = start.elapsed().as_secs_f64();
 
-    let mut verified_chosen = None;
-    let mut comparisons = Vec::new();
-    let mut eval_label = None;
-    if let Some(text_spec) = &args.verify {
-        let model_path = args.model.as_ref().expect("clap requires -m with --verify");
-        let (text, label) = load_text(text_spec)?;
-        let model = Model::load(
-            Backend::init(),
-            model_path,
-            &ModelParams { n_gpu_layers: args.n_gpu_layers, ..Default::default() },
-        )?;
-        if model.n_layer() as usize != sens.layout.layers.len() {
-            bail!(
-                "{} has {} layers, the sensitivity table {}",
-                model_path.display(),
-                model.n_layer(),
-                sens.layout.layers.len()
+    let Some(model) = model else {
+        // Predictions only: say so wherever the result goes.
+        if let (Some(a), Some(out)) = (&predicted, &args.output) {
+            let chosen = Chosen {
+                types: &a.types,
+                label: "predicted pick (not measured)",
+                bits_per_value: a.bits_per_value,
+                kv_bytes: a.bytes,
+                predicted: Some(a.predicted),
+                kld_calibration: None,
+            };
+            let profile = profile_for(&sens, chosen, None, &args.pairs, n_ctx, args.name.clone());
+            profile.save(out)?;
+            eprintln!(
+                "wrote {} ({}): predicted, not measured; pass -m MODEL to choose by measurement",
+                out.display(),
+                profile.summary()
             );
         }
-        let base = ContextParams { n_threads: args.threads, no_kv_profile: true, ..Default::default() };
-        eprintln!("verifying on {label} ({} chunks of {} tokens)", args.chunks, sens.context);
-        let mut ev = Evaluator::new(&model, &text, sens.context, args.chunks, &base)?;
-        let mut measure = |name: String, kind: &'static str, a: &Assignment| -> anyhow::Result<Verified> {
-            let types = LayerCacheTypes::from_pairs(a.types.iter().copied());
-            let summary = ev.score(&ContextParams { layer_types: Some(types), ..base.clone() })?.summary();
-            eprintln!("  {name}: measured KLD {:.5} (predicted {:.5})", summary.kld_mean, a.predicted);
-            Ok(Verified {
-                name,
-                kind,
-                bits_per_value: a.bits_per_value,
-                kv_bytes: a.bytes,
-                predicted_kld: a.predicted,
-                measured: summary,
-            })
-        };
-        if let Some(a) = &chosen {
-            verified_chosen = Some(measure(format!("chosen ({:.2} bpv)", a.bits_per_value), "profile", a)?);
+        if args.json {
+            let json =
+                serde_json::json!({ "context": n_ctx, "pairs": pairs, "frontier": frontier, "chosen": predicted });
+            println!("{}", serde_json::to_string_pretty(&json)?);
         }
-        let all_q4 = uniform(&problem, CacheType::Q4_0, CacheType::Q4_0)?;
-        let all_q8 = uniform(&problem, CacheType::Q8_0, CacheType::Q8_0)?;
-        for &(k, v) in &problem.pairs {
-            if k == CacheType::F16 || v == CacheType::F16 {
-                continue;
-            }
-            let u = uniform(&problem, k, v)?;
-            if u.bytes <= all_q4.bytes || u.bytes >= all_q8.bytes {
-                continue;
-            }
-            let Some(p) = search::best_within_bytes(&problem, u.bytes)? else { continue };
-            let uv = measure(format!("uniform {k}/{v}"), "uniform", &u)?;
-            let pv = measure(format!("profile ≤ {k}/{v} bytes"), "profile", &p)?;
-            let hv = match search::heuristic_at_bytes(&problem, u.bytes)? {
-                Some(h) => Some(measure(format!("first/last ≤ {k}/{v} bytes"), "heuristic", &h)?),
-                None => None,
+        return Ok(());
+    };
+
+    let base = ContextParams { n_threads: args.threads, no_kv_profile: true, ..Default::default() };
+    let (text, label) = load_text(&args.text)?;
+    let mut cal_ev = Evaluator::new(&model, &text, sens.context, args.chunks, &base)?;
+    let mut cal = Measurer::new(&mut cal_ev, base.clone(), n_ctx, label.clone());
+    let opts = SelectOptions { neighbours: args.neighbours };
+    let selection = match &predicted {
+        Some(a) => {
+            let max_bytes = match args.budget {
+                Some(bits) => select::bytes_at_bits(problems.main(), bits),
+                None => a.bytes,
             };
-            let ratio = pv.measured.kld_mean / uv.measured.kld_mean;
-            comparisons.push(Comparison { uniform: uv, profile: pv, heuristic: hv, ratio });
+            let s = select::select(&mut cal, &problems, max_bytes, opts)?;
+            eprintln!("{}", s.verdict());
+            Some(s)
         }
-        eval_label = Some(label);
+        None => None,
+    };
+
+    let mut held_texts = Vec::new();
+    for spec in &args.verify {
+        held_texts.push(load_text(spec)?);
+    }
+    let mut held_evs = Vec::new();
+    for (text, _) in &held_texts {
+        held_evs.push(Evaluator::new(&model, text, sens.context, args.chunks, &base)?);
+    }
+    let mut held: Vec<Measurer> = held_evs
+        .iter_mut()
+        .zip(&held_texts)
+        .map(|(ev, (_, label))| Measurer::new(ev, base.clone(), n_ctx, label.clone()))
+        .collect();
+    let mut checks = Vec::new();
+    if let Some(s) = &selection {
+        let against = s.best_uniform.as_ref().unwrap_or(&s.chosen).candidate.clone();
+        for h in held.iter_mut() {
+            checks.push(select::held_out(h, &problems, s, &against)?);
+        }
+    }
+    let sizes = if held.is_empty() {
+        Vec::new()
+    } else {
+        let uniforms = select::uniform_sizes(&problems, CacheType::Q4_0, CacheType::Q8_0)?;
+        select::verify_sizes(&mut cal, &mut held, &problems, &uniforms, opts, &mut |m| eprintln!("{m}"))?
+    };
+
+    let mut md = format!(
+        "## kvtuner search: {}\n\n- calibration: {} ({} chunk(s) of {} tokens, {} forward passes, {:.0} s); {}\n- search: pairs `{}`, target context {n_ctx} (sizes read from the runtime), {} frontier points, {search_seconds:.2} s\n- choice measured on {label}, {} chunk(s); held out: {}\n\n",
+        sens.model.name.as_deref().unwrap_or(&sens.model.architecture),
+        sens.text,
+        sens.chunks,
+        sens.context,
+        sens.forward_passes,
+        sens.seconds,
+        sens.method,
+        args.pairs,
+        frontier.len(),
+        args.chunks,
+        if held_texts.is_empty() { "none".to_string() } else { held_texts.iter().map(|t| t.1.as_str()).collect::<Vec<_>>().join("; ") },
+    );
+    if let Some(s) = &selection {
+        md += &format!("### At the budget\n\n{}{}\n", report::selection(s), report::held_out(&checks));
+    }
+    if !sizes.is_empty() {
+        md += &report::sizes(&sizes);
     }
 
-    if let (Some(a), Some(out)) = (&chosen, &args.output) {
-        let name = args.name.clone().unwrap_or_else(|| {
-            format!(
-                "{}-{:.1}bpv",
-                sens.model.name.as_deref().unwrap_or(&sens.model.architecture).replace(' ', "-").to_lowercase(),
-                a.bits_per_value
-            )
-        });
-        let profile = Profile {
-            name,
-            description: Some(format!(
-                "kvtuner search over {} pairs ({}) at context {n_ctx}, from {}",
-                problem.pairs.len(),
-                args.pairs,
-                args.sensitivity.display()
-            )),
-            layers: a.types.iter().map(|&(k, v)| LayerTypes { k, v }).collect(),
-            measured: Some(Measured {
-                bits_per_value: a.bits_per_value,
-                kv_bytes: a.bytes,
-                context: n_ctx as u32,
-                kld_mean: verified_chosen.as_ref().map(|v| v.measured.kld_mean),
-                kld_eval_text: eval_label.clone(),
-                predicted_kld: Some(a.predicted),
-            }),
-            calibration: Some(Calibration {
-                text: sens.text.clone(),
-                context: sens.context,
-                chunks: sens.chunks,
-                types: sens.types.clone(),
-                pairs: Some(args.pairs.clone()),
-            }),
-            ..Profile::uniform(&sens.model, CacheType::F16, CacheType::F16, "")
-        };
+    if let (Some(s), Some(out)) = (&selection, &args.output) {
+        let profile = profile_for(&sens, (&s.chosen).into(), checks.first(), &args.pairs, n_ctx, args.name.clone());
         profile.save(out)?;
-        let msg = format!(
-            "wrote {} ({}, {:.2} bits/value, predicted KLD {:.5})",
-            out.display(),
-            profile.summary(),
-            a.bits_per_value,
-            a.predicted
-        );
-        // with --json, stdout carries only the JSON document
+        let msg =
+            format!("wrote {} ({}, {:.2} bits/value)", out.display(), profile.summary(), s.chosen.kv.bits_per_value());
         if args.json {
             eprintln!("{msg}");
         } else {
             println!("{msg}");
         }
     }
-
-    let report = render_report(
-        &sens,
-        &args,
-        n_ctx,
-        &frontier,
-        verified_chosen.as_ref(),
-        &comparisons,
-        eval_label.as_deref(),
-        search_seconds,
-    );
     if args.json {
-        let out = serde_json::json!({
+        let json = serde_json::json!({
             "context": n_ctx,
-            "pairs": problem.pairs,
+            "pairs": pairs,
             "frontier": frontier,
-            "chosen": chosen,
-            "verified": verified_chosen,
-            "comparisons": comparisons,
-            "eval_text": eval_label,
+            "predicted": predicted,
+            "selection": selection,
+            "held_out": checks,
+            "sizes": sizes,
         });
-        println!("{}", serde_json::to_string_pretty(&out)?);
-    } else if !comparisons.is_empty() || verified_chosen.is_some() {
-        println!("{report}");
+        println!("{}", serde_json::to_string_pretty(&json)?);
+    } else if selection.is_some() || !sizes.is_empty() {
+        println!("{md}");
     }
     if let Some(path) = &args.report {
-        kvtuner::atomic_write(path, report.as_bytes()).with_context(|| format!("writing {}", path.display()))?;
+        kvtuner::atomic_write(path, md.as_bytes()).with_context(|| format!("writing {}", path.display()))?;
     }
-    eprintln!("search {:.2} s, total {:.1} s", search_seconds, start.elapsed().as_secs_f64());
+    eprintln!("search {search_seconds:.2} s, total {:.1} s", start.elapsed().as_secs_f64());
     Ok(())
 }
 
-fn uniform(p: &Problem, k: CacheType, v: CacheType) -> anyhow::Result<Assignment> {
-    Ok(search::evaluate(p, &vec![(k, v); p.layers.len()])?)
-}
-
-fn print_frontier(frontier: &[Assignment], n_ctx: u64) {
+fn print_frontier(frontier: &[Assignment], n_ctx: u32) {
     let mut table = Table::new();
     table.load_preset(comfy_table::presets::ASCII_MARKDOWN);
     table.set_header(["bits/value", &format!("KV MiB @ {n_ctx}"), "predicted KLD", "layers (K/V)"]);
@@ -240,104 +224,4 @@ fn summarize(types: &[(CacheType, CacheType)]) -> String {
     }
     counts.sort_by_key(|c| std::cmp::Reverse(c.1));
     counts.iter().map(|((k, v), n)| format!("{n}×{k}/{v}")).collect::<Vec<_>>().join(", ")
-}
-
-/// Pearson correlation of predicted and measured KLD.
-fn correlation(points: &[(f64, f64)]) -> Option<f64> {
-    if points.len() < 3 {
-        return None;
-    }
-    let n = points.len() as f64;
-    let (mx, my) = (points.iter().map(|p| p.0).sum::<f64>() / n, points.iter().map(|p| p.1).sum::<f64>() / n);
-    let cov: f64 = points.iter().map(|p| (p.0 - mx) * (p.1 - my)).sum();
-    let (vx, vy): (f64, f64) =
-        (points.iter().map(|p| (p.0 - mx).powi(2)).sum(), points.iter().map(|p| (p.1 - my).powi(2)).sum());
-    Some(cov / (vx * vy).sqrt())
-}
-
-#[allow(clippy::too_many_arguments)]
-fn render_report(
-    sens: &Sensitivity,
-    args: &SearchArgs,
-    n_ctx: u64,
-    frontier: &[Assignment],
-    chosen: Option<&Verified>,
-    comparisons: &[Comparison],
-    eval_label: Option<&str>,
-    search_seconds: f64,
-) -> String {
-    let mut r = String::new();
-    let _ = writeln!(r, "## kvtuner search: {}\n", sens.model.name.as_deref().unwrap_or(&sens.model.architecture));
-    let _ = writeln!(
-        r,
-        "- calibration: {} ({} chunk(s) of {} tokens, {} forward passes, {:.0} s); {}",
-        sens.text, sens.chunks, sens.context, sens.forward_passes, sens.seconds, sens.method
-    );
-    let _ = writeln!(
-        r,
-        "- search: pairs `{}`, target context {n_ctx}, {} frontier points, {:.2} s",
-        args.pairs,
-        frontier.len(),
-        search_seconds
-    );
-    if let Some(label) = eval_label {
-        let _ = writeln!(
-            r,
-            "- verification text (held out): {label}, {} chunk(s) of {} tokens\n",
-            args.chunks, sens.context
-        );
-    }
-    let row = |v: &Verified| {
-        format!(
-            "| {} | {:.2} | {:.2} | {:.5} | {:.5} ± {:.5} | {:.5} | {:.2}% | {:.3} |",
-            v.name,
-            v.bits_per_value,
-            v.kv_bytes as f64 / 1048576.0,
-            v.predicted_kld,
-            v.measured.kld_mean,
-            v.measured.kld_stderr,
-            v.measured.kld_p99,
-            v.measured.top1 * 100.0,
-            v.measured.ppl
-        )
-    };
-    let header = "| configuration | bits/value | KV MiB | predicted KLD | measured KLD | p99 KLD | top-1 same | PPL |\n|---|---|---|---|---|---|---|---|";
-    if let Some(c) = chosen {
-        let _ = writeln!(r, "{header}\n{}\n", row(c));
-    }
-    if !comparisons.is_empty() {
-        let _ = writeln!(r, "### At the size of each uniform configuration between q4_0 and q8_0\n\n{header}");
-        for c in comparisons {
-            let _ = writeln!(r, "{}", row(&c.uniform));
-            let _ = writeln!(r, "{}", row(&c.profile));
-            if let Some(h) = &c.heuristic {
-                let _ = writeln!(r, "{}", row(h));
-            }
-        }
-        let _ = writeln!(r, "\n| uniform | profile KLD / uniform KLD | profile KLD / first-last KLD |\n|---|---|---|");
-        for c in comparisons {
-            let vs_h = c
-                .heuristic
-                .as_ref()
-                .map_or("-".into(), |h| format!("{:.3}", c.profile.measured.kld_mean / h.measured.kld_mean));
-            let _ = writeln!(r, "| {} | {:.3} | {} |", c.uniform.name, c.ratio, vs_h);
-        }
-        let mut points: Vec<(f64, f64)> = comparisons
-            .iter()
-            .flat_map(|c| [Some(&c.uniform), Some(&c.profile), c.heuristic.as_ref()])
-            .flatten()
-            .chain(chosen)
-            .map(|v| (v.predicted_kld, v.measured.kld_mean))
-            .collect();
-        points.sort_by(|a, b| a.0.total_cmp(&b.0));
-        points.dedup();
-        if let Some(rho) = correlation(&points) {
-            let _ = writeln!(
-                r,
-                "\nPredicted vs measured KLD over the {} verified configurations: Pearson r = {rho:.3}",
-                points.len()
-            );
-        }
-    }
-    r
 }

@@ -1,0 +1,546 @@
+//! Measured selection: predictions propose candidates, measurements on the calibration text
+//! decide, and held-out text reports.
+//!
+//! At a byte budget the candidates are every uniform configuration of the allowed pairs that
+//! fits, and for each estimator ([`Estimator`]) the predicted-best profile that fits plus its
+//! cheaper Pareto neighbours. All are measured end to end on the same calibration chunks; the
+//! lowest measured mean KLD wins, fewer bytes breaking a tie (so a uniform cache wins a tie with
+//! a profile of its size). A profile is therefore chosen only when it measured better than every
+//! uniform cache at or below the budget; otherwise the selection says so and keeps the uniform
+//! cache. Sizes are the tensor bytes the runtime allocates at the target context, read back
+//! from it, and checked against what the search expected.
+
+pub mod report;
+
+use std::collections::HashMap;
+
+use serde::Serialize;
+
+use crate::cache_type::CacheType;
+use crate::eval::{EvalError, Evaluator, Summary};
+use crate::kv_layout::{RuntimeKv, RUNTIME_UBATCH};
+use crate::llama::{Context, ContextParams, CreateContextError, LayerCacheTypes};
+use crate::search::{self, Problem, SearchError};
+use crate::sensitivity::Estimator;
+
+/// Where a candidate came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum Origin {
+    /// One (K, V) pair on every layer.
+    Uniform,
+    /// A point of an estimator's Pareto frontier: `rank` 0 is its predicted best at the budget,
+    /// 1.. its cheaper neighbours.
+    Frontier { estimator: Estimator, rank: usize },
+    /// ik_llama.cpp-style first/last layers at q8_0, the rest q4_0 (a baseline, not a candidate).
+    Heuristic,
+}
+
+/// A configuration to measure.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Candidate {
+    pub label: String,
+    pub origin: Origin,
+    /// `(K, V)` per layer.
+    pub types: Vec<(CacheType, CacheType)>,
+    /// Predicted mean KLD (the `share` estimator's, for every candidate alike), if known.
+    pub predicted: Option<f64>,
+    /// Tensor bytes the search expects at the target context.
+    pub expected_bytes: u64,
+}
+
+/// A candidate measured end to end.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Measured {
+    #[serde(flatten)]
+    pub candidate: Candidate,
+    /// The KV cache at the target context, as the runtime allocated it.
+    pub kv: RuntimeKv,
+    /// Quality on the measured text.
+    pub summary: Summary,
+}
+
+impl Measured {
+    pub fn kld(&self) -> f64 {
+        self.summary.kld_mean
+    }
+
+    pub fn is_uniform(&self) -> bool {
+        self.candidate.origin == Origin::Uniform
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SelectError {
+    #[error(transparent)]
+    Search(#[from] SearchError),
+    #[error(transparent)]
+    Eval(#[from] EvalError),
+    #[error("reading the KV cache size from the runtime")]
+    Context(#[from] CreateContextError),
+    #[error("no configuration fits {max_bytes} bytes of KV cache (the smallest needs {smallest})")]
+    NothingFits { max_bytes: u64, smallest: u64 },
+    #[error(
+        "{label}: the runtime allocated {runtime} bytes of K/V tensors at context {n_ctx}, the search expected {expected}"
+    )]
+    SizeMismatch { label: String, runtime: u64, expected: u64, n_ctx: u32 },
+    #[error("the {0} estimator needs runs this sensitivity table does not have")]
+    Estimator(&'static str),
+}
+
+/// Measures configurations on one text, each once (results are kept by their types).
+pub struct Measurer<'e, 'm> {
+    ev: &'e mut Evaluator<'m>,
+    base: ContextParams,
+    target_ctx: u32,
+    label: String,
+    done: HashMap<Vec<(CacheType, CacheType)>, (RuntimeKv, Summary)>,
+}
+
+impl<'e, 'm> Measurer<'e, 'm> {
+    /// `base`: threads, flash attention, offload; `target_ctx`: the context sizes are read at;
+    /// `label`: the text's name for reports.
+    pub fn new(
+        ev: &'e mut Evaluator<'m>,
+        base: ContextParams,
+        target_ctx: u32,
+        label: impl Into<String>,
+    ) -> Measurer<'e, 'm> {
+        Measurer { ev, base, target_ctx, label: label.into(), done: HashMap::new() }
+    }
+
+    pub fn label(&self) -> &str {
+        &self.label
+    }
+
+    pub fn evaluator(&mut self) -> &mut Evaluator<'m> {
+        self.ev
+    }
+
+    fn params(&self, types: &[(CacheType, CacheType)]) -> ContextParams {
+        ContextParams {
+            layer_types: Some(LayerCacheTypes::from_pairs(types.iter().copied())),
+            no_kv_profile: true,
+            ..self.base.clone()
+        }
+    }
+
+    /// The KV cache a context at the target context gets for `types`, read from the runtime.
+    fn runtime_kv(&self, types: &[(CacheType, CacheType)]) -> Result<RuntimeKv, CreateContextError> {
+        let params = ContextParams {
+            n_ctx: self.target_ctx,
+            n_batch: RUNTIME_UBATCH.min(self.target_ctx),
+            n_ubatch: RUNTIME_UBATCH.min(self.target_ctx),
+            ..self.params(types)
+        };
+        Ok(RuntimeKv::of(&Context::new(self.ev.model(), &params)?))
+    }
+
+    /// Measures the candidates not measured yet (together, so a streamed baseline runs once) and
+    /// returns all of them in order.
+    pub fn measure(&mut self, candidates: &[Candidate]) -> Result<Vec<Measured>, SelectError> {
+        let mut todo: Vec<&Candidate> = Vec::new();
+        for c in candidates {
+            if !self.done.contains_key(&c.types) && !todo.iter().any(|t| t.types == c.types) {
+                todo.push(c);
+            }
+        }
+        if !todo.is_empty() {
+            let params: Vec<ContextParams> = todo.iter().map(|c| self.params(&c.types)).collect();
+            let scores = self.ev.score_many(&params)?;
+            for (c, s) in todo.iter().zip(scores) {
+                let kv = self.runtime_kv(&c.types)?;
+                if kv.tensor_bytes != c.expected_bytes {
+                    return Err(SelectError::SizeMismatch {
+                        label: c.label.clone(),
+                        runtime: kv.tensor_bytes,
+                        expected: c.expected_bytes,
+                        n_ctx: self.target_ctx,
+                    });
+                }
+                self.done.insert(c.types.clone(), (kv, s.summary()));
+            }
+        }
+        Ok(candidates
+            .iter()
+            .map(|c| {
+                let (kv, summary) = self.done[&c.types].clone();
+                Measured { candidate: c.clone(), kv, summary }
+            })
+            .collect())
+    }
+}
+
+/// The search problems of a calibration: one per estimator, same layers, cells and pairs.
+#[derive(Debug, Clone)]
+pub struct Problems {
+    /// The first is the `share` estimator; its predictions label every candidate.
+    pub by_estimator: Vec<(Estimator, Problem)>,
+}
+
+impl Problems {
+    pub fn main(&self) -> &Problem {
+        &self.by_estimator[0].1
+    }
+
+    /// Bytes and prediction of `types` under the main estimator.
+    pub fn evaluate(&self, types: &[(CacheType, CacheType)]) -> Result<search::Assignment, SearchError> {
+        search::evaluate(self.main(), types)
+    }
+
+    /// Uniform `(k, v)` as a candidate.
+    pub fn uniform(&self, k: CacheType, v: CacheType) -> Result<Candidate, SearchError> {
+        let a = self.evaluate(&vec![(k, v); self.main().layers.len()])?;
+        Ok(Candidate {
+            label: if k == v { format!("uniform {k}") } else { format!("uniform {k}/{v}") },
+            origin: Origin::Uniform,
+            types: a.types,
+            predicted: Some(a.predicted),
+            expected_bytes: a.bytes,
+        })
+    }
+
+    /// The first/last-layers heuristic with the most q8_0 layers within `max_bytes`.
+    pub fn heuristic(&self, max_bytes: u64) -> Result<Option<Candidate>, SearchError> {
+        Ok(search::heuristic_at_bytes(self.main(), max_bytes)?.map(|a| Candidate {
+            label: "first/last layers q8_0, rest q4_0".into(),
+            origin: Origin::Heuristic,
+            types: a.types,
+            predicted: Some(a.predicted),
+            expected_bytes: a.bytes,
+        }))
+    }
+}
+
+/// How many candidates a selection measures besides the uniform ones.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SelectOptions {
+    /// Cheaper Pareto neighbours of the main estimator's pick to measure too.
+    pub neighbours: usize,
+}
+
+impl Default for SelectOptions {
+    fn default() -> Self {
+        SelectOptions { neighbours: 2 }
+    }
+}
+
+/// The candidates at `max_bytes`: uniform configurations that fit, each estimator's predicted
+/// best, and the main estimator's `neighbours` next cheaper frontier points. No duplicates.
+pub fn candidates(problems: &Problems, max_bytes: u64, opts: SelectOptions) -> Result<Vec<Candidate>, SearchError> {
+    let mut out: Vec<Candidate> = Vec::new();
+    let push = |c: Candidate, out: &mut Vec<Candidate>| {
+        if c.expected_bytes <= max_bytes && !out.iter().any(|o| o.types == c.types) {
+            out.push(c);
+        }
+    };
+    for &(k, v) in &problems.main().pairs {
+        push(problems.uniform(k, v)?, &mut out);
+    }
+    for (i, (est, problem)) in problems.by_estimator.iter().enumerate() {
+        let frontier = search::frontier(problem)?;
+        let fit = frontier.partition_point(|a| a.bytes <= max_bytes);
+        let take = if i == 0 { opts.neighbours + 1 } else { 1 };
+        for (rank, a) in frontier[..fit].iter().rev().take(take).enumerate() {
+            let main = problems.evaluate(&a.types)?;
+            push(
+                Candidate {
+                    label: format!(
+                        "profile ({}{})",
+                        est.name(),
+                        if rank > 0 { format!(" -{rank}") } else { String::new() }
+                    ),
+                    origin: Origin::Frontier { estimator: *est, rank },
+                    types: a.types.clone(),
+                    predicted: Some(main.predicted),
+                    expected_bytes: main.bytes,
+                },
+                &mut out,
+            );
+        }
+    }
+    Ok(out)
+}
+
+/// The outcome of a selection at one budget.
+#[derive(Debug, Clone, Serialize)]
+pub struct Selection {
+    pub max_bytes: u64,
+    /// The lowest measured KLD within the budget (a uniform cache when no profile beat it).
+    pub chosen: Measured,
+    /// The best measured uniform cache within the budget.
+    pub best_uniform: Option<Measured>,
+    /// Whether the chosen configuration is a profile (it then measured below every uniform
+    /// cache within the budget).
+    pub profile_wins: bool,
+    /// Every configuration measured for this budget, on the calibration text.
+    pub considered: Vec<Measured>,
+    /// The text the choice was made on.
+    pub text: String,
+}
+
+impl Selection {
+    /// One line for people: what was chosen and why.
+    pub fn verdict(&self) -> String {
+        let c = &self.chosen;
+        match (&self.best_uniform, self.profile_wins) {
+            (Some(u), true) => format!(
+                "{} measured KLD {:.5} on {}, below the best uniform cache within the budget ({} {:.5}, {:.2}×)",
+                c.candidate.label,
+                c.kld(),
+                self.text,
+                u.candidate.label,
+                u.kld(),
+                c.kld() / u.kld()
+            ),
+            (None, true) => {
+                format!("{} measured KLD {:.5} on {} (no uniform cache fits)", c.candidate.label, c.kld(), self.text)
+            }
+            (_, false) => format!(
+                "no profile measured better than {} ({:.5}) on {} within {} bytes: keeping the uniform cache",
+                c.candidate.label,
+                c.kld(),
+                self.text,
+                self.max_bytes
+            ),
+        }
+    }
+}
+
+/// Measures the candidates at `max_bytes` on the measurer's text and picks the best measured.
+pub fn select(
+    m: &mut Measurer<'_, '_>,
+    problems: &Problems,
+    max_bytes: u64,
+    opts: SelectOptions,
+) -> Result<Selection, SelectError> {
+    let cands = candidates(problems, max_bytes, opts)?;
+    if cands.is_empty() {
+        let smallest = search::frontier(problems.main())?.first().map_or(0, |a| a.bytes);
+        return Err(SelectError::NothingFits { max_bytes, smallest });
+    }
+    let considered = m.measure(&cands)?;
+    Ok(choose(considered, max_bytes, m.label()))
+}
+
+/// The decision itself: the lowest measured KLD, then fewer bytes, then a uniform cache before a
+/// profile (ties keep the simple cache). `considered` must not be empty.
+fn choose(considered: Vec<Measured>, max_bytes: u64, text: &str) -> Selection {
+    let best = |it: &mut dyn Iterator<Item = &Measured>| -> Option<Measured> {
+        it.min_by(|a, b| {
+            a.kld()
+                .total_cmp(&b.kld())
+                .then(a.kv.tensor_bytes.cmp(&b.kv.tensor_bytes))
+                .then(b.is_uniform().cmp(&a.is_uniform()))
+        })
+        .cloned()
+    };
+    let chosen = best(&mut considered.iter()).expect("non-empty");
+    let best_uniform = best(&mut considered.iter().filter(|c| c.is_uniform()));
+    Selection {
+        max_bytes,
+        profile_wins: !chosen.is_uniform(),
+        chosen,
+        best_uniform,
+        considered,
+        text: text.to_string(),
+    }
+}
+
+/// Bytes of `bits_per_value` over the problem's cached values (rounded down, so a uniform
+/// configuration of exactly that many bits fits).
+pub fn bytes_at_bits(problem: &Problem, bits_per_value: f64) -> u64 {
+    let values: u64 = problem.layers.iter().flatten().map(|l| (l.k_dim + l.v_dim) * l.cells).sum();
+    (bits_per_value * values as f64 / 8.0 + 1e-6).floor() as u64
+}
+
+/// Pearson correlation of (predicted, measured) points; `None` with fewer than three.
+pub fn correlation(points: &[(f64, f64)]) -> Option<f64> {
+    if points.len() < 3 {
+        return None;
+    }
+    let n = points.len() as f64;
+    let (mx, my) = (points.iter().map(|p| p.0).sum::<f64>() / n, points.iter().map(|p| p.1).sum::<f64>() / n);
+    let cov: f64 = points.iter().map(|p| (p.0 - mx) * (p.1 - my)).sum();
+    let (vx, vy): (f64, f64) =
+        (points.iter().map(|p| (p.0 - mx).powi(2)).sum(), points.iter().map(|p| (p.1 - my).powi(2)).sum());
+    Some(cov / (vx * vy).sqrt())
+}
+
+impl Problems {
+    /// One problem per estimator the table supports (`share` always), for layers holding
+    /// `cells[il]` tokens (read from the runtime) and the allowed `pairs`.
+    pub fn new(
+        sens: &crate::sensitivity::Sensitivity,
+        cells: &[Option<u64>],
+        pairs: &[(CacheType, CacheType)],
+    ) -> Result<Problems, SelectError> {
+        let mut by_estimator = Vec::new();
+        for est in Estimator::ALL {
+            match sens.problem(est, cells, pairs.to_vec()) {
+                Some(p) => by_estimator.push((est, p)),
+                None if est == Estimator::Share => return Err(SelectError::Estimator(est.name())),
+                None => {}
+            }
+        }
+        Ok(Problems { by_estimator })
+    }
+}
+
+/// The held-out check of a selection on one text.
+#[derive(Debug, Clone, Serialize)]
+pub struct HeldOut {
+    pub text: String,
+    pub chosen: Measured,
+    /// The uniform configuration whose size was the budget.
+    pub uniform: Measured,
+    /// The first/last-layers heuristic within the same budget.
+    pub heuristic: Option<Measured>,
+}
+
+impl HeldOut {
+    /// Chosen KLD / uniform KLD on this text.
+    pub fn ratio(&self) -> f64 {
+        self.chosen.kld() / self.uniform.kld()
+    }
+}
+
+/// Measures a selection's choice, the uniform configuration of the budget and the heuristic on
+/// held-out text (never used to choose).
+pub fn held_out(
+    m: &mut Measurer<'_, '_>,
+    problems: &Problems,
+    selection: &Selection,
+    uniform: &Candidate,
+) -> Result<HeldOut, SelectError> {
+    let mut cands = vec![selection.chosen.candidate.clone(), uniform.clone()];
+    let heuristic = problems.heuristic(selection.max_bytes)?;
+    cands.extend(heuristic.clone());
+    let measured = m.measure(&cands)?;
+    Ok(HeldOut {
+        text: m.label().to_string(),
+        chosen: measured[0].clone(),
+        uniform: measured[1].clone(),
+        heuristic: heuristic.map(|_| measured[2].clone()),
+    })
+}
+
+/// A selection at the size of one uniform configuration, and its held-out checks.
+#[derive(Debug, Clone, Serialize)]
+pub struct AtSize {
+    pub uniform: Candidate,
+    pub selection: Selection,
+    pub held_out: Vec<HeldOut>,
+}
+
+/// The uniform configurations of the allowed pairs from all-`low` to all-`high` bytes (e.g. q4_0
+/// to q8_0), cheapest first.
+pub fn uniform_sizes(problems: &Problems, low: CacheType, high: CacheType) -> Result<Vec<Candidate>, SearchError> {
+    let lo = problems.uniform(low, low)?.expected_bytes;
+    let hi = problems.uniform(high, high)?.expected_bytes;
+    let mut out = Vec::new();
+    for &(k, v) in &problems.main().pairs {
+        let u = problems.uniform(k, v)?;
+        if (lo..=hi).contains(&u.expected_bytes) && !out.iter().any(|o: &Candidate| o.types == u.types) {
+            out.push(u);
+        }
+    }
+    out.sort_by_key(|u| u.expected_bytes);
+    Ok(out)
+}
+
+/// Selection at the size of each of `sizes` on the calibration measurer, each checked on every
+/// held-out measurer.
+pub fn verify_sizes(
+    calibration: &mut Measurer<'_, '_>,
+    held: &mut [Measurer<'_, '_>],
+    problems: &Problems,
+    sizes: &[Candidate],
+    opts: SelectOptions,
+    progress: &mut dyn FnMut(&str),
+) -> Result<Vec<AtSize>, SelectError> {
+    let mut out = Vec::new();
+    for u in sizes {
+        progress(&format!("selecting at the size of {}", u.label));
+        let selection = select(calibration, problems, u.expected_bytes, opts)?;
+        progress(&selection.verdict());
+        let mut checks = Vec::new();
+        for h in held.iter_mut() {
+            checks.push(held_out(h, problems, &selection, u)?);
+        }
+        out.push(AtSize { uniform: u.clone(), selection, held_out: checks });
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use CacheType::{Q4_0, Q8_0};
+
+    fn measured(label: &str, origin: Origin, types: Vec<(CacheType, CacheType)>, bytes: u64, kld: f64) -> Measured {
+        let summary = crate::eval::Scores {
+            kld: vec![kld],
+            top1_same: vec![true],
+            nll: vec![1.0],
+            chunk_sizes: vec![1],
+            kv_bytes: bytes,
+        }
+        .summary();
+        Measured {
+            candidate: Candidate {
+                label: label.into(),
+                origin,
+                types,
+                predicted: Some(kld / 2.0),
+                expected_bytes: bytes,
+            },
+            kv: RuntimeKv { tensor_bytes: bytes, buffer_bytes: bytes, values: bytes },
+            summary,
+        }
+    }
+
+    fn profile(rank: usize, bytes: u64, kld: f64) -> Measured {
+        let origin = Origin::Frontier { estimator: Estimator::Share, rank };
+        measured(&format!("p{rank}"), origin, vec![(Q8_0, Q4_0), (Q4_0, Q8_0)], bytes, kld)
+    }
+
+    #[test]
+    fn a_profile_that_measures_worse_than_a_uniform_cache_is_not_chosen() {
+        // The predicted best profile (rank 0) measures worse than uniform q8_0/q4_0.
+        let considered = vec![
+            measured("uniform q8_0/q4_0", Origin::Uniform, vec![(Q8_0, Q4_0); 2], 100, 0.010),
+            measured("uniform q4_0", Origin::Uniform, vec![(Q4_0, Q4_0); 2], 70, 0.030),
+            profile(0, 100, 0.012),
+            profile(1, 95, 0.011),
+        ];
+        let s = choose(considered, 100, "cal");
+        assert!(!s.profile_wins);
+        assert_eq!(s.chosen.candidate.label, "uniform q8_0/q4_0");
+        assert_eq!(s.best_uniform.as_ref().unwrap().candidate.label, "uniform q8_0/q4_0");
+        assert!(s.verdict().contains("keeping the uniform cache"), "{}", s.verdict());
+    }
+
+    #[test]
+    fn the_best_measured_profile_wins_even_if_not_the_predicted_best() {
+        let considered = vec![
+            measured("uniform q8_0/q4_0", Origin::Uniform, vec![(Q8_0, Q4_0); 2], 100, 0.010),
+            profile(0, 100, 0.012),
+            profile(1, 96, 0.007),
+        ];
+        let s = choose(considered, 100, "cal");
+        assert!(s.profile_wins);
+        assert_eq!(s.chosen.candidate.label, "p1");
+        assert!(s.verdict().contains("below the best uniform cache"), "{}", s.verdict());
+    }
+
+    #[test]
+    fn ties_go_to_fewer_bytes_then_to_the_uniform_cache() {
+        let considered =
+            vec![profile(0, 100, 0.010), measured("uniform", Origin::Uniform, vec![(Q8_0, Q4_0); 2], 100, 0.010)];
+        assert_eq!(choose(considered, 100, "cal").chosen.candidate.label, "uniform");
+        let considered =
+            vec![measured("uniform", Origin::Uniform, vec![(Q8_0, Q4_0); 2], 100, 0.010), profile(0, 90, 0.010)];
+        assert_eq!(choose(considered, 100, "cal").chosen.candidate.label, "p0");
+    }
+}
