@@ -2,8 +2,8 @@
 //! next-token distributions, top-1 agreement and perplexity, on fixed chunks of real text.
 //! Shared by `calibrate`, `search` (verification) and `ab`.
 //!
-//! Convention (llama-perplexity's): each chunk of `n_ctx` tokens starts with BOS, and only the
-//! second half is scored, so every scored position sees at least `n_ctx/2` tokens of context.
+//! Convention (llama-perplexity's): each chunk of `n_ctx` tokens starts with BOS (for models
+//! whose tokenizer adds one), and only the second half is scored, so every scored position sees at least `n_ctx/2` tokens of context.
 
 use std::time::Instant;
 
@@ -146,7 +146,7 @@ pub struct Evaluator<'m> {
     /// Tokens per forward step (llama.cpp's n_ubatch), the same for the baseline and every
     /// configuration scored, so they all run the same kernels (1 = single-token decodes).
     n_ubatch: u32,
-    /// Parameters of the baseline context (uniform f16).
+    /// Parameters of the baseline context (the reference cache type, uniform).
     base: ContextParams,
     chunks: Vec<Vec<Token>>,
     baseline: Baseline,
@@ -227,7 +227,8 @@ pub fn peak_rss_bytes() -> Option<u64> {
 
 impl<'m> Evaluator<'m> {
     /// Tokenizes `text`, cuts up to `max_chunks` chunks of `n_ctx` tokens and prepares the
-    /// f16-cache baseline with `base` (its cache types are overridden to uniform f16): stored when
+    /// baseline with `base`'s uniform cache types (f16 by default; per-layer types and embedded
+    /// profiles are ignored for it): stored when
     /// it fits [`DEFAULT_STORED_BASELINE_LIMIT`], streamed otherwise. Every configuration is
     /// later scored with `base.n_ubatch` as its step size.
     pub fn new(
@@ -259,23 +260,22 @@ impl<'m> Evaluator<'m> {
         if n_chunks == 0 {
             return Err(EvalError::TextTooShort { tokens: tokens.len(), n_ctx });
         }
-        let bos = model.token_bos();
+        // Like llama-perplexity: a chunk starts with BOS only for models whose texts do (Qwen2.5
+        // does not, and an <|endoftext|> there is a document boundary it would never see).
+        let bos = model.add_bos().then(|| model.token_bos());
         let chunks: Vec<Vec<Token>> = (0..n_chunks)
             .map(|c| {
                 let mut chunk = tokens[c * per_chunk..(c + 1) * per_chunk].to_vec();
-                chunk[0] = bos;
+                if let Some(bos) = bos {
+                    chunk[0] = bos;
+                }
                 chunk
             })
             .collect();
         let n_vocab = model.n_vocab();
         let n_ubatch = base.n_ubatch.min(n_ctx).max(1);
-        let base = ContextParams {
-            type_k: crate::cache_type::CacheType::F16,
-            type_v: crate::cache_type::CacheType::F16,
-            layer_types: None,
-            no_kv_profile: true,
-            ..base.clone()
-        };
+        // The reference is `base`'s uniform type (f16 unless the caller asks for f32).
+        let base = ContextParams { layer_types: None, no_kv_profile: true, ..base.clone() };
         let mut ev = Evaluator {
             model,
             n_ctx,

@@ -126,7 +126,12 @@ pub fn run(args: AbArgs) -> anyhow::Result<()> {
     let (summaries, base_ppl) = if args.no_quality {
         (vec![None; configs.len()], f64::NAN)
     } else {
-        let eval_base = ContextParams { n_ubatch: args.eval_ubatch, ..base.clone() };
+        let eval_base = ContextParams {
+            n_ubatch: args.eval_ubatch,
+            type_k: args.reference,
+            type_v: args.reference,
+            ..base.clone()
+        };
         let limit = args.eval_memory_mib.map_or(DEFAULT_STORED_BASELINE_LIMIT, |m| m << 20);
         let mut ev = Evaluator::with_limit(&model, &text, args.ctx_size, args.chunks, &eval_base, limit)?;
         eprintln!(
@@ -302,8 +307,8 @@ fn print_table(rows: &[Row], args: &AbArgs, base_ppl: f64, label: &str) {
         table.add_row(cells);
     }
     println!(
-        "{} chunk(s) × {} tokens of {label}; baseline = f16 cache (PPL {base_ppl:.3}); KLD over the second half of each chunk",
-        args.chunks, args.ctx_size
+        "{} chunk(s) × {} tokens of {label}; baseline = {} cache (PPL {base_ppl:.3}); KLD over the second half of each chunk",
+        args.chunks, args.ctx_size, args.reference
     );
     println!("{table}");
 }

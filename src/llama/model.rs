@@ -198,6 +198,12 @@ impl Model {
         // Safety: pure query on a valid vocab.
         unsafe { sys::llama_vocab_bos(self.vocab()) }
     }
+    /// Whether the tokenizer starts a text with BOS (`tokenizer.ggml.add_bos_token`).
+    pub fn add_bos(&self) -> bool {
+        // Safety: pure query on a valid vocab.
+        unsafe { sys::llama_vocab_get_add_bos(self.vocab()) }
+    }
+
     pub fn token_eos(&self) -> Token {
         // Safety: pure query on a valid vocab.
         unsafe { sys::llama_vocab_eos(self.vocab()) }
