@@ -45,3 +45,38 @@ fn streamed_and_stored_baselines_give_identical_scores() {
     assert_eq!(stored.forward_passes, 12);
     assert_eq!(streamed.forward_passes, 12);
 }
+
+/// Patch 0005: quantized and mixed K/V caches take the CPU's tiled flash-attention path
+/// (`GGML_CPU_FA_TILED_QUANT=0` keeps the one-row path). f16 caches run exactly the code they ran
+/// before; quantized ones differ only by the one-row path's rounding of Q to q8_0.
+#[test]
+fn tiled_cpu_flash_attention_keeps_f16_exact_and_quantized_close() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = common::tiny_model(dir.path(), 4, "synthetic-tiled");
+    let text = common::eval_text_file(dir.path());
+    let run = |tiled: &str| -> Vec<serde_json::Value> {
+        let json = dir.path().join(format!("ab-{tiled}.json"));
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_kvtuner"))
+            .env("GGML_CPU_FA_TILED_QUANT", tiled)
+            .args(["ab", "-m", model.to_str().unwrap(), "--text", text.to_str().unwrap(), "-c", "256"])
+            .args(["--chunks", "2", "--no-speed", "-fa", "on", "--against", "f16,q8_0/q4_0,q4_0,f16/q8_0"])
+            .args(["--json", json.to_str().unwrap()])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_str::<serde_json::Value>(&std::fs::read_to_string(&json).unwrap())
+            .unwrap()
+            .as_array()
+            .unwrap()
+            .clone()
+    };
+    let (tiled, one_row) = (run("1"), run("0"));
+    // 128-token ubatches: the prefill runs on 64-row tiles; f16 took the tiled path before too.
+    assert_eq!(tiled[0]["ppl"], one_row[0]["ppl"], "f16 baseline must be bit-identical");
+    for i in 1..4 {
+        let (a, b) = (tiled[i]["kld_mean"].as_f64().unwrap(), one_row[i]["kld_mean"].as_f64().unwrap());
+        assert!(a > 0.0 && b > 0.0, "{}: {a} {b}", tiled[i]["name"]);
+        assert!((a / b - 1.0).abs() < 0.25, "{}: tiled {a} vs one-row {b}", tiled[i]["name"]);
+        assert_ne!(tiled[i]["ppl"], one_row[i]["ppl"], "{}: the quantized cache took the same path", tiled[i]["name"]);
+    }
+}
