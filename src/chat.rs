@@ -71,6 +71,15 @@ pub enum Template {
 }
 
 impl Template {
+    /// What the prompt is made with, for banners and `--json`.
+    pub fn describe(&self) -> String {
+        match self {
+            Template::Llama(None) => "the model's chat template".into(),
+            Template::Llama(Some(name)) => format!("llama.cpp built-in `{name}`"),
+            Template::Plain => "plain User:/Assistant: transcript".into(),
+        }
+    }
+
     fn stop(&self) -> &'static [&'static str] {
         match self {
             Template::Llama(_) => &[],
@@ -134,7 +143,12 @@ impl<'m> ChatSession<'m> {
         self.ctx.model()
     }
 
-    fn prompt_text(&self) -> Result<String, ChatError> {
+    pub fn template(&self) -> &Template {
+        &self.template
+    }
+
+    /// The conversation as the template renders it (what the model reads next turn).
+    pub fn prompt_text(&self) -> Result<String, ChatError> {
         match &self.template {
             Template::Llama(name) => Ok(self.model().apply_chat_template(name.as_deref(), &self.messages, true)?),
             Template::Plain => {
@@ -200,8 +214,13 @@ impl<'m> ChatSession<'m> {
         // Reuse the cached prefix; decode the rest of the prompt.
         let common = self.cached.iter().zip(&prompt).take_while(|(a, b)| a == b).count();
         // keep at least one token to decode so there are logits to sample from
-        let keep = common.min(prompt.len() - 1);
-        self.ctx.remove_range(0, keep as i32, -1);
+        let mut keep = common.min(prompt.len() - 1);
+        if !self.ctx.remove_range(0, keep as i32, -1) {
+            // A cache that cannot drop a tail (e.g. a sliding-window one that has already
+            // overwritten the cells) is cleared and the whole prompt decoded again.
+            self.ctx.clear();
+            keep = 0;
+        }
         self.cached.truncate(keep);
         let t = Instant::now();
         let n_batch = 512usize;

@@ -30,7 +30,8 @@ pub enum Command {
     Inspect(InspectArgs),
     /// Write a profile into a model's metadata (the patched runtime then applies it by itself).
     Annotate(AnnotateArgs),
-    /// Remove every kvtuner key from a model's metadata.
+    /// Remove the profile keys (kvtuner.cache.*, kvtuner.profile.*, kvtuner.schema_version,
+    /// kvtuner.tool_version) from a model's metadata; other keys, e.g. kvtuner.synth.seed, stay.
     Strip(StripArgs),
     /// Show or import profiles.
     #[command(subcommand)]
@@ -109,11 +110,7 @@ pub struct AbArgs {
     /// together, so memory stays flat at any context.
     #[arg(long = "eval-memory")]
     pub eval_memory_mib: Option<u64>,
-    /// Reference cache type KLD is measured against: f16 (llama.cpp's default cache), or f32
-    /// where f16 itself loses precision (Qwen2.5 on CPU: f16 keys and queries round large
-    /// biased values).
-    #[arg(long, default_value = "f16")]
-    pub reference: CacheType,
+
     /// Depths (tokens already in the cache) for the speed runs.
     #[arg(long, value_delimiter = ',', default_value = "0")]
     pub depths: Vec<u32>,

@@ -578,7 +578,7 @@ pub fn import_kvtuner(
         return Err(ImportError::MissingLayer {
             path: p(),
             missing,
-            count: by_layer.keys().next_back().map_or(count, |m| m + 1),
+            count: by_layer.keys().next_back().map_or(count, |m| m.saturating_add(1)),
         });
     }
     if let Some(m) = model {

@@ -92,6 +92,15 @@ fn annotate_strip_is_byte_exact_on_synthetic() {
     assert!(std::fs::read(&model).unwrap() != original);
     ok(&["strip", p(&model), "--in-place"]);
     assert!(std::fs::read(&model).unwrap() == original);
+
+    // in place through a symlink: the file it points to is rewritten, the link stays a link
+    let link = dir.path().join("link.gguf");
+    std::os::unix::fs::symlink(&model, &link).unwrap();
+    ok(&["annotate", p(&link), "--profile", p(&profile), "--in-place"]);
+    assert!(std::fs::symlink_metadata(&link).unwrap().file_type().is_symlink());
+    assert!(std::fs::read(&model).unwrap() != original, "the target was annotated");
+    ok(&["strip", p(&link), "--in-place"]);
+    assert!(std::fs::read(&model).unwrap() == original);
 }
 
 fn applied(model: &Model, params: &ContextParams) -> Vec<(CacheType, CacheType)> {

@@ -15,6 +15,14 @@ use kvtuner::tune::{self, TuneOptions};
 
 use common::kvtuner;
 
+/// A tiny synthetic llama model: its path, identity and the loaded model.
+fn synthetic(dir: &std::path::Path, n_layer: u32, name: &str) -> (std::path::PathBuf, ModelIdentity, Model) {
+    let path = common::tiny_model(dir, n_layer, name);
+    let identity = ModelIdentity::from_header(&gguf::read_header(&path).unwrap()).unwrap();
+    let model = Model::load(Backend::init(), &path, &ModelParams::default()).unwrap();
+    (path, identity, model)
+}
+
 fn options(types: &[CacheType], chunks: usize, background: CacheType) -> CalibrateOptions {
     CalibrateOptions {
         n_ctx: 64,
@@ -30,9 +38,7 @@ fn options(types: &[CacheType], chunks: usize, background: CacheType) -> Calibra
 #[test]
 fn calibrate_yields_a_complete_table_and_search_a_verified_profile() {
     let dir = tempfile::tempdir().unwrap();
-    let path = common::tiny_model(dir.path(), 4, "synthetic-calib");
-    let identity = ModelIdentity::from_header(&gguf::read_header(&path).unwrap()).unwrap();
-    let model = Model::load(Backend::init(), &path, &ModelParams::default()).unwrap();
+    let (path, identity, model) = synthetic(dir.path(), 4, "synthetic-calib");
     let text = common::eval_text();
     let types = vec![CacheType::F16, CacheType::Q8_0, CacheType::Q4_0];
     let opts = options(&types, 2, CacheType::F16);
@@ -128,9 +134,7 @@ fn calibrate_yields_a_complete_table_and_search_a_verified_profile() {
 #[test]
 fn q8_0_background_measures_changes_from_uniform_q8_0() {
     let dir = tempfile::tempdir().unwrap();
-    let path = common::tiny_model(dir.path(), 3, "synthetic-bg");
-    let identity = ModelIdentity::from_header(&gguf::read_header(&path).unwrap()).unwrap();
-    let model = Model::load(Backend::init(), &path, &ModelParams::default()).unwrap();
+    let (_, identity, model) = synthetic(dir.path(), 3, "synthetic-bg");
     let types = vec![CacheType::F16, CacheType::Q8_0, CacheType::Q4_0];
     let opts = options(&types, 1, CacheType::Q8_0);
     let table = calibrate::calibrate(&model, &identity, &common::eval_text(), &opts, None, &mut |_, _, _| {}).unwrap();
@@ -151,9 +155,7 @@ fn q8_0_background_measures_changes_from_uniform_q8_0() {
 #[test]
 fn tune_never_keeps_a_profile_that_measures_worse_than_uniform() {
     let dir = tempfile::tempdir().unwrap();
-    let path = common::tiny_model(dir.path(), 4, "synthetic-tune");
-    let identity = ModelIdentity::from_header(&gguf::read_header(&path).unwrap()).unwrap();
-    let model = Model::load(Backend::init(), &path, &ModelParams::default()).unwrap();
+    let (_, identity, model) = synthetic(dir.path(), 4, "synthetic-tune");
     let split = kvtuner::assets::load_split(&kvtuner::assets::cache_dir()).unwrap();
     let types = vec![CacheType::F16, CacheType::Q8_0, CacheType::Q5_0, CacheType::Q4_0];
     let mut opts = TuneOptions {

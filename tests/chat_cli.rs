@@ -23,19 +23,12 @@ fn annotated(dir: &Path) -> PathBuf {
 }
 
 fn one_shot(model: &Path, extra: &[&str]) -> serde_json::Value {
+    one_shot_prompt(model, "What is the capital of France?", extra)
+}
+
+fn one_shot_prompt(model: &Path, prompt: &str, extra: &[&str]) -> serde_json::Value {
     let out = Command::new(BIN)
-        .args([
-            "chat",
-            "-m",
-            model.to_str().unwrap(),
-            "--temp",
-            "0",
-            "-n",
-            "48",
-            "--json",
-            "-p",
-            "What is the capital of France?",
-        ])
+        .args(["chat", "-m", model.to_str().unwrap(), "--temp", "0", "-n", "48", "--json", "-p", prompt])
         .args(extra)
         .output()
         .unwrap();
@@ -223,7 +216,11 @@ fn interactive_chat_in_a_terminal() {
     for prompt in prompts {
         let before = tmux.screen().matches("(interrupted)").count();
         tmux.enter_line(prompt);
-        std::thread::sleep(Duration::from_millis(1000));
+        // The first piece of the answer on screen (or, for a short one, the next prompt).
+        let s = tmux.wait_for(|s| last_line(s).is_some_and(|l| !l.ends_with(prompt)), 60, "the answer to start");
+        if at_prompt(&s) {
+            continue; // answered in full before it could be interrupted
+        }
         tmux.send(&["C-c"]);
         let s = tmux.wait_for(
             |s| s.matches("(interrupted)").count() > before || (s.contains("(Ctrl-C:") && at_prompt(s)),
@@ -236,7 +233,7 @@ fn interactive_chat_in_a_terminal() {
         }
         tmux.wait_for(at_prompt, 30, "the prompt");
     }
-    assert!(interrupted, "no answer lasted past 1 s:\n{}", tmux.screen());
+    assert!(interrupted, "no answer was still running when Ctrl-C arrived:\n{}", tmux.screen());
     tmux.wait_for(at_prompt, 30, "the prompt after Ctrl-C");
     tmux.enter_line("/stats");
     tmux.wait_for(|s| s.contains("last reply:"), 30, "/stats after Ctrl-C");
@@ -248,4 +245,21 @@ fn interactive_chat_in_a_terminal() {
         std::thread::sleep(Duration::from_millis(200));
     }
     assert_eq!(std::fs::read_to_string(&exit_file).unwrap().trim(), "0");
+}
+
+/// Qwen2.5-Coder-0.5B-Instruct chats through its own (ChatML) template and answers.
+#[test]
+fn qwen_chats_through_its_own_template() {
+    let qwen = kvtuner::assets::ensure(&kvtuner::assets::cache_dir(), &kvtuner::assets::QWEN_CODER_MODEL)
+        .expect("fetching Qwen2.5-Coder-0.5B-Instruct (see README)");
+    let json = one_shot_prompt(&qwen, "What is 2+3? Reply with the number only.", &["-c", "512"]);
+    assert_eq!(json["template"], "the model's chat template");
+    let transcript = json["transcript"].as_str().unwrap();
+    assert!(
+        transcript.contains("<|im_start|>user\nWhat is 2+3? Reply with the number only.<|im_end|>"),
+        "{transcript}"
+    );
+    assert!(transcript.contains("<|im_start|>assistant\n"), "{transcript}");
+    assert!(json["text"].as_str().unwrap().contains('5'), "{json}");
+    assert_eq!(json["profile"]["type_k"].as_array().unwrap().len(), 24);
 }

@@ -236,6 +236,15 @@ fn preset_gap_names_missing_layer() {
 }
 
 #[test]
+fn preset_with_the_largest_layer_key_is_an_error_not_a_panic() {
+    let text = "0: {nbits_key: 8, nbits_value: 8}\n18446744073709551615: {nbits_key: 8, nbits_value: 8}\n";
+    let err = import(text, "huge.yaml", None).unwrap_err();
+    assert!(matches!(err, ImportError::MissingLayer { missing: 1, .. }), "{err:?}");
+    // the largest key + 1 saturates instead of wrapping to an empty range
+    assert!(err.to_string().contains("0..18446744073709551615"), "{err}");
+}
+
+#[test]
 fn preset_unsupported_bits_names_layer() {
     let text = "0: {nbits_key: 8, nbits_value: 8}\n1: {nbits_key: 7, nbits_value: 8}\n";
     let err = import(text, "seven.yaml", None).unwrap_err();

@@ -215,3 +215,34 @@ fn state_save_load_round_trips_with_mixed_types() {
     let mut c = Context::new(&model, &params(CacheType::F16, CacheType::F16)).unwrap();
     assert!(c.load_state(&state).is_err());
 }
+
+/// Each failed call's message carries the llama.cpp log lines of its own thread, also while
+/// other threads fail at the same time (the log buffer is per thread).
+#[test]
+fn concurrent_failures_keep_their_own_log_lines() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = common::synth_llama(dir.path());
+    let failing = |layer: usize| {
+        let mut layers = uniform_layers(&model, CacheType::F16, CacheType::F16);
+        layers.v[layer] = CacheType::Q4_0;
+        ContextParams { flash_attn: FlashAttn::Off, ..with_layers(CacheType::F16, CacheType::F16, layers) }
+    };
+    std::thread::scope(|s| {
+        let handles: Vec<_> = [1usize, 4]
+            .into_iter()
+            .map(|layer| {
+                let (p, model) = (failing(layer), &model);
+                s.spawn(move || {
+                    for _ in 0..40 {
+                        let e = create_err(model, &p);
+                        let other = if layer == 1 { "layer 4" } else { "layer 1" };
+                        assert!(e.contains(&format!("layer {layer}")) && !e.contains(other), "{e}");
+                    }
+                })
+            })
+            .collect();
+        for h in handles {
+            h.join().unwrap();
+        }
+    });
+}

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Single-half sensitivity of Gemma 3 270M on the held-out Lee text, and the lower bound it puts on
-# any per-layer profile's KLD (analyze.py). One `kvtuner ab` run: the f16 baseline, uniform caches,
+# Single-half sensitivity of Gemma 3 270M on the held-out Lee text.
+# One `kvtuner ab` run: the f16 baseline, uniform caches,
 # and 72 profiles that quantize one layer's K or V (q8_0 or q4_0) with everything else f16.
 # About 16 minutes on this 2-core machine.
 #
@@ -32,4 +32,3 @@ done
     --against q8_0/f16,f16/q8_0,q4_0/f16,f16/q4_0,q8_0,q8_0/q4_0,q8_0/q5_0,q5_0 \
     "${args[@]}" --json "$out/single.json" > "$out/single.md"
 "$kvtuner" inspect --json "$model" > "$out/inspect.json"
-python3 "$root/bench/gemma3-270m-floor/analyze.py" "$out/single.json" "$out/inspect.json" 1024

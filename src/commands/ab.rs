@@ -69,8 +69,9 @@ pub fn run(args: AbArgs) -> anyhow::Result<()> {
         (None, true) => (String::new(), String::from("(no text: --no-quality)")),
         (None, false) => bail!("--text is required unless --no-quality"),
     };
-    if label.contains("documents 1-150") {
-        eprintln!("warning: {label} is the calibration half; quality measured on it is not held out");
+    let named = args.text.as_deref().and_then(kvtuner::assets::NamedText::parse);
+    if named.is_some_and(|t| t.name().ends_with("-calibration")) {
+        eprintln!("warning: {label} is a calibration half; quality measured on it is not held out");
     }
     let header = read_model_header(&args.model)?;
     let identity = ModelIdentity::from_header(&header)?;
@@ -126,12 +127,7 @@ pub fn run(args: AbArgs) -> anyhow::Result<()> {
     let (summaries, base_ppl) = if args.no_quality {
         (vec![None; configs.len()], f64::NAN)
     } else {
-        let eval_base = ContextParams {
-            n_ubatch: args.eval_ubatch,
-            type_k: args.reference,
-            type_v: args.reference,
-            ..base.clone()
-        };
+        let eval_base = ContextParams { n_ubatch: args.eval_ubatch, ..base.clone() };
         let limit = args.eval_memory_mib.map_or(DEFAULT_STORED_BASELINE_LIMIT, |m| m << 20);
         let mut ev = Evaluator::with_limit(&model, &text, args.ctx_size, args.chunks, &eval_base, limit)?;
         eprintln!(
@@ -307,8 +303,8 @@ fn print_table(rows: &[Row], args: &AbArgs, base_ppl: f64, label: &str) {
         table.add_row(cells);
     }
     println!(
-        "{} chunk(s) × {} tokens of {label}; baseline = {} cache (PPL {base_ppl:.3}); KLD over the second half of each chunk",
-        args.chunks, args.ctx_size, args.reference
+        "{} chunk(s) × {} tokens of {label}; baseline = f16 cache (PPL {base_ppl:.3}); KLD over the second half of each chunk",
+        args.chunks, args.ctx_size
     );
     println!("{table}");
 }

@@ -58,7 +58,8 @@ pub fn run_strip(args: StripArgs) -> anyhow::Result<()> {
 fn output_path(model: &Path, target: &OutputTarget) -> anyhow::Result<PathBuf> {
     match (&target.output, target.in_place) {
         (Some(o), false) => Ok(o.clone()),
-        (None, true) => Ok(model.to_path_buf()),
+        // In place through a symlink rewrites the file it points to; the link stays a link.
+        (None, true) => model.canonicalize().with_context(|| format!("resolving {}", model.display())),
         _ => bail!("give exactly one of --output FILE or --in-place"),
     }
 }
@@ -77,10 +78,11 @@ fn rewrite(
     let bar = ProgressBar::hidden();
     bar.set_style(ProgressStyle::with_template("{bar:40} {bytes}/{total_bytes} {bytes_per_sec}").unwrap());
     let mut shown = false;
-    // Replacing the model in place must survive a crash; a new file needs no flush to disk.
-    let same = output.canonicalize().ok().is_some_and(|o| input.canonicalize().ok() == Some(o));
+    // Replacing an existing file (the model itself or an earlier output) must survive a crash:
+    // its old contents are gone once the rename lands. A new file needs no flush to disk.
+    let replaces = output.exists();
     let opts =
-        gguf::RewriteOptions { durable: same, page_pad_key: page_pad_key.map(String::from), ..Default::default() };
+        gguf::RewriteOptions { durable: replaces, page_pad_key: page_pad_key.map(String::from), ..Default::default() };
     let stats = gguf::rewrite_header(header, output, edits, &opts, &mut |done, total| {
         if !shown && start.elapsed().as_secs_f64() > 1.0 {
             bar.set_draw_target(indicatif::ProgressDrawTarget::stderr());

@@ -81,6 +81,8 @@ pub fn run(args: ChatArgs) -> anyhow::Result<()> {
         if args.json {
             let json = serde_json::json!({
                 "text": text,
+                "template": session.template().describe(),
+                "transcript": session.prompt_text()?,
                 "tokens": stats.generated_tokens,
                 "prompt_tokens": stats.prompt_tokens,
                 "timings": {

@@ -1,9 +1,10 @@
 //! Process-wide llama.cpp initialisation and log capture.
 
+use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::ffi::{c_char, c_void, CStr};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Mutex, OnceLock};
+use std::sync::OnceLock;
 
 use super::sys;
 
@@ -15,8 +16,14 @@ pub struct Backend {
 
 static INIT: OnceLock<()> = OnceLock::new();
 static VERBOSE: AtomicBool = AtomicBool::new(false);
-static RECENT: Mutex<VecDeque<String>> = Mutex::new(VecDeque::new());
 const RECENT_LINES: usize = 32;
+
+thread_local! {
+    /// Warnings and errors llama.cpp logged on this thread. Per thread, so that a call's error
+    /// message carries its own lines even while other threads (parallel tests, a server's
+    /// workers) load models and create contexts: llama.cpp logs on the calling thread.
+    static RECENT: RefCell<VecDeque<String>> = const { RefCell::new(VecDeque::new()) };
+}
 
 impl Backend {
     /// Initialises llama.cpp once per process (later calls are free) and routes its log
@@ -46,12 +53,10 @@ impl Backend {
     }
 }
 
-/// The llama.cpp warnings and errors logged since the last call, oldest first; used to
-/// explain a failed call (llama.cpp reports the reason only in its log).
+/// The llama.cpp warnings and errors logged on this thread since the last call, oldest first;
+/// used to explain a failed call (llama.cpp reports the reason only in its log).
 pub(crate) fn take_recent_log() -> String {
-    let mut recent = RECENT.lock().unwrap_or_else(|e| e.into_inner());
-    let lines: Vec<String> = recent.drain(..).collect();
-    lines.join("\n")
+    RECENT.with(|r| r.borrow_mut().drain(..).collect::<Vec<String>>().join("\n"))
 }
 
 unsafe extern "C" fn log_callback(level: sys::ggml_log_level, text: *const c_char, _user: *mut c_void) {
@@ -68,10 +73,13 @@ unsafe extern "C" fn log_callback(level: sys::ggml_log_level, text: *const c_cha
         if line.is_empty() {
             return;
         }
-        let mut recent = RECENT.lock().unwrap_or_else(|e| e.into_inner());
-        if recent.len() == RECENT_LINES {
-            recent.pop_front();
-        }
-        recent.push_back(line);
+        // try_with: a thread that is being torn down has no buffer left; its lines are dropped.
+        let _ = RECENT.try_with(|r| {
+            let mut recent = r.borrow_mut();
+            if recent.len() == RECENT_LINES {
+                recent.pop_front();
+            }
+            recent.push_back(line);
+        });
     }
 }

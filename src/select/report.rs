@@ -7,9 +7,13 @@ use super::{correlation, AtSize, HeldOut, Measured, Selection};
 const HEADER: &str = "| configuration | bits/value | KV MiB | predicted KLD | measured KLD | p99 KLD | top-1 same | PPL |\n|---|---|---|---|---|---|---|---|";
 
 fn row(m: &Measured) -> String {
+    row_marked(m, "")
+}
+
+fn row_marked(m: &Measured, mark: &str) -> String {
     let s = &m.summary;
     format!(
-        "| {} | {:.2} | {:.3} | {} | {:.5} ± {:.5} | {:.5} | {:.2}% | {:.3} |",
+        "| {}{mark} | {:.2} | {:.3} | {} | {:.5} ± {:.5} | {:.5} | {:.2}% | {:.3} |",
         m.candidate.label,
         m.kv.bits_per_value(),
         m.kv.tensor_bytes as f64 / 1048576.0,
@@ -30,9 +34,29 @@ pub fn selection(sel: &Selection) -> String {
     rows.sort_by(|a, b| a.kld().total_cmp(&b.kld()));
     for m in rows {
         let mark = if m.candidate.types == sel.chosen.candidate.types { " **(chosen)**" } else { "" };
-        let _ = writeln!(r, "{}{mark}", row(m));
+        let _ = writeln!(r, "{}", row_marked(m, mark));
+    }
+    if let Some(e) = prediction_error(&sel.considered) {
+        let _ = writeln!(
+            r,
+            "\nPrediction error on this text: median |measured / predicted − 1| = {e:.2} over {} configurations",
+            sel.considered.len()
+        );
     }
     r
+}
+
+/// Median of |measured / predicted − 1| over configurations with a positive prediction.
+pub fn prediction_error(measured: &[Measured]) -> Option<f64> {
+    let mut errs: Vec<f64> = measured
+        .iter()
+        .filter_map(|m| m.candidate.predicted.filter(|p| *p > 0.0).map(|p| (m.kld() / p - 1.0).abs()))
+        .collect();
+    if errs.is_empty() {
+        return None;
+    }
+    errs.sort_by(|a, b| a.total_cmp(b));
+    Some(errs[errs.len() / 2])
 }
 
 /// A selection's held-out checks.
