@@ -227,22 +227,38 @@ fn concurrent_failures_keep_their_own_log_lines() {
         layers.v[layer] = CacheType::Q4_0;
         ContextParams { flash_attn: FlashAttn::Off, ..with_layers(CacheType::F16, CacheType::F16, layers) }
     };
-    std::thread::scope(|s| {
-        let handles: Vec<_> = [1usize, 4]
+    // All threads fail at once, 5000 times over: with one process-wide buffer a thread
+    // drains the others' lines (or they land in its message) within a few hundred rounds.
+    let start = std::sync::Barrier::new(4);
+    let bad: Vec<Vec<String>> = std::thread::scope(|s| {
+        let handles: Vec<_> = [1usize, 2, 3, 4]
             .into_iter()
             .map(|layer| {
-                let (p, model) = (failing(layer), &model);
+                let (p, model, start) = (failing(layer), &model, &start);
                 s.spawn(move || {
-                    for _ in 0..40 {
+                    let mut bad = Vec::new();
+                    for _ in 0..5000 {
+                        start.wait();
                         let e = create_err(model, &p);
-                        let other = if layer == 1 { "layer 4" } else { "layer 1" };
-                        assert!(e.contains(&format!("layer {layer}")) && !e.contains(other), "{e}");
+                        let own = e.contains(&format!("layer {layer}"));
+                        let foreign =
+                            [1usize, 2, 3, 4].iter().any(|&l| l != layer && e.contains(&format!("layer {l}")));
+                        if !own || foreign {
+                            bad.push(e);
+                        }
                     }
+                    bad
                 })
             })
             .collect();
-        for h in handles {
-            h.join().unwrap();
-        }
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
     });
+    for (i, b) in bad.iter().enumerate() {
+        assert!(
+            b.is_empty(),
+            "thread {i}: {} of 5000 messages lacked their own line or had another's; first: {}",
+            b.len(),
+            b[0]
+        );
+    }
 }
