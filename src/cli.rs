@@ -410,12 +410,13 @@ pub struct RuntimeArgs {
     /// Flash attention.
     #[arg(long = "flash-attn", visible_alias = "fa", value_enum, default_value = "auto")]
     pub flash_attn: FlashAttn,
-    /// K cache type for every layer (when no per-layer profile applies).
-    #[arg(long = "cache-type-k", visible_alias = "ctk", default_value = "f16")]
-    pub cache_type_k: CacheType,
-    /// V cache type for every layer (when no per-layer profile applies).
-    #[arg(long = "cache-type-v", visible_alias = "ctv", default_value = "f16")]
-    pub cache_type_v: CacheType,
+    /// K cache type for every layer (default f16). Given, it wins over a profile embedded in
+    /// the model (the runtime then uses uniform -ctk/-ctv, and says so).
+    #[arg(long = "cache-type-k", visible_alias = "ctk")]
+    pub cache_type_k: Option<CacheType>,
+    /// V cache type for every layer (default f16); like -ctk.
+    #[arg(long = "cache-type-v", visible_alias = "ctv")]
+    pub cache_type_v: Option<CacheType>,
     /// Threads (0 = all cores).
     #[arg(short = 't', long = "threads", default_value_t = 0)]
     pub threads: i32,

@@ -139,6 +139,28 @@ fn runtime_applies_the_embedded_profile_by_itself() {
         serde_json::from_str(&ok(&["layers", "-m", p(&annotated), "-c", "256", "--json"])).unwrap();
     assert_eq!(json["layers"][1]["type_k"], "q4_0");
     assert!(json["profile"].as_str().unwrap().contains("test-mixed"));
+
+    // explicit -ctk/-ctv win over the embedded profile, and the tool says so
+    let out = kvtuner(&["layers", "-m", p(&annotated), "-c", "256", "-ctk", "q8_0", "-ctv", "q8_0", "--json"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("is not applied"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    for layer in json["layers"].as_array().unwrap() {
+        assert_eq!((layer["type_k"].as_str(), layer["type_v"].as_str()), (Some("q8_0"), Some("q8_0")), "{layer}");
+    }
+    assert!(json["profile"].as_str().unwrap().contains("-ctk/-ctv given"), "{json}");
+    // with a profile file they contradict each other: refused, saying how to choose
+    let out = kvtuner(&["layers", "-m", p(&annotated), "--kv-profile", p(&profile_path), "-ctk", "q8_0"]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("--kv-profile off"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[test]

@@ -7,6 +7,7 @@ use anyhow::{bail, Context as _};
 
 use crate::cli::RuntimeArgs;
 use kvtuner::assets::NamedText;
+use kvtuner::cache_type::CacheType;
 use kvtuner::gguf::{self, GgufHeader};
 use kvtuner::llama::{Backend, ContextParams, LayerCacheTypes, Model, ModelParams};
 use kvtuner::profile::{ModelIdentity, Profile, META_NAME, META_TYPE_K};
@@ -39,6 +40,8 @@ pub enum ProfileChoice {
     Auto { embedded: Option<String> },
     /// Uniform -ctk/-ctv.
     Off,
+    /// Uniform -ctk/-ctv given on the command line, over the profile (named) the model embeds.
+    Overridden { embedded: String },
     /// A profile file.
     File(Box<Profile>),
 }
@@ -49,6 +52,9 @@ impl ProfileChoice {
             ProfileChoice::Auto { embedded: Some(name) } => format!("{name} (embedded in the model)"),
             ProfileChoice::Auto { embedded: None } => "none (uniform -ctk/-ctv)".into(),
             ProfileChoice::Off => "off (uniform -ctk/-ctv)".into(),
+            ProfileChoice::Overridden { embedded } => {
+                format!("off: -ctk/-ctv given, the embedded profile {embedded} is not applied")
+            }
             ProfileChoice::File(p) => format!("{} (from file)", p.name),
         }
     }
@@ -64,13 +70,28 @@ pub struct Opened {
 pub fn open(args: &RuntimeArgs) -> anyhow::Result<Opened> {
     let header = read_model_header(&args.model)?;
     let identity = ModelIdentity::from_header(&header)?;
+    let explicit = args.cache_type_k.is_some() || args.cache_type_v.is_some();
     let choice = match args.kv_profile.as_str() {
-        "auto" => ProfileChoice::Auto {
-            embedded: header
+        "auto" => {
+            let embedded = header
                 .get_str_array(META_TYPE_K)
-                .map(|_| header.get_str(META_NAME).unwrap_or("unnamed").to_string()),
-        },
+                .map(|_| header.get_str(META_NAME).unwrap_or("unnamed").to_string());
+            match embedded {
+                // Explicit flags win, once said: the user asked for these types.
+                Some(name) if explicit => {
+                    eprintln!(
+                        "note: -ctk/-ctv given: the profile {name} embedded in {} is not applied (drop -ctk/-ctv to use it)",
+                        args.model.display()
+                    );
+                    ProfileChoice::Overridden { embedded: name }
+                }
+                embedded => ProfileChoice::Auto { embedded },
+            }
+        }
         "off" => ProfileChoice::Off,
+        path if explicit => bail!(
+            "--kv-profile {path} sets every layer's K and V types; drop -ctk/-ctv, or use --kv-profile off for uniform types"
+        ),
         path => ProfileChoice::File(Box::new(load_profile_for(path, &identity, &args.model)?)),
     };
     let model = Model::load(
@@ -84,13 +105,13 @@ pub fn open(args: &RuntimeArgs) -> anyhow::Result<Opened> {
         n_ubatch: 512.min(args.ctx_size),
         n_threads: args.threads,
         flash_attn: args.flash_attn,
-        type_k: args.cache_type_k,
-        type_v: args.cache_type_v,
+        type_k: args.cache_type_k.unwrap_or(CacheType::F16),
+        type_v: args.cache_type_v.unwrap_or(CacheType::F16),
         ..ContextParams::default()
     };
     match &choice {
         ProfileChoice::Auto { .. } => {}
-        ProfileChoice::Off => params.no_kv_profile = true,
+        ProfileChoice::Off | ProfileChoice::Overridden { .. } => params.no_kv_profile = true,
         ProfileChoice::File(p) => {
             if p.layers.len() != model.n_layer() as usize {
                 bail!("profile {} has {} layers, the model has {}", p.name, p.layers.len(), model.n_layer());
