@@ -296,7 +296,8 @@ pub struct AnnotateArgs {
     /// Profile (YAML).
     #[arg(long)]
     pub profile: PathBuf,
-    /// Apply a profile made for another model (architecture, layer count or weights differ).
+    /// Apply a profile made for another model (architecture, layer count or tensor layout
+    /// differ).
     #[arg(long)]
     pub force: bool,
     #[command(flatten)]
@@ -325,7 +326,7 @@ pub enum ProfileCommand {
     /// Convert a KVTuner calibration preset (layer → {nbits_key, nbits_value}) to a profile.
     ImportKvtuner {
         preset: PathBuf,
-        /// Bind the profile to this model (architecture, layer count, weights fingerprint).
+        /// Bind the profile to this model (architecture, layer count, tensor-layout fingerprint).
         #[arg(short = 'm', long = "model", value_parser = model_arg)]
         model: Option<PathBuf>,
         /// Profile name (default: the preset's file stem).

@@ -76,8 +76,9 @@ pub struct ModelIdentity {
     pub architecture: String,
     /// `<arch>.block_count`.
     pub layers: usize,
-    /// Hex sha256 of the GGUF tensor-info section: identifies the weights regardless of file
-    /// name or metadata edits. Empty means "not bound to weights" (e.g. an imported preset).
+    /// Hex sha256 of the GGUF tensor-info section (tensor names, shapes, types and offsets): it
+    /// identifies the model's tensor layout, not its weights: a fine-tune of the same base in the
+    /// same quantization shares it. Empty means "not bound to a model" (e.g. an imported preset).
     pub fingerprint: String,
     /// `general.name`; informational only, never compared.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -220,12 +221,14 @@ impl fmt::Display for ModelDifference {
             ModelDifference::Layers { profile, model } => {
                 write!(f, "layer count: profile {profile}, model {model}")
             }
-            ModelDifference::Fingerprint { profile, model } if profile.is_empty() => {
-                write!(f, "weights fingerprint: profile is not bound to any weights, model `{model}`")
-            }
-            ModelDifference::Fingerprint { profile, model } => {
-                write!(f, "weights fingerprint: profile `{profile}`, model `{model}`")
-            }
+            ModelDifference::Fingerprint { profile, model } if profile.is_empty() => write!(
+                f,
+                "tensor-layout fingerprint: the profile is bound to no model (an imported preset?), model `{model}`; bind it with `kvtuner profile import-kvtuner PRESET -m MODEL` or apply it with --force"
+            ),
+            ModelDifference::Fingerprint { profile, model } => write!(
+                f,
+                "tensor-layout fingerprint (names, shapes and types of the tensors): profile `{profile}`, model `{model}`"
+            ),
         }
     }
 }
@@ -685,6 +688,15 @@ mod tests {
         // The informational name is never compared.
         let renamed = ModelIdentity { name: Some("other".into()), ..model() };
         assert!(p.check_model(&renamed).is_ok());
+        // An unbound profile (an imported preset) is told how to bind it.
+        let unbound = Profile::uniform(
+            &ModelIdentity { fingerprint: String::new(), ..model() },
+            CacheType::F16,
+            CacheType::F16,
+            "x",
+        );
+        let text = unbound.check_model(&model()).unwrap_err().to_string();
+        assert!(text.contains("bound to no model") && text.contains("import-kvtuner PRESET -m MODEL"), "{text}");
     }
 
     #[test]
@@ -748,7 +760,7 @@ pub enum IdentityError {
 }
 
 impl ModelIdentity {
-    /// The identity a profile is checked against: architecture, layer count, weights fingerprint.
+    /// The identity a profile is checked against: architecture, layer count, tensor-layout fingerprint.
     pub fn from_header(header: &crate::gguf::GgufHeader) -> Result<ModelIdentity, IdentityError> {
         let architecture = header.architecture().ok_or(IdentityError::NoArchitecture)?.to_string();
         let layers = header.block_count().ok_or_else(|| IdentityError::NoBlockCount(architecture.clone()))? as usize;

@@ -16,7 +16,7 @@ pub fn run_annotate(args: AnnotateArgs) -> anyhow::Result<()> {
     if let Err(mismatch) = profile.check_model(&identity) {
         if !args.force {
             return Err(anyhow::Error::new(mismatch).context(format!(
-                "profile {} was made for another model (use --force to apply it anyway)",
+                "profile {} does not match this model (use --force to apply it anyway)",
                 args.profile.display()
             )));
         }
