@@ -408,6 +408,33 @@ pub fn heuristic_at_bytes(p: &Problem, max_bytes: u64) -> Result<Option<Assignme
 /// same file into `GGML_CUDA_FA_QUANTS`.
 pub const CUDA_FA_PAIRS: &str = include_str!("cuda_fa_pairs.txt");
 
+/// Layers (index, pair) of `types` whose K-V pair has no compiled CUDA flash-attention kernel
+/// (attention for them leaves the GPU); `None` entries (layers without a cache) are skipped.
+pub fn layers_without_cuda_kernel(types: &[Option<(CacheType, CacheType)>]) -> Vec<(usize, (CacheType, CacheType))> {
+    let cuda = parse_pairs("cuda", &CacheType::ALL, CUDA_FA_PAIRS).expect("the built-in CUDA pair list parses");
+    types
+        .iter()
+        .enumerate()
+        .filter_map(|(il, t)| t.filter(|pair| !cuda.contains(pair)).map(|pair| (il, pair)))
+        .collect()
+}
+
+/// One warning line for [`layers_without_cuda_kernel`]'s result (`None` when it is empty).
+pub fn cuda_kernel_warning(missing: &[(usize, (CacheType, CacheType))]) -> Option<String> {
+    if missing.is_empty() {
+        return None;
+    }
+    let mut pairs: Vec<String> = missing.iter().map(|(_, (k, v))| format!("{k}/{v}")).collect();
+    pairs.sort();
+    pairs.dedup();
+    let layers: Vec<String> = missing.iter().map(|(il, _)| il.to_string()).collect();
+    Some(format!(
+        "layers {} use K-V pairs the CUDA build has no flash-attention kernel for ({}): on a GPU their attention runs on the CPU",
+        layers.join(", "),
+        pairs.join(", ")
+    ))
+}
+
 /// Allowed (K, V) pairs from a spec:
 ///
 /// - `cuda`: the pairs of `cuda_list` (the caller passes [`CUDA_FA_PAIRS`]: one

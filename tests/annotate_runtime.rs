@@ -114,7 +114,11 @@ fn runtime_applies_the_embedded_profile_by_itself() {
     let model_path = common::tiny_model(dir.path(), 6, "synthetic-auto");
     let (profile_path, profile) = mixed_profile(&model_path, dir.path());
     let annotated = dir.path().join("annotated.gguf");
-    ok(&["annotate", p(&model_path), "--profile", p(&profile_path), "-o", p(&annotated)]);
+    let out = kvtuner(&["annotate", p(&model_path), "--profile", p(&profile_path), "-o", p(&annotated)]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // layer 0 is q8_0/f16 (K quantized, V not): no CUDA flash-attention kernel, said once
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("layers 0 use K-V pairs") && err.contains("q8_0/f16"), "{err}");
 
     let model = Model::load(Backend::init(), &annotated, &ModelParams::default()).unwrap();
     let base = ContextParams { n_ctx: 256, n_batch: 64, n_ubatch: 64, ..Default::default() };

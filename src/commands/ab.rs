@@ -80,7 +80,6 @@ pub fn run(args: AbArgs) -> anyhow::Result<()> {
         &args.model,
         &ModelParams { n_gpu_layers: args.n_gpu_layers, ..Default::default() },
     )?;
-    let n_layer = model.n_layer() as usize;
     let base = ContextParams {
         n_threads: args.threads,
         flash_attn: args.flash_attn,
@@ -148,8 +147,6 @@ pub fn run(args: AbArgs) -> anyhow::Result<()> {
     };
     let eval_peak_rss = if args.no_quality { None } else { peak_rss_bytes() };
     let gpu = Backend::init().supports_gpu_offload() && args.n_gpu_layers != 0;
-    let all_types: Vec<CacheType> = CacheType::ALL.to_vec();
-    let cuda_pairs = kvtuner::search::parse_pairs("cuda", &all_types, kvtuner::search::CUDA_FA_PAIRS)?;
 
     let mut rows = Vec::new();
     for (c, s) in configs.iter().zip(summaries) {
@@ -158,17 +155,16 @@ pub fn run(args: AbArgs) -> anyhow::Result<()> {
         let type_k: Vec<CacheType> = infos.iter().map(|i| i.map_or(CacheType::F16, |i| i.type_k)).collect();
         let type_v: Vec<CacheType> = infos.iter().map(|i| i.map_or(CacheType::F16, |i| i.type_v)).collect();
         let types: Vec<(CacheType, CacheType)> = type_k.iter().copied().zip(type_v.iter().copied()).collect();
-        let missing: Vec<usize> = if gpu {
-            (0..n_layer).filter(|&il| infos[il].is_some() && !cuda_pairs.contains(&types[il])).collect()
+        let missing = if gpu {
+            let cached: Vec<_> = infos.iter().zip(&types).map(|(i, t)| i.map(|_| *t)).collect();
+            kvtuner::search::layers_without_cuda_kernel(&cached)
         } else {
             Vec::new()
         };
-        if !missing.is_empty() {
-            eprintln!(
-                "warning: {}: layers {missing:?} use K-V pairs without a compiled CUDA flash-attention kernel (slower)",
-                c.name
-            );
+        if let Some(w) = kvtuner::search::cuda_kernel_warning(&missing) {
+            eprintln!("warning: {}: {w}", c.name);
         }
+        let missing: Vec<usize> = missing.into_iter().map(|(il, _)| il).collect();
         // Per token of context: layers that hold every token (sliding ones stop at their window).
         let per_token = infos
             .iter()

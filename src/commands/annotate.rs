@@ -31,6 +31,7 @@ pub fn run_annotate(args: AnnotateArgs) -> anyhow::Result<()> {
         }
     }
     let out = output_path(&args.model, &args.target)?;
+    super::profile::warn_cuda_pairs(&profile);
     write_annotated(&header, &profile, &out)?;
     println!("annotated {} with profile {} ({})", out.display(), profile.name, profile.summary());
     Ok(())

@@ -27,6 +27,7 @@ pub fn run(cmd: ProfileCommand) -> anyhow::Result<()> {
             }
             profile.save(&output)?;
             println!("wrote {} ({})", output.display(), profile.summary());
+            warn_cuda_pairs(&profile);
             Ok(())
         }
     }
@@ -70,4 +71,12 @@ fn show(path: &std::path::Path, model: Option<&std::path::Path>, json: bool) -> 
     }
     println!("{table}");
     Ok(())
+}
+
+/// Says once which layers' K-V pairs the CUDA build has no flash-attention kernel for.
+pub fn warn_cuda_pairs(profile: &Profile) {
+    let types: Vec<_> = profile.layers.iter().map(|l| Some((l.k, l.v))).collect();
+    if let Some(w) = kvtuner::search::cuda_kernel_warning(&kvtuner::search::layers_without_cuda_kernel(&types)) {
+        eprintln!("warning: profile {}: {w}", profile.name);
+    }
 }
