@@ -188,6 +188,14 @@ fn malformed_embedded_profiles_fall_back_to_uniform_types() {
         assert_eq!(applied(&model, &base), vec![(CacheType::F16, CacheType::F16); 4], "{name}: uniform fallback");
         let inspect = ok(&["inspect", p(&bad)]);
         assert!(inspect.contains(problem), "{name}: inspect should say `{problem}`:\n{inspect}");
+        // what the runtime applied, read back from it, and said once
+        let out = kvtuner(&["layers", "-m", p(&bad), "-c", "256", "--json"]);
+        assert!(out.status.success());
+        let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert!(json["profile"].as_str().unwrap().contains("was not applied"), "{name}: {json}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(err.matches("warning: the profile").count(), 1, "{name}: {err}");
+        assert!(err.contains(problem), "{name}: {err}");
     }
 }
 
@@ -213,7 +221,7 @@ fn a_profile_for_another_model_is_refused_unless_forced() {
     let res = kvtuner(&["annotate", p(&b), "--profile", p(&profile), "-o", p(&out)]);
     assert!(!res.status.success());
     let err = String::from_utf8_lossy(&res.stderr);
-    assert!(err.contains("another model") && err.contains("fingerprint"), "{err}");
+    assert!(err.contains("does not match this model") && err.contains("fingerprint"), "{err}");
     assert!(!out.exists(), "no output on refusal");
     ok(&["annotate", p(&b), "--profile", p(&profile), "-o", p(&out), "--force"]);
     assert!(out.exists());

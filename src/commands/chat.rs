@@ -9,7 +9,7 @@ use super::runtime::{open, ProfileChoice};
 use crate::cli::ChatArgs;
 use kvtuner::cache_type::CacheType;
 use kvtuner::chat::{ChatSession, ReplyStats, Template};
-use kvtuner::kv_layout::KvLayout;
+use kvtuner::kv_layout::{KvLayout, RuntimeKv};
 use kvtuner::llama::{Context, SamplingParams};
 
 const HELP: &str =
@@ -24,7 +24,8 @@ pub fn run(args: ChatArgs) -> anyhow::Result<()> {
     let types: Vec<(CacheType, CacheType)> =
         infos.iter().map(|i| i.map_or((CacheType::F16, CacheType::F16), |i| (i.type_k, i.type_v))).collect();
     let n_ctx = ctx.n_ctx();
-    let bits = layout.bits_per_value(&types, n_ctx as u64);
+    let bits = RuntimeKv::of(&ctx).bits_per_value();
+    let applied = opened.applied_profile(&ctx);
     // what an f16 cache of the same cells would take (sliding layers hold window + batch here)
     let f16_bytes: u64 = layout
         .layers
@@ -35,7 +36,7 @@ pub fn run(args: ChatArgs) -> anyhow::Result<()> {
         .sum();
     let banner = format!(
         "profile: {} — {:.2} bits/value; KV {:.2} MiB at {n_ctx} tokens (f16: {:.2} MiB)",
-        opened.choice.describe(),
+        applied,
         bits,
         ctx.kv_buffer_bytes() as f64 / 1048576.0,
         f16_bytes as f64 / 1048576.0
@@ -92,7 +93,7 @@ pub fn run(args: ChatArgs) -> anyhow::Result<()> {
                     "generation_tokens_per_s": stats.generation_tokens_per_s(),
                 },
                 "profile": {
-                    "name": opened.choice.describe(),
+                    "name": applied,
                     "bits_per_value": bits,
                     "kv_bytes": session.context().kv_buffer_bytes(),
                     "type_k": types.iter().map(|t| t.0).collect::<Vec<_>>(),

@@ -11,7 +11,7 @@ pub fn run(args: LayersArgs) -> anyhow::Result<()> {
     if args.json {
         let out = serde_json::json!({
             "model": opened.model.path(),
-            "profile": opened.choice.describe(),
+            "profile": opened.applied_profile(&ctx),
             "n_ctx": ctx.n_ctx(),
             "kv_buffer_bytes": ctx.kv_buffer_bytes(),
             "layers": layers,
@@ -47,7 +47,7 @@ pub fn run(args: LayersArgs) -> anyhow::Result<()> {
     println!("{table}");
     println!(
         "profile: {}; n_ctx {}; KV buffer {:.2} MiB",
-        opened.choice.describe(),
+        opened.applied_profile(&ctx),
         ctx.n_ctx(),
         ctx.kv_buffer_bytes() as f64 / 1048576.0
     );

@@ -9,8 +9,8 @@ use crate::cli::RuntimeArgs;
 use kvtuner::assets::NamedText;
 use kvtuner::cache_type::CacheType;
 use kvtuner::gguf::{self, GgufHeader};
-use kvtuner::llama::{Backend, ContextParams, LayerCacheTypes, Model, ModelParams};
-use kvtuner::profile::{ModelIdentity, Profile, META_NAME, META_TYPE_K};
+use kvtuner::llama::{Backend, Context, ContextParams, LayerCacheTypes, Model, ModelParams};
+use kvtuner::profile::{EmbeddedProfile, ModelIdentity, Profile};
 
 /// Reads a model's GGUF header (the error names the file).
 pub fn read_model_header(path: &Path) -> anyhow::Result<GgufHeader> {
@@ -65,17 +65,42 @@ pub struct Opened {
     pub params: ContextParams,
     pub choice: ProfileChoice,
     pub identity: ModelIdentity,
+    /// The per-layer profile in the model's metadata, as far as it reads.
+    pub embedded: Option<EmbeddedProfile>,
+}
+
+impl Opened {
+    /// What the runtime applied, for banners and `--json`, read back from `ctx`: the choice's
+    /// description, unless the embedded profile was asked for and the runtime's per-layer types
+    /// differ from it (it fell back to uniform types); that is then said once on stderr.
+    pub fn applied_profile(&self, ctx: &Context<'_>) -> String {
+        if let (ProfileChoice::Auto { embedded: Some(name) }, Some(e)) = (&self.choice, &self.embedded) {
+            let differs = ctx.layers().iter().zip(e.layers.iter().map(Some).chain(std::iter::repeat(None))).any(
+                |(applied, wanted)| match (applied, wanted) {
+                    (Some(a), Some(&(k, v))) => (Some(a.type_k), Some(a.type_v)) != (k, v),
+                    (Some(_), None) => true,
+                    (None, _) => false,
+                },
+            );
+            if differs {
+                let why =
+                    if e.problems.is_empty() { "the runtime refused it".to_string() } else { e.problems.join("; ") };
+                eprintln!("warning: the profile {name} embedded in the model was not applied ({why}); the cache uses uniform -ctk/-ctv");
+                return format!("none: the embedded profile {name} was not applied (uniform -ctk/-ctv)");
+            }
+        }
+        self.choice.describe()
+    }
 }
 
 pub fn open(args: &RuntimeArgs) -> anyhow::Result<Opened> {
     let header = read_model_header(&args.model)?;
     let identity = ModelIdentity::from_header(&header)?;
     let explicit = args.cache_type_k.is_some() || args.cache_type_v.is_some();
+    let embedded_profile = EmbeddedProfile::from_header(&header);
     let choice = match args.kv_profile.as_str() {
         "auto" => {
-            let embedded = header
-                .get_str_array(META_TYPE_K)
-                .map(|_| header.get_str(META_NAME).unwrap_or("unnamed").to_string());
+            let embedded = embedded_profile.as_ref().map(|e| e.name.clone().unwrap_or_else(|| "unnamed".into()));
             match embedded {
                 // Explicit flags win, once said: the user asked for these types.
                 Some(name) if explicit => {
@@ -119,7 +144,7 @@ pub fn open(args: &RuntimeArgs) -> anyhow::Result<Opened> {
             params.layer_types = Some(profile_layer_types(p));
         }
     }
-    Ok(Opened { model, params, choice, identity })
+    Ok(Opened { model, params, choice, identity, embedded: embedded_profile })
 }
 
 /// Reads the text to run on; returns it with a label for reports.
