@@ -350,7 +350,9 @@ fn generate_bindings(tree: &Path) {
         .clang_arg(format!("-I{}", tree.join("ggml/include").display()))
         .allowlist_function("llama_.*")
         .allowlist_function("gguf_.*")
-        .allowlist_function("ggml_type_name|ggml_type_size|ggml_blck_size|ggml_row_size|ggml_is_quantized")
+        .allowlist_function(
+            "ggml_type_name|ggml_type_size|ggml_blck_size|ggml_row_size|ggml_is_quantized|ggml_quantize_chunk",
+        )
         .allowlist_function("ggml_backend_load_all|ggml_log_set")
         .allowlist_type("llama_.*|gguf_.*|ggml_type|ggml_log_level")
         .allowlist_var("LLAMA_.*|GGUF_.*")

@@ -90,7 +90,53 @@ impl CacheType {
     pub fn is_quantized(self) -> bool {
         !matches!(self, CacheType::F32 | CacheType::F16 | CacheType::Bf16)
     }
+
+    /// Values of `data`, whole blocks of this type as ggml stores them (its reference
+    /// dequantization). Used to read back what a cache holds (`Context::layer_cache_data`).
+    pub fn dequantize(self, data: &[u8]) -> Vec<f32> {
+        let (blck, bytes) = self.block();
+        let (blck, bytes) = (blck as usize, bytes as usize);
+        assert!(data.len().is_multiple_of(bytes), "{} bytes are not whole {self} blocks", data.len());
+        let f16_at = |b: &[u8], i: usize| half::f16::from_le_bytes([b[i], b[i + 1]]).to_f32();
+        let mut out = Vec::with_capacity(data.len() / bytes * blck);
+        for b in data.chunks_exact(bytes) {
+            match self {
+                CacheType::F32 => out.push(f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
+                CacheType::F16 => out.push(f16_at(b, 0)),
+                CacheType::Bf16 => out.push(half::bf16::from_le_bytes([b[0], b[1]]).to_f32()),
+                CacheType::Q8_0 => {
+                    let d = f16_at(b, 0);
+                    out.extend(b[2..34].iter().map(|&q| q as i8 as f32 * d));
+                }
+                CacheType::Q4_0 | CacheType::Iq4Nl | CacheType::Q4_1 => {
+                    let d = f16_at(b, 0);
+                    let (m, qs) = if self == CacheType::Q4_1 { (f16_at(b, 2), &b[4..20]) } else { (0.0, &b[2..18]) };
+                    let value = |nib: u8| match self {
+                        CacheType::Q4_0 => (nib as f32 - 8.0) * d,
+                        CacheType::Q4_1 => nib as f32 * d + m,
+                        _ => IQ4_NL_LEVELS[nib as usize] as f32 * d,
+                    };
+                    out.extend(qs.iter().map(|&q| value(q & 0x0f)));
+                    out.extend(qs.iter().map(|&q| value(q >> 4)));
+                }
+                CacheType::Q5_0 | CacheType::Q5_1 => {
+                    let d = f16_at(b, 0);
+                    let (m, rest) =
+                        if self == CacheType::Q5_1 { (f16_at(b, 2), &b[4..]) } else { (-16.0 * d, &b[2..]) };
+                    let qh = u32::from_le_bytes([rest[0], rest[1], rest[2], rest[3]]);
+                    let qs = &rest[4..20];
+                    let value = |nib: u8, bit: u32| ((nib as u32 | (bit & 1) << 4) as f32) * d + m;
+                    out.extend(qs.iter().enumerate().map(|(j, &q)| value(q & 0x0f, qh >> j)));
+                    out.extend(qs.iter().enumerate().map(|(j, &q)| value(q >> 4, qh >> (j + 16))));
+                }
+            }
+        }
+        out
+    }
 }
+
+/// iq4_nl's non-uniform 4-bit levels (ggml's kvalues_iq4nl).
+const IQ4_NL_LEVELS: [i8; 16] = [-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113];
 
 impl fmt::Display for CacheType {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -101,9 +147,14 @@ impl fmt::Display for CacheType {
 impl FromStr for CacheType {
     type Err = UnknownCacheType;
 
+    /// ggml's type name, ASCII case-insensitive, nothing trimmed: the rule patch 0002 applies to
+    /// the names in a model's embedded profile (`llama_kv_type_from_name`), so that kvtuner and
+    /// the runtime accept and refuse the same names. Callers that split lists trim the items.
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let lower = s.trim().to_ascii_lowercase();
-        CacheType::ALL.into_iter().find(|t| t.name() == lower).ok_or_else(|| UnknownCacheType(s.to_string()))
+        CacheType::ALL
+            .into_iter()
+            .find(|t| t.name().eq_ignore_ascii_case(s))
+            .ok_or_else(|| UnknownCacheType(s.to_string()))
     }
 }
 
@@ -135,5 +186,42 @@ mod tests {
         assert_eq!(CacheType::Q4_0.bits_per_value(), 4.5);
         assert_eq!(CacheType::Q5_0.row_bytes(256), 176);
         assert!("q3_k".parse::<CacheType>().is_err());
+        assert_eq!("Q8_0".parse::<CacheType>().unwrap(), CacheType::Q8_0);
+        assert!(" q8_0".parse::<CacheType>().is_err());
+        assert!("q8_0\n".parse::<CacheType>().is_err());
+    }
+
+    /// `dequantize` reads what ggml's quantizer wrote: every type, values back within the
+    /// type's step (a wrong block layout or nibble order is off by whole values).
+    #[test]
+    fn dequantize_reads_ggml_blocks() {
+        let x: Vec<f32> = (0..256).map(|i| ((i * 7919 % 1000) as f32 / 500.0 - 1.0) * (1.0 + (i % 5) as f32)).collect();
+        for t in CacheType::ALL {
+            let mut buf = vec![0u8; t.row_bytes(256) as usize];
+            // Safety: buf holds one row of 256 values of type t; no importance matrix.
+            let written = unsafe {
+                crate::llama::sys::ggml_quantize_chunk(
+                    t.ggml_id(),
+                    x.as_ptr(),
+                    buf.as_mut_ptr().cast(),
+                    0,
+                    1,
+                    256,
+                    std::ptr::null(),
+                )
+            };
+            assert_eq!(written, buf.len(), "{t}");
+            let y = t.dequantize(&buf);
+            let tolerance = match t {
+                CacheType::F32 => 0.0,
+                CacheType::F16 | CacheType::Bf16 => 0.02,
+                CacheType::Q8_0 => 0.025,
+                CacheType::Q5_0 | CacheType::Q5_1 => 0.35,
+                _ => 0.65,
+            };
+            for (i, (a, b)) in x.iter().zip(&y).enumerate() {
+                assert!((a - b).abs() <= tolerance, "{t}[{i}]: {a} read back as {b}");
+            }
+        }
     }
 }

@@ -861,6 +861,17 @@ impl EmbeddedProfile {
         };
         let k = read(META_TYPE_K);
         let v = read(META_TYPE_V);
+        // the same verdict as patch 0002 (llama_model_base::load_hparams)
+        match header.get(META_SCHEMA) {
+            None => problems.push(format!("{META_SCHEMA} is missing")),
+            Some(value) => match value.as_u64() {
+                Some(v) if v == SCHEMA_VERSION as u64 => {}
+                Some(v) => problems.push(format!("{META_SCHEMA} is {v}, this runtime reads schema {SCHEMA_VERSION}")),
+                None => problems.push(format!(
+                    "{META_SCHEMA} is not a non-negative integer, this runtime reads schema {SCHEMA_VERSION}"
+                )),
+            },
+        }
         let n = k.len().max(v.len());
         let layers = (0..n).map(|i| (k.get(i).copied().flatten(), v.get(i).copied().flatten())).collect();
         Some(EmbeddedProfile {

@@ -453,7 +453,9 @@ pub fn parse_pairs(
 ) -> Result<Vec<(CacheType, CacheType)>, SearchError> {
     let spec_trim = spec.trim();
     let parse_type = |entry: &str, name: &str| {
-        name.parse::<CacheType>().map_err(|e| SearchError::BadPair { entry: entry.to_string(), reason: e.to_string() })
+        name.trim()
+            .parse::<CacheType>()
+            .map_err(|e| SearchError::BadPair { entry: entry.to_string(), reason: e.to_string() })
     };
     let mut pairs = Vec::new();
     if spec_trim.eq_ignore_ascii_case("cuda") {

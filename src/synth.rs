@@ -58,6 +58,11 @@ impl WeightType {
 pub struct SynthSpec {
     pub arch: SynthArch,
     pub n_layer: u32,
+    /// NextN/MTP layers counted in `block_count` after the `n_layer` trunk layers (as
+    /// GLM-4.5 and DeepSeek's MTP models declare them, `<arch>.nextn_predict_layers`). Their
+    /// weights are not written: llama/qwen2 graphs never run them, and a main context keeps no
+    /// cache for them, which is what the layer-count tests need.
+    pub n_layer_nextn: u32,
     pub n_embd: u32,
     pub n_head: u32,
     pub n_head_kv: u32,
@@ -78,6 +83,7 @@ impl SynthSpec {
         SynthSpec {
             arch: SynthArch::Llama,
             n_layer: 32,
+            n_layer_nextn: 0,
             n_embd: 4096,
             n_head: 32,
             n_head_kv: 8,
@@ -98,6 +104,7 @@ impl SynthSpec {
         SynthSpec {
             arch: SynthArch::Llama,
             n_layer: 4,
+            n_layer_nextn: 0,
             n_embd: 256,
             n_head: 4,
             n_head_kv: 2,
@@ -183,7 +190,10 @@ impl SynthSpec {
         w.add_kv(k("vocab_size"), self.n_vocab)?;
         w.add_kv(k("context_length"), self.n_ctx_train)?;
         w.add_kv(k("embedding_length"), self.n_embd)?;
-        w.add_kv(k("block_count"), self.n_layer)?;
+        w.add_kv(k("block_count"), self.n_layer + self.n_layer_nextn)?;
+        if self.n_layer_nextn > 0 {
+            w.add_kv(k("nextn_predict_layers"), self.n_layer_nextn)?;
+        }
         w.add_kv(k("feed_forward_length"), self.n_ff)?;
         w.add_kv(k("attention.head_count"), self.n_head)?;
         w.add_kv(k("attention.head_count_kv"), self.n_head_kv)?;

@@ -167,6 +167,55 @@ fn runtime_applies_the_embedded_profile_by_itself() {
     );
 }
 
+/// kvtuner's reader and the runtime (patch 0002) accept and refuse the same type names and
+/// schema versions: one rule on both sides.
+#[test]
+fn type_names_and_schema_versions_get_the_same_verdict_in_rust_and_the_runtime() {
+    let dir = tempfile::tempdir().unwrap();
+    let model_path = common::tiny_model(dir.path(), 4, "synthetic-names");
+    let names = |n: [&str; 4]| Value::str_array(n);
+    let schema = |v: Value| Some(v);
+    let cases: Vec<(&str, Value, Option<Value>, bool)> = vec![
+        ("lower", names(["q8_0", "q4_0", "f16", "q5_0"]), schema(Value::U32(1)), true),
+        ("upper", names(["Q8_0", "q4_0", "F16", "IQ4_NL"]), schema(Value::U32(1)), true),
+        ("wide types", names(["f32", "bf16", "q5_1", "q4_1"]), schema(Value::U32(1)), true),
+        ("leading space", names([" q8_0", "q4_0", "f16", "q5_0"]), schema(Value::U32(1)), false),
+        ("trailing newline", names(["q8_0\n", "q4_0", "f16", "q5_0"]), schema(Value::U32(1)), false),
+        ("weight-only type", names(["q8_0", "q4_k", "f16", "q5_0"]), schema(Value::U32(1)), false),
+        ("schema as u8", names(["q8_0", "q4_0", "f16", "q5_0"]), schema(Value::U8(1)), true),
+        ("schema as i64", names(["q8_0", "q4_0", "f16", "q5_0"]), schema(Value::I64(1)), true),
+        ("schema missing", names(["q8_0", "q4_0", "f16", "q5_0"]), None, false),
+        ("schema 0", names(["q8_0", "q4_0", "f16", "q5_0"]), schema(Value::U32(0)), false),
+        ("schema 2", names(["q8_0", "q4_0", "f16", "q5_0"]), schema(Value::U32(2)), false),
+        ("schema -1", names(["q8_0", "q4_0", "f16", "q5_0"]), schema(Value::I32(-1)), false),
+        ("schema as string", names(["q8_0", "q4_0", "f16", "q5_0"]), schema(Value::String("1".into())), false),
+        ("schema as float", names(["q8_0", "q4_0", "f16", "q5_0"]), schema(Value::F32(1.0)), false),
+    ];
+    for (i, (case, type_k, version, accepted)) in cases.into_iter().enumerate() {
+        let path = dir.path().join(format!("case-{i}.gguf"));
+        let mut edits = MetadataEdits::new()
+            .set("kvtuner.profile.name", Value::String(case.into()))
+            .set("kvtuner.cache.type_k", type_k)
+            .set("kvtuner.cache.type_v", Value::str_array(["q4_0"; 4]));
+        if let Some(v) = version {
+            edits = edits.set("kvtuner.schema_version", v);
+        }
+        gguf::rewrite(&model_path, &path, &edits, &mut |_, _| {}).unwrap();
+        let embedded = kvtuner::profile::EmbeddedProfile::from_header(&gguf::read_header(&path).unwrap()).unwrap();
+        let rust_accepts = embedded.problems.is_empty();
+        let model = Model::load(Backend::init(), &path, &ModelParams::default()).unwrap();
+        let base = ContextParams { n_ctx: 256, n_batch: 64, n_ubatch: 64, ..Default::default() };
+        let got = applied(&model, &base);
+        let runtime_accepts = got != vec![(CacheType::F16, CacheType::F16); 4];
+        assert_eq!(rust_accepts, accepted, "{case}: kvtuner's reader ({:?})", embedded.problems);
+        assert_eq!(runtime_accepts, accepted, "{case}: the runtime applied {got:?}");
+        if accepted {
+            let want: Vec<_> = embedded.layers.iter().map(|(k, v)| (k.unwrap(), v.unwrap())).collect();
+            assert_eq!(got, want, "{case}: the same types on both sides");
+        }
+    }
+}
+
 #[test]
 fn malformed_embedded_profiles_fall_back_to_uniform_types() {
     let dir = tempfile::tempdir().unwrap();
@@ -179,6 +228,7 @@ fn malformed_embedded_profiles_fall_back_to_uniform_types() {
     for (name, value, problem) in cases {
         let bad = dir.path().join(format!("{name}.gguf"));
         let edits = MetadataEdits::new()
+            .set("kvtuner.schema_version", Value::U32(1))
             .set("kvtuner.profile.name", Value::String(name.into()))
             .set("kvtuner.cache.type_k", value)
             .set("kvtuner.cache.type_v", Value::str_array(["q4_0"; 4]));

@@ -50,7 +50,8 @@ struct Row {
     /// Peak resident memory of the process after the quality runs.
     eval_peak_rss_bytes: Option<u64>,
     speed: Vec<SpeedAtDepth>,
-    /// Layers whose K-V pair has no compiled CUDA flash-attention kernel (GPU runs only).
+    /// Layers whose attention the runtime runs on another device than the layer's: that device
+    /// has no flash-attention kernel for the K-V pair (read back from the runtime, patch 0007).
     gpu_pairs_without_kernel: Vec<usize>,
 }
 
@@ -146,7 +147,6 @@ pub fn run(args: AbArgs) -> anyhow::Result<()> {
         (scores.iter().map(|s| Some(s.summary())).collect(), ev.baseline_ppl())
     };
     let eval_peak_rss = if args.no_quality { None } else { peak_rss_bytes() };
-    let gpu = Backend::init().supports_gpu_offload() && args.n_gpu_layers != 0;
 
     let mut rows = Vec::new();
     for (c, s) in configs.iter().zip(summaries) {
@@ -154,17 +154,9 @@ pub fn run(args: AbArgs) -> anyhow::Result<()> {
         let infos: Vec<_> = ctx.layers();
         let type_k: Vec<CacheType> = infos.iter().map(|i| i.map_or(CacheType::F16, |i| i.type_k)).collect();
         let type_v: Vec<CacheType> = infos.iter().map(|i| i.map_or(CacheType::F16, |i| i.type_v)).collect();
-        let types: Vec<(CacheType, CacheType)> = type_k.iter().copied().zip(type_v.iter().copied()).collect();
-        let missing = if gpu {
-            let cached: Vec<_> = infos.iter().zip(&types).map(|(i, t)| i.map(|_| *t)).collect();
-            kvtuner::search::layers_without_cuda_kernel(&cached)
-        } else {
-            Vec::new()
-        };
-        if let Some(w) = kvtuner::search::cuda_kernel_warning(&missing) {
-            eprintln!("warning: {}: {w}", c.name);
-        }
-        let missing: Vec<usize> = missing.into_iter().map(|(il, _)| il).collect();
+        // what the runtime found at context creation (patch 0007; it also warned)
+        let missing: Vec<usize> =
+            infos.iter().enumerate().filter(|(_, i)| i.is_some_and(|i| i.attn_fallback)).map(|(il, _)| il).collect();
         // Per token of context: layers that hold every token (sliding ones stop at their window).
         let per_token = infos
             .iter()

@@ -45,6 +45,18 @@ pub fn run(args: LayersArgs) -> anyhow::Result<()> {
         };
     }
     println!("{table}");
+    let fallback: Vec<String> = layers
+        .iter()
+        .enumerate()
+        .filter(|(_, i)| i.is_some_and(|i| i.attn_fallback))
+        .map(|(il, _)| il.to_string())
+        .collect();
+    if !fallback.is_empty() {
+        println!(
+            "attention of layers {} runs on another device than the layer's: no flash-attention kernel there for their K-V pair",
+            fallback.join(",")
+        );
+    }
     println!(
         "profile: {}; n_ctx {}; KV buffer {:.2} MiB",
         opened.applied_profile(&ctx),

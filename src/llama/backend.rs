@@ -4,7 +4,7 @@ use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::ffi::{c_char, c_void, CStr};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::OnceLock;
+use std::sync::{Mutex, OnceLock};
 
 use super::sys;
 
@@ -17,6 +17,13 @@ pub struct Backend {
 static INIT: OnceLock<()> = OnceLock::new();
 static VERBOSE: AtomicBool = AtomicBool::new(false);
 const RECENT_LINES: usize = 32;
+
+/// Runtime warnings meant for the user, not for a failed call's error message: layers whose
+/// K/V pair has no kernel on their device (patch 0007). They go to stderr even when the log is
+/// quiet, each distinct line once per process (calibration creates hundreds of contexts). (An
+/// embedded profile the runtime ignored is reported by kvtuner itself, with its reasons.)
+const USER_WARNINGS: [&str; 1] = ["check_kv_pair_kernels: "];
+static SHOWN: Mutex<Vec<String>> = Mutex::new(Vec::new());
 
 thread_local! {
     /// Warnings and errors llama.cpp logged on this thread. Per thread, so that a call's error
@@ -72,6 +79,15 @@ unsafe extern "C" fn log_callback(level: sys::ggml_log_level, text: *const c_cha
         let line = text.trim_end().to_string();
         if line.is_empty() {
             return;
+        }
+        if USER_WARNINGS.iter().any(|p| line.starts_with(p)) {
+            let mut shown = SHOWN.lock().unwrap_or_else(|e| e.into_inner());
+            if !shown.contains(&line) {
+                if !VERBOSE.load(Ordering::Relaxed) && std::env::var_os("KVTUNER_LOG").is_none() {
+                    eprintln!("warning (llama.cpp): {line}");
+                }
+                shown.push(line.clone());
+            }
         }
         // try_with: a thread that is being torn down has no buffer left; its lines are dropped.
         let _ = RECENT.try_with(|r| {

@@ -113,6 +113,9 @@ pub struct KvLayerInfo {
     pub bytes_v: u64,
     pub n_cells: u32,
     pub is_swa: bool,
+    /// The layer's attention runs on another device than the layer's, which has no
+    /// flash-attention kernel for the K/V pair (patch 0007 warns at context creation).
+    pub attn_fallback: bool,
 }
 
 /// Timings since the context was created or last reset.
@@ -277,7 +280,25 @@ impl<'m> Context<'m> {
             bytes_v: info.bytes_v as u64,
             n_cells: info.n_cells,
             is_swa: info.is_swa,
+            attn_fallback: info.attn_fallback,
         })
+    }
+
+    /// Layer `il`'s K (`v == false`) or V cache tensor as stored: per stream, one row per cell in
+    /// the layer's cache type ([`CacheType::dequantize`] reads it); V is transposed when flash
+    /// attention is off. `None` when the layer has no such cache. Waits for pending decodes.
+    pub fn layer_cache_data(&mut self, il: u32, v: bool) -> Option<Vec<u8>> {
+        // Safety: a NULL destination only asks for the size; the context is valid.
+        let n = unsafe { sys::llama_kv_layer_get_data(self.raw.as_ptr(), il as i32, v, std::ptr::null_mut(), 0) };
+        if n == 0 {
+            return None;
+        }
+        let mut out = vec![0u8; n];
+        // Safety: `out` has room for the n bytes the call writes.
+        let written = unsafe {
+            sys::llama_kv_layer_get_data(self.raw.as_ptr(), il as i32, v, out.as_mut_ptr().cast(), out.len())
+        };
+        (written == n).then_some(out)
     }
 
     /// `layer_info` for every layer of the model.

@@ -7,7 +7,7 @@ mod context;
 mod gguf_c;
 mod model;
 mod sampler;
-mod sys;
+pub(crate) mod sys;
 
 pub use backend::Backend;
 pub use batch::{Batch, BatchFull};

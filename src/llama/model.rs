@@ -124,9 +124,20 @@ impl Model {
         unsafe { sys::llama_model_get_vocab(self.raw.as_ptr()) }
     }
 
+    /// Layers a per-layer cache profile covers: the GGUF's `<arch>.block_count`, NextN/MTP
+    /// layers included (the runtime's `n_layer_all`; patch 0001 takes arrays of this length). A
+    /// NextN layer has no cache in a main context, which `Context::layer_info` reports.
     pub fn n_layer(&self) -> u32 {
+        // Safety: pure queries on a valid model.
+        unsafe {
+            (sys::llama_model_n_layer(self.raw.as_ptr()) + sys::llama_model_n_layer_nextn(self.raw.as_ptr())) as u32
+        }
+    }
+
+    /// NextN/MTP layers among [`Model::n_layer`] (the last ones).
+    pub fn n_layer_nextn(&self) -> u32 {
         // Safety: pure query on a valid model.
-        unsafe { sys::llama_model_n_layer(self.raw.as_ptr()) as u32 }
+        unsafe { sys::llama_model_n_layer_nextn(self.raw.as_ptr()) as u32 }
     }
     pub fn n_head(&self) -> u32 {
         // Safety: pure query on a valid model.
