@@ -122,6 +122,10 @@ pub fn tune(
     };
     let profile =
         profile_for(&sens, (&selection.chosen).into(), checks.first(), &opts.pairs, opts.target_ctx, opts.name.clone());
+    // the profile's own types, measured again on the calibration text: the bound it claims
+    let types: Vec<_> = profile.layers.iter().map(|l| (l.k, l.v)).collect();
+    let kld = cal.confirm(&types, &selection)?;
+    progress(Stage::Note(&format!("confirmed: the profile measured again on {}: KLD {kld:.6}", calibration.1)));
     Ok(Tuned { sensitivity: sens, selection, held_out: checks, profile, seconds })
 }
 

@@ -185,6 +185,18 @@ fn tune_never_keeps_a_profile_that_measures_worse_than_uniform() {
     assert_eq!(m.kv_bytes, sel.chosen.kv.tensor_bytes);
     assert_eq!(m.kld_mean, Some(tuned.held_out[0].chosen.kld()));
 
+    // The bound is checked by measuring again: the chosen types reproduce the recorded KLD;
+    // a configuration other than the one recorded (here one layer lowered to q4_0) does not.
+    let mut ev = kvtuner::eval::Evaluator::new(&model, &split.calibration, 64, 2, &opts.calibrate.base).unwrap();
+    let mut cal = kvtuner::select::Measurer::new(&mut ev, opts.calibrate.base.clone(), 64, "cal");
+    let chosen = sel.chosen.candidate.types.clone();
+    assert_eq!(cal.confirm(&chosen, sel).unwrap(), sel.chosen.kld());
+    let mut other = chosen.clone();
+    let lowered = other.iter().position(|&(k, _)| k != CacheType::Q4_0).expect("a layer above q4_0");
+    other[lowered] = (CacheType::Q4_0, CacheType::Q4_0);
+    let err = cal.confirm(&other, sel).unwrap_err().to_string();
+    assert!(err.contains("measured again") && err.contains("recorded"), "{err}");
+
     // At exactly all-q4_0's size nothing but uniform q4_0 fits: the tool keeps it and says so.
     opts.budget_bits = 4.5;
     let tuned = tune::tune(&model, &identity, (&split.calibration, "cal"), &held, &opts, None, &mut |_| {}).unwrap();

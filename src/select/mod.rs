@@ -86,6 +86,10 @@ pub enum SelectError {
     SizeMismatch { label: String, runtime: u64, expected: u64, n_ctx: u32 },
     #[error("the {0} estimator needs runs this sensitivity table does not have")]
     Estimator(&'static str),
+    #[error(
+        "the chosen configuration, measured again on {text}, gives KLD {measured:.6}; the selection recorded {recorded:.6} and must not exceed the best uniform cache ({uniform})"
+    )]
+    Unconfirmed { text: String, measured: f64, recorded: f64, uniform: String },
 }
 
 /// Measures configurations on one text, each once (results are kept by their types).
@@ -168,6 +172,31 @@ impl<'e, 'm> Measurer<'e, 'm> {
                 Measured { candidate: c.clone(), kv, summary }
             })
             .collect())
+    }
+}
+
+impl Measurer<'_, '_> {
+    /// The choice as written (`types`, e.g. read back from the saved profile), measured again
+    /// on this text without the memo: it must reproduce the KLD the selection recorded (the
+    /// measurement is deterministic; a relative 1e-6 allows GPU reduction order) and not exceed
+    /// the best uniform cache within the budget. This is the bound `search --verify` and
+    /// `tune` state as a check, not as a report.
+    pub fn confirm(&mut self, types: &[(CacheType, CacheType)], selection: &Selection) -> Result<f64, SelectError> {
+        let params = self.params(types);
+        let measured = self.ev.score_many(std::slice::from_ref(&params))?[0].summary().kld_mean;
+        let recorded = selection.chosen.kld();
+        let same = (measured - recorded).abs() <= 1e-6 * recorded.abs().max(1e-12);
+        let uniform = selection.best_uniform.as_ref();
+        let within = uniform.is_none_or(|u| measured <= u.kld() * (1.0 + 1e-6));
+        if same && within {
+            return Ok(measured);
+        }
+        Err(SelectError::Unconfirmed {
+            text: self.label.clone(),
+            measured,
+            recorded,
+            uniform: uniform.map_or_else(|| "none".into(), |u| format!("{} {:.6}", u.candidate.label, u.kld())),
+        })
     }
 }
 
