@@ -1,5 +1,6 @@
-//! The KV cache shape of a model: per-layer K/V row sizes and which layers are sliding-window.
-//! Sizes at any context and for any per-layer types follow from it without allocating a cache.
+//! The KV cache of a model as the runtime reports it: per-layer K/V row sizes and which layers
+//! are sliding-window ([`KvLayout`]), what a context holds ([`RuntimeKv`]), and what a context
+//! of any length and types would hold ([`Sizer`], sized by the runtime without allocating).
 
 use serde::{Deserialize, Serialize};
 
@@ -44,34 +45,6 @@ impl KvLayout {
         Ok(KvLayout { layers, window: model.n_swa() })
     }
 
-    /// Tokens a layer holds at context `n_ctx` (sliding layers hold at most the window).
-    pub fn cells(&self, shape: &LayerShape, n_ctx: u64) -> u64 {
-        if shape.sliding && self.window > 0 {
-            n_ctx.min(self.window as u64)
-        } else {
-            n_ctx
-        }
-    }
-
-    /// KV bytes at `n_ctx` with `types[il] = (k, v)`.
-    pub fn bytes(&self, types: &[(CacheType, CacheType)], n_ctx: u64) -> u64 {
-        self.layers
-            .iter()
-            .zip(types)
-            .filter_map(|(l, &(k, v))| l.map(|s| (s, k, v)))
-            .map(|(s, k, v)| (k.row_bytes(s.k_dim) + v.row_bytes(s.v_dim)) * self.cells(&s, n_ctx))
-            .sum()
-    }
-
-    /// Average storage bits per cached value at `n_ctx`.
-    pub fn bits_per_value(&self, types: &[(CacheType, CacheType)], n_ctx: u64) -> f64 {
-        let values: u64 = self.layers.iter().flatten().map(|s| (s.k_dim + s.v_dim) * self.cells(s, n_ctx)).sum();
-        if values == 0 {
-            return 0.0;
-        }
-        self.bytes(types, n_ctx) as f64 * 8.0 / values as f64
-    }
-
     pub fn uniform(&self, k: CacheType, v: CacheType) -> Vec<(CacheType, CacheType)> {
         vec![(k, v); self.layers.len()]
     }
@@ -110,6 +83,34 @@ impl RuntimeKv {
     }
 }
 
+/// Sizes of caches the runtime would allocate, read from contexts of a metadata-only copy of the
+/// model (llama.cpp's `no_alloc`: the runtime sizes every tensor but allocates none), so any
+/// context length and any per-layer types can be asked without the memory they describe.
+pub struct Sizer {
+    model: Model,
+}
+
+impl Sizer {
+    pub fn new(path: &std::path::Path) -> Result<Sizer, crate::llama::LoadModelError> {
+        let params = crate::llama::ModelParams { metadata_only: true, ..Default::default() };
+        Ok(Sizer { model: Model::load(crate::llama::Backend::init(), path, &params)? })
+    }
+
+    /// The KV cache of a context of `n_ctx` tokens (steps of [`RUNTIME_UBATCH`]) with `types`.
+    pub fn kv(&self, types: &[(CacheType, CacheType)], n_ctx: u32) -> Result<RuntimeKv, CreateContextError> {
+        let params = ContextParams {
+            n_ctx,
+            n_batch: RUNTIME_UBATCH.min(n_ctx),
+            n_ubatch: RUNTIME_UBATCH.min(n_ctx),
+            flash_attn: crate::llama::FlashAttn::On,
+            no_kv_profile: true,
+            layer_types: Some(crate::llama::LayerCacheTypes::from_pairs(types.iter().copied())),
+            ..Default::default()
+        };
+        Ok(RuntimeKv::of(&Context::new(&self.model, &params)?))
+    }
+}
+
 /// Values stored in `bytes` of type `ty` (whole blocks).
 fn values_in(ty: CacheType, bytes: u64) -> u64 {
     let (block, block_bytes) = ty.block();
@@ -133,40 +134,4 @@ pub fn runtime_cells(model: &Model, n_ctx: u32, n_ubatch: u32) -> Result<Vec<Opt
     };
     let ctx = Context::new(model, &params)?;
     Ok(ctx.layers().into_iter().map(|i| i.map(|i| i.n_cells as u64)).collect())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn sliding_layers_cost_their_window() {
-        let layout = KvLayout {
-            layers: vec![
-                Some(LayerShape { k_dim: 256, v_dim: 256, sliding: true }),
-                Some(LayerShape { k_dim: 256, v_dim: 256, sliding: false }),
-                None,
-            ],
-            window: 512,
-        };
-        let f16 = layout.uniform(CacheType::F16, CacheType::F16);
-        // sliding: 512 cells, global: 4096 cells; 2 bytes per value, K and V
-        assert_eq!(layout.bytes(&f16, 4096), (512 + 4096) * 256 * 2 * 2);
-        assert_eq!(layout.bits_per_value(&f16, 4096), 16.0);
-        let mixed = vec![(CacheType::Q8_0, CacheType::Q4_0); 3];
-        assert!((layout.bits_per_value(&mixed, 4096) - 6.5).abs() < 1e-12);
-    }
-
-    #[test]
-    fn mixed_layers_sum_their_row_bytes() {
-        let layout =
-            KvLayout { layers: vec![Some(LayerShape { k_dim: 256, v_dim: 256, sliding: false }); 3], window: 0 };
-        let types =
-            [(CacheType::F16, CacheType::F16), (CacheType::Q8_0, CacheType::Q4_0), (CacheType::Q8_0, CacheType::Q4_0)];
-        // q8_0: 8 blocks of 34 bytes per 256-value row; q4_0: 8 blocks of 18 bytes
-        let expected = ((512 + 512) + 2 * (272 + 144)) * 10;
-        assert_eq!(layout.bytes(&types, 10), expected);
-        let bpv = layout.bits_per_value(&types, 10);
-        assert!((bpv - expected as f64 * 8.0 / (3 * 512 * 10) as f64).abs() < 1e-12);
-    }
 }

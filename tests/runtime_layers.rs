@@ -437,3 +437,40 @@ fn per_layer_arrays_cover_nextn_layers() {
     let got: Vec<_> = ctx.layers()[..4].iter().map(|i| i.map(|i| (i.type_k, i.type_v)).unwrap()).collect();
     assert_eq!(got, pairs[..4].to_vec(), "the embedded profile applied to the trunk");
 }
+
+/// `Sizer` (a metadata-only model: the runtime sizes caches without allocating them) reports
+/// what a real context allocates, for uniform and mixed types, on an iSWA model; `inspect`
+/// prints those sizes.
+#[test]
+fn metadata_only_sizes_equal_allocated_sizes() {
+    let model = common::gemma();
+    let sizer = kvtuner::kv_layout::Sizer::new(&common::gemma_path()).unwrap();
+    let n = model.n_layer() as usize;
+    for types in
+        [vec![(CacheType::F16, CacheType::F16); n], f16_q8_q4(&model).k.into_iter().zip(f16_q8_q4(&model).v).collect()]
+    {
+        for n_ctx in [1024, 3000] {
+            let p = ContextParams {
+                n_ctx,
+                n_batch: 512,
+                n_ubatch: 512,
+                flash_attn: FlashAttn::On,
+                ..with_layers(CacheType::F16, CacheType::F16, LayerCacheTypes::from_pairs(types.clone()))
+            };
+            let real = kvtuner::kv_layout::RuntimeKv::of(&Context::new(&model, &p).unwrap());
+            let sized = sizer.kv(&types, n_ctx).unwrap();
+            assert_eq!((sized.tensor_bytes, sized.values), (real.tensor_bytes, real.values), "{n_ctx} tokens");
+        }
+    }
+    let out = common::kvtuner(&["inspect", common::gemma_path().to_str().unwrap(), "--json"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let f16_1024 = json["kv"][0]["mib"][0].as_f64().unwrap();
+    let real = Context::new(
+        &model,
+        &ContextParams { n_ctx: 1024, n_batch: 512, n_ubatch: 512, ..params(CacheType::F16, CacheType::F16) },
+    )
+    .map(|c| kvtuner::kv_layout::RuntimeKv::of(&c).tensor_bytes)
+    .unwrap();
+    assert_eq!(f16_1024, real as f64 / 1048576.0, "inspect's f16 size at 1024 tokens");
+}

@@ -9,7 +9,7 @@ use super::runtime::{open, ProfileChoice};
 use crate::cli::ChatArgs;
 use kvtuner::cache_type::CacheType;
 use kvtuner::chat::{ChatSession, ReplyStats, Template};
-use kvtuner::kv_layout::{KvLayout, RuntimeKv};
+use kvtuner::kv_layout::{RuntimeKv, Sizer};
 use kvtuner::llama::{Context, SamplingParams};
 
 const HELP: &str =
@@ -19,21 +19,15 @@ pub fn run(args: ChatArgs) -> anyhow::Result<()> {
     let opened = open(&args.runtime)?;
     let model = &opened.model;
     let ctx = Context::new(model, &opened.params)?;
-    let layout = KvLayout::probe(model)?;
     let infos = ctx.layers();
     let types: Vec<(CacheType, CacheType)> =
         infos.iter().map(|i| i.map_or((CacheType::F16, CacheType::F16), |i| (i.type_k, i.type_v))).collect();
     let n_ctx = ctx.n_ctx();
     let bits = RuntimeKv::of(&ctx).bits_per_value();
     let applied = opened.applied_profile(&ctx);
-    // what an f16 cache of the same cells would take (sliding layers hold window + batch here)
-    let f16_bytes: u64 = layout
-        .layers
-        .iter()
-        .zip(&infos)
-        .filter_map(|(shape, info)| Some((shape.as_ref()?, info.as_ref()?)))
-        .map(|(s, i)| (s.k_dim + s.v_dim) * 2 * i.n_cells as u64)
-        .sum();
+    // what the runtime would allocate for an f16 cache of the same context
+    let f16_bytes =
+        Sizer::new(model.path())?.kv(&vec![(CacheType::F16, CacheType::F16); types.len()], n_ctx)?.tensor_bytes;
     let banner = format!(
         "profile: {} — {:.2} bits/value; KV {:.2} MiB at {n_ctx} tokens (f16: {:.2} MiB)",
         applied,

@@ -5,18 +5,18 @@ use super::runtime::read_model_header;
 use crate::cli::InspectArgs;
 use kvtuner::cache_type::CacheType;
 use kvtuner::gguf::GgufHeader;
-use kvtuner::kv_layout::KvLayout;
+use kvtuner::kv_layout::{KvLayout, RuntimeKv, Sizer};
 use kvtuner::llama::{Backend, Model, ModelParams};
 use kvtuner::profile::EmbeddedProfile;
 
 /// Contexts the memory table is shown at.
-const CONTEXTS: [u64; 3] = [1024, 8192, 32768];
+const CONTEXTS: [u32; 3] = [1024, 8192, 32768];
 
 #[derive(Serialize)]
 struct KvRow {
     config: String,
     bits_per_value: f64,
-    /// MiB at each of CONTEXTS.
+    /// MiB of K/V tensors at each of CONTEXTS, as the runtime sizes them.
     mib: Vec<f64>,
 }
 
@@ -40,7 +40,7 @@ struct Inspection {
     global_layers: Vec<usize>,
     layout: KvLayout,
     embedded_profile: Option<EmbeddedProfile>,
-    contexts: Vec<u64>,
+    contexts: Vec<u32>,
     kv: Vec<KvRow>,
 }
 
@@ -65,14 +65,18 @@ pub fn run(args: InspectArgs) -> anyhow::Result<()> {
         let types = p.layers.iter().map(|(k, v)| (k.unwrap_or(CacheType::F16), v.unwrap_or(CacheType::F16))).collect();
         configs.push((format!("profile {}", p.name.as_deref().unwrap_or("unnamed")), types));
     }
-    let kv = configs
-        .iter()
-        .map(|(name, types)| KvRow {
+    // sizes as the runtime allocates them (its cell padding, sliding windows of window + ubatch),
+    // read from contexts it sizes without allocating
+    let sizer = Sizer::new(&args.model)?;
+    let mut kv = Vec::new();
+    for (name, types) in &configs {
+        let at: Vec<RuntimeKv> = CONTEXTS.iter().map(|&c| sizer.kv(types, c)).collect::<Result<_, _>>()?;
+        kv.push(KvRow {
             config: name.clone(),
-            bits_per_value: layout.bits_per_value(types, CONTEXTS[0]),
-            mib: CONTEXTS.iter().map(|&c| layout.bytes(types, c) as f64 / 1048576.0).collect(),
-        })
-        .collect();
+            bits_per_value: at[0].bits_per_value(),
+            mib: at.iter().map(|k| k.tensor_bytes as f64 / 1048576.0).collect(),
+        });
+    }
 
     let which = |sliding: bool| -> Vec<usize> {
         layout

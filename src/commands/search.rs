@@ -168,7 +168,11 @@ pub fn run(args: SearchArgs) -> anyhow::Result<()> {
         let written = kvtuner::profile::Profile::load(out)?;
         let types: Vec<_> = written.layers.iter().map(|l| (l.k, l.v)).collect();
         let kld = cal.confirm(&types, s)?;
-        eprintln!("confirmed: {} measured again on {label}: KLD {kld:.6} (recorded {:.6})", out.display(), s.chosen.kld());
+        eprintln!(
+            "confirmed: {} measured again on {label}: KLD {kld:.6} (recorded {:.6})",
+            out.display(),
+            s.chosen.kld()
+        );
         let msg =
             format!("wrote {} ({}, {:.2} bits/value)", out.display(), profile.summary(), s.chosen.kv.bits_per_value());
         if args.json {

@@ -53,11 +53,14 @@ pub struct ModelParams {
     /// Layers to offload to the GPU (`-ngl`); -1 = all.
     pub n_gpu_layers: i32,
     pub use_mmap: bool,
+    /// Metadata only (llama.cpp's `no_alloc`): no weights are read and contexts of this model
+    /// allocate no buffers, but report the sizes they would allocate (`Context::layers`).
+    pub metadata_only: bool,
 }
 
 impl Default for ModelParams {
     fn default() -> Self {
-        ModelParams { n_gpu_layers: 0, use_mmap: true }
+        ModelParams { n_gpu_layers: 0, use_mmap: true, metadata_only: false }
     }
 }
 
@@ -100,7 +103,9 @@ impl Model {
         // Safety: returns a plain struct of defaults.
         let mut mp = unsafe { sys::llama_model_default_params() };
         mp.n_gpu_layers = params.n_gpu_layers;
-        if !params.use_mmap {
+        mp.no_alloc = params.metadata_only;
+        // llama.cpp's memory-fit pass maps nothing: no_alloc goes with the plain load mode
+        if !params.use_mmap || params.metadata_only {
             mp.load_mode = sys::LLAMA_LOAD_MODE_NONE;
         }
         take_recent_log();
