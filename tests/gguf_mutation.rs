@@ -370,7 +370,7 @@ fn seeds(dir: &Path) -> Vec<Seed> {
             out.push(seed("gemma-256k-repaired", whole, 5));
             out.push(seed("gemma-256k-cut", prefix, 5));
         }
-        None => eprintln!("gguf mutation: no cached Gemma 3 270M, its header is not among the seeds"),
+        None => report("gguf mutation: no cached Gemma 3 270M, its header is not among the seeds"),
     }
     out
 }
@@ -547,6 +547,13 @@ struct Counts {
     max_held: usize,
 }
 
+/// A line on stderr that shows in `cargo test`'s output although the test passes (the harness
+/// captures only the print macros).
+fn report(line: &str) {
+    use std::io::Write as _;
+    let _ = writeln!(std::io::stderr(), "{line}");
+}
+
 fn env_u64(name: &str, default: u64) -> u64 {
     std::env::var(name).ok().and_then(|s| s.parse().ok()).unwrap_or(default)
 }
@@ -649,7 +656,7 @@ fn gguf_reader_survives_a_mutation_corpus() {
     };
     let secs = start.elapsed().as_secs_f64();
     assert!(!REFUSED.load(Ordering::SeqCst));
-    eprintln!(
+    report(&format!(
         "gguf mutation: {} inputs, {} rejected with errors, {} parsed, in {secs:.1} s \
          (seeds: {}; most memory held while reading one: {} KiB)",
         counts.inputs,
@@ -657,7 +664,7 @@ fn gguf_reader_survives_a_mutation_corpus() {
         counts.parsed,
         seeds.iter().map(|s| format!("{} {} B", s.name, s.bytes.len())).collect::<Vec<_>>().join(", "),
         counts.max_held >> 10,
-    );
+    ));
     assert_eq!(counts.inputs, n_inputs);
     assert!(counts.inputs >= 100_000 || std::env::var_os("KVTUNER_MUTATION_INPUTS").is_some());
     assert!(counts.parsed > 0 && counts.rejected > 0, "the corpus should hold both kinds of input: {counts:?}");
