@@ -10,7 +10,9 @@
 # that is fattn.cu, fattn-gqa-fuse.cu, ggml-cuda.cu and the fattn-vec template instance of every
 # pair in src/cuda_fa_pairs.txt (they include fattn-vec.cuh -> fattn-vec-gqa.cuh, and each
 # instantiates the GQA decode kernel for its K/V types); CMake builds only those instances, as
-# GGML_CUDA_FA_QUANTS is set from the same list as build.rs and pack.sh set it.
+# GGML_CUDA_FA_QUANTS is set from the same list as build.rs and pack.sh set it. Only files under
+# ggml/src/ggml-cuda count as touched: a patch to a header every TU includes (ggml.h) would make
+# this the whole library, which 2 cores cannot build within CI's time.
 #
 # Flags: exactly CMake's, from compile_commands.json of a configure with the options every CUDA
 # build of ours uses (scripts/gpu/cmake-cuda-options.txt, CMAKE_CUDA_ARCHITECTURES=90).
