@@ -2,9 +2,10 @@
 # Builds the CUDA shared libraries of the patched llama.cpp tree on this machine (no GPU needed),
 # so that the lent GPU machine only measures: `PREBUILT=<out>/build/bin scripts/gpu/pack.sh`.
 # nvcc, the CUDA runtime and cuBLAS come from NVIDIA's PyPI wheels (13.0, the device's version)
-# unpacked into CUDA_HOME (default /opt/cuda13); libcuda.so is a link-time stub (the real driver
-# library is on the device; --no-as-needed keeps the stub's libcuda.so.1 among the needed libraries
-# although it defines none of the driver's symbols). Incremental: a second run rebuilds what changed (ninja + ccache).
+# unpacked into CUDA_HOME (default /opt/cuda13) by install-nvcc.sh; libcuda.so is a link-time stub
+# (the real driver library is on the device; --no-as-needed keeps the stub's libcuda.so.1 among the
+# needed libraries although it defines none of the driver's symbols). Incremental: a second run
+# rebuilds what changed (ninja + ccache).
 #
 #   scripts/gpu/build-cuda-here.sh [OUT_DIR]     (default target/cuda-here)
 set -euo pipefail
@@ -12,19 +13,7 @@ root=$(cd "$(dirname "$0")/../.." && pwd)
 out=${1:-$root/target/cuda-here}
 cuda=${CUDA_HOME:-/opt/cuda13}
 
-if [ ! -x "$cuda/bin/nvcc" ]; then
-    tmp=$(mktemp -d) && trap 'rm -rf "$tmp"' EXIT
-    python3 -m pip download -q --no-deps -d "$tmp" "nvidia-cuda-nvcc==13.0.*" "nvidia-cuda-runtime==13.0.*" \
-        "nvidia-cublas==13.0.*" "nvidia-cuda-cccl==13.0.*" "nvidia-nvvm==13.0.*" "nvidia-cuda-crt==13.0.*"
-    for w in "$tmp"/*.whl; do python3 -m zipfile -e "$w" "$tmp/x"; done
-    mkdir -p "$(dirname "$cuda")" && rm -rf "$cuda" && mv "$tmp/x/nvidia/cu13" "$cuda"
-    chmod +x "$cuda"/bin/* "$cuda"/nvvm/bin/*
-    ln -sfn lib "$cuda/lib64"
-    (cd "$cuda/lib" && ln -sf libcudart.so.13 libcudart.so && ln -sf libcublas.so.13 libcublas.so && ln -sf libcublasLt.so.13 libcublasLt.so)
-    mkdir -p "$cuda/lib/stubs"
-    echo 'void kvtuner_libcuda_stub(void) {}' > "$tmp/stub.c"
-    gcc -shared -fPIC -Wl,-soname,libcuda.so.1 -o "$cuda/lib/stubs/libcuda.so" "$tmp/stub.c"
-fi
+"$root/scripts/gpu/install-nvcc.sh" "$cuda"
 command -v ninja > /dev/null || python3 -m pip install -q ninja
 
 # the same tree and flash-attention pairs the device would build (pack.sh)
