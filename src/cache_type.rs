@@ -20,14 +20,21 @@ pub enum CacheType {
     Q8_0 = 8,
     Iq4Nl = 20,
     Bf16 = 30,
+    /// ggml's 2-bit weight type (64 values, levels {-1, 0, 1, 2} × the block's max): a baseline
+    /// for the narrow cache types.
+    Q2_0 = 42,
+    /// kvtuner's 2-bit type for rotated caches (patch 0008): 64 values, 4 Gaussian levels, one scale.
+    Kv2 = 64,
+    /// kvtuner's 3-bit type for rotated caches (patch 0008): 64 values, 8 Gaussian levels, one scale.
+    Kv3 = 65,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("unknown KV cache type `{0}` (known: f32, f16, bf16, q8_0, q5_1, q5_0, q4_1, q4_0, iq4_nl)")]
+#[error("unknown KV cache type `{0}` (known: f32, f16, bf16, q8_0, q5_1, q5_0, q4_1, q4_0, iq4_nl, kv3, kv2, q2_0)")]
 pub struct UnknownCacheType(pub String);
 
 impl CacheType {
-    pub const ALL: [CacheType; 9] = [
+    pub const ALL: [CacheType; 12] = [
         CacheType::F32,
         CacheType::F16,
         CacheType::Bf16,
@@ -37,6 +44,9 @@ impl CacheType {
         CacheType::Q4_1,
         CacheType::Q4_0,
         CacheType::Iq4Nl,
+        CacheType::Kv3,
+        CacheType::Kv2,
+        CacheType::Q2_0,
     ];
 
     pub fn name(self) -> &'static str {
@@ -50,6 +60,9 @@ impl CacheType {
             CacheType::Q4_1 => "q4_1",
             CacheType::Q4_0 => "q4_0",
             CacheType::Iq4Nl => "iq4_nl",
+            CacheType::Kv3 => "kv3",
+            CacheType::Kv2 => "kv2",
+            CacheType::Q2_0 => "q2_0",
         }
     }
 
@@ -72,6 +85,8 @@ impl CacheType {
             CacheType::Q5_0 => (32, 22),
             CacheType::Q4_1 => (32, 20),
             CacheType::Q4_0 | CacheType::Iq4Nl => (32, 18),
+            CacheType::Kv3 => (64, 26),
+            CacheType::Kv2 | CacheType::Q2_0 => (64, 18),
         }
     }
 
@@ -119,6 +134,23 @@ impl CacheType {
                     out.extend(qs.iter().map(|&q| value(q & 0x0f)));
                     out.extend(qs.iter().map(|&q| value(q >> 4)));
                 }
+                CacheType::Q2_0 => {
+                    let d = f16_at(b, 0);
+                    out.extend((0..64).map(|j| (((b[2 + j / 4] >> (2 * (j % 4))) & 3) as f32 - 1.0) * d));
+                }
+                CacheType::Kv2 | CacheType::Kv3 => {
+                    let d = f16_at(b, 0);
+                    let (levels, qs, qh): (&[f32], _, _) = if self == CacheType::Kv2 {
+                        (&KV2_LEVELS, &b[2..18], None)
+                    } else {
+                        (&KV3_LEVELS, &b[2..18], Some(&b[18..26]))
+                    };
+                    out.extend((0..64).map(|j| {
+                        let low = (qs[j % 16] >> (2 * (j / 16))) & 3;
+                        let high = qh.map_or(0, |h: &[u8]| ((h[j % 8] >> (j / 8)) & 1) << 2);
+                        levels[(low | high) as usize] * d
+                    }));
+                }
                 CacheType::Q5_0 | CacheType::Q5_1 => {
                     let d = f16_at(b, 0);
                     let (m, rest) =
@@ -134,6 +166,10 @@ impl CacheType {
         out
     }
 }
+
+/// kv2's and kv3's levels: Lloyd-Max levels of a unit Gaussian (ggml's kvalues_kv2/kv3, patch 0008).
+const KV2_LEVELS: [f32; 4] = [-1.5104, -0.4528, 0.4528, 1.5104];
+const KV3_LEVELS: [f32; 8] = [-2.1519, -1.3439, -0.7560, -0.2451, 0.2451, 0.7560, 1.3439, 2.1519];
 
 /// iq4_nl's non-uniform 4-bit levels (ggml's kvalues_iq4nl).
 const IQ4_NL_LEVELS: [i8; 16] = [-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113];
@@ -217,6 +253,11 @@ mod tests {
                 CacheType::F16 | CacheType::Bf16 => 0.02,
                 CacheType::Q8_0 => 0.025,
                 CacheType::Q5_0 | CacheType::Q5_1 => 0.35,
+                // 8 and 4 Gaussian levels scaled by the RMS: the largest values are clipped
+                CacheType::Kv3 => 1.1,
+                CacheType::Kv2 => 2.2,
+                // levels at 0, ±max: everything between 0 and max/2 rounds to one of them
+                CacheType::Q2_0 => 2.6,
                 _ => 0.65,
             };
             for (i, (a, b)) in x.iter().zip(&y).enumerate() {

@@ -517,8 +517,10 @@ fn map_bits(bits: i64) -> Option<(CacheType, bool)> {
         // q5_0 stores 5.5 bits/value; llama.cpp has no 6-bit cache type.
         6 | 5 => Some((CacheType::Q5_0, false)),
         4 => Some((CacheType::Q4_0, false)),
-        // q4_0 is the smallest type llama.cpp's cache supports.
-        1..=3 => Some((CacheType::Q4_0, true)),
+        // kvtuner's narrow types for rotated caches (patch 0008)
+        3 => Some((CacheType::Kv3, false)),
+        2 => Some((CacheType::Kv2, false)),
+        1 => Some((CacheType::Kv2, true)),
         _ => None,
     }
 }
@@ -631,7 +633,7 @@ pub fn import_kvtuner(
     let mut description = format!("Imported from KVTuner preset `{file}`.");
     if !raised.is_empty() {
         description.push_str(&format!(
-            " {}-bit layers were raised to q4_0, the smallest llama.cpp cache type.",
+            " {}-bit layers were raised to kv2, the narrowest cache type (2 bits plus a scale).",
             raised.join("/")
         ));
     }
@@ -706,9 +708,9 @@ mod tests {
         assert_eq!(map_bits(6), Some((CacheType::Q5_0, false)));
         assert_eq!(map_bits(5), Some((CacheType::Q5_0, false)));
         assert_eq!(map_bits(4), Some((CacheType::Q4_0, false)));
-        for b in 1..=3 {
-            assert_eq!(map_bits(b), Some((CacheType::Q4_0, true)));
-        }
+        assert_eq!(map_bits(3), Some((CacheType::Kv3, false)));
+        assert_eq!(map_bits(2), Some((CacheType::Kv2, false)));
+        assert_eq!(map_bits(1), Some((CacheType::Kv2, true)));
         for b in [0, 7, 9, 32, -4] {
             assert_eq!(map_bits(b), None);
         }

@@ -1,5 +1,6 @@
 use anyhow::Context as _;
 use comfy_table::Table;
+use kvtuner::cache_type::CacheType;
 
 use super::runtime::read_identity;
 use crate::cli::ProfileCommand;
@@ -22,7 +23,13 @@ pub fn run(cmd: ProfileCommand) -> anyhow::Result<()> {
                     m.to_type.name(),
                     m.k_layers,
                     m.v_layers,
-                    if m.raised { "  raised: llama.cpp has no KV cache type this narrow" } else { "" }
+                    if m.raised {
+                        "  raised: no KV cache type is this narrow"
+                    } else if matches!(m.to_type, CacheType::Kv2 | CacheType::Kv3) {
+                        "  kvtuner's narrow type for rotated caches (patch 0008), no longer raised to q4_0"
+                    } else {
+                        ""
+                    }
                 );
             }
             profile.save(&output)?;
