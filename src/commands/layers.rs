@@ -53,7 +53,7 @@ pub fn run(args: LayersArgs) -> anyhow::Result<()> {
         .collect();
     if !fallback.is_empty() {
         println!(
-            "attention of layers {} runs on another device than the layer's: no flash-attention kernel there for their K-V pair",
+            "layers {}: their device has no native flash-attention kernel for their K-V pair (the attention runs elsewhere or on a converted cache; see the warning above)",
             fallback.join(",")
         );
     }
