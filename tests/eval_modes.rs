@@ -59,7 +59,7 @@ fn tiled_cpu_flash_attention_keeps_f16_exact_and_quantized_close() {
         let out = std::process::Command::new(env!("CARGO_BIN_EXE_kvtuner"))
             .env("GGML_CPU_FA_TILED_QUANT", tiled)
             .args(["ab", "-m", model.to_str().unwrap(), "--text", text.to_str().unwrap(), "-c", "256"])
-            .args(["--chunks", "2", "--no-speed", "-fa", "on", "--against", "f16,q8_0/q4_0,q4_0,f16/q8_0"])
+            .args(["--chunks", "2", "--no-speed", "-fa", "on", "--against", "f16,q8_0/q4_0,q4_0,f16/q8_0,kv3,q8_0/kv2"])
             .args(["--json", json.to_str().unwrap()])
             .output()
             .unwrap();
@@ -73,7 +73,9 @@ fn tiled_cpu_flash_attention_keeps_f16_exact_and_quantized_close() {
     let (tiled, one_row) = (run("1"), run("0"));
     // 128-token ubatches: the prefill runs on 64-row tiles; f16 took the tiled path before too.
     assert_eq!(tiled[0]["ppl"], one_row[0]["ppl"], "f16 baseline must be bit-identical");
-    for i in 1..4 {
+    // kv3 and kv2 (patch 0008): the one-row path's dot product of kv keys with q8_0 queries
+    // against the tiled path's dequantized keys
+    for i in 1..6 {
         let (a, b) = (tiled[i]["kld_mean"].as_f64().unwrap(), one_row[i]["kld_mean"].as_f64().unwrap());
         assert!(a > 0.0 && b > 0.0, "{}: {a} {b}", tiled[i]["name"]);
         assert!((a / b - 1.0).abs() < 0.25, "{}: tiled {a} vs one-row {b}", tiled[i]["name"]);
