@@ -186,12 +186,18 @@ fn import(
 fn imports_yaml_preset_with_mapping_report() {
     let text = "0: {nbits_key: 8, nbits_value: 4}\n\
                 1: {nbits_key: 16, nbits_value: 2}\n\
-                '2': {nbits_key: 6, nbits_value: 4, residual_length: 32}\n";
+                '2': {nbits_key: 6, nbits_value: 4, residual_length: 32}\n\
+                3: {nbits_key: 3, nbits_value: 1}\n";
     let (p, report) = import(text, "preset.yaml", None).unwrap();
     let types: Vec<(CacheType, CacheType)> = p.layers.iter().map(|l| (l.k, l.v)).collect();
     assert_eq!(
         types,
-        [(CacheType::Q8_0, CacheType::Q4_0), (CacheType::F16, CacheType::Q4_0), (CacheType::Q5_0, CacheType::Q4_0),]
+        [
+            (CacheType::Q8_0, CacheType::Q4_0),
+            (CacheType::F16, CacheType::Kv2),
+            (CacheType::Q5_0, CacheType::Q4_0),
+            (CacheType::Kv3, CacheType::Kv2)
+        ]
     );
     let rows: Vec<_> = report.iter().map(|m| (m.from_bits, m.to_type, m.raised, m.k_layers, m.v_layers)).collect();
     assert_eq!(
@@ -201,7 +207,9 @@ fn imports_yaml_preset_with_mapping_report() {
             (8, CacheType::Q8_0, false, 1, 0),
             (6, CacheType::Q5_0, false, 1, 0),
             (4, CacheType::Q4_0, false, 0, 2),
-            (2, CacheType::Q4_0, true, 0, 1),
+            (3, CacheType::Kv3, false, 1, 0),
+            (2, CacheType::Kv2, false, 0, 1),
+            (1, CacheType::Kv2, true, 0, 1),
         ]
     );
     assert_eq!(p.name, "preset");
