@@ -41,23 +41,7 @@ for p in "${series[@]}"; do
     (cd "$tmp/patched" && GIT_CEILING_DIRECTORIES="$tmp" git apply -p1 "$root/patches/$p")
 done
 mkdir -p "$out/src"
-python3 - "$tmp/patched" "$out/src" <<'PY'
-import filecmp, os, shutil, sys
-new, src = sys.argv[1:]
-for d, _, files in os.walk(new):
-    for f in files:
-        a = os.path.join(d, f)
-        b = os.path.join(src, os.path.relpath(a, new))
-        if not os.path.exists(b) or not filecmp.cmp(a, b, shallow=False):
-            os.makedirs(os.path.dirname(b), exist_ok=True)
-            shutil.copy2(a, b)
-            os.utime(b)
-for d, _, files in os.walk(src):  # files a patch no longer adds
-    for f in files:
-        b = os.path.join(d, f)
-        if not os.path.exists(os.path.join(new, os.path.relpath(b, src))):
-            os.remove(b)
-PY
+python3 "$root/scripts/sync-tree.py" "$tmp/patched" "$out/src"
 
 # configure (incremental after the first run; re-globs the sources and takes new pairs)
 pairs=$(grep -v '^#' "$root/src/cuda_fa_pairs.txt" | awk 'NF==2 {printf "%s%s-%s", (n++ ? ";" : ""), $1, $2}')

@@ -20,18 +20,7 @@ command -v ninja > /dev/null || python3 -m pip install -q ninja
 bash "$root/scripts/gpu/pack.sh" > /dev/null
 mkdir -p "$out/src" "$out/new" && rm -rf "$out/new"/* && tar xzf "$root/.device-carry/patched.tgz" -C "$out/new"
 # copy only what changed, so ninja rebuilds only that (pack.sh gives every file a new mtime)
-python3 - "$out/new" "$out/src" <<'PY'
-import filecmp, os, shutil, sys
-new, src = sys.argv[1:]
-for d, _, files in os.walk(new):
-    for f in files:
-        a = os.path.join(d, f)
-        b = os.path.join(src, os.path.relpath(a, new))
-        if not os.path.exists(b) or not filecmp.cmp(a, b, shallow=False):
-            os.makedirs(os.path.dirname(b), exist_ok=True)
-            shutil.copy2(a, b)
-            os.utime(b)
-PY
+python3 "$root/scripts/sync-tree.py" "$out/new" "$out/src"
 export PATH=$cuda/bin:$PATH CUDACXX=$cuda/bin/nvcc
 if [ ! -f "$out/build/CMakeCache.txt" ]; then
     # the options shared with device-run.sh, plus: this machine's toolchain, a CPU baseline the
