@@ -196,6 +196,10 @@ fn tune_never_keeps_a_profile_that_measures_worse_than_uniform() {
     other[lowered] = (CacheType::Q4_0, CacheType::Q4_0);
     let err = cal.confirm(&other, sel).unwrap_err().to_string();
     assert!(err.contains("measured again") && err.contains("recorded"), "{err}");
+    // a configuration that measures *better* than recorded (all f16) is refused too: the file
+    // must be what was measured, not merely below the uniform cache
+    let f16 = vec![(CacheType::F16, CacheType::F16); chosen.len()];
+    assert!(cal.confirm(&f16, sel).is_err(), "a configuration other than the recorded one was confirmed");
 
     // At exactly all-q4_0's size nothing but uniform q4_0 fits: the tool keeps it and says so.
     opts.budget_bits = 4.5;

@@ -50,8 +50,8 @@ struct Row {
     /// Peak resident memory of the process after the quality runs.
     eval_peak_rss_bytes: Option<u64>,
     speed: Vec<SpeedAtDepth>,
-    /// Layers whose attention the runtime runs on another device than the layer's: that device
-    /// has no flash-attention kernel for the K-V pair (read back from the runtime, patch 0007).
+    /// Layers whose device has no native flash-attention kernel for their K-V pair (runs elsewhere
+    /// or on a converted cache; read back from the runtime, patch 0007).
     gpu_pairs_without_kernel: Vec<usize>,
 }
 

@@ -113,8 +113,9 @@ pub struct KvLayerInfo {
     pub bytes_v: u64,
     pub n_cells: u32,
     pub is_swa: bool,
-    /// The layer's attention runs on another device than the layer's, which has no
-    /// flash-attention kernel for the K/V pair (patch 0007 warns at context creation).
+    /// The layer's device has no native flash-attention kernel for its K/V pair: the attention
+    /// runs on another device, or (CUDA) on a cache converted to f16 at every step. Patch 0007
+    /// warns at context creation.
     pub attn_fallback: bool,
 }
 
