@@ -140,7 +140,7 @@ impl CacheType {
                 }
                 CacheType::Kv2 | CacheType::Kv3 => {
                     let d = f16_at(b, 0);
-                    let (levels, qs, qh): (&[f32], _, _) = if self == CacheType::Kv2 {
+                    let (levels, qs, qh): (&[i8], _, _) = if self == CacheType::Kv2 {
                         (&KV2_LEVELS, &b[2..18], None)
                     } else {
                         (&KV3_LEVELS, &b[2..18], Some(&b[18..26]))
@@ -148,7 +148,7 @@ impl CacheType {
                     out.extend((0..64).map(|j| {
                         let low = (qs[j % 16] >> (2 * (j / 16))) & 3;
                         let high = qh.map_or(0, |h: &[u8]| ((h[j % 8] >> (j / 8)) & 1) << 2);
-                        levels[(low | high) as usize] * d
+                        levels[(low | high) as usize] as f32 * d
                     }));
                 }
                 CacheType::Q5_0 | CacheType::Q5_1 => {
@@ -167,9 +167,10 @@ impl CacheType {
     }
 }
 
-/// kv2's and kv3's levels: Lloyd-Max levels of a unit Gaussian (ggml's kvalues_kv2/kv3, patch 0008).
-const KV2_LEVELS: [f32; 4] = [-1.5104, -0.4528, 0.4528, 1.5104];
-const KV3_LEVELS: [f32; 8] = [-2.1519, -1.3439, -0.7560, -0.2451, 0.2451, 0.7560, 1.3439, 2.1519];
+/// kv2's and kv3's levels: the Lloyd-Max levels of a unit Gaussian times 84.08 / 58, rounded
+/// (ggml's kvalues_kv2/kv3, patch 0008).
+const KV2_LEVELS: [i8; 4] = [-127, -38, 38, 127];
+const KV3_LEVELS: [i8; 8] = [-125, -78, -44, -14, 14, 44, 78, 125];
 
 /// iq4_nl's non-uniform 4-bit levels (ggml's kvalues_iq4nl).
 const IQ4_NL_LEVELS: [i8; 16] = [-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113];
