@@ -80,12 +80,51 @@ impl Template {
         }
     }
 
-    fn stop(&self) -> &'static [&'static str] {
+    /// Strings that end a reply (not part of it).
+    pub fn stop(&self) -> &'static [&'static str] {
         match self {
             Template::Llama(_) => &[],
             Template::Plain => &["\nUser:", "\nuser:"],
         }
     }
+
+    /// `messages` as this template renders them, ending where the assistant's reply begins.
+    pub fn render(&self, model: &Model, messages: &[ChatMessage]) -> Result<String, TemplateError> {
+        match self {
+            Template::Llama(name) => model.apply_chat_template(name.as_deref(), messages, true),
+            Template::Plain => {
+                let mut text = String::new();
+                for m in messages {
+                    match m.role.as_str() {
+                        "system" => text.push_str(&format!("{}\n\n", m.content)),
+                        "user" => text.push_str(&format!("User: {}\n", m.content)),
+                        _ => text.push_str(&format!("Assistant: {}\n", m.content)),
+                    }
+                }
+                text.push_str("Assistant:");
+                Ok(text)
+            }
+        }
+    }
+
+    /// The template for `model`: the built-in `name` (`plain` for a transcript), else the model's
+    /// own, else a plain transcript (base models have no template; an instruction template
+    /// serves them worse).
+    pub fn for_model(model: &Model, name: Option<&str>) -> Template {
+        match (name, model.chat_template()) {
+            (Some("plain"), _) => Template::Plain,
+            (Some(t), _) => Template::Llama(Some(t.to_string())),
+            (None, Some(_)) => Template::Llama(None),
+            (None, None) => Template::Plain,
+        }
+    }
+}
+
+/// Tokens of a rendered conversation: the template writes BOS itself when the model wants one,
+/// and its control tokens (e.g. `<start_of_turn>`) are parsed.
+pub fn prompt_tokens(model: &Model, text: &str) -> Result<Vec<Token>, TokenizeError> {
+    let with_bos = !text.starts_with("<bos>") && !text.starts_with("<s>");
+    model.tokenize(text, with_bos, true)
 }
 
 pub struct ChatSession<'m> {
@@ -149,28 +188,11 @@ impl<'m> ChatSession<'m> {
 
     /// The conversation as the template renders it (what the model reads next turn).
     pub fn prompt_text(&self) -> Result<String, ChatError> {
-        match &self.template {
-            Template::Llama(name) => Ok(self.model().apply_chat_template(name.as_deref(), &self.messages, true)?),
-            Template::Plain => {
-                let mut text = String::new();
-                for m in &self.messages {
-                    match m.role.as_str() {
-                        "system" => text.push_str(&format!("{}\n\n", m.content)),
-                        "user" => text.push_str(&format!("User: {}\n", m.content)),
-                        _ => text.push_str(&format!("Assistant: {}\n", m.content)),
-                    }
-                }
-                text.push_str("Assistant:");
-                Ok(text)
-            }
-        }
+        Ok(self.template.render(self.model(), &self.messages)?)
     }
 
     fn prompt_tokens(&self) -> Result<Vec<Token>, ChatError> {
-        let text = self.prompt_text()?;
-        // The template writes BOS itself when the model wants one; parse its control tokens.
-        let with_bos = !text.starts_with("<bos>") && !text.starts_with("<s>");
-        Ok(self.model().tokenize(&text, with_bos, true)?)
+        Ok(prompt_tokens(self.model(), &self.prompt_text()?)?)
     }
 
     /// Drops the oldest user/assistant turn (keeping a system prompt); false if none is left.
@@ -335,12 +357,12 @@ impl<'m> ChatSession<'m> {
     }
 }
 
-fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+pub(crate) fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
     hay.windows(needle.len()).position(|w| w == needle)
 }
 
 /// Length of the longest suffix of `text` that is a proper prefix of `stop`.
-fn partial_suffix(text: &[u8], stop: &[u8]) -> usize {
+pub(crate) fn partial_suffix(text: &[u8], stop: &[u8]) -> usize {
     (1..stop.len().min(text.len() + 1)).rev().find(|&n| text.ends_with(&stop[..n])).unwrap_or(0)
 }
 

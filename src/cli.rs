@@ -46,6 +46,9 @@ pub enum Command {
     Ab(AbArgs),
     /// Chat with a model; its embedded cache profile is applied automatically.
     Chat(ChatArgs),
+    /// OpenAI-compatible HTTP server (chat, completions, streaming) with the model's cache
+    /// profile; many requests decoded side by side.
+    Serve(ServeArgs),
 }
 
 #[derive(Debug, Args)]
@@ -449,4 +452,37 @@ fn model_arg(spec: &str) -> Result<PathBuf, String> {
         // A missing file is reported by whoever opens it, with the usual message.
         None => Ok(path),
     }
+}
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Model and cache flags; `-c` is the context of one slot (the context holds SLOTS × it).
+    #[command(flatten)]
+    pub runtime: RuntimeArgs,
+    /// Slots: requests decoded side by side (one sequence each).
+    #[arg(long = "parallel", visible_alias = "np", default_value_t = 4)]
+    pub parallel: u32,
+    #[arg(long, default_value = "127.0.0.1")]
+    pub host: String,
+    /// Port (0 = any free port; the log says which).
+    #[arg(long, default_value_t = 8080)]
+    pub port: u16,
+    /// Require `Authorization: Bearer KEY` on every route but /health and the page.
+    #[arg(long = "api-key", env = "KVTUNER_API_KEY")]
+    pub api_key: Option<String>,
+    /// Requests that may wait for a free slot; more get 503 with Retry-After.
+    #[arg(long, default_value_t = 64)]
+    pub queue: usize,
+    /// Largest request body in bytes.
+    #[arg(long, default_value_t = 4 << 20)]
+    pub body_limit: usize,
+    /// Seconds a client may take to send its request body (slow clients get 408).
+    #[arg(long, default_value_t = 30)]
+    pub body_timeout: u64,
+    /// Seconds in-flight requests may take to finish after SIGINT/SIGTERM.
+    #[arg(long, default_value_t = 30)]
+    pub drain_timeout: u64,
+    /// Chat template: a llama.cpp built-in name, or `plain` (the default for models without one).
+    #[arg(long)]
+    pub template: Option<String>,
 }

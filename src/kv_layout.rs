@@ -98,8 +98,19 @@ impl Sizer {
 
     /// The KV cache of a context of `n_ctx` tokens (steps of [`RUNTIME_UBATCH`]) with `types`.
     pub fn kv(&self, types: &[(CacheType, CacheType)], n_ctx: u32) -> Result<RuntimeKv, CreateContextError> {
+        self.kv_sequences(types, n_ctx, 1)
+    }
+
+    /// [`Sizer::kv`] of a context shared by `n_seq` sequences (`n_ctx` in all; a server's slots).
+    pub fn kv_sequences(
+        &self,
+        types: &[(CacheType, CacheType)],
+        n_ctx: u32,
+        n_seq: u32,
+    ) -> Result<RuntimeKv, CreateContextError> {
         let params = ContextParams {
             n_ctx,
+            n_seq_max: n_seq,
             n_batch: RUNTIME_UBATCH.min(n_ctx),
             n_ubatch: RUNTIME_UBATCH.min(n_ctx),
             flash_attn: crate::llama::FlashAttn::On,

@@ -1,7 +1,7 @@
 //! kvtuner: layer-wise mixed-precision KV cache for llama.cpp.
 //!
 //! Layers, top to bottom (each uses only those below it):
-//! `calibrate`, `search`, `eval`, `bench`, `profile`, `report` → `llama` (safe wrapper over the
+//! `serve` (OpenAI-compatible server), `calibrate`, `search`, `eval`, `bench`, `profile`, `report` → `llama` (safe wrapper over the
 //! patched runtime), `gguf` (read/write), `synth` (random-weight models), `assets` (real data).
 
 pub mod assets;
@@ -18,6 +18,7 @@ pub mod report;
 pub mod search;
 pub mod select;
 pub mod sensitivity;
+pub mod serve;
 pub mod synth;
 pub mod tune;
 

@@ -24,7 +24,9 @@ fn main() -> std::process::ExitCode {
 /// `-ctk q8_0`); clap's short flags are one letter, so accept those spellings here.
 fn llama_style_args(args: impl Iterator<Item = std::ffi::OsString>) -> Vec<std::ffi::OsString> {
     args.map(|a| match a.to_str() {
-        Some("-ngl") | Some("-fa") | Some("-ctk") | Some("-ctv") => format!("-{}", a.to_string_lossy()).into(),
+        Some("-ngl") | Some("-fa") | Some("-ctk") | Some("-ctv") | Some("-np") => {
+            format!("-{}", a.to_string_lossy()).into()
+        }
         _ => a,
     })
     .collect()

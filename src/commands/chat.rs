@@ -42,17 +42,10 @@ pub fn run(args: ChatArgs) -> anyhow::Result<()> {
         min_p: args.min_p,
         seed: args.seed,
     };
-    let template = match (&args.template, model.chat_template()) {
-        (Some(t), _) if t == "plain" => Template::Plain,
-        (Some(t), _) => Template::Llama(Some(t.clone())),
-        (None, Some(_)) => Template::Llama(None),
-        (None, None) => {
-            // No tokenizer.chat_template usually means a base model: a plain transcript works
-            // better for those than any instruction template.
-            eprintln!("note: the model has no chat template; using a plain `User:`/`Assistant:` transcript (choose one with --template NAME)");
-            Template::Plain
-        }
-    };
+    let template = Template::for_model(model, args.template.as_deref());
+    if template == Template::Plain && args.template.is_none() {
+        eprintln!("note: the model has no chat template; using a plain `User:`/`Assistant:` transcript (choose one with --template NAME)");
+    }
     let mut session = ChatSession::new(ctx, sampling, template, args.system.clone());
     session.max_reply_tokens = args.n_predict;
 

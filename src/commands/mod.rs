@@ -10,6 +10,7 @@ mod layers;
 mod profile;
 mod runtime;
 mod search;
+mod serve;
 mod synth;
 mod tune;
 
@@ -29,5 +30,6 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Tune(args) => tune::run(args),
         Command::Ab(args) => ab::run(args),
         Command::Chat(args) => chat::run(args),
+        Command::Serve(args) => serve::run(args),
     }
 }

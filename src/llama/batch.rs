@@ -16,6 +16,10 @@ pub struct Batch {
     capacity: usize,
 }
 
+// Safety: the batch owns its arrays (allocated by llama_batch_init, freed once in Drop) and has
+// no thread affinity; it is used from one thread at a time (&mut to fill it).
+unsafe impl Send for Batch {}
+
 impl Drop for Batch {
     fn drop(&mut self) {
         // Safety: `raw` came from llama_batch_init and is freed exactly once.

@@ -54,6 +54,9 @@ pub struct ContextParams {
     /// Full-size sliding-window cache (llama.cpp's default); kvtuner defaults to the window.
     pub swa_full: bool,
     pub offload_kqv: bool,
+    /// Sequences the context decodes side by side (a server's slots); `n_ctx` is shared among
+    /// them: each gets `n_ctx / n_seq_max` cells in a stream of its own (not unified).
+    pub n_seq_max: u32,
 }
 
 impl Default for ContextParams {
@@ -70,6 +73,7 @@ impl Default for ContextParams {
             no_kv_profile: false,
             swa_full: false,
             offload_kqv: true,
+            n_seq_max: 1,
         }
     }
 }
@@ -194,6 +198,11 @@ impl<'m> Context<'m> {
         cp.no_kv_profile = params.no_kv_profile;
         cp.swa_full = params.swa_full;
         cp.offload_kqv = params.offload_kqv;
+        cp.n_seq_max = params.n_seq_max.max(1);
+        if cp.n_seq_max > 1 {
+            // one stream per sequence: a sequence can never take another's cells
+            cp.kv_unified = false;
+        }
         cp.no_perf = false;
         if let Some((k, v)) = layer_ids {
             // The C API takes one length for both arrays.
@@ -223,6 +232,18 @@ impl<'m> Context<'m> {
     pub fn n_ctx(&self) -> u32 {
         // Safety: pure query on a valid context.
         unsafe { sys::llama_n_ctx(self.raw.as_ptr()) }
+    }
+
+    /// Cells each sequence may use (`n_ctx / n_seq_max`).
+    pub fn n_ctx_seq(&self) -> u32 {
+        // Safety: pure query on a valid context.
+        unsafe { sys::llama_n_ctx_seq(self.raw.as_ptr()) }
+    }
+
+    /// Sequences the context was created for.
+    pub fn n_seq_max(&self) -> u32 {
+        // Safety: pure query on a valid context.
+        unsafe { sys::llama_n_seq_max(self.raw.as_ptr()) }
     }
 
     pub fn set_threads(&mut self, n_threads: i32) {
@@ -335,6 +356,13 @@ impl<'m> Context<'m> {
     pub fn max_position(&self, seq: i32) -> i32 {
         // Safety: valid context and memory.
         unsafe { sys::llama_memory_seq_pos_max(sys::llama_get_memory(self.raw.as_ptr()), seq) }
+    }
+
+    /// Smallest position cached for `seq`, -1 when empty. A sliding-window cache forgets old
+    /// positions, so this says whether a cached prefix can still be continued.
+    pub fn min_position(&self, seq: i32) -> i32 {
+        // Safety: valid context and memory.
+        unsafe { sys::llama_memory_seq_pos_min(sys::llama_get_memory(self.raw.as_ptr()), seq) }
     }
 
     /// Saves the KV state and the tokens it holds.

@@ -1,0 +1,221 @@
+//! `kvtuner serve`: an OpenAI-compatible HTTP server. One engine thread owns the context (one
+//! sequence per slot, continuous batching, `engine`); axum serves the API (`http`, shapes in
+//! `api`) and Prometheus counters (`metrics`) on a tokio runtime; the model's cache profile is
+//! applied by the runtime and shown by `/props`, `/v1/models`, the startup log and the page.
+
+pub mod api;
+pub mod engine;
+pub mod http;
+pub mod metrics;
+
+use std::net::SocketAddr;
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+
+use crate::cache_type::CacheType;
+use crate::chat::Template;
+use crate::kv_layout::{RuntimeKv, Sizer};
+use crate::llama::{Context, ContextParams, CreateContextError, LoadModelError, Model};
+
+use engine::{Engine, EngineConfig};
+use metrics::{KvAccounting, Metrics};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error(transparent)]
+    Context(#[from] CreateContextError),
+    #[error("sizing the f16 comparison: {0}")]
+    Sizer(#[from] LoadModelError),
+    #[error("listening on {addr}: {source}")]
+    Bind { addr: String, source: std::io::Error },
+    #[error("the HTTP server: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("the engine thread panicked")]
+    EnginePanicked,
+}
+
+/// How to serve.
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    pub host: String,
+    /// 0 = any free port (the log says which).
+    pub port: u16,
+    pub api_key: Option<String>,
+    /// Requests that may wait for a slot before new ones get 503.
+    pub queue: usize,
+    /// Largest request body in bytes.
+    pub body_limit: usize,
+    /// Longest wait for a request body.
+    pub body_timeout: Duration,
+    /// After SIGINT/SIGTERM, how long in-flight requests may take to finish.
+    pub drain_timeout: Duration,
+    pub template: Option<String>,
+    /// The applied profile, as the caller describes it (e.g. `name (embedded in the model)`).
+    pub profile: String,
+}
+
+/// The model's id in the API: its file name without `.gguf`.
+pub fn model_id(model: &Model) -> String {
+    let path = model.path();
+    path.file_stem().map_or_else(|| path.display().to_string(), |s| s.to_string_lossy().into_owned())
+}
+
+/// What `/props` and the startup log say about the cache: the profile, every layer's types, and
+/// the KV bytes the runtime allocated for all slots at full load against an f16 cache.
+pub fn describe(ctx: &Context<'_>, profile: &str, queue: usize) -> Result<Value, ServeError> {
+    let model = ctx.model();
+    let infos = ctx.layers();
+    let types: Vec<(CacheType, CacheType)> =
+        infos.iter().map(|i| i.map_or((CacheType::F16, CacheType::F16), |i| (i.type_k, i.type_v))).collect();
+    let runtime = RuntimeKv::of(ctx);
+    let f16 = Sizer::new(model.path())?.kv_sequences(
+        &vec![(CacheType::F16, CacheType::F16); types.len()],
+        ctx.n_ctx(),
+        ctx.n_seq_max(),
+    )?;
+    let layers: Vec<Value> = infos
+        .iter()
+        .enumerate()
+        .map(|(il, info)| match info {
+            Some(i) => json!({ "layer": il, "k": i.type_k, "v": i.type_v, "sliding": i.is_swa, "cells": i.n_cells }),
+            None => json!({ "layer": il, "k": null, "v": null }),
+        })
+        .collect();
+    Ok(json!({
+        "model": model_id(model),
+        "description": model.description(),
+        "slots": ctx.n_seq_max(),
+        "ctx_per_slot": ctx.n_ctx_seq(),
+        "queue": queue,
+        "profile": {
+            "name": profile,
+            "bits_per_value": runtime.bits_per_value(),
+            "type_k": types.iter().map(|t| t.0).collect::<Vec<_>>(),
+            "type_v": types.iter().map(|t| t.1).collect::<Vec<_>>(),
+            "layers": layers,
+            "kv_bytes_full_load": runtime.tensor_bytes,
+            "kv_buffer_bytes": runtime.buffer_bytes,
+            "kv_bytes_f16": f16.tensor_bytes,
+            "ratio_to_f16": runtime.tensor_bytes as f64 / f16.tensor_bytes.max(1) as f64,
+        },
+    }))
+}
+
+/// Serves `model` until SIGINT/SIGTERM, then lets in-flight requests finish (up to the drain
+/// timeout). `params.n_seq_max` is the slot count, `params.n_ctx` the context of all slots.
+pub fn serve(model: &Model, params: &ContextParams, options: &ServeOptions) -> Result<(), ServeError> {
+    let ctx = Context::new(model, params)?;
+    let props = describe(&ctx, &options.profile, options.queue)?;
+    log_startup(&props);
+    let metrics = Arc::new(Metrics::default());
+    metrics.set_kv_allocated(KvAccounting::of(&ctx).allocated(ctx.n_seq_max() as usize));
+    let template = Template::for_model(model, options.template.as_deref());
+    if template == Template::Plain && options.template.is_none() {
+        tracing::info!("the model has no chat template: chat requests get a plain `User:`/`Assistant:` transcript");
+    }
+    let n_batch = params.n_batch.max(1) as usize;
+    let engine = Engine::new(ctx, EngineConfig { template, n_batch }, metrics.clone());
+    let (queue_tx, queue_rx) = std::sync::mpsc::sync_channel(options.queue);
+
+    let addr = format!("{}:{}", options.host, options.port);
+    let listener =
+        std::net::TcpListener::bind(&addr).map_err(|source| ServeError::Bind { addr: addr.clone(), source })?;
+    listener.set_nonblocking(true)?;
+    let local: SocketAddr = listener.local_addr()?;
+
+    let state = Arc::new(http::AppState {
+        queue: queue_tx,
+        metrics,
+        model_id: model_id(model),
+        props,
+        api_key: options.api_key.clone(),
+        body_limit: options.body_limit,
+        body_timeout: options.body_timeout,
+        serial: AtomicU64::new(1),
+    });
+    std::thread::scope(|scope| {
+        let engine_thread = scope.spawn(move || engine.run(queue_rx));
+        let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+        let served = runtime.block_on(async {
+            let listener = tokio::net::TcpListener::from_std(listener)?;
+            tracing::info!("listening on http://{local}");
+            let app = http::router(state);
+            let (drain_tx, drain_rx) = tokio::sync::oneshot::channel::<()>();
+            let server = axum::serve(listener, app).with_graceful_shutdown(async move {
+                shutdown_signal().await;
+                tracing::info!("shutting down: finishing in-flight requests");
+                let _ = drain_tx.send(());
+            });
+            let server = tokio::spawn(async move { server.await });
+            let drain = options.drain_timeout;
+            let bounded = async move {
+                // after the signal, in-flight requests get the drain timeout
+                if drain_rx.await.is_ok() {
+                    tokio::time::sleep(drain).await;
+                    tracing::warn!("drain timeout: dropping the requests still running");
+                } else {
+                    std::future::pending::<()>().await;
+                }
+            };
+            tokio::select! {
+                r = server => r.map_err(std::io::Error::other)?,
+                _ = bounded => Ok(()),
+            }
+        });
+        // dropping the runtime drops every handler, its channel and the queue's sender: the
+        // engine frees their slots and stops
+        drop(runtime);
+        engine_thread.join().map_err(|_| ServeError::EnginePanicked)?;
+        served.map_err(ServeError::Io)?;
+        tracing::info!("stopped");
+        Ok(())
+    })
+}
+
+fn log_startup(props: &Value) {
+    let p = &props["profile"];
+    let mib = |v: &Value| v.as_u64().unwrap_or(0) as f64 / 1048576.0;
+    tracing::info!(
+        "profile: {} — {:.2} bits/value; KV {:.2} MiB for {} slots × {} tokens at full load (f16: {:.2} MiB, {:.2}×)",
+        p["name"].as_str().unwrap_or("?"),
+        p["bits_per_value"].as_f64().unwrap_or(0.0),
+        mib(&p["kv_bytes_full_load"]),
+        props["slots"],
+        props["ctx_per_slot"],
+        mib(&p["kv_bytes_f16"]),
+        p["ratio_to_f16"].as_f64().unwrap_or(0.0),
+    );
+    let per_layer: Vec<String> = p["layers"]
+        .as_array()
+        .map(|ls| {
+            ls.iter()
+                .map(|l| match (l["k"].as_str(), l["v"].as_str()) {
+                    (Some(k), Some(v)) => format!("{k}/{v}"),
+                    _ => "-".into(),
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    tracing::info!("K/V types per layer: {}", per_layer.join(" "));
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+}

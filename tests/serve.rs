@@ -1,0 +1,470 @@
+//! `kvtuner serve` on Gemma 3 270M (annotated with the shipped profile), started on a free port
+//! of 127.0.0.1 and driven by real clients: the `openai` Python package, curl for raw
+//! server-sent events and the bad-input matrix, signals for the drain, headless Chromium for the
+//! page.
+
+mod common;
+
+use std::io::{BufRead as _, BufReader, Read as _, Write as _};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_kvtuner");
+const PROFILE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/profiles/gemma3-270m-6.5bpv.yaml");
+const CTX: u32 = 512;
+
+/// Gemma annotated with the shipped mixed profile, in `dir`.
+fn annotated(dir: &Path) -> PathBuf {
+    let out = dir.join("gemma-annotated.gguf");
+    let st = Command::new(BIN)
+        .args(["annotate", common::gemma_path().to_str().unwrap(), "--profile", PROFILE, "-o", out.to_str().unwrap()])
+        .stdout(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(st.success());
+    out
+}
+
+/// A running `kvtuner serve`; killed when dropped.
+struct Server {
+    child: Child,
+    addr: String,
+    log: Arc<Mutex<String>>,
+    /// `--api-key`, sent by [`Server::curl`].
+    key: Option<String>,
+}
+
+impl Server {
+    fn start(model: &Path, extra: &[&str]) -> Server {
+        let ctx = CTX.to_string();
+        // one thread per server: several servers share CI's 2 cores, and llama.cpp's spinning
+        // thread pool slows down many times when oversubscribed
+        let mut child = Command::new(BIN)
+            .args(["serve", "-m", model.to_str().unwrap(), "-c", &ctx, "--port", "0", "-t", "1"])
+            .args(extra)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let log = Arc::new(Mutex::new(String::new()));
+        let (tx, rx) = std::sync::mpsc::channel();
+        {
+            let log = log.clone();
+            let stderr = child.stderr.take().unwrap();
+            std::thread::spawn(move || {
+                for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                    if let Some(addr) = line.split("listening on http://").nth(1) {
+                        let _ = tx.send(addr.trim().to_string());
+                    }
+                    let mut log = log.lock().unwrap();
+                    log.push_str(&line);
+                    log.push('\n');
+                }
+            });
+        }
+        let addr = rx
+            .recv_timeout(Duration::from_secs(120))
+            .unwrap_or_else(|_| panic!("the server did not start:\n{}", log.lock().unwrap()));
+        let key = extra.iter().position(|a| *a == "--api-key").map(|i| extra[i + 1].to_string());
+        Server { child, addr, log, key }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    fn log(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+
+    /// `curl` with `args` (and the server's key) against `path`; returns (status, headers + body).
+    fn curl(&self, path: &str, args: &[&str]) -> (u16, String) {
+        let auth = self.key.as_ref().map(|k| format!("authorization: Bearer {k}"));
+        let mut with_key: Vec<&str> = args.to_vec();
+        if let Some(auth) = &auth {
+            with_key.extend(["-H", auth.as_str()]);
+        }
+        self.curl_without_key(path, &with_key)
+    }
+
+    fn curl_without_key(&self, path: &str, args: &[&str]) -> (u16, String) {
+        let out = Command::new("curl")
+            // no `Expect: 100-continue`: the status line read is the final one
+            .args(["-s", "-i", "--max-time", "120", "-H", "Expect:"])
+            .args(args)
+            .arg(self.url(path))
+            .output()
+            .expect("running curl");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let status = text.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+        (status, text)
+    }
+
+    fn post(&self, path: &str, body: &str) -> (u16, serde_json::Value) {
+        let (status, text) = self.curl(path, &["-H", "content-type: application/json", "--data-binary", body]);
+        let body = text.split("\r\n\r\n").nth(1).unwrap_or_default();
+        (status, serde_json::from_str(body).unwrap_or(serde_json::Value::Null))
+    }
+
+    fn get_json(&self, path: &str) -> serde_json::Value {
+        let (status, text) = self.curl(path, &[]);
+        assert_eq!(status, 200, "{text}");
+        serde_json::from_str(text.split("\r\n\r\n").nth(1).unwrap()).unwrap()
+    }
+
+    fn metric(&self, name: &str) -> f64 {
+        let (_, text) = self.curl("/metrics", &[]);
+        text.lines()
+            .find_map(|l| l.strip_prefix(name).and_then(|r| r.strip_prefix(' ')).and_then(|v| v.parse().ok()))
+            .unwrap_or_else(|| panic!("no metric {name} in\n{text}"))
+    }
+
+    fn assert_healthy(&self, after: &str) {
+        let (status, text) = self.curl("/health", &[]);
+        assert_eq!(status, 200, "not healthy after {after}: {text}\n{}", self.log());
+    }
+
+    /// Waits until `metric` reaches `value`.
+    fn wait_metric(&self, name: &str, value: f64) {
+        let t = Instant::now();
+        while self.metric(name) != value {
+            assert!(t.elapsed() < Duration::from_secs(60), "{name} never reached {value}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn model_id(server: &Server) -> String {
+    server.get_json("/v1/models")["data"][0]["id"].as_str().unwrap().to_string()
+}
+
+fn chat_body(model: &str, question: &str, extra: &str) -> String {
+    format!(
+        r#"{{"model": "{model}", "messages": [{{"role": "user", "content": "{question}"}}], "temperature": 0{extra}}}"#
+    )
+}
+
+/// The `openai` package: models, chat and completions (plain and streamed, usage chunk), a
+/// follow-up turn that reuses the cached prefix, stop strings, seeds, errors as the client's
+/// exception classes, and 8 concurrent streams with correct answers (tests/serve/openai_client.py).
+#[test]
+fn openai_client_chat_completions_streaming_errors_and_8_concurrent_streams() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&annotated(dir.path()), &["-np", "4"]);
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/serve/openai_client.py");
+    let out = Command::new("python3")
+        .args([script, &server.url("/v1"), &model_id(&server), &CTX.to_string()])
+        .output()
+        .expect("running python3");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.contains("ALL OK"),
+        "{stdout}\n{}\n--- server log ---\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        server.log()
+    );
+    // the queue never overflowed and every request ended
+    assert_eq!(server.metric("kvtuner_slots_active"), 0.0);
+    assert!(server.metric("kvtuner_prompt_tokens_cached_total") > 0.0);
+}
+
+/// The profile is visible: /props and /v1/models name it with the runtime's per-layer types and
+/// KV bytes against f16, and the startup log says the same.
+#[test]
+fn props_models_and_log_show_the_applied_profile() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&annotated(dir.path()), &["-np", "2"]);
+    let profile = kvtuner::profile::Profile::load(PROFILE).unwrap();
+    let props = server.get_json("/props");
+    let p = &props["profile"];
+    assert!(p["name"].as_str().unwrap().contains(&profile.name), "{props}");
+    let k: Vec<&str> = p["type_k"].as_array().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
+    let v: Vec<&str> = p["type_v"].as_array().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
+    assert_eq!(k, profile.layers.iter().map(|l| l.k.name()).collect::<Vec<_>>());
+    assert_eq!(v, profile.layers.iter().map(|l| l.v.name()).collect::<Vec<_>>());
+    assert_eq!(props["slots"], 2);
+    assert_eq!(props["ctx_per_slot"], CTX);
+    let (full, f16) = (p["kv_bytes_full_load"].as_f64().unwrap(), p["kv_bytes_f16"].as_f64().unwrap());
+    // 6.5 bits per value against 16
+    assert!((full / f16 - 6.5 / 16.0).abs() < 0.01, "{full} / {f16}");
+    assert_eq!(server.get_json("/v1/models")["data"][0]["kvtuner"], props);
+    let log = server.log();
+    assert!(log.contains(&format!("profile: {}", p["name"].as_str().unwrap())), "{log}");
+    assert!(log.contains(&format!("K/V types per layer: {}/{}", k[0], v[0])), "{log}");
+
+    // --kv-profile off: f16 everywhere, and the bytes say so
+    let off = Server::start(&annotated(dir.path()), &["-np", "2", "--kv-profile", "off"]);
+    let p = &off.get_json("/props")["profile"];
+    assert!(p["type_k"].as_array().unwrap().iter().all(|t| t == "f16"), "{p}");
+    assert_eq!(p["kv_bytes_full_load"], p["kv_bytes_f16"]);
+}
+
+/// Raw server-sent events through curl: `data:` lines of chunks, `[DONE]` last, and the
+/// streamed text is the non-streamed answer.
+#[test]
+fn curl_raw_sse_stream_matches_the_plain_answer() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&annotated(dir.path()), &["-np", "2"]);
+    let model = model_id(&server);
+    let (status, plain) = server.post("/v1/chat/completions", &chat_body(&model, "What is the capital of France?", ""));
+    assert_eq!(status, 200, "{plain}");
+    let answer = plain["choices"][0]["message"]["content"].as_str().unwrap().to_string();
+    assert!(answer.contains("Paris"), "{plain}");
+
+    let out = Command::new("curl")
+        .args(["-s", "-N", "-H", "content-type: application/json", "--data-binary"])
+        .arg(chat_body(&model, "What is the capital of France?", r#", "stream": true"#))
+        .arg(server.url("/v1/chat/completions"))
+        .output()
+        .unwrap();
+    let sse = String::from_utf8_lossy(&out.stdout);
+    let data: Vec<&str> = sse.lines().filter_map(|l| l.strip_prefix("data: ")).collect();
+    assert_eq!(data.last(), Some(&"[DONE]"), "{sse}");
+    let mut text = String::new();
+    for d in &data[..data.len() - 1] {
+        let chunk: serde_json::Value = serde_json::from_str(d).unwrap();
+        assert_eq!(chunk["object"], "chat.completion.chunk");
+        text.push_str(chunk["choices"][0]["delta"]["content"].as_str().unwrap_or(""));
+    }
+    assert_eq!(text, answer);
+    assert!(sse.lines().filter(|l| !l.is_empty()).all(|l| l.starts_with("data: ") || l.starts_with(':')), "{sse}");
+}
+
+/// Bad input gets a clear 4xx in OpenAI's shape naming the field, and the server keeps serving:
+/// invalid JSON, wrong types, unknown model, a prompt longer than the slot, max_tokens ≤ 0, a
+/// huge body, a slow client, an abrupt disconnect (its slot is freed at once), a full queue
+/// (503 with Retry-After), and the API key.
+#[test]
+fn bad_input_matrix_gets_4xx_and_the_server_keeps_serving() {
+    let dir = tempfile::tempdir().unwrap();
+    let model_path = annotated(dir.path());
+    let server = Server::start(
+        &model_path,
+        &["-np", "1", "--queue", "1", "--body-limit", "65536", "--body-timeout", "2", "--api-key", "sesame"],
+    );
+    let post = |body: &str| -> (u16, serde_json::Value) {
+        let (status, text) =
+            server.curl("/v1/chat/completions", &["-H", "content-type: application/json", "--data-binary", body]);
+        (status, serde_json::from_str(text.split("\r\n\r\n").nth(1).unwrap_or_default()).unwrap_or_default())
+    };
+    // the key: /health is open, the API is not
+    server.assert_healthy("start");
+    assert_eq!(server.curl_without_key("/v1/models", &[]).0, 401);
+    assert_eq!(server.curl_without_key("/v1/chat/completions", &["--data-binary", "{}"]).0, 401);
+    assert_eq!(server.curl_without_key("/v1/models", &["-H", "authorization: Bearer wrong"]).0, 401);
+    let (status, models) = server.curl("/v1/models", &[]);
+    assert_eq!(status, 200, "{models}");
+    let model = "gemma-annotated";
+    assert!(models.contains(model), "{models}");
+
+    let long_prompt = "hello ".repeat(CTX as usize + 50);
+    let cases: Vec<(&str, String, u16, Option<&str>, &str)> = vec![
+        ("invalid JSON", "{\"model\": ".into(), 400, None, "invalid_json"),
+        ("not an object", "[1, 2]".into(), 400, None, "invalid_json"),
+        (
+            "missing model",
+            r#"{"messages": [{"role": "user", "content": "hi"}]}"#.into(),
+            400,
+            Some("model"),
+            "invalid_value",
+        ),
+        ("model of wrong type", r#"{"model": 5, "messages": []}"#.into(), 400, Some("model"), "invalid_value"),
+        ("unknown model", chat_body("gpt-17", "hi", ""), 404, Some("model"), "model_not_found"),
+        (
+            "messages not an array",
+            format!(r#"{{"model": "{model}", "messages": "hi"}}"#),
+            400,
+            Some("messages"),
+            "invalid_value",
+        ),
+        (
+            "content of wrong type",
+            format!(r#"{{"model": "{model}", "messages": [{{"role": "user", "content": 3}}]}}"#),
+            400,
+            Some("messages[0].content"),
+            "invalid_value",
+        ),
+        (
+            "unknown role",
+            format!(r#"{{"model": "{model}", "messages": [{{"role": "robot", "content": "x"}}]}}"#),
+            400,
+            Some("messages[0].role"),
+            "invalid_value",
+        ),
+        ("max_tokens 0", chat_body(model, "hi", r#", "max_tokens": 0"#), 400, Some("max_tokens"), "invalid_value"),
+        (
+            "max_tokens negative",
+            chat_body(model, "hi", r#", "max_tokens": -5"#),
+            400,
+            Some("max_tokens"),
+            "invalid_value",
+        ),
+        (
+            "max_tokens a string",
+            chat_body(model, "hi", r#", "max_tokens": "10""#),
+            400,
+            Some("max_tokens"),
+            "invalid_value",
+        ),
+        (
+            "temperature a string",
+            chat_body(model, "hi", r#", "temperature": "hot""#),
+            400,
+            Some("temperature"),
+            "invalid_value",
+        ),
+        ("top_p out of range", chat_body(model, "hi", r#", "top_p": 3"#), 400, Some("top_p"), "invalid_value"),
+        ("stop of wrong type", chat_body(model, "hi", r#", "stop": 7"#), 400, Some("stop"), "invalid_value"),
+        (
+            "prompt longer than the slot",
+            chat_body(model, &long_prompt, ""),
+            400,
+            Some("messages"),
+            "context_length_exceeded",
+        ),
+    ];
+    for (what, body, status, param, code) in &cases {
+        let (got, json) = post(body);
+        assert_eq!(got, *status, "{what}: {json}");
+        let error = &json["error"];
+        assert!(error["message"].as_str().is_some_and(|m| !m.is_empty()), "{what}: {json}");
+        assert!(error["type"].is_string(), "{what}: {json}");
+        assert_eq!(error["code"], *code, "{what}: {json}");
+        if let Some(param) = param {
+            assert_eq!(error["param"], *param, "{what}: {json}");
+        }
+        server.assert_healthy(what);
+    }
+
+    // a huge body: 413 without reading it all
+    let huge = dir.path().join("huge.json");
+    std::fs::write(
+        &huge,
+        format!(r#"{{"model": "{model}", "messages": [{{"role": "user", "content": "{}"}}]}}"#, "x".repeat(1 << 20)),
+    )
+    .unwrap();
+    let (status, text) = server.curl(
+        "/v1/chat/completions",
+        &["-H", "content-type: application/json", "--data-binary", &format!("@{}", huge.display())],
+    );
+    assert_eq!(status, 413, "{text}");
+    assert!(text.contains("request_too_large"), "{text}");
+    server.assert_healthy("a huge body");
+
+    // a slow client: announces a body and sends half of it, then stalls: 408 after the timeout
+    let mut slow = std::net::TcpStream::connect(&server.addr).unwrap();
+    write!(slow, "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nauthorization: Bearer sesame\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n{{\"model\":").unwrap();
+    slow.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let mut reply = [0u8; 512];
+    let n = slow.read(&mut reply).unwrap();
+    let reply = String::from_utf8_lossy(&reply[..n]);
+    assert!(reply.starts_with("HTTP/1.1 408"), "{reply}");
+    server.assert_healthy("a slow client");
+
+    // an abrupt disconnect mid-stream frees the slot at once
+    let long = chat_body(
+        model,
+        "Write a long story about a dragon.",
+        r#", "stream": true, "max_tokens": 400, "temperature": 0.8"#,
+    );
+    let mut streaming = std::net::TcpStream::connect(&server.addr).unwrap();
+    write!(streaming, "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nauthorization: Bearer sesame\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{long}", long.len()).unwrap();
+    let mut first = [0u8; 256];
+    let _ = streaming.read(&mut first).unwrap();
+    server.wait_metric("kvtuner_slots_active", 1.0);
+    let cancelled = server.metric("kvtuner_cancelled_total");
+    drop(streaming);
+    server.wait_metric("kvtuner_slots_active", 0.0);
+    assert_eq!(server.metric("kvtuner_cancelled_total"), cancelled + 1.0);
+    server.assert_healthy("a disconnect");
+
+    // one slot busy, one request queued: the next one gets 503 with Retry-After
+    let spawn_stream = || {
+        Command::new("curl")
+            .args([
+                "-s",
+                "-N",
+                "-H",
+                "authorization: Bearer sesame",
+                "-H",
+                "content-type: application/json",
+                "--data-binary",
+                &long,
+            ])
+            .arg(server.url("/v1/chat/completions"))
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    let mut busy = spawn_stream();
+    server.wait_metric("kvtuner_slots_active", 1.0);
+    let mut queued = spawn_stream();
+    server.wait_metric("kvtuner_requests_queued", 1.0);
+    let (status, text) = server.curl(
+        "/v1/chat/completions",
+        &["-H", "content-type: application/json", "--data-binary", &chat_body(model, "hi", "")],
+    );
+    assert_eq!(status, 503, "{text}");
+    assert!(text.to_ascii_lowercase().contains("retry-after: 1"), "{text}");
+    for c in [&mut busy, &mut queued] {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+    server.wait_metric("kvtuner_slots_active", 0.0);
+    server.wait_metric("kvtuner_requests_queued", 0.0);
+
+    // still answering, and /metrics counted the errors by route and status
+    let (status, json) = post(&chat_body(model, "What is the capital of France?", r#", "max_tokens": 12"#));
+    assert_eq!(status, 200, "{json}");
+    assert!(json["choices"][0]["message"]["content"].as_str().unwrap().contains("Paris"), "{json}");
+    let (_, metrics) = server.curl("/metrics", &[]);
+    assert!(metrics.contains(r#"kvtuner_requests_total{route="/v1/chat/completions",status="400"}"#), "{metrics}");
+    assert!(metrics.contains(r#"kvtuner_requests_total{route="/v1/chat/completions",status="503"}"#), "{metrics}");
+    assert!(metrics.contains(r#"kvtuner_kv_bytes_in_use{cache_type="q8_0"}"#), "{metrics}");
+    assert!(!server.log().contains("panicked"), "{}", server.log());
+}
+
+/// SIGTERM lets a reply in flight finish (every token, then `[DONE]`), refuses new connections
+/// and exits 0.
+#[test]
+fn sigterm_drains_in_flight_requests_and_exits_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = Server::start(&annotated(dir.path()), &["-np", "2"]);
+    let model = model_id(&server);
+    let body = chat_body(
+        &model,
+        "Write a story about a cat.",
+        r#", "stream": true, "max_tokens": 48, "stream_options": {"include_usage": true}"#,
+    );
+    let mut stream = Command::new("curl")
+        .args(["-s", "-N", "-H", "content-type: application/json", "--data-binary", &body])
+        .arg(server.url("/v1/chat/completions"))
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut reader = BufReader::new(stream.stdout.take().unwrap());
+    let mut first = String::new();
+    reader.read_line(&mut first).unwrap();
+    assert!(first.starts_with("data: "), "{first}");
+    let st = Command::new("kill").args(["-TERM", &server.child.id().to_string()]).status().unwrap();
+    assert!(st.success());
+    let mut rest = String::new();
+    reader.read_to_string(&mut rest).unwrap();
+    assert!(rest.trim_end().ends_with("data: [DONE]"), "{rest}");
+    assert!(rest.contains("\"completion_tokens\":"), "{rest}");
+    let status = server.child.wait().unwrap();
+    assert!(status.success(), "{status:?}\n{}", server.log());
+    assert!(std::net::TcpStream::connect(&server.addr).is_err());
+    let log = server.log();
+    assert!(log.contains("shutting down") && log.contains("stopped"), "{log}");
+    let _ = stream.wait();
+}
