@@ -468,3 +468,72 @@ fn sigterm_drains_in_flight_requests_and_exits_cleanly() {
     assert!(log.contains("shutting down") && log.contains("stopped"), "{log}");
     let _ = stream.wait();
 }
+
+/// Headless Chromium (Debian's package) with a fresh profile and nothing reaching out.
+fn chromium(user_data: &Path, args: &[&str]) -> std::process::Output {
+    Command::new("chromium")
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            // virtual time waits for the page's requests (the streamed answer is an XHR)
+            "--virtual-time-budget=60000",
+        ])
+        .arg(format!("--user-data-dir={}", user_data.display()))
+        .args(args)
+        .output()
+        .expect("running chromium (Debian package `chromium`; .ci/run installs it)")
+}
+
+/// The chat page at `/` loads the profile from /props, streams an answer, and renders: the DOM
+/// after the page asked its question holds the profile, every layer's types and the answer; the
+/// screenshot is the page, not a blank image.
+#[test]
+fn chat_page_streams_an_answer_and_shows_the_profile_in_headless_chromium() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&annotated(dir.path()), &["-np", "1"]);
+    let profile = kvtuner::profile::Profile::load(PROFILE).unwrap();
+    let page = server.url("/?ask=What%20is%20the%20capital%20of%20France%3F&temperature=0");
+
+    let out = chromium(&dir.path().join("chromium-dom"), &["--dump-dom", &page]);
+    let dom = String::from_utf8_lossy(&out.stdout);
+    assert!(dom.contains(r#"data-loaded="1""#) && dom.contains(r#"data-answered="1""#), "{dom}");
+    assert!(dom.contains(&format!(r#"id="p-name">{} (embedded in the model)<"#, profile.name)), "{dom}");
+    assert!(dom.contains(r#"id="p-bits">6.50<"#), "{dom}");
+    assert_eq!(dom.matches("<tr><td>").count(), profile.layers.len(), "one row per layer: {dom}");
+    let l0 = &profile.layers[0];
+    assert!(dom.contains(&format!("<tr><td>0</td><td>{}</td><td>{}</td>", l0.k.name(), l0.v.name())), "{dom}");
+    let answer = dom.split(r#"<div class="msg assistant"><b>assistant</b><span>"#).nth(1).unwrap_or_default();
+    assert!(answer.split("</span>").next().unwrap().contains("Paris"), "{dom}");
+
+    let shot = dir.path().join("page.png");
+    let out = chromium(
+        &dir.path().join("chromium-shot"),
+        &[&format!("--screenshot={}", shot.display()), "--window-size=1200,800", &page],
+    );
+    assert!(shot.exists(), "no screenshot: {}", String::from_utf8_lossy(&out.stderr));
+    let decoder = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(&shot).unwrap()));
+    let mut reader = decoder.read_info().unwrap();
+    let mut pixels = vec![0; reader.output_buffer_size()];
+    let info = reader.next_frame(&mut pixels).unwrap();
+    assert_eq!((info.width, info.height), (1200, 800));
+    let channels = info.color_type.samples();
+    let mut counts = std::collections::HashMap::new();
+    for px in pixels[..info.buffer_size()].chunks(channels) {
+        *counts.entry(px[..3].to_vec()).or_insert(0usize) += 1;
+    }
+    let total = (info.width * info.height) as usize;
+    let most = counts.values().max().copied().unwrap_or(0);
+    // text and the dark header: many colours, and well over a tenth of the pixels off the
+    // background (a blank or error page is one or two colours)
+    assert!(counts.len() > 50, "{} colours", counts.len());
+    assert!(total - most > total / 10, "{} of {total} pixels off the background", total - most);
+    // the header bar (#1d2430) spans the top
+    let at = |x: usize, y: usize| &pixels[(y * info.width as usize + x) * channels..][..3];
+    assert_eq!(at(600, 5), [0x1d, 0x24, 0x30], "the header is not at the top");
+}
