@@ -232,12 +232,14 @@ static int test_layers(ggml_backend_t gpu, ggml_backend_t cpu, const std::vector
             size_t n_diff = 0;
             for (size_t i = 0; i < fused.size(); i++) n_diff += fused[i] != plain[i];
             const double err = nmse(fused, ref, (size_t) d * c.n_head); // the output; caches follow
-            // what patch 0004 folds here: K/V rotations into the cache write, Q's and the output's
-            // into the GQA decode kernel (patch 0003), which takes K f16/q4_0/q5_0/q8_0 with V
-            // q4_0/q5_0/q8_0; kv2/kv3 (patch 0009) stay on upstream's kernel, unfolded
-            const auto gqa_type = [](ggml_type t) { return t == GGML_TYPE_Q4_0 || t == GGML_TYPE_Q5_0 || t == GGML_TYPE_Q8_0; };
-            const bool rk = gqa_type(tk), rv = gqa_type(tv), pair = (tk == GGML_TYPE_F16 || rk) && rv;
-            const layer_skips want = { folding && rk && rv, folding && rk, folding && pair, folding && pair };
+            // what patch 0004 folds here: K/V rotations into the cache write (q4_0/q5_0/q8_0, and
+            // kv2/kv3 since patch 0009), Q's and the output's into the GQA decode kernel (patch
+            // 0003), which takes K f16 or quantized with V quantized (kv2/kv3 since patch 0009)
+            const auto quantized = [](ggml_type t) {
+                return t == GGML_TYPE_Q4_0 || t == GGML_TYPE_Q5_0 || t == GGML_TYPE_Q8_0 || t == GGML_TYPE_KV2 || t == GGML_TYPE_KV3;
+            };
+            const bool rk = quantized(tk), rv = quantized(tv), pair = (tk == GGML_TYPE_F16 || rk) && rv;
+            const layer_skips want = { folding && rk && pair, folding && rk, folding && rv, folding && pair };
             const bool skips_ok = skipped.q == want.q && skipped.k == want.k && skipped.v == want.v && skipped.out == want.out;
             const bool ok = n_diff == 0 && std::isfinite(err) && err <= max_nmse && skips_ok;
             failed += !ok;

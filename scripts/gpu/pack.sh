@@ -43,6 +43,8 @@ if [ -n "${PREBUILT:-}" ]; then
     (cd "$PREBUILT" && tar cf - lib*.so*) | xz -T0 -6 > "$carry/libs-patched.tar.xz"
 fi
 cp "$root/scripts/gpu/device-run.sh" "$root/scripts/gpu/cmake-cuda-options.txt" "$carry/"
+# KVTuner's published presets (imported on the device into profiles of synthetic models)
+cp "$root"/bench/kvtuner-presets/*.yaml "$carry/"
 corpus=${KVTUNER_CACHE:-$HOME/.cache/kvtuner}/lee_background.cor
 [ -f "$corpus" ] && cp "$corpus" "$carry/"
 du -sh "$carry" && ls -la "$carry"
