@@ -3,7 +3,7 @@
 
 use std::collections::VecDeque;
 use std::convert::Infallible;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{SyncSender, TrySendError};
 use std::sync::Arc;
 use std::time::Duration;
@@ -37,12 +37,14 @@ pub struct AppState {
     /// Longest wait for a request body (slow clients).
     pub body_timeout: Duration,
     pub serial: AtomicU64,
+    /// False once the engine thread has stopped (then nothing can be answered).
+    pub engine_alive: Arc<AtomicBool>,
 }
 
 pub fn router(state: Arc<AppState>) -> Router {
     Router::new()
         .route("/", get(|| async { Html(PAGE) }))
-        .route("/health", get(|| async { Json(json!({ "status": "ok" })) }))
+        .route("/health", get(health))
         .route("/metrics", get(metrics))
         .route("/props", get(props))
         .route("/v1/models", get(models))
@@ -85,6 +87,14 @@ async fn count(State(state): State<Arc<AppState>>, request: Request, next: Next)
     let response = next.run(request).await;
     state.metrics.record_response(&route, response.status().as_u16());
     response
+}
+
+async fn health(State(state): State<Arc<AppState>>) -> Response {
+    if state.engine_alive.load(Ordering::Relaxed) {
+        Json(json!({ "status": "ok" })).into_response()
+    } else {
+        error(ApiError::new(503, "server_error", Some("engine_stopped"), "the engine thread has stopped"))
+    }
 }
 
 async fn metrics(State(state): State<Arc<AppState>>) -> Response {

@@ -9,7 +9,7 @@ pub mod http;
 pub mod metrics;
 
 use std::net::SocketAddr;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -135,9 +135,14 @@ pub fn serve(model: &Model, params: &ContextParams, options: &ServeOptions) -> R
         body_limit: options.body_limit,
         body_timeout: options.body_timeout,
         serial: AtomicU64::new(1),
+        engine_alive: Arc::new(AtomicBool::new(true)),
     });
+    let alive = EngineAlive(state.engine_alive.clone());
     std::thread::scope(|scope| {
-        let engine_thread = scope.spawn(move || engine.run(queue_rx));
+        let engine_thread = scope.spawn(move || {
+            let _alive = alive;
+            engine.run(queue_rx)
+        });
         let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
         let served = runtime.block_on(async {
             let listener = tokio::net::TcpListener::from_std(listener)?;
@@ -173,6 +178,15 @@ pub fn serve(model: &Model, params: &ContextParams, options: &ServeOptions) -> R
         tracing::info!("stopped");
         Ok(())
     })
+}
+
+/// Marks the engine stopped when its thread ends, by return or by panic.
+struct EngineAlive(Arc<AtomicBool>);
+
+impl Drop for EngineAlive {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Relaxed);
+    }
 }
 
 fn log_startup(props: &Value) {
