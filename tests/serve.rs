@@ -197,6 +197,14 @@ fn props_models_and_log_show_the_applied_profile() {
     // 6.5 bits per value against 16
     assert!((full / f16 - 6.5 / 16.0).abs() < 0.01, "{full} / {f16}");
     assert_eq!(server.get_json("/v1/models")["data"][0]["kvtuner"], props);
+    // /metrics' bytes per cache type add up to what the runtime allocated
+    let (_, metrics) = server.curl("/metrics", &[]);
+    let allocated: f64 = metrics
+        .lines()
+        .filter(|l| l.starts_with("kvtuner_kv_bytes_allocated{"))
+        .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
+        .sum();
+    assert_eq!(allocated, full, "{metrics}");
     let log = server.log();
     assert!(log.contains(&format!("profile: {}", p["name"].as_str().unwrap())), "{log}");
     assert!(log.contains(&format!("K/V types per layer: {}/{}", k[0], v[0])), "{log}");
