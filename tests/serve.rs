@@ -395,6 +395,17 @@ fn bad_input_matrix_gets_4xx_and_the_server_keeps_serving() {
     assert_eq!(server.metric("kvtuner_cancelled_total"), cancelled + 1.0);
     server.assert_healthy("a disconnect");
 
+    // so does a client of a non-streamed reply that gives up waiting
+    let cancelled = server.metric("kvtuner_cancelled_total");
+    let body = format!(
+        r#"{{"model": "{model}", "prompt": "Once upon a time", "max_tokens": 400, "temperature": 1, "top_k": 0, "min_p": 0}}"#
+    );
+    let (status, _) = server.curl("/v1/completions", &["--max-time", "1", "--data-binary", &body]);
+    assert_eq!(status, 0, "the reply cannot be done within a second");
+    server.wait_metric("kvtuner_slots_active", 0.0);
+    server.wait_metric("kvtuner_cancelled_total", cancelled + 1.0);
+    server.assert_healthy("a client that gave up");
+
     // one slot busy, one request queued: the next one gets 503 with Retry-After
     let spawn_stream = || {
         Command::new("curl")
