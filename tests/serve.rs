@@ -378,6 +378,18 @@ fn bad_input_matrix_gets_4xx_and_the_server_keeps_serving() {
     assert!(reply.starts_with("HTTP/1.1 408"), "{reply}");
     server.assert_healthy("a slow client");
 
+    // a client that never finishes its headers is disconnected after the same timeout
+    let mut slow = std::net::TcpStream::connect(&server.addr).unwrap();
+    write!(slow, "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\n").unwrap();
+    slow.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let started = Instant::now();
+    let mut reply = Vec::new();
+    let _ = slow.read_to_end(&mut reply);
+    let reply = String::from_utf8_lossy(&reply);
+    assert!(started.elapsed() < Duration::from_secs(20), "still connected after {:?}", started.elapsed());
+    assert!(reply.is_empty() || reply.starts_with("HTTP/1.1 408"), "{reply}");
+    server.assert_healthy("a client that never finished its headers");
+
     // an abrupt disconnect mid-stream frees the slot at once
     let long = chat_body(
         model,

@@ -41,6 +41,53 @@ pub struct AppState {
     pub engine_alive: Arc<AtomicBool>,
 }
 
+/// Serves connections until `signal`, then lets the requests in flight finish for at most the
+/// drain timeout. HTTP/1.1 by hyper directly (not `axum::serve`) for its header read timeout:
+/// a client that sends its headers slower than the body timeout is disconnected.
+pub async fn serve_until_signal(
+    listener: tokio::net::TcpListener,
+    app: Router,
+    options: &super::ServeOptions,
+    signal: impl std::future::Future<Output = ()>,
+) {
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder.timer(hyper_util::rt::TokioTimer::new()).header_read_timeout(options.body_timeout);
+    let mut signal = std::pin::pin!(signal);
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let stream = match accepted {
+                    Ok((stream, _)) => stream,
+                    Err(e) => {
+                        // out of file descriptors and the like: wait instead of spinning
+                        tracing::warn!("accepting a connection: {e}");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                let service = hyper_util::service::TowerToHyperService::new(app.clone());
+                let connection = builder.serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+                let connection = graceful.watch(connection);
+                tokio::spawn(async move {
+                    if let Err(e) = connection.await {
+                        tracing::debug!("connection: {e}");
+                    }
+                });
+            }
+            _ = &mut signal => break,
+        }
+    }
+    drop(listener);
+    tracing::info!("shutting down: finishing in-flight requests");
+    tokio::select! {
+        _ = graceful.shutdown() => {}
+        _ = tokio::time::sleep(options.drain_timeout) => {
+            tracing::warn!("drain timeout: dropping the requests still running");
+        }
+    }
+}
+
 pub fn router(state: Arc<AppState>) -> Router {
     Router::new()
         .route("/", get(|| async { Html(PAGE) }))

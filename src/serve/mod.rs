@@ -147,28 +147,8 @@ pub fn serve(model: &Model, params: &ContextParams, options: &ServeOptions) -> R
         let served = runtime.block_on(async {
             let listener = tokio::net::TcpListener::from_std(listener)?;
             tracing::info!("listening on http://{local}");
-            let app = http::router(state);
-            let (drain_tx, drain_rx) = tokio::sync::oneshot::channel::<()>();
-            let server = axum::serve(listener, app).with_graceful_shutdown(async move {
-                shutdown_signal().await;
-                tracing::info!("shutting down: finishing in-flight requests");
-                let _ = drain_tx.send(());
-            });
-            let server = tokio::spawn(async move { server.await });
-            let drain = options.drain_timeout;
-            let bounded = async move {
-                // after the signal, in-flight requests get the drain timeout
-                if drain_rx.await.is_ok() {
-                    tokio::time::sleep(drain).await;
-                    tracing::warn!("drain timeout: dropping the requests still running");
-                } else {
-                    std::future::pending::<()>().await;
-                }
-            };
-            tokio::select! {
-                r = server => r.map_err(std::io::Error::other)?,
-                _ = bounded => Ok(()),
-            }
+            http::serve_until_signal(listener, http::router(state), options, shutdown_signal()).await;
+            Ok::<(), std::io::Error>(())
         });
         // dropping the runtime drops every handler, its channel and the queue's sender: the
         // engine frees their slots and stops
