@@ -455,6 +455,7 @@ fn model_arg(spec: &str) -> Result<PathBuf, String> {
 }
 
 #[derive(Debug, Args)]
+#[command(mut_arg("ctx_size", |a| a.help("Context of one slot in tokens (the context holds SLOTS × this)")))]
 pub struct ServeArgs {
     /// Model and cache flags; `-c` is the context of one slot (the context holds SLOTS × it).
     #[command(flatten)]
@@ -476,7 +477,8 @@ pub struct ServeArgs {
     /// Largest request body in bytes.
     #[arg(long, default_value_t = 4 << 20)]
     pub body_limit: usize,
-    /// Seconds a client may take to send its request body (slow clients get 408).
+    /// Seconds a client may take to send its request headers (then it is disconnected) and its
+    /// body (then it gets 408).
     #[arg(long, default_value_t = 30)]
     pub body_timeout: u64,
     /// Seconds in-flight requests may take to finish after SIGINT/SIGTERM.
