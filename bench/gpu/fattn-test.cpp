@@ -264,11 +264,12 @@ int main(int argc, char ** argv) {
 
     const auto pairs = parse_pairs(argv[1]);
     struct heads { int h, hkv; };
-    const heads shapes[] = { { 32, 8 }, { 16, 2 }, { 8, 4 }, { 4, 1 }, { 8, 8 } };
+    // GQA 4, 8, 2, 4, 1 and 7 (Qwen2.5-7B's 28/4: an odd ratio, upstream's vector kernel)
+    const heads shapes[] = { { 32, 8 }, { 16, 2 }, { 8, 4 }, { 4, 1 }, { 8, 8 }, { 28, 4 } };
 
     std::vector<fa_case> cases;
     for (auto [tk, tv] : pairs) {
-        for (int d : { 128, 256 }) {
+        for (int d : { 64, 128, 256 }) { // 64: Qwen2.5-0.5B, SmolLM2 (upstream's vector kernel)
             for (auto sh : shapes) {
                 for (int n_kv : { 512, 8192 }) {
                     cases.push_back({ tk, tv, d, sh.h, sh.hkv, n_kv, 37, 0.0f, false });

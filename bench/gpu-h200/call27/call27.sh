@@ -2,9 +2,10 @@
 # issue 21 on the H200, call 27: patch 0009 with the warp-per-block kv quantizer (set_rows): build,
 # the op and a decode step (rotation, cache write, attention) against the CPU, GPU vs CPU KLD,
 # then decode speed at 32768 on the Llama-3.1-8B shape while time is left
-C=$PWD/.device-carry; B=$PWD/.device-build; O=${OUT:-/tmp/out}
+C=$PWD/.device-carry; B=$PWD/.device-build; OUT=${OUT:-/tmp/out}; O=/tmp/call27; mkdir -p $O  # one archive comes back (the tool returns at most 8 files)
+trap 'tar czf $OUT/call27.tgz -C $O .' EXIT
 mv $C/kvtuner $C/kvtuner.bin 2>/dev/null; K=$C/kvtuner.bin  # without it device-run.sh only builds
-SKIP="stock speed fattn fbench ncu quality" DEADLINE=330 bash $C/device-run.sh build > $O/build.txt 2>&1 || { tail -30 $O/build.txt; exit 1; }
+SKIP="stock speed fattn fbench ncu quality" DEADLINE=330 OUT=$OUT bash $C/device-run.sh build > $O/build.txt 2>&1 || { tail -30 $O/build.txt; exit 1; }
 export LD_LIBRARY_PATH=$B/lib-patched
 tail -1 $O/build.txt
 KVP="kv2-kv2;kv3-kv3;q4_0-kv2;q8_0-kv3;kv3-kv2;kv2-q4_0"
