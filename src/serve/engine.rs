@@ -5,9 +5,9 @@
 //! cached prefix instead of decoding the conversation again.
 
 use std::sync::atomic::Ordering;
-use std::sync::mpsc::{Receiver, RecvTimeoutError, TryRecvError};
+use std::sync::mpsc::{Receiver, TryRecvError};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use tokio::sync::mpsc::UnboundedSender;
 
@@ -154,11 +154,10 @@ impl<'m> Engine<'m> {
             while open && self.slots.iter().any(|s| s.job.is_none()) {
                 let idle = self.slots.iter().all(|s| s.job.is_none());
                 let next = if idle {
-                    // nothing to decode: wait (in steps, so a closed queue is noticed)
-                    match queue.recv_timeout(Duration::from_millis(200)) {
+                    // nothing to decode: sleep until a request comes or the server stops
+                    match queue.recv() {
                         Ok(r) => Some(r),
-                        Err(RecvTimeoutError::Timeout) => None,
-                        Err(RecvTimeoutError::Disconnected) => {
+                        Err(_) => {
                             open = false;
                             None
                         }

@@ -100,6 +100,8 @@ pub fn router(state: Arc<AppState>) -> Router {
         .fallback(|| async { error(ApiError::new(404, "invalid_request_error", Some("not_found"), "no such route")) })
         .layer(middleware::from_fn_with_state(state.clone(), auth))
         .layer(middleware::from_fn_with_state(state.clone(), count))
+        // a span per request; RUST_LOG=tower_http=debug logs each with its status and time
+        .layer(tower_http::trace::TraceLayer::new_for_http())
         .with_state(state)
 }
 
