@@ -358,6 +358,19 @@ pub struct FetchArgs {
 pub enum SynthPreset {
     /// Llama-3.1-8B shape: 32 layers, 32 heads, 8 KV heads of 128, FFN 14336, vocab 128256.
     Llama31_8b,
+    /// Qwen2.5-7B (qwen2): 28 layers, 28 heads, 4 KV heads of 128 (GQA 7).
+    #[value(name = "qwen2.5-7b")]
+    Qwen25_7b,
+    /// Qwen2.5-14B (qwen2): 48 layers, 40 heads, 8 KV heads of 128 (GQA 5).
+    #[value(name = "qwen2.5-14b")]
+    Qwen25_14b,
+    /// Gemma-3-12B (gemma3): 48 layers, 16 heads, 8 KV heads of 256, 1024-token sliding window
+    /// on five layers of six.
+    #[value(name = "gemma3-12b")]
+    Gemma3_12b,
+    /// SmolLM2-360M (llama): 32 layers, 15 heads, 5 KV heads of 64 (GQA 3).
+    #[value(name = "smollm2-360m")]
+    Smollm2_360m,
     /// A tiny model for tests: 4 layers, 4 heads, 2 KV heads of 64.
     Tiny,
 }
@@ -390,6 +403,9 @@ pub struct SynthArgs {
     /// Override the vocabulary size.
     #[arg(long)]
     pub vocab: Option<u32>,
+    /// Override the sliding window of the local layers (gemma3 presets; 0: every layer global).
+    #[arg(long)]
+    pub sliding_window: Option<u32>,
     #[arg(long, value_enum, default_value = "f16")]
     pub weights: SynthWeights,
     #[arg(long, default_value_t = 1)]

@@ -19,12 +19,19 @@ use crate::gguf::{GgmlType, GgufWriteError, GgufWriter, TensorInfo, Value};
 pub enum SynthArch {
     /// llama.cpp's `llama` architecture (Llama 2/3 style: RMSNorm, RoPE, GQA, SwiGLU).
     Llama,
+    /// `qwen2`: llama's layers with Q/K/V biases and NeoX RoPE.
+    Qwen2,
+    /// `gemma3`: Q/K norms, post-attention and post-FFN norms, and (with `n_swa` > 0) five
+    /// sliding-window layers for every global one, each kind with its own KV cache (iSWA).
+    Gemma3,
 }
 
 impl SynthArch {
     pub fn gguf_name(self) -> &'static str {
         match self {
             SynthArch::Llama => "llama",
+            SynthArch::Qwen2 => "qwen2",
+            SynthArch::Gemma3 => "gemma3",
         }
     }
 }
@@ -72,6 +79,8 @@ pub struct SynthSpec {
     pub n_ctx_train: u32,
     pub rope_freq_base: f32,
     pub rms_norm_eps: f32,
+    /// Sliding-window size of the local layers (gemma3 only; 0: every layer global).
+    pub n_swa: u32,
     pub weight_type: WeightType,
     pub seed: u64,
     pub name: String,
@@ -93,6 +102,7 @@ impl SynthSpec {
             n_ctx_train: 131072,
             rope_freq_base: 500000.0,
             rms_norm_eps: 1e-5,
+            n_swa: 0,
             weight_type: WeightType::F16,
             seed: 0x006b_7674_756e_6572,
             name: "synthetic-llama-3.1-8b".to_string(),
@@ -114,9 +124,79 @@ impl SynthSpec {
             n_ctx_train: 4096,
             rope_freq_base: 10000.0,
             rms_norm_eps: 1e-5,
+            n_swa: 0,
             weight_type: WeightType::F16,
             seed: 1,
             name: "synthetic-tiny".to_string(),
+        }
+    }
+
+    /// Qwen2.5-7B(-Instruct): 28 layers, 28 heads, 4 KV heads of 128 (GQA 7).
+    pub fn qwen25_7b() -> SynthSpec {
+        SynthSpec {
+            arch: SynthArch::Qwen2,
+            n_layer: 28,
+            n_embd: 3584,
+            n_head: 28,
+            n_head_kv: 4,
+            n_ff: 18944,
+            n_vocab: 152064,
+            n_ctx_train: 32768,
+            rope_freq_base: 1_000_000.0,
+            rms_norm_eps: 1e-6,
+            name: "synthetic-qwen2.5-7b".to_string(),
+            ..SynthSpec::llama31_8b()
+        }
+    }
+
+    /// Qwen2.5-14B(-Instruct): 48 layers, 40 heads, 8 KV heads of 128 (GQA 5).
+    pub fn qwen25_14b() -> SynthSpec {
+        SynthSpec {
+            n_layer: 48,
+            n_embd: 5120,
+            n_head: 40,
+            n_head_kv: 8,
+            n_ff: 13824,
+            name: "synthetic-qwen2.5-14b".to_string(),
+            ..SynthSpec::qwen25_7b()
+        }
+    }
+
+    /// Gemma-3-12B: 48 layers, 16 heads, 8 KV heads of 256 (GQA 2); five layers with a
+    /// 1024-token sliding window for every global layer.
+    pub fn gemma3_12b() -> SynthSpec {
+        SynthSpec {
+            arch: SynthArch::Gemma3,
+            n_layer: 48,
+            n_embd: 3840,
+            n_head: 16,
+            n_head_kv: 8,
+            head_dim: 256,
+            n_ff: 15360,
+            n_vocab: 262144,
+            n_ctx_train: 131072,
+            rope_freq_base: 1_000_000.0,
+            rms_norm_eps: 1e-6,
+            n_swa: 1024,
+            name: "synthetic-gemma-3-12b".to_string(),
+            ..SynthSpec::llama31_8b()
+        }
+    }
+
+    /// SmolLM2-360M: 32 layers, 15 heads, 5 KV heads of 64 (GQA 3).
+    pub fn smollm2_360m() -> SynthSpec {
+        SynthSpec {
+            n_layer: 32,
+            n_embd: 960,
+            n_head: 15,
+            n_head_kv: 5,
+            head_dim: 64,
+            n_ff: 2560,
+            n_vocab: 49152,
+            n_ctx_train: 8192,
+            rope_freq_base: 100_000.0,
+            name: "synthetic-smollm2-360m".to_string(),
+            ..SynthSpec::llama31_8b()
         }
     }
 
@@ -131,6 +211,9 @@ impl SynthSpec {
         }
         if !self.head_dim.is_multiple_of(2) {
             return bad(format!("head dim {} must be even for RoPE", self.head_dim));
+        }
+        if self.n_swa > 0 && self.arch != SynthArch::Gemma3 {
+            return bad(format!("a sliding window ({}) needs the gemma3 architecture", self.n_swa));
         }
         if self.n_embd == 0 || self.n_ff == 0 || self.n_ctx_train == 0 {
             return bad("embedding, FFN and context lengths must be nonzero".into());
@@ -159,12 +242,25 @@ impl SynthSpec {
         let kv = u64::from(self.n_head_kv * self.head_dim);
         let w = Fill::Random(self.weight_type);
         let mut out = vec![("token_embd.weight".to_string(), vec![e, v], w)];
+        let head = u64::from(self.head_dim);
         for i in 0..self.n_layer {
             let b = |n: &str| format!("blk.{i}.{n}.weight");
+            let bias = |n: &str| format!("blk.{i}.{n}.bias");
             out.push((b("attn_norm"), vec![e], Fill::Ones));
             out.push((b("attn_q"), vec![e, q], w));
             out.push((b("attn_k"), vec![e, kv], w));
             out.push((b("attn_v"), vec![e, kv], w));
+            if self.arch == SynthArch::Qwen2 {
+                out.push((bias("attn_q"), vec![q], Fill::Zeros));
+                out.push((bias("attn_k"), vec![kv], Fill::Zeros));
+                out.push((bias("attn_v"), vec![kv], Fill::Zeros));
+            }
+            if self.arch == SynthArch::Gemma3 {
+                out.push((b("attn_q_norm"), vec![head], Fill::Ones));
+                out.push((b("attn_k_norm"), vec![head], Fill::Ones));
+                out.push((b("post_attention_norm"), vec![e], Fill::Ones));
+                out.push((b("post_ffw_norm"), vec![e], Fill::Ones));
+            }
             out.push((b("attn_output"), vec![q, e], w));
             out.push((b("ffn_norm"), vec![e], Fill::Ones));
             out.push((b("ffn_gate"), vec![e, ff], w));
@@ -202,6 +298,9 @@ impl SynthSpec {
         w.add_kv(k("attention.layer_norm_rms_epsilon"), self.rms_norm_eps)?;
         w.add_kv(k("rope.freq_base"), self.rope_freq_base)?;
         w.add_kv(k("rope.dimension_count"), self.head_dim)?;
+        if self.n_swa > 0 {
+            w.add_kv(k("attention.sliding_window"), self.n_swa)?;
+        }
         let (tokens, scores, types) = spm_vocab(self.n_vocab as usize);
         w.add_kv("tokenizer.ggml.model", "llama")?;
         w.add_kv("tokenizer.ggml.tokens", Value::str_array(&tokens))?;
@@ -227,13 +326,14 @@ impl SynthSpec {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Fill {
     Ones,
+    Zeros,
     Random(WeightType),
 }
 
 impl Fill {
     fn ggml_type(self) -> GgmlType {
         match self {
-            Fill::Ones => GgmlType::F32,
+            Fill::Ones | Fill::Zeros => GgmlType::F32,
             Fill::Random(w) => w.ggml_type(),
         }
     }
@@ -534,11 +634,12 @@ pub fn write_model_with_threads(
 
         'tensors: for (ti, (t, fill)) in tensors.iter().zip(&fills).enumerate() {
             match *fill {
-                Fill::Ones => {
+                Fill::Ones | Fill::Zeros => {
+                    let value: f32 = if *fill == Fill::Ones { 1.0 } else { 0.0 };
                     let mut buf = spare.pop().unwrap_or_default();
                     buf.clear();
                     for _ in 0..t.n_elements() {
-                        buf.extend_from_slice(&1.0f32.to_le_bytes());
+                        buf.extend_from_slice(&value.to_le_bytes());
                     }
                     if !send(buf, &mut spare) {
                         break 'tensors;
@@ -655,8 +756,22 @@ mod tests {
 
     #[test]
     fn specs_validate() {
-        SynthSpec::llama31_8b().validate().unwrap();
-        SynthSpec::tiny().validate().unwrap();
+        let presets = [
+            SynthSpec::llama31_8b(),
+            SynthSpec::qwen25_7b(),
+            SynthSpec::qwen25_14b(),
+            SynthSpec::gemma3_12b(),
+            SynthSpec::smollm2_360m(),
+            SynthSpec::tiny(),
+        ];
+        for spec in &presets {
+            spec.validate().unwrap();
+        }
+        // the shapes issue 22 names: query heads per KV head and head sizes
+        let shapes: Vec<(u32, u32)> = presets.iter().map(|s| (s.n_head / s.n_head_kv, s.head_dim)).collect();
+        assert_eq!(shapes, [(4, 128), (7, 128), (5, 128), (2, 256), (3, 64), (2, 64)]);
+        let s = SynthSpec { n_swa: 512, ..SynthSpec::tiny() };
+        assert!(s.validate().is_err(), "a sliding window needs gemma3");
         let mut s = SynthSpec::tiny();
         s.n_head_kv = 3;
         assert!(matches!(s.validate(), Err(SynthError::InvalidSpec(_))));

@@ -575,3 +575,50 @@ fn metadata_only_sizes_equal_allocated_sizes() {
     .unwrap();
     assert_eq!(f16_1024, real as f64 / 1048576.0, "inspect's f16 size at 1024 tokens");
 }
+
+/// `kvtuner synth`'s qwen2 and gemma3 architectures (issue 22's shapes) load, decode and get
+/// per-layer cache types; gemma3's sliding-window layers are five of every six, each kind in its
+/// own cache (iSWA), and a profile's types reach both kinds.
+#[test]
+fn synthetic_qwen2_and_gemma3_load_decode_and_take_layer_types() {
+    use kvtuner::synth::{SynthArch, SynthSpec};
+    let dir = tempfile::tempdir().unwrap();
+    let small = |base: SynthSpec, n_layer: u32, n_head: u32, n_head_kv: u32, head_dim: u32| SynthSpec {
+        n_layer,
+        n_head,
+        n_head_kv,
+        head_dim,
+        n_embd: n_head * head_dim,
+        n_ff: 256,
+        n_vocab: 512,
+        ..base
+    };
+    let qwen = small(SynthSpec::qwen25_7b(), 3, 7, 1, 64);
+    let gemma = SynthSpec { n_swa: 64, ..small(SynthSpec::gemma3_12b(), 7, 4, 2, 128) };
+    for spec in [qwen, gemma] {
+        let path = common::synth_model(dir.path(), &spec);
+        let model = Model::load(kvtuner::llama::Backend::init(), &path, &Default::default()).unwrap();
+        assert_eq!(model.meta("general.architecture").as_deref(), Some(spec.arch.gguf_name()));
+        let n = model.n_layer() as usize;
+        let pairs =
+            (0..n).map(
+                |i| if i % 2 == 0 { (CacheType::Q8_0, CacheType::Kv2) } else { (CacheType::Kv3, CacheType::Q4_0) },
+            );
+        let p = ContextParams {
+            flash_attn: FlashAttn::On,
+            ..with_layers(CacheType::F16, CacheType::F16, LayerCacheTypes::from_pairs(pairs.clone()))
+        };
+        let mut ctx = Context::new(&model, &p).unwrap();
+        let tokens = prompt(&model);
+        let mut batch = Batch::new(tokens.len());
+        batch.add_sequence(&tokens, 0, 0, |i| i + 1 == tokens.len()).unwrap();
+        ctx.decode(&batch).unwrap();
+        assert!(ctx.logits(tokens.len() as i32 - 1).unwrap().iter().all(|x| x.is_finite()), "{}", spec.name);
+        for (il, ((k, v), info)) in pairs.zip(ctx.layers()).enumerate() {
+            let info = info.unwrap();
+            assert_eq!((info.type_k, info.type_v), (k, v), "{} layer {il}", spec.name);
+            let want_swa = spec.arch == SynthArch::Gemma3 && il % 6 != 5;
+            assert_eq!(info.is_swa, want_swa, "{} layer {il}", spec.name);
+        }
+    }
+}

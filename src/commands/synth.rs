@@ -7,8 +7,15 @@ use kvtuner::synth::{self, SynthSpec, WeightType};
 pub fn run(args: SynthArgs) -> anyhow::Result<()> {
     let mut spec = match args.preset {
         SynthPreset::Llama31_8b => SynthSpec::llama31_8b(),
+        SynthPreset::Qwen25_7b => SynthSpec::qwen25_7b(),
+        SynthPreset::Qwen25_14b => SynthSpec::qwen25_14b(),
+        SynthPreset::Gemma3_12b => SynthSpec::gemma3_12b(),
+        SynthPreset::Smollm2_360m => SynthSpec::smollm2_360m(),
         SynthPreset::Tiny => SynthSpec::tiny(),
     };
+    if let Some(n) = args.sliding_window {
+        spec.n_swa = n;
+    }
     if let Some(n) = args.layers {
         spec.n_layer = n;
     }
