@@ -391,13 +391,12 @@ fn bad_input_matrix_gets_4xx_and_the_server_keeps_serving() {
     server.assert_healthy("a client that never finished its headers");
 
     // an abrupt disconnect mid-stream frees the slot at once
-    let long = chat_body(
-        model,
-        "Write a long story about a dragon.",
-        r#", "stream": true, "max_tokens": 400, "temperature": 0.8"#,
+    // a reply that cannot end early: no template stop strings, end-of-generation tokens ignored
+    let long = format!(
+        r#"{{"model": "{model}", "prompt": "Once upon a time", "stream": true, "max_tokens": 400, "ignore_eos": true}}"#
     );
     let mut streaming = std::net::TcpStream::connect(&server.addr).unwrap();
-    write!(streaming, "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nauthorization: Bearer sesame\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{long}", long.len()).unwrap();
+    write!(streaming, "POST /v1/completions HTTP/1.1\r\nhost: x\r\nauthorization: Bearer sesame\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{long}", long.len()).unwrap();
     let mut first = [0u8; 256];
     let _ = streaming.read(&mut first).unwrap();
     server.wait_metric("kvtuner_slots_active", 1.0);
@@ -409,9 +408,8 @@ fn bad_input_matrix_gets_4xx_and_the_server_keeps_serving() {
 
     // so does a client of a non-streamed reply that gives up waiting
     let cancelled = server.metric("kvtuner_cancelled_total");
-    let body = format!(
-        r#"{{"model": "{model}", "prompt": "Once upon a time", "max_tokens": 400, "temperature": 1, "top_k": 0, "min_p": 0}}"#
-    );
+    let body =
+        format!(r#"{{"model": "{model}", "prompt": "Once upon a time", "max_tokens": 400, "ignore_eos": true}}"#);
     let (status, _) = server.curl("/v1/completions", &["--max-time", "1", "--data-binary", &body]);
     assert_eq!(status, 0, "the reply cannot be done within a second");
     server.wait_metric("kvtuner_slots_active", 0.0);
@@ -431,7 +429,7 @@ fn bad_input_matrix_gets_4xx_and_the_server_keeps_serving() {
                 "--data-binary",
                 &long,
             ])
-            .arg(server.url("/v1/chat/completions"))
+            .arg(server.url("/v1/completions"))
             .stdout(Stdio::null())
             .spawn()
             .unwrap()
@@ -471,14 +469,13 @@ fn sigterm_drains_in_flight_requests_and_exits_cleanly() {
     let dir = tempfile::tempdir().unwrap();
     let mut server = Server::start(&annotated(dir.path()), &["-np", "2"]);
     let model = model_id(&server);
-    let body = chat_body(
-        &model,
-        "Write a story about a cat.",
-        r#", "stream": true, "max_tokens": 48, "stream_options": {"include_usage": true}"#,
+    // 48 tokens whatever the model says: the reply cannot end on its own before the signal
+    let body = format!(
+        r#"{{"model": "{model}", "prompt": "Once upon a time", "stream": true, "max_tokens": 48, "ignore_eos": true, "stream_options": {{"include_usage": true}}}}"#
     );
     let mut stream = Command::new("curl")
         .args(["-s", "-N", "-H", "content-type: application/json", "--data-binary", &body])
-        .arg(server.url("/v1/chat/completions"))
+        .arg(server.url("/v1/completions"))
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
@@ -491,7 +488,7 @@ fn sigterm_drains_in_flight_requests_and_exits_cleanly() {
     let mut rest = String::new();
     reader.read_to_string(&mut rest).unwrap();
     assert!(rest.trim_end().ends_with("data: [DONE]"), "{rest}");
-    assert!(rest.contains("\"completion_tokens\":"), "{rest}");
+    assert!(rest.contains("\"completion_tokens\":48,"), "every token was sent: {rest}");
     let status = server.child.wait().unwrap();
     assert!(status.success(), "{status:?}\n{}", server.log());
     assert!(std::net::TcpStream::connect(&server.addr).is_err());

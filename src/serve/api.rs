@@ -48,6 +48,9 @@ pub struct CompletionRequest {
     pub stop: Vec<String>,
     pub stream: bool,
     pub include_usage: bool,
+    /// llama.cpp server's extension: generate `max_tokens` whatever end-of-generation tokens
+    /// come (benchmarks, tests).
+    pub ignore_eos: bool,
 }
 
 /// Which endpoint a request came to.
@@ -148,6 +151,11 @@ impl CompletionRequest {
             },
             Some(_) => return Err(ApiError::invalid("stream_options", "`stream_options` must be an object")),
         };
+        let ignore_eos = match obj.get("ignore_eos") {
+            None | Some(Value::Null) => false,
+            Some(Value::Bool(b)) => *b,
+            Some(_) => return Err(ApiError::invalid("ignore_eos", "`ignore_eos` must be true or false")),
+        };
         Ok(CompletionRequest {
             model,
             prompt,
@@ -156,6 +164,7 @@ impl CompletionRequest {
             stop,
             stream,
             include_usage,
+            ignore_eos,
         })
     }
 }
@@ -439,6 +448,7 @@ mod tests {
             (r#"{"model": "m", "messages": [{"role": "user", "content": "x"}], "stop": [1]}"#, Some("stop")),
             (r#"{"model": "m", "messages": [{"role": "user", "content": "x"}], "stream": "yes"}"#, Some("stream")),
             (r#"{"model": "m", "messages": [{"role": "user", "content": "x"}], "n": 2}"#, Some("n")),
+            (r#"{"model": "m", "messages": [{"role": "user", "content": "x"}], "ignore_eos": 1}"#, Some("ignore_eos")),
         ];
         for (body, param) in cases {
             let err = chat(body).expect_err(body);

@@ -31,6 +31,8 @@ pub struct GenRequest {
     pub max_tokens: Option<u32>,
     pub sampling: SamplingParams,
     pub stop: Vec<String>,
+    /// End-of-generation tokens do not end the reply (they are decoded like any other).
+    pub ignore_eos: bool,
     pub events: UnboundedSender<Event>,
 }
 
@@ -365,7 +367,7 @@ impl<'m> Engine<'m> {
             let Some(at) = job.logits_at else { continue };
             let tok = job.sampler.sample(&mut self.ctx, at);
             let mut finish = None;
-            if model.is_eog(tok) {
+            if model.is_eog(tok) && !job.request.ignore_eos {
                 finish = Some(FinishReason::Stop);
             } else {
                 job.generated += 1;

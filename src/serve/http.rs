@@ -218,6 +218,7 @@ async fn generate(state: Arc<AppState>, endpoint: Endpoint, body: Body) -> Resul
         max_tokens: request.max_tokens,
         sampling: request.sampling.clone(),
         stop: request.stop.clone(),
+        ignore_eos: request.ignore_eos,
         events: tx,
     };
     state.metrics.queued.fetch_add(1, Ordering::Relaxed);
