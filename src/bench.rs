@@ -92,6 +92,63 @@ pub fn measure(ctx: &mut Context<'_>, depth: u32, n_pp: u32, n_tg: u32, batch_si
     Ok(Speed { depth, pp_tokens_per_s: pp, tg_tokens_per_s: tg })
 }
 
+/// Generation with `n_seq` sequences at once (a server's slots): every sequence holds `depth`
+/// tokens of its own, then each step decodes one token for every sequence in one batch.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct ParallelSpeed {
+    pub depth: u32,
+    pub n_seq: u32,
+    /// Generated tokens per second, all sequences together.
+    pub aggregate_tokens_per_s: f64,
+    /// Generated tokens per second of each sequence (aggregate / n_seq).
+    pub per_sequence_tokens_per_s: f64,
+}
+
+/// tg`n_tg` of `n_seq` sequences at `depth` each. The context needs `n_seq_max >= n_seq` with
+/// per-sequence streams and `depth + n_tg + 1` cells per sequence. Sequence 0 is filled, then copied
+/// to the others (a buffer copy: the caches are as large as n_seq separate prefills make them).
+pub fn measure_parallel(
+    ctx: &mut Context<'_>,
+    n_seq: u32,
+    depth: u32,
+    n_tg: u32,
+    batch_size: u32,
+) -> Result<ParallelSpeed, BenchError> {
+    let per_seq = ctx.n_ctx() / ctx.n_seq_max().max(1);
+    if n_seq > ctx.n_seq_max() || depth + n_tg + 1 > per_seq {
+        return Err(BenchError::TooDeep { depth, need: n_tg + 1, n_ctx: per_seq });
+    }
+    let model = ctx.model();
+    ctx.clear();
+    fill(ctx, 0, depth, batch_size)?;
+    for s in 1..n_seq {
+        ctx.copy_sequence(0, s as i32);
+    }
+    let mut batch = Batch::new(n_seq as usize);
+    // one untimed step: it performs the copies
+    let step = |ctx: &mut Context<'_>, batch: &mut Batch, i: u32| -> Result<(), BenchError> {
+        batch.clear();
+        for s in 0..n_seq {
+            batch.add(token(model, depth + i + s), (depth + i) as i32, s as i32, true).expect("batch sized to fit");
+        }
+        Ok(ctx.decode(batch)?)
+    };
+    step(ctx, &mut batch, 0)?;
+    ctx.synchronize();
+    let t = Instant::now();
+    for i in 1..=n_tg {
+        step(ctx, &mut batch, i)?;
+    }
+    ctx.synchronize();
+    let aggregate = f64::from(n_seq * n_tg) / t.elapsed().as_secs_f64();
+    Ok(ParallelSpeed {
+        depth,
+        n_seq,
+        aggregate_tokens_per_s: aggregate,
+        per_sequence_tokens_per_s: aggregate / f64::from(n_seq),
+    })
+}
+
 /// Median and the spread (min, max) of repeated measurements.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
 pub struct Stat {

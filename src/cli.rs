@@ -121,6 +121,10 @@ pub struct AbArgs {
     /// shorter than 0.25 s is repeated (up to 5 passes) and its median kept.
     #[arg(long, default_value_t = 3)]
     pub reps: usize,
+    /// Also measure generation with N sequences decoding at once (a server's slots), each
+    /// holding DEPTH tokens of its own: aggregate and per-sequence tok/s (`tg128 ×N`).
+    #[arg(long = "parallel", visible_alias = "np", value_delimiter = ',')]
+    pub parallel: Vec<u32>,
     /// Skip the speed runs.
     #[arg(long, conflicts_with = "no_quality")]
     pub no_speed: bool,

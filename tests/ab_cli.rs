@@ -152,3 +152,46 @@ fn ab_eval_ubatch_one_scores_token_by_token() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("eval-ubatch"));
 }
+
+/// `--parallel N` adds tg128 with N sequences decoding at once, per depth: aggregate and
+/// per-sequence rates (aggregate = N × per-sequence), in the table and the JSON.
+#[test]
+fn ab_parallel_reports_aggregate_and_per_sequence_rates() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = common::tiny_model(dir.path(), 2, "synthetic-np");
+    let json = dir.path().join("np.json");
+    let out = kvtuner(&[
+        "ab",
+        "-m",
+        model.to_str().unwrap(),
+        "--no-quality",
+        "--depths",
+        "0,64",
+        "-np",
+        "2,4",
+        "--reps",
+        "1",
+        "-t",
+        "1",
+        "--against",
+        "f16,q8_0/kv2",
+        "--json",
+        json.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("tg128 ×4 @ d64 (all / each)"), "{stdout}");
+    let rows: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    for row in rows.as_array().unwrap() {
+        for speed in row["speed"].as_array().unwrap() {
+            let par = speed["parallel"].as_array().unwrap();
+            assert_eq!(par.len(), 2, "{speed}");
+            for (p, n) in par.iter().zip([2.0, 4.0]) {
+                assert_eq!(p["n_seq"].as_f64(), Some(n));
+                let (all, each) =
+                    (p["aggregate"]["median"].as_f64().unwrap(), p["per_sequence"]["median"].as_f64().unwrap());
+                assert!(all > 0.0 && (all - n * each).abs() < 1e-6 * all, "{p}");
+            }
+        }
+    }
+}

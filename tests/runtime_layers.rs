@@ -622,3 +622,40 @@ fn synthetic_qwen2_and_gemma3_load_decode_and_take_layer_types() {
         }
     }
 }
+
+/// `copy_sequence` between per-sequence streams copies the cache (what `ab --parallel` relies
+/// on): after it, sequence 1 continues exactly like sequence 0, with a mixed profile; without it,
+/// sequence 1 (empty) does not.
+#[test]
+fn copied_sequences_continue_like_their_source() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = common::synth_llama(dir.path());
+    let tokens = prompt(&model);
+    let n = tokens.len() as i32;
+    let run = |copy: bool| -> (Vec<f32>, Vec<f32>) {
+        let p = ContextParams {
+            n_ctx: 2 * 512,
+            n_seq_max: 2,
+            flash_attn: FlashAttn::On,
+            ..with_layers(CacheType::F16, CacheType::F16, narrow_mixed(&model))
+        };
+        let mut ctx = Context::new(&model, &p).unwrap();
+        let mut batch = Batch::new(tokens.len());
+        batch.add_sequence(&tokens, 0, 0, |_| false).unwrap();
+        ctx.decode(&batch).unwrap();
+        if copy {
+            ctx.copy_sequence(0, 1);
+        }
+        batch.clear();
+        batch.add(tokens[3], n, 0, true).unwrap();
+        batch.add(tokens[3], n, 1, true).unwrap();
+        ctx.decode(&batch).unwrap();
+        (ctx.logits(0).unwrap().to_vec(), ctx.logits(1).unwrap().to_vec())
+    };
+    let (a, b) = run(true);
+    let diff = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max);
+    assert!(diff < 1e-5, "copied sequence's logits differ by {diff}");
+    let (a, b) = run(false);
+    let diff = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max);
+    assert!(diff > 1e-3, "an empty sequence 1 gave the same logits (diff {diff}): the check cannot see a copy");
+}

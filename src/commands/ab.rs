@@ -23,6 +23,15 @@ struct SpeedAtDepth {
     depth: u32,
     pp512: Stat,
     tg128: Stat,
+    /// tg128 with N sequences at once (`--parallel`), one entry per N.
+    parallel: Vec<ParallelAtDepth>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+struct ParallelAtDepth {
+    n_seq: u32,
+    aggregate: Stat,
+    per_sequence: Stat,
 }
 
 #[derive(Debug, Serialize)]
@@ -194,6 +203,12 @@ pub fn run(args: AbArgs) -> anyhow::Result<()> {
         let n_ctx = (max_depth + 512).next_multiple_of(256);
         eprintln!("speed: pp512 and tg128 at depths {:?}, {} repetitions", args.depths, args.reps);
         let mut samples = vec![vec![(Vec::new(), Vec::new()); args.depths.len()]; configs.len()];
+        // [config][depth][parallel] aggregate tok/s
+        let mut par_samples = vec![vec![vec![Vec::new(); args.parallel.len()]; args.depths.len()]; configs.len()];
+        let par_max = args.parallel.iter().copied().max().unwrap_or(1).max(1);
+        if !args.parallel.is_empty() {
+            eprintln!("speed: tg128 of {:?} sequences at once, each at every depth", args.parallel);
+        }
         // One untimed run first: the first decode of a process pays one-off costs (GPU kernel
         // loading, allocations) that would otherwise land on whichever configuration runs first.
         if let Some(first) = configs.first() {
@@ -212,15 +227,49 @@ pub fn run(args: AbArgs) -> anyhow::Result<()> {
                     samples[ci][di].0.push(s.pp_tokens_per_s);
                     samples[ci][di].1.push(s.tg_tokens_per_s);
                 }
+                if !args.parallel.is_empty() {
+                    // a context of its own: par_max streams of n_ctx cells each
+                    drop(ctx);
+                    let mut pctx = Context::new(
+                        &model,
+                        &ContextParams {
+                            n_ctx: n_ctx * par_max,
+                            n_seq_max: par_max,
+                            n_batch: 512,
+                            n_ubatch: 512,
+                            ..c.params.clone()
+                        },
+                    )?;
+                    for (di, &depth) in args.depths.iter().enumerate() {
+                        for (pi, &n_seq) in args.parallel.iter().enumerate() {
+                            let s = bench::measure_parallel(&mut pctx, n_seq, depth, 128, 512)?;
+                            par_samples[ci][di][pi].push(s.aggregate_tokens_per_s);
+                        }
+                    }
+                }
                 eprintln!("  rep {}/{} {}", rep + 1, args.reps, c.name);
             }
         }
-        for (row, per_depth) in rows.iter_mut().zip(samples) {
+        for ((row, per_depth), par) in rows.iter_mut().zip(samples).zip(par_samples) {
             row.speed = args
                 .depths
                 .iter()
                 .zip(per_depth)
-                .map(|(&depth, (pp, tg))| SpeedAtDepth { depth, pp512: Stat::of(&pp), tg128: Stat::of(&tg) })
+                .zip(par)
+                .map(|((&depth, (pp, tg)), par)| SpeedAtDepth {
+                    depth,
+                    pp512: Stat::of(&pp),
+                    tg128: Stat::of(&tg),
+                    parallel: args
+                        .parallel
+                        .iter()
+                        .zip(par)
+                        .map(|(&n_seq, agg)| {
+                            let per: Vec<f64> = agg.iter().map(|a| a / f64::from(n_seq)).collect();
+                            ParallelAtDepth { n_seq, aggregate: Stat::of(&agg), per_sequence: Stat::of(&per) }
+                        })
+                        .collect(),
+                })
                 .collect();
         }
     }
@@ -262,6 +311,9 @@ fn print_table(rows: &[Row], args: &AbArgs, base_ppl: f64, label: &str) {
         for d in &args.depths {
             header.push(format!("pp512 @ d{d}"));
             header.push(format!("tg128 @ d{d}"));
+            for n in &args.parallel {
+                header.push(format!("tg128 ×{n} @ d{d} (all / each)"));
+            }
         }
     }
     table.set_header(header);
@@ -287,6 +339,9 @@ fn print_table(rows: &[Row], args: &AbArgs, base_ppl: f64, label: &str) {
         for s in &r.speed {
             cells.push(format!("{:.1} ({:.1}–{:.1})", s.pp512.median, s.pp512.min, s.pp512.max));
             cells.push(format!("{:.1} ({:.1}–{:.1})", s.tg128.median, s.tg128.min, s.tg128.max));
+            for p in &s.parallel {
+                cells.push(format!("{:.1} / {:.1}", p.aggregate.median, p.per_sequence.median));
+            }
         }
         table.add_row(cells);
     }

@@ -346,6 +346,20 @@ impl<'m> Context<'m> {
         unsafe { sys::llama_memory_seq_rm(sys::llama_get_memory(self.raw.as_ptr()), seq, p0, p1) }
     }
 
+    /// Copies every cell of sequence `src` to sequence `dst`. With per-sequence streams (the
+    /// default when `n_seq_max > 1`) the data is copied (at the next decode) and `dst` then
+    /// owns cells of its own; within one stream the cells are shared.
+    pub fn copy_sequence(&mut self, src: i32, dst: i32) {
+        // llama.cpp aborts on an id it has no stream for
+        assert!(
+            (0..self.n_seq_max() as i32).contains(&src) && (0..self.n_seq_max() as i32).contains(&dst),
+            "sequence ids {src}, {dst} must be below n_seq_max {}",
+            self.n_seq_max()
+        );
+        // Safety: valid context and memory; both ids checked above.
+        unsafe { sys::llama_memory_seq_cp(sys::llama_get_memory(self.raw.as_ptr()), src, dst, -1, -1) }
+    }
+
     /// Shifts positions [p0, p1) of sequence `seq` by `delta`.
     pub fn shift_range(&mut self, seq: i32, p0: i32, p1: i32, delta: i32) {
         // Safety: valid context and memory.
