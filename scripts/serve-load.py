@@ -9,7 +9,7 @@ requests, and the server's resident memory (RSS) sampled through the run (flat =
 between the first and the last request).
 
 usage: serve-load.py --bin target/release/kvtuner -m MODEL [--label L] [--clients 8]
-       [--requests 6] [--max-tokens 64] [-- extra serve flags, e.g. -ctk q8_0 -ctv q8_0]
+       [--requests 6] [--max-tokens 64] [--stop-at-eos] [-- extra serve flags, e.g. -ctk q8_0 -ctv q8_0]
 """
 
 import argparse
@@ -62,6 +62,9 @@ def main():
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--ctx", type=int, default=1024)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--stop-at-eos", action="store_true",
+                    help="let replies end at the model's end-of-generation token (default: every reply is "
+                         "--max-tokens long, so configurations generate the same work)")
     ap.add_argument("extra", nargs="*")
     args = ap.parse_args()
 
@@ -104,7 +107,7 @@ def main():
             messages.append({"role": "user", "content": QUESTIONS[(i + j) % len(QUESTIONS)]})
             body = json.dumps({
                 "model": model, "messages": messages, "max_tokens": args.max_tokens,
-                "temperature": 0.8, "seed": 1000 * i + j, "stream": True,
+                "temperature": 0.8, "seed": 1000 * i + j, "stream": True, "ignore_eos": not args.stop_at_eos,
                 "stream_options": {"include_usage": True},
             })
             try:

@@ -31,7 +31,8 @@ pub struct GenRequest {
     pub max_tokens: Option<u32>,
     pub sampling: SamplingParams,
     pub stop: Vec<String>,
-    /// End-of-generation tokens do not end the reply (they are decoded like any other).
+    /// End-of-generation tokens (and a transcript template's end-of-turn stop strings) do not end
+    /// the reply; EOG tokens are decoded like any other.
     pub ignore_eos: bool,
     pub events: UnboundedSender<Event>,
 }
@@ -258,7 +259,8 @@ impl<'m> Engine<'m> {
         let max_tokens = request.max_tokens.map_or(room, |m| (m as usize).min(room));
         let trim_start = matches!(request.prompt, Prompt::Chat(_));
         let mut stops: Vec<String> = request.stop.clone();
-        if trim_start {
+        // a transcript template's stop strings are its end of turn: ignore_eos ignores them too
+        if trim_start && !request.ignore_eos {
             stops.extend(self.template.stop().iter().map(|s| s.to_string()));
         }
         self.metrics.prompt_tokens.fetch_add(tokens.len() as u64, Ordering::Relaxed);
