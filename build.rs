@@ -192,6 +192,8 @@ fn cmake_options(root: &Path) -> BTreeMap<String, String> {
     set("GGML_OPENMP", "OFF");
     set("GGML_BLAS", "OFF");
     set("GGML_CCACHE", "ON");
+    // ggml's RPC backend: layers on other processes or machines (`kvtuner rpc-server`, `--rpc`)
+    set("GGML_RPC", "ON");
     let native = var("KVTUNER_PORTABLE").is_none();
     set("GGML_NATIVE", if native { "ON" } else { "OFF" });
     if native && env::var("CARGO_CFG_TARGET_ARCH").as_deref() == Ok("x86_64") {
@@ -343,7 +345,9 @@ fn generate_bindings(tree: &Path) {
     let out = PathBuf::from(env::var("OUT_DIR").unwrap()).join("bindings.rs");
     let header = tree.join("include/llama.h");
     let gguf = tree.join("ggml/include/gguf.h");
-    let wrapper = format!("#include \"{}\"\n#include \"{}\"\n", header.display(), gguf.display());
+    let rpc = tree.join("ggml/include/ggml-rpc.h");
+    let wrapper =
+        format!("#include \"{}\"\n#include \"{}\"\n#include \"{}\"\n", header.display(), gguf.display(), rpc.display());
     let bindings = bindgen::Builder::default()
         .header_contents("kvtuner_wrapper.h", &wrapper)
         .clang_arg(format!("-I{}", tree.join("include").display()))
@@ -354,13 +358,17 @@ fn generate_bindings(tree: &Path) {
             "ggml_type_name|ggml_type_size|ggml_blck_size|ggml_row_size|ggml_is_quantized|ggml_quantize_chunk",
         )
         .allowlist_function("ggml_backend_load_all|ggml_log_set")
-        .allowlist_type("llama_.*|gguf_.*|ggml_type|ggml_log_level")
+        .allowlist_function("ggml_backend_rpc_start_server|ggml_backend_rpc_add_server|ggml_set_abort_callback")
+        .allowlist_function("ggml_backend_reg_dev_count|ggml_backend_reg_dev_get|ggml_backend_dev_by_type")
+        .allowlist_function("ggml_backend_dev_name|ggml_backend_dev_description|ggml_backend_dev_type")
+        .allowlist_function("ggml_backend_dev_count|ggml_backend_dev_get")
+        .allowlist_type("llama_.*|gguf_.*|ggml_type|ggml_log_level|ggml_backend_dev_type")
         .allowlist_var("LLAMA_.*|GGUF_.*")
         .prepend_enum_name(false)
         .derive_default(true)
         .layout_tests(false)
         .generate()
-        .expect("bindgen on llama.h and gguf.h");
+        .expect("bindgen on llama.h, gguf.h and ggml-rpc.h");
     let mut f = fs::File::create(&out).expect("creating bindings.rs");
     f.write_all(bindings.to_string().as_bytes()).expect("writing bindings.rs");
 }
@@ -372,7 +380,7 @@ fn link(install: &Path) {
         println!("cargo:rustc-link-search=native={}", d.display());
     }
     let kind = if feature("dynamic-link") { "dylib" } else { "static" };
-    let mut libs = vec!["llama", "ggml", "ggml-cpu"];
+    let mut libs = vec!["llama", "ggml", "ggml-cpu", "ggml-rpc"];
     if feature("cuda") {
         libs.push("ggml-cuda");
     }

@@ -49,6 +49,26 @@ pub enum Command {
     /// OpenAI-compatible HTTP server (chat, completions, streaming) with the model's cache
     /// profile; many requests decoded side by side.
     Serve(ServeArgs),
+    /// Serve this machine's CPU to other kvtuner processes over ggml's RPC protocol (`--rpc`):
+    /// they put layers, with their cache types, here. The protocol has no authentication.
+    RpcServer(RpcServerArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct RpcServerArgs {
+    /// Address to listen on. Anything but loopback needs --allow-remote.
+    #[arg(long, default_value = "127.0.0.1")]
+    pub host: String,
+    #[arg(long, default_value_t = 50052)]
+    pub port: u16,
+    /// Threads for the served CPU (0 = all cores).
+    #[arg(short = 't', long = "threads", default_value_t = 0)]
+    pub threads: usize,
+    /// Listen on a non-loopback address. ggml's RPC protocol has no authentication: anyone who
+    /// reaches the port can run computations on this machine and read or write the memory it
+    /// serves. Use only on a private link.
+    #[arg(long)]
+    pub allow_remote: bool,
 }
 
 #[derive(Debug, Args)]
@@ -428,9 +448,13 @@ pub struct RuntimeArgs {
     /// Context size in tokens.
     #[arg(short = 'c', long = "ctx-size", default_value_t = 1024)]
     pub ctx_size: u32,
-    /// Layers to offload to the GPU (CUDA builds); -1 = all.
+    /// Layers to offload to the GPU (CUDA builds) and the RPC servers of --rpc; -1 = all.
     #[arg(long = "n-gpu-layers", visible_alias = "ngl", default_value_t = 0, allow_negative_numbers = true)]
     pub n_gpu_layers: i32,
+    /// RPC servers (`kvtuner rpc-server`, HOST:PORT, comma-separated) that take offloaded
+    /// layers after this machine's GPUs; each layer's cache lives with the layer, in its type.
+    #[arg(long, value_delimiter = ',')]
+    pub rpc: Vec<String>,
     /// Flash attention.
     #[arg(long = "flash-attn", visible_alias = "fa", value_enum, default_value = "auto")]
     pub flash_attn: FlashAttn,

@@ -21,11 +21,12 @@ pub fn run(args: LayersArgs) -> anyhow::Result<()> {
     }
     let mut table = Table::new();
     table.load_preset(comfy_table::presets::ASCII_MARKDOWN);
-    table.set_header(["layer", "window", "cells", "K", "V", "K MiB", "V MiB"]);
+    table.set_header(["layer", "device", "window", "cells", "K", "V", "K MiB", "V MiB"]);
     for (il, info) in layers.iter().enumerate() {
         match info {
             Some(i) => table.add_row([
                 il.to_string(),
+                i.device.to_string(),
                 if i.is_swa { "sliding".into() } else { "global".into() },
                 i.n_cells.to_string(),
                 i.type_k.to_string(),
@@ -35,6 +36,7 @@ pub fn run(args: LayersArgs) -> anyhow::Result<()> {
             ]),
             None => table.add_row([
                 il.to_string(),
+                "-".into(),
                 "-".into(),
                 "-".into(),
                 "(no KV cache)".into(),
@@ -56,6 +58,23 @@ pub fn run(args: LayersArgs) -> anyhow::Result<()> {
             "layers {}: their device has no native flash-attention kernel for their K-V pair (the attention runs elsewhere or on a converted cache; see the warning above)",
             fallback.join(",")
         );
+    }
+    // KV bytes per device (layers split over GPUs, the CPU and RPC servers), in first-seen order
+    let mut per_device: Vec<(String, usize, u64)> = Vec::new();
+    for i in layers.iter().flatten() {
+        let name = i.device.to_string();
+        match per_device.iter_mut().find(|(d, _, _)| *d == name) {
+            Some((_, n, b)) => {
+                *n += 1;
+                *b += i.bytes_k + i.bytes_v;
+            }
+            None => per_device.push((name, 1, i.bytes_k + i.bytes_v)),
+        }
+    }
+    if per_device.len() > 1 {
+        let parts: Vec<String> =
+            per_device.iter().map(|(d, n, b)| format!("{d}: {n} layers, {:.2} MiB", *b as f64 / 1048576.0)).collect();
+        println!("KV per device: {}", parts.join("; "));
     }
     println!(
         "profile: {}; n_ctx {}; KV buffer {:.2} MiB",

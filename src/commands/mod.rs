@@ -8,6 +8,7 @@ mod fetch;
 mod inspect;
 mod layers;
 mod profile;
+mod rpc_server;
 mod runtime;
 mod search;
 mod serve;
@@ -31,5 +32,6 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Ab(args) => ab::run(args),
         Command::Chat(args) => chat::run(args),
         Command::Serve(args) => serve::run(args),
+        Command::RpcServer(args) => rpc_server::run(args),
     }
 }

@@ -119,10 +119,15 @@ pub fn open(args: &RuntimeArgs) -> anyhow::Result<Opened> {
         ),
         path => ProfileChoice::File(Box::new(load_profile_for(path, &identity, &args.model)?)),
     };
+    let backend = Backend::init();
+    let mut rpc = Vec::new();
+    for endpoint in &args.rpc {
+        rpc.extend(kvtuner::llama::rpc::add_server(backend, endpoint)?);
+    }
     let model = Model::load(
-        Backend::init(),
+        backend,
         &args.model,
-        &ModelParams { n_gpu_layers: args.n_gpu_layers, ..ModelParams::default() },
+        &ModelParams { n_gpu_layers: args.n_gpu_layers, rpc, ..ModelParams::default() },
     )?;
     let mut params = ContextParams {
         n_ctx: args.ctx_size,

@@ -121,6 +121,47 @@ pub struct KvLayerInfo {
     /// runs on another device, or (CUDA) on a cache converted to f16 at every step. Patch 0007
     /// warns at context creation.
     pub attn_fallback: bool,
+    /// ggml's name of the device holding the layer's K cache (`CPU`, `CUDA0`,
+    /// `RPC0[host:port]`); empty when nothing is allocated (metadata-only models).
+    pub device: DeviceName,
+}
+
+/// A device name as llama.cpp reports it in a fixed buffer (keeps `KvLayerInfo` `Copy`).
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct DeviceName([u8; 64]);
+
+impl DeviceName {
+    fn from_c(raw: &[std::ffi::c_char; 64]) -> DeviceName {
+        let mut b = [0u8; 64];
+        for (d, s) in b.iter_mut().zip(raw.iter()) {
+            *d = *s as u8;
+        }
+        b[63] = 0;
+        DeviceName(b)
+    }
+
+    pub fn as_str(&self) -> &str {
+        let end = self.0.iter().position(|&c| c == 0).unwrap_or(self.0.len());
+        std::str::from_utf8(&self.0[..end]).unwrap_or("?")
+    }
+}
+
+impl std::fmt::Display for DeviceName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::fmt::Debug for DeviceName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:?}", self.as_str())
+    }
+}
+
+impl serde::Serialize for DeviceName {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
 }
 
 /// Timings since the context was created or last reset.
@@ -303,6 +344,7 @@ impl<'m> Context<'m> {
             n_cells: info.n_cells,
             is_swa: info.is_swa,
             attn_fallback: info.attn_fallback,
+            device: DeviceName::from_c(&info.device),
         })
     }
 

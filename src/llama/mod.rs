@@ -6,13 +6,15 @@ mod batch;
 mod context;
 mod gguf_c;
 mod model;
+pub mod rpc;
 mod sampler;
 pub(crate) mod sys;
 
 pub use backend::Backend;
 pub use batch::{Batch, BatchFull};
 pub use context::{
-    Context, ContextParams, CreateContextError, DecodeError, FlashAttn, KvLayerInfo, LayerCacheTypes, Perf, StateError,
+    Context, ContextParams, CreateContextError, DecodeError, DeviceName, FlashAttn, KvLayerInfo, LayerCacheTypes, Perf,
+    StateError,
 };
 pub use gguf_c::{GgufCError, GgufCSummary, GgufCTensor};
 pub use model::{

@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use std::ptr::NonNull;
 
 use super::backend::{take_recent_log, Backend};
+use super::rpc::RpcDevice;
 use super::sys;
 
 pub type Token = i32;
@@ -56,12 +57,29 @@ pub struct ModelParams {
     /// Metadata only (llama.cpp's `no_alloc`): no weights are read and contexts of this model
     /// allocate no buffers, but report the sizes they would allocate (`Context::layers`).
     pub metadata_only: bool,
+    /// Devices of RPC servers (`rpc::add_server`) that take offloaded layers, after this
+    /// machine's GPUs; empty: llama.cpp's default (every local device).
+    pub rpc: Vec<RpcDevice>,
 }
 
 impl Default for ModelParams {
     fn default() -> Self {
-        ModelParams { n_gpu_layers: 0, use_mmap: true, metadata_only: false }
+        ModelParams { n_gpu_layers: 0, use_mmap: true, metadata_only: false, rpc: Vec::new() }
     }
+}
+
+/// This machine's GPUs (ggml's registry), in registry order.
+fn local_gpus() -> Vec<sys::ggml_backend_dev_t> {
+    // Safety: plain reads of ggml's device registry; i < the count.
+    let n = unsafe { sys::ggml_backend_dev_count() };
+    (0..n)
+        .map(|i| unsafe { sys::ggml_backend_dev_get(i) })
+        .filter(|&d| {
+            // Safety: d came from the registry.
+            let t = unsafe { sys::ggml_backend_dev_type(d) };
+            !d.is_null() && (t == sys::GGML_BACKEND_DEVICE_TYPE_GPU || t == sys::GGML_BACKEND_DEVICE_TYPE_IGPU)
+        })
+        .collect()
 }
 
 /// A model loaded by llama.cpp. Contexts borrow it.
@@ -108,9 +126,19 @@ impl Model {
         if !params.use_mmap || params.metadata_only {
             mp.load_mode = sys::LLAMA_LOAD_MODE_NONE;
         }
+        // the device list (NULL-terminated) must outlive the call
+        let mut devices: Vec<sys::ggml_backend_dev_t> = Vec::new();
+        if !params.rpc.is_empty() {
+            devices = local_gpus();
+            devices.extend(params.rpc.iter().map(|d| d.as_ptr()));
+            devices.push(std::ptr::null_mut());
+            mp.devices = devices.as_mut_ptr();
+        }
         take_recent_log();
-        // Safety: c_path is a valid C string for the call; params is a valid struct by value.
+        // Safety: c_path is a valid C string for the call; params is a valid struct by value;
+        // mp.devices is NULL or points into `devices`, alive until after the call.
         let raw = unsafe { sys::llama_model_load_from_file(c_path.as_ptr(), mp) };
+        drop(devices);
         let raw = NonNull::new(raw)
             .ok_or_else(|| LoadModelError::Failed { path: path.to_path_buf(), log: take_recent_log() })?;
         Ok(Model { raw, path: path.to_path_buf() })

@@ -1,0 +1,178 @@
+//! ggml's RPC backend (issue 24): layers, with their per-layer cache types, on `kvtuner
+//! rpc-server` processes on 127.0.0.1.
+
+mod common;
+
+use std::net::{TcpListener, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use kvtuner::cache_type::CacheType;
+use kvtuner::llama::{rpc, Backend, Batch, Context, ContextParams, FlashAttn, LayerCacheTypes, Model, ModelParams};
+
+/// A `kvtuner rpc-server` child on a free loopback port, killed on drop.
+struct Server {
+    child: Child,
+    endpoint: String,
+}
+
+impl Server {
+    fn start() -> Server {
+        let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let child = Command::new(env!("CARGO_BIN_EXE_kvtuner"))
+            .args(["rpc-server", "--port", &port.to_string(), "-t", "1"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let endpoint = format!("127.0.0.1:{port}");
+        let start = Instant::now();
+        while TcpStream::connect(&endpoint).is_err() {
+            assert!(start.elapsed() < Duration::from_secs(20), "rpc-server on {endpoint} did not start");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Server { child, endpoint }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn mixed(n: usize) -> LayerCacheTypes {
+    let cycle =
+        [(CacheType::Q8_0, CacheType::Kv2), (CacheType::F16, CacheType::F16), (CacheType::Kv3, CacheType::Q4_0)];
+    LayerCacheTypes::from_pairs((0..n).map(|i| cycle[i % 3]))
+}
+
+fn logits(model: &Model) -> Vec<f32> {
+    logits_and_devices(model).0
+}
+
+/// The logits of a prompt and one step after it, and each layer's (device, KV bytes).
+fn logits_and_devices(model: &Model) -> (Vec<f32>, Vec<(String, u64)>) {
+    let n = model.n_layer() as usize;
+    let p = ContextParams {
+        n_ctx: 256,
+        flash_attn: FlashAttn::On,
+        layer_types: Some(mixed(n)),
+        n_threads: 1,
+        ..ContextParams::default()
+    };
+    let mut ctx = Context::new(model, &p).unwrap();
+    let tokens: Vec<i32> = (0..40).map(|i| 3 + (i * 37) % 400).collect();
+    let mut batch = Batch::new(tokens.len());
+    batch.add_sequence(&tokens, 0, 0, |i| i + 1 == tokens.len()).unwrap();
+    ctx.decode(&batch).unwrap();
+    let mut out = ctx.logits(tokens.len() as i32 - 1).unwrap().to_vec();
+    // and one decode step after the prompt
+    batch.clear();
+    batch.add(7, tokens.len() as i32, 0, true).unwrap();
+    ctx.decode(&batch).unwrap();
+    out.extend_from_slice(ctx.logits(0).unwrap());
+    let devices =
+        ctx.layers().into_iter().map(|i| i.unwrap()).map(|i| (i.device.to_string(), i.bytes_k + i.bytes_v)).collect();
+    (out, devices)
+}
+
+/// A mixed profile (q8_0/kv2, f16, kv3/q4_0 layers) with four of six layers on two RPC servers
+/// gives the logits of the same profile in one process.
+#[test]
+fn layers_split_over_two_rpc_servers_give_the_single_process_logits() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = common::tiny_model(dir.path(), 6, "synthetic-rpc");
+    let backend = Backend::init();
+    let local = Model::load(backend, &path, &ModelParams::default()).unwrap();
+    let want = logits(&local);
+
+    let (a, b) = (Server::start(), Server::start());
+    let mut devices = rpc::add_server(backend, &a.endpoint).unwrap();
+    devices.extend(rpc::add_server(backend, &b.endpoint).unwrap());
+    assert_eq!(devices.len(), 2, "one CPU device per server");
+    let split =
+        Model::load(backend, &path, &ModelParams { n_gpu_layers: 4, rpc: devices, ..ModelParams::default() }).unwrap();
+    let (got, devices) = logits_and_devices(&split);
+    assert_eq!(got.len(), want.len());
+    // llama.cpp offloads the last layers (n_gpu_layers counts the output layer too: 3 of 6 here),
+    // split over the devices in order; each layer's cache lives on its layer's device
+    eprintln!("layer devices: {devices:?}");
+    let names: Vec<&str> = devices.iter().map(|d| d.0.as_str()).collect();
+    assert_eq!(names, ["CPU", "CPU", "CPU", "RPC0", "RPC0", "RPC1"], "layers' cache devices");
+    let local_bytes: Vec<u64> = logits_and_devices(&local).1.iter().map(|d| d.1).collect();
+    for (il, ((_, bytes), local)) in devices.iter().zip(&local_bytes).enumerate() {
+        assert_eq!(bytes, local, "layer {il}: KV bytes on its device = the single-process layer's");
+    }
+    let diff = got.iter().zip(&want).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max);
+    eprintln!("max |logit difference| split over two RPC servers: {diff}");
+    assert!(diff <= 1e-4, "split logits differ by {diff}");
+}
+
+/// A bad endpoint or a port nobody serves is an error naming it, not a crash or a hang.
+#[test]
+fn unreachable_rpc_servers_are_named_errors() {
+    let backend = Backend::init();
+    let e = rpc::add_server(backend, "no-port").unwrap_err().to_string();
+    assert!(e.contains("no-port") && e.contains("HOST:PORT"), "{e}");
+    let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let endpoint = format!("127.0.0.1:{port}");
+    let start = Instant::now();
+    let e = rpc::add_server(backend, &endpoint).map(|d| d.len());
+    assert!(start.elapsed() < Duration::from_secs(30), "add_server waited {:?}", start.elapsed());
+    match e {
+        Err(e) => assert!(e.to_string().contains(&endpoint), "{e}"),
+        Ok(n) => panic!("{n} devices from a port nobody serves"),
+    }
+}
+
+/// Killing the RPC server while a model runs layers on it ends the run with an error naming the
+/// cause, within seconds (ggml's client aborts; kvtuner turns that into one line and status 1).
+#[test]
+fn a_killed_rpc_server_ends_the_run_with_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = common::tiny_model(dir.path(), 6, "synthetic-rpc-kill");
+    let mut server = Server::start();
+    let mut chat = Command::new(env!("CARGO_BIN_EXE_kvtuner"))
+        .args([
+            "chat",
+            "-m",
+            path.to_str().unwrap(),
+            "-c",
+            "4096",
+            "-ngl",
+            "3",
+            "-t",
+            "1",
+            "-p",
+            "hello",
+            "-n",
+            "4000",
+            "--temp",
+            "0",
+        ])
+        .args(["--rpc", &server.endpoint])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // wait for generated text, then take the server away
+    let mut stdout = chat.stdout.take().unwrap();
+    let mut first = [0u8; 16];
+    std::io::Read::read(&mut stdout, &mut first).unwrap();
+    server.child.kill().unwrap();
+    server.child.wait().unwrap();
+    let start = Instant::now();
+    let status = loop {
+        if let Some(s) = chat.try_wait().unwrap() {
+            break s;
+        }
+        assert!(start.elapsed() < Duration::from_secs(30), "the run hangs after its RPC server died");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut chat.stderr.take().unwrap(), &mut err).unwrap();
+    assert_eq!(status.code(), Some(1), "{err}");
+    assert!(err.contains("RPC server stopped"), "{err}");
+}
