@@ -153,6 +153,10 @@ pub struct AbArgs {
     pub no_quality: bool,
     #[arg(long = "n-gpu-layers", visible_alias = "ngl", default_value_t = 0, allow_negative_numbers = true)]
     pub n_gpu_layers: i32,
+    /// RPC servers (`kvtuner rpc-server`, HOST:PORT, comma-separated) that take offloaded layers
+    /// after this machine's GPUs.
+    #[arg(long, value_delimiter = ',')]
+    pub rpc: Vec<String>,
     #[arg(short = 't', long = "threads", default_value_t = 0)]
     pub threads: i32,
     #[arg(long = "flash-attn", visible_alias = "fa", value_enum, default_value = "auto")]

@@ -14,14 +14,16 @@ use kvtuner::llama::{rpc, Backend, Batch, Context, ContextParams, FlashAttn, Lay
 struct Server {
     child: Child,
     endpoint: String,
+    log: tempfile::NamedTempFile,
 }
 
 impl Server {
     fn start() -> Server {
         let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let log = tempfile::NamedTempFile::new().unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_kvtuner"))
             .args(["rpc-server", "--port", &port.to_string(), "-t", "1"])
-            .stdout(Stdio::null())
+            .stdout(log.reopen().unwrap())
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
@@ -31,7 +33,12 @@ impl Server {
             assert!(start.elapsed() < Duration::from_secs(20), "rpc-server on {endpoint} did not start");
             std::thread::sleep(Duration::from_millis(50));
         }
-        Server { child, endpoint }
+        Server { child, endpoint, log }
+    }
+
+    /// What the server printed so far (ggml's server logs each client connection).
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.log.path()).unwrap()
     }
 }
 
@@ -175,4 +182,36 @@ fn a_killed_rpc_server_ends_the_run_with_a_clear_error() {
     std::io::Read::read_to_string(&mut chat.stderr.take().unwrap(), &mut err).unwrap();
     assert_eq!(status.code(), Some(1), "{err}");
     assert!(err.contains("RPC server stopped"), "{err}");
+}
+
+/// `kvtuner ab --rpc` measures the same quality with layers on an RPC server as without.
+#[test]
+fn ab_with_layers_on_an_rpc_server_measures_the_same_kld() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = common::tiny_model(dir.path(), 6, "synthetic-rpc-ab");
+    let text = common::eval_text_file(dir.path());
+    let server = Server::start();
+    let run = |rpc: bool| -> Vec<f64> {
+        let json = dir.path().join(format!("ab-{rpc}.json"));
+        let mut args = vec!["ab", "-m", path.to_str().unwrap(), "--text", text.to_str().unwrap(), "-c", "128"];
+        args.extend(["--chunks", "1", "--no-speed", "-fa", "on", "-t", "1", "--against", "q8_0/kv2,kv3/q4_0"]);
+        args.extend(["--json", json.to_str().unwrap()]);
+        if rpc {
+            args.extend(["-ngl", "4", "--rpc", &server.endpoint]);
+        }
+        let out = Command::new(env!("CARGO_BIN_EXE_kvtuner")).args(&args).output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let rows: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+        rows.as_array().unwrap().iter().map(|r| r["kld_mean"].as_f64().unwrap()).collect()
+    };
+    let local = run(false);
+    let connections = server.log().matches("Accepted client connection").count();
+    let split = run(true);
+    assert!(
+        server.log().matches("Accepted client connection").count() > connections,
+        "ab --rpc never contacted the server:\n{}",
+        server.log()
+    );
+    assert_eq!(local.len(), 2);
+    assert_eq!(split, local, "KLD with layers on the RPC server");
 }

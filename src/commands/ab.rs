@@ -85,11 +85,10 @@ pub fn run(args: AbArgs) -> anyhow::Result<()> {
     }
     let header = read_model_header(&args.model)?;
     let identity = ModelIdentity::from_header(&header)?;
-    let model = Model::load(
-        Backend::init(),
-        &args.model,
-        &ModelParams { n_gpu_layers: args.n_gpu_layers, ..Default::default() },
-    )?;
+    let backend = Backend::init();
+    let rpc = kvtuner::llama::rpc::add_servers(backend, &args.rpc)?;
+    let model =
+        Model::load(backend, &args.model, &ModelParams { n_gpu_layers: args.n_gpu_layers, rpc, ..Default::default() })?;
     let base = ContextParams {
         n_threads: args.threads,
         flash_attn: args.flash_attn,

@@ -120,10 +120,7 @@ pub fn open(args: &RuntimeArgs) -> anyhow::Result<Opened> {
         path => ProfileChoice::File(Box::new(load_profile_for(path, &identity, &args.model)?)),
     };
     let backend = Backend::init();
-    let mut rpc = Vec::new();
-    for endpoint in &args.rpc {
-        rpc.extend(kvtuner::llama::rpc::add_server(backend, endpoint)?);
-    }
+    let rpc = kvtuner::llama::rpc::add_servers(backend, &args.rpc)?;
     let model = Model::load(
         backend,
         &args.model,

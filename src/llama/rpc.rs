@@ -103,6 +103,15 @@ pub fn add_server(_backend: Backend, endpoint: &str) -> Result<Vec<RpcDevice>, R
     Ok(devices)
 }
 
+/// `add_server` for each endpoint, the devices in order.
+pub fn add_servers(backend: Backend, endpoints: &[String]) -> Result<Vec<RpcDevice>, RpcError> {
+    let mut devices = Vec::new();
+    for e in endpoints {
+        devices.extend(add_server(backend, e)?);
+    }
+    Ok(devices)
+}
+
 /// Serves this process's CPU at `endpoint` until the process ends (ggml's server loop does not
 /// return). `threads`: 0 = ggml's default.
 pub fn serve_cpu(_backend: Backend, endpoint: &str, threads: usize) -> Result<(), RpcError> {
