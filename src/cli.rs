@@ -519,6 +519,10 @@ pub struct ServeArgs {
     /// Require `Authorization: Bearer KEY` on every route but /health and the page.
     #[arg(long = "api-key", env = "KVTUNER_API_KEY")]
     pub api_key: Option<String>,
+    /// Let pages from these origins (comma-separated, e.g. `http://localhost:3000`; `*` = any)
+    /// call the API from a browser. Default: none (the built-in page is same-origin).
+    #[arg(long, value_delimiter = ',')]
+    pub cors: Vec<String>,
     /// Requests that may wait for a free slot; more get 503 with Retry-After.
     #[arg(long, default_value_t = 64)]
     pub queue: usize,

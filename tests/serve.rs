@@ -565,3 +565,36 @@ fn chat_page_streams_an_answer_and_shows_the_profile_in_headless_chromium() {
     let at = |x: usize, y: usize| &pixels[(y * info.width as usize + x) * channels..][..3];
     assert_eq!(at(600, 5), [0x1d, 0x24, 0x30], "the header is not at the top");
 }
+
+/// `--cors ORIGIN`: a browser's preflight from that origin is answered (before the API key is
+/// checked, as browsers send none with it) and allowed; other origins get no allowance.
+#[test]
+fn cors_allows_the_listed_origins_only() {
+    let server = Server::start(&common::gemma_path(), &["--cors", "http://app.example", "--api-key", "k1"]);
+    let preflight = |origin: &str| {
+        server.curl_without_key(
+            "/v1/chat/completions",
+            &[
+                "-X",
+                "OPTIONS",
+                "-H",
+                &format!("Origin: {origin}"),
+                "-H",
+                "Access-Control-Request-Method: POST",
+                "-H",
+                "Access-Control-Request-Headers: authorization, content-type",
+            ],
+        )
+    };
+    let (status, text) = preflight("http://app.example");
+    assert_eq!(status, 200, "{text}");
+    assert!(text.to_ascii_lowercase().contains("access-control-allow-origin: http://app.example"), "{text}");
+    let (_, text) = preflight("http://other.example");
+    assert!(!text.to_ascii_lowercase().contains("access-control-allow-origin"), "{text}");
+    // the API itself still wants the key
+    let (status, _) = server.curl_without_key("/v1/models", &["-H", "Origin: http://app.example"]);
+    assert_eq!(status, 401);
+    let (status, text) = server.curl("/v1/models", &["-H", "Origin: http://app.example"]);
+    assert_eq!(status, 200, "{text}");
+    assert!(text.to_ascii_lowercase().contains("access-control-allow-origin: http://app.example"), "{text}");
+}

@@ -41,6 +41,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         drain_timeout: Duration::from_secs(args.drain_timeout),
         template: args.template,
         profile,
+        cors: args.cors,
     };
     Ok(serve(&opened.model, &params, &options)?)
 }

@@ -39,6 +39,8 @@ pub struct AppState {
     pub serial: AtomicU64,
     /// False once the engine thread has stopped (then nothing can be answered).
     pub engine_alive: Arc<AtomicBool>,
+    /// Origins whose pages may call the API from a browser (`--cors`; `*` = any); empty: none.
+    pub cors: Vec<String>,
 }
 
 /// Serves connections until `signal`, then lets the requests in flight finish for at most the
@@ -102,7 +104,23 @@ pub fn router(state: Arc<AppState>) -> Router {
         .layer(middleware::from_fn_with_state(state.clone(), count))
         // a span per request; RUST_LOG=tower_http=debug logs each with its status and time
         .layer(tower_http::trace::TraceLayer::new_for_http())
+        // outermost: a browser's preflight (OPTIONS, no API key) is answered before auth
+        .layer(cors_layer(&state.cors))
         .with_state(state)
+}
+
+/// Cross-origin access for browser clients served from other origins (`--cors`); with no
+/// origins the layer adds no headers and browsers keep blocking cross-origin calls.
+fn cors_layer(origins: &[String]) -> tower_http::cors::CorsLayer {
+    use tower_http::cors::{AllowOrigin, Any, CorsLayer};
+    let layer = CorsLayer::new().allow_methods(Any).allow_headers(Any);
+    if origins.iter().any(|o| o == "*") {
+        layer.allow_origin(Any)
+    } else {
+        let list: Vec<header::HeaderValue> =
+            origins.iter().filter_map(|o| header::HeaderValue::from_str(o).ok()).collect();
+        layer.allow_origin(AllowOrigin::list(list))
+    }
 }
 
 fn error(e: ApiError) -> Response {

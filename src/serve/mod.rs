@@ -55,6 +55,8 @@ pub struct ServeOptions {
     pub template: Option<String>,
     /// The applied profile, as the caller describes it (e.g. `name (embedded in the model)`).
     pub profile: String,
+    /// Origins allowed to call the API from a browser (`*` = any).
+    pub cors: Vec<String>,
 }
 
 /// The model's id in the API: its file name without `.gguf`.
@@ -136,6 +138,7 @@ pub fn serve(model: &Model, params: &ContextParams, options: &ServeOptions) -> R
         body_timeout: options.body_timeout,
         serial: AtomicU64::new(1),
         engine_alive: Arc::new(AtomicBool::new(true)),
+        cors: options.cors.clone(),
     });
     let alive = EngineAlive(state.engine_alive.clone());
     std::thread::scope(|scope| {
