@@ -18,6 +18,8 @@ pub struct Speed {
 pub enum BenchError {
     #[error("depth {depth} + {need} tokens do not fit the context of {n_ctx}; raise -c")]
     TooDeep { depth: u32, need: u32, n_ctx: u32 },
+    #[error("{n_seq} sequences do not fit a context made for {n_seq_max}")]
+    TooManySequences { n_seq: u32, n_seq_max: u32 },
     #[error(transparent)]
     Decode(#[from] DecodeError),
 }
@@ -102,6 +104,9 @@ pub struct ParallelSpeed {
     pub aggregate_tokens_per_s: f64,
     /// Generated tokens per second of each sequence (aggregate / n_seq).
     pub per_sequence_tokens_per_s: f64,
+    /// Tokens generated in the timed steps (n_seq × n_tg) and the seconds they took.
+    pub generated_tokens: u32,
+    pub seconds: f64,
 }
 
 /// tg`n_tg` of `n_seq` sequences at `depth` each. The context needs `n_seq_max >= n_seq` with
@@ -115,7 +120,10 @@ pub fn measure_parallel(
     batch_size: u32,
 ) -> Result<ParallelSpeed, BenchError> {
     let per_seq = ctx.n_ctx() / ctx.n_seq_max().max(1);
-    if n_seq > ctx.n_seq_max() || depth + n_tg + 1 > per_seq {
+    if n_seq > ctx.n_seq_max() {
+        return Err(BenchError::TooManySequences { n_seq, n_seq_max: ctx.n_seq_max() });
+    }
+    if depth + n_tg + 1 > per_seq {
         return Err(BenchError::TooDeep { depth, need: n_tg + 1, n_ctx: per_seq });
     }
     let model = ctx.model();
@@ -140,12 +148,16 @@ pub fn measure_parallel(
         step(ctx, &mut batch, i)?;
     }
     ctx.synchronize();
-    let aggregate = f64::from(n_seq * n_tg) / t.elapsed().as_secs_f64();
+    let seconds = t.elapsed().as_secs_f64();
+    let generated_tokens = n_seq * n_tg;
+    let aggregate = f64::from(generated_tokens) / seconds;
     Ok(ParallelSpeed {
         depth,
         n_seq,
         aggregate_tokens_per_s: aggregate,
         per_sequence_tokens_per_s: aggregate / f64::from(n_seq),
+        generated_tokens,
+        seconds,
     })
 }
 

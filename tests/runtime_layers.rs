@@ -659,3 +659,28 @@ fn copied_sequences_continue_like_their_source() {
     let diff = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max);
     assert!(diff > 1e-3, "an empty sequence 1 gave the same logits (diff {diff}): the check cannot see a copy");
 }
+
+/// `bench::measure_parallel` decodes one token per sequence per step (the runtime counts them)
+/// and reports the timed steps' tokens over their seconds, split evenly over the sequences.
+#[test]
+fn parallel_measurement_counts_every_sequence_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = common::synth_llama(dir.path());
+    let p = ContextParams { n_ctx: 4 * 256, n_seq_max: 4, n_threads: 1, ..params(CacheType::Q8_0, CacheType::Kv2) };
+    let mut ctx = Context::new(&model, &p).unwrap();
+    ctx.reset_perf();
+    let (depth, n_tg) = (40, 16);
+    let s = kvtuner::bench::measure_parallel(&mut ctx, 4, depth, n_tg, 64).unwrap();
+    let perf = ctx.perf();
+    // every batch has several tokens, which llama.cpp counts as prompt tokens (its eval count is
+    // at least 1 by construction)
+    assert_eq!(perf.prompt_tokens, (depth + 4 * (n_tg + 1)) as i32, "{perf:?}");
+    assert_eq!(s.generated_tokens, 4 * n_tg);
+    assert!(
+        (s.aggregate_tokens_per_s - f64::from(s.generated_tokens) / s.seconds).abs() < 1e-9 * s.aggregate_tokens_per_s
+    );
+    assert!((s.aggregate_tokens_per_s - 4.0 * s.per_sequence_tokens_per_s).abs() < 1e-9 * s.aggregate_tokens_per_s);
+    // more sequences than the context was made for, or a depth past a sequence's cells: errors
+    assert!(kvtuner::bench::measure_parallel(&mut ctx, 5, depth, n_tg, 64).is_err());
+    assert!(kvtuner::bench::measure_parallel(&mut ctx, 4, 250, n_tg, 64).is_err());
+}

@@ -1,5 +1,5 @@
 //! ggml's RPC backend: a process serves its devices over TCP (`serve_cpu`), and a model can put
-//! layers on such servers (`ModelParams::rpc_servers`). The protocol has no authentication:
+//! layers on such servers (`ModelParams::rpc`). The protocol has no authentication:
 //! whoever reaches the port can run computations and read or write the served memory.
 
 use std::ffi::{CStr, CString};
