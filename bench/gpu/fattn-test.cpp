@@ -1,8 +1,9 @@
 // The flash-attention op on the GPU against ggml's CPU backend, in the style of llama.cpp's
 // test-backend-ops: same inputs (K/V quantized once, identical bytes on both backends), output
 // compared by normalised mean squared error. Covers every K-V pair kvtuner's CUDA build compiles,
-// single-token decode with and without grouped-query attention, head sizes 128 and 256, short
-// and long caches with a partly masked tail, logit softcapping and attention sinks. Then whole
+// single-token decode with and without grouped-query attention (ratios 1-8 and 16), head sizes
+// 64, 128 and 256, short and long caches with a partly masked tail, logit softcapping, attention
+// sinks, 4 or 16 sequences at once in cache streams of their own, and drafts of 2-8 query tokens. Then whole
 // decode steps of a layer with llama.cpp's Hadamard rotations (run_layer).
 //
 //   fattn-test "f16-f16;q8_0-q4_0;..."     (the GGML_CUDA_FA_QUANTS list)
@@ -25,14 +26,22 @@ struct fa_case {
     int d, n_head, n_head_kv, n_kv, n_masked;
     float softcap;
     bool sinks;
+    int n_seq = 1; // sequences decoded at once, each with its own cache (llama.cpp's KV streams)
+    int n_tok = 1; // query tokens per sequence (a speculative draft: causal among themselves)
 };
 
 
 
-// A mask of n_kv cells whose last n_masked are hidden.
-static std::vector<ggml_fp16_t> masked_tail(int n_kv, int n_masked) {
-    std::vector<ggml_fp16_t> m(n_kv);
-    for (int i = 0; i < n_kv; i++) m[i] = ggml_fp32_to_fp16(i < n_kv - n_masked ? 0.0f : -INFINITY);
+// A mask of n_kv cells whose last n_masked are hidden, per sequence (sequence s hides 61*s more:
+// sequences at different depths) and token (token t of n_tok, a draft, sees the cells of the
+// tokens before it: n_tok - 1 - t fewer).
+static std::vector<ggml_fp16_t> masked_tail(int n_kv, int n_masked, int n_seq = 1, int n_tok = 1) {
+    std::vector<ggml_fp16_t> m((size_t) n_kv * n_tok * n_seq);
+    for (int s = 0; s < n_seq; s++)
+        for (int t = 0; t < n_tok; t++)
+            for (int i = 0; i < n_kv; i++)
+                m[((size_t) s * n_tok + t) * n_kv + i] =
+                    ggml_fp32_to_fp16(i < n_kv - n_masked - 61 * s - (n_tok - 1 - t) ? 0.0f : -INFINITY);
     return m;
 }
 
@@ -55,10 +64,10 @@ struct fa_inputs {
 static std::vector<float> run(ggml_backend_t backend, const fa_case & c, const fa_inputs & in) {
     ggml_init_params ip = { 16 * ggml_tensor_overhead() + ggml_graph_overhead(), nullptr, true };
     ggml_context * ctx = ggml_init(ip);
-    ggml_tensor * q = ggml_new_tensor_4d(ctx, GGML_TYPE_F32, c.d, 1, c.n_head, 1);
-    ggml_tensor * k = ggml_new_tensor_4d(ctx, c.tk, c.d, c.n_kv, c.n_head_kv, 1);
-    ggml_tensor * v = ggml_new_tensor_4d(ctx, c.tv, c.d, c.n_kv, c.n_head_kv, 1);
-    ggml_tensor * m = ggml_new_tensor_4d(ctx, GGML_TYPE_F16, c.n_kv, 1, 1, 1);
+    ggml_tensor * q = ggml_new_tensor_4d(ctx, GGML_TYPE_F32, c.d, c.n_tok, c.n_head, c.n_seq);
+    ggml_tensor * k = ggml_new_tensor_4d(ctx, c.tk, c.d, c.n_kv, c.n_head_kv, c.n_seq);
+    ggml_tensor * v = ggml_new_tensor_4d(ctx, c.tv, c.d, c.n_kv, c.n_head_kv, c.n_seq);
+    ggml_tensor * m = ggml_new_tensor_4d(ctx, GGML_TYPE_F16, c.n_kv, c.n_tok, 1, c.n_seq);
     ggml_tensor * s = c.sinks ? ggml_new_tensor_1d(ctx, GGML_TYPE_F32, c.n_head) : nullptr;
     ggml_tensor * out = ggml_flash_attn_ext(ctx, q, k, v, m, 1.0f / std::sqrt((float) c.d), 0.0f, c.softcap);
     if (s) ggml_flash_attn_ext_add_sinks(out, s);
@@ -264,8 +273,10 @@ int main(int argc, char ** argv) {
 
     const auto pairs = parse_pairs(argv[1]);
     struct heads { int h, hkv; };
-    // GQA 4, 8, 2, 4, 1 and 7 (Qwen2.5-7B's 28/4: an odd ratio, upstream's vector kernel)
-    const heads shapes[] = { { 32, 8 }, { 16, 2 }, { 8, 4 }, { 4, 1 }, { 8, 8 }, { 28, 4 } };
+    // GQA 4 (Llama-3.1-8B), 8 (Llama-3.x-70B), 2, 4 with one K/V head, 1 (Phi-3), 7 (Qwen2.5-7B),
+    // 3 (SmolLM2-360M), 5 (Qwen2.5-14B), 6 (Qwen2.5-1.5B), 16
+    const heads shapes[] = { { 32, 8 }, { 16, 2 }, { 8, 4 }, { 4, 1 }, { 8, 8 }, { 28, 4 },
+                             { 15, 5 }, { 40, 8 }, { 12, 2 }, { 32, 2 } };
 
     std::vector<fa_case> cases;
     for (auto [tk, tv] : pairs) {
@@ -277,6 +288,16 @@ int main(int argc, char ** argv) {
             }
             cases.push_back({ tk, tv, d, 16, 4, 2048, 300, 30.0f, false }); // softcap (Gemma 2 style)
             cases.push_back({ tk, tv, d, 16, 4, 2048, 0, 0.0f, true });     // attention sinks
+            // several sequences per step, each in its own cache stream (a server's slots)
+            cases.push_back({ tk, tv, d, 28, 4, 1024, 5, 0.0f, false, 4 });
+            cases.push_back({ tk, tv, d, 32, 8, 512, 5, 0.0f, true, 16 });
+            // a draft of 2-8 tokens of one sequence (speculative decoding), and 2 tokens of 4
+            for (int n_tok : { 2, 3, 4, 5, 8 }) {
+                cases.push_back({ tk, tv, d, 32, 8, 4096, 7, 0.0f, n_tok == 3, 1, n_tok });
+            }
+            cases.push_back({ tk, tv, d, 28, 4, 2048, 7, 0.0f, false, 1, 2 });
+            cases.push_back({ tk, tv, d, 16, 16, 2048, 7, 0.0f, false, 1, 4 });
+            cases.push_back({ tk, tv, d, 8, 2, 1024, 3, 0.0f, false, 4, 2 });
         }
     }
 
@@ -287,11 +308,11 @@ int main(int argc, char ** argv) {
     for (const auto & c : cases) {
         fa_inputs in;
         std::normal_distribution<float> nd(0.0f, 1.0f);
-        in.q.resize((size_t) c.d * c.n_head);
+        in.q.resize((size_t) c.d * c.n_tok * c.n_head * c.n_seq);
         for (auto & x : in.q) x = nd(rng);
-        in.k = random_rows(c.tk, c.d, (int64_t) c.n_kv * c.n_head_kv, rng);
-        in.v = random_rows(c.tv, c.d, (int64_t) c.n_kv * c.n_head_kv, rng);
-        in.mask = masked_tail(c.n_kv, c.n_masked);
+        in.k = random_rows(c.tk, c.d, (int64_t) c.n_kv * c.n_head_kv * c.n_seq, rng);
+        in.v = random_rows(c.tv, c.d, (int64_t) c.n_kv * c.n_head_kv * c.n_seq, rng);
+        in.mask = masked_tail(c.n_kv, c.n_masked, c.n_seq, c.n_tok);
         in.sinks.resize(c.n_head);
         for (auto & x : in.sinks) x = nd(rng);
 
@@ -300,9 +321,9 @@ int main(int argc, char ** argv) {
         const bool ok = std::isfinite(err) && err <= max_nmse;
         worst = std::max(worst, std::isfinite(err) ? err : INFINITY);
         failed += !ok;
-        printf("%s K=%-5s V=%-5s D=%3d heads=%2d/%d (gqa %d) n_kv=%5d masked=%3d softcap=%g sinks=%d  NMSE %.3e\n",
+        printf("%s K=%-5s V=%-5s D=%3d heads=%2d/%d (gqa %d) n_kv=%5d masked=%3d softcap=%g sinks=%d seqs=%d tokens=%d  NMSE %.3e\n",
                ok ? "ok  " : "FAIL", ggml_type_name(c.tk), ggml_type_name(c.tv), c.d, c.n_head, c.n_head_kv,
-               c.n_head / c.n_head_kv, c.n_kv, c.n_masked, c.softcap, c.sinks, err);
+               c.n_head / c.n_head_kv, c.n_kv, c.n_masked, c.softcap, c.sinks, c.n_seq, c.n_tok, err);
     }
     const char * gqa = getenv("GGML_CUDA_FA_VEC_GQA");
     const int layer_failed = test_layers(gpu, cpu, pairs, rng, max_nmse, gqa == nullptr || atoi(gqa) != 0);

@@ -21,11 +21,11 @@ for p in "${series[@]}"; do
 done
 patched=$tmp/patched
 
-# Only the CPU and CUDA backends of ggml travel.
+# Only the CPU, CUDA and RPC backends of ggml travel.
 excludes=()
 for d in "$patched"/ggml/src/ggml-*/; do
     name=$(basename "$d")
-    case $name in ggml-cpu|ggml-cuda) ;; *) excludes+=(--exclude="ggml/src/$name") ;; esac
+    case $name in ggml-cpu|ggml-cuda|ggml-rpc) ;; *) excludes+=(--exclude="ggml/src/$name") ;; esac
 done
 parts=(CMakeLists.txt LICENSE cmake include src common vendor ggml tools/CMakeLists.txt)
 tar czf "$carry/patched.tgz" -C "$patched" "${excludes[@]}" "${parts[@]}"
