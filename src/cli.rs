@@ -44,6 +44,9 @@ pub enum Command {
     Tune(TuneArgs),
     /// A/B: profiles against uniform caches — quality, speed and memory in one run.
     Ab(AbArgs),
+    /// How many slots of a context a KV memory budget holds for each cache configuration, and
+    /// the decode rate all of them reach together (measured on the runtime).
+    Capacity(CapacityArgs),
     /// Chat with a model; its embedded cache profile is applied automatically.
     Chat(ChatArgs),
     /// OpenAI-compatible HTTP server (chat, completions, streaming) with the model's cache
@@ -167,6 +170,74 @@ pub struct AbArgs {
     /// Write an SVG plot of bits per value against mean KLD here.
     #[arg(long)]
     pub plot: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct CapacityArgs {
+    /// Model: a GGUF file, or a model `kvtuner fetch` knows.
+    #[arg(short = 'm', long = "model", value_parser = model_arg)]
+    pub model: PathBuf,
+    /// KV cache memory to fill, e.g. `40GiB`, `512MiB` or bytes (weights and compute buffers
+    /// are not counted).
+    #[arg(long = "kv-budget", value_parser = byte_size)]
+    pub kv_budget: u64,
+    /// Context of each slot (tokens).
+    #[arg(short = 'c', long = "ctx-size", default_value_t = 32768)]
+    pub ctx_size: u32,
+    /// Tokens every slot holds when decoding is timed (default: the slot's context less 256).
+    #[arg(long)]
+    pub depth: Option<u32>,
+    /// Most slots to try.
+    #[arg(long, default_value_t = 256)]
+    pub max_slots: u32,
+    /// Uniform configurations: `T` (K and V) or `K/V`.
+    #[arg(long, value_delimiter = ',', default_value = "f16,q8_0,q4_0")]
+    pub against: Vec<String>,
+    /// Profiles: `auto` (the one embedded in the model) or YAML files; repeatable.
+    #[arg(long = "profile")]
+    pub profiles: Vec<String>,
+    /// Repetitions (configurations interleaved, the order reversed every other repetition).
+    #[arg(long, default_value_t = 1)]
+    pub reps: usize,
+    #[arg(long = "n-gpu-layers", visible_alias = "ngl", default_value_t = 0, allow_negative_numbers = true)]
+    pub n_gpu_layers: i32,
+    /// RPC servers (`kvtuner rpc-server`, HOST:PORT, comma-separated).
+    #[arg(long, value_delimiter = ',')]
+    pub rpc: Vec<String>,
+    #[arg(short = 't', long = "threads", default_value_t = 0)]
+    pub threads: i32,
+    #[arg(long = "flash-attn", visible_alias = "fa", value_enum, default_value = "auto")]
+    pub flash_attn: FlashAttn,
+    /// Write the rows as JSON here.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+}
+
+/// `40GiB`, `1.5GiB`, `512MiB`, `64KiB`, `1GB` (10^9) or plain bytes.
+fn byte_size(spec: &str) -> Result<u64, String> {
+    let s = spec.trim();
+    let split = s.find(|c: char| c.is_ascii_alphabetic()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let scale: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "kib" | "k" => 1 << 10,
+        "mib" | "m" => 1 << 20,
+        "gib" | "g" => 1 << 30,
+        "tib" | "t" => 1 << 40,
+        "kb" => 1_000,
+        "mb" => 1_000_000,
+        "gb" => 1_000_000_000,
+        "tb" => 1_000_000_000_000,
+        other => {
+            return Err(format!("unknown size unit `{other}` in `{spec}` (use B, KiB, MiB, GiB, TiB, KB, MB, GB, TB)"))
+        }
+    };
+    let value: f64 = num.trim().parse().map_err(|_| format!("`{spec}` is not a size such as 40GiB"))?;
+    let bytes = value * scale as f64;
+    if !bytes.is_finite() || bytes < 1.0 || bytes > u64::MAX as f64 {
+        return Err(format!("`{spec}` is not a positive size"));
+    }
+    Ok(bytes as u64)
 }
 
 #[derive(Debug, Args)]
@@ -539,4 +610,22 @@ pub struct ServeArgs {
     /// Chat template: a llama.cpp built-in name, or `plain` (the default for models without one).
     #[arg(long)]
     pub template: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::byte_size;
+
+    #[test]
+    fn byte_sizes_take_binary_and_decimal_units() {
+        assert_eq!(byte_size("40GiB"), Ok(40 << 30));
+        assert_eq!(byte_size("1.5 GiB"), Ok(3 << 29));
+        assert_eq!(byte_size("512MiB"), Ok(512 << 20));
+        assert_eq!(byte_size("2GB"), Ok(2_000_000_000));
+        assert_eq!(byte_size("4096"), Ok(4096));
+        for bad in ["", "0", "-1GiB", "12 parsecs", "GiB", "nan"] {
+            let err = byte_size(bad).unwrap_err();
+            assert!(err.contains(bad), "{bad}: {err}");
+        }
+    }
 }

@@ -109,14 +109,23 @@ impl Sizer {
         n_seq: u32,
     ) -> Result<RuntimeKv, CreateContextError> {
         let params = ContextParams {
-            n_ctx,
-            n_seq_max: n_seq,
-            n_batch: RUNTIME_UBATCH.min(n_ctx),
-            n_ubatch: RUNTIME_UBATCH.min(n_ctx),
             flash_attn: crate::llama::FlashAttn::On,
             no_kv_profile: true,
             layer_types: Some(crate::llama::LayerCacheTypes::from_pairs(types.iter().copied())),
             ..Default::default()
+        };
+        self.kv_with(&params, n_ctx, n_seq)
+    }
+
+    /// The KV cache of a context with the cache types of `params` (uniform, per layer, or the
+    /// model's embedded profile) and `n_seq` sequences sharing `n_ctx` tokens.
+    pub fn kv_with(&self, params: &ContextParams, n_ctx: u32, n_seq: u32) -> Result<RuntimeKv, CreateContextError> {
+        let params = ContextParams {
+            n_ctx,
+            n_seq_max: n_seq,
+            n_batch: RUNTIME_UBATCH.min(n_ctx),
+            n_ubatch: RUNTIME_UBATCH.min(n_ctx),
+            ..params.clone()
         };
         Ok(RuntimeKv::of(&Context::new(&self.model, &params)?))
     }

@@ -8,6 +8,7 @@ pub mod assets;
 pub mod bench;
 pub mod cache_type;
 pub mod calibrate;
+pub mod capacity;
 pub mod chat;
 pub mod eval;
 pub mod gguf;

@@ -2,21 +2,15 @@ use anyhow::{bail, Context as _};
 use comfy_table::Table;
 use serde::Serialize;
 
-use super::runtime::{load_profile_for, load_text, profile_layer_types, read_model_header};
+use super::runtime::{cache_configs, load_text, read_model_header};
 use crate::cli::AbArgs;
 use kvtuner::bench::{self, Stat};
 use kvtuner::cache_type::CacheType;
 use kvtuner::eval::{peak_rss_bytes, Evaluator, DEFAULT_STORED_BASELINE_LIMIT};
 use kvtuner::kv_layout::RuntimeKv;
 use kvtuner::llama::{Backend, Context, ContextParams, Model, ModelParams};
-use kvtuner::profile::{EmbeddedProfile, ModelIdentity};
+use kvtuner::profile::ModelIdentity;
 use kvtuner::report::{plot_bits_vs_kld, PlotPoint};
-
-struct Config {
-    name: String,
-    is_profile: bool,
-    params: ContextParams,
-}
 
 #[derive(Debug, Serialize)]
 struct SpeedAtDepth {
@@ -64,14 +58,6 @@ struct Row {
     gpu_pairs_without_kernel: Vec<usize>,
 }
 
-fn parse_uniform(spec: &str) -> anyhow::Result<(CacheType, CacheType)> {
-    let (k, v) = spec.split_once('/').unwrap_or((spec, spec));
-    Ok((
-        k.parse().with_context(|| format!("--against `{spec}`"))?,
-        v.parse().with_context(|| format!("--against `{spec}`"))?,
-    ))
-}
-
 pub fn run(args: AbArgs) -> anyhow::Result<()> {
     let start = std::time::Instant::now();
     let (text, label) = match (&args.text, args.no_quality) {
@@ -96,42 +82,8 @@ pub fn run(args: AbArgs) -> anyhow::Result<()> {
         ..Default::default()
     };
 
-    let mut configs = Vec::new();
-    for spec in &args.against {
-        let (k, v) = parse_uniform(spec)?;
-        let name = if k == v { k.to_string() } else { format!("{k}/{v}") };
-        configs.push(Config {
-            name,
-            is_profile: false,
-            params: ContextParams { type_k: k, type_v: v, ..base.clone() },
-        });
-    }
-    for spec in &args.profiles {
-        if spec == "auto" {
-            match EmbeddedProfile::from_header(&header) {
-                Some(p) if p.problems.is_empty() => configs.push(Config {
-                    name: format!("profile {}", p.name.as_deref().unwrap_or("embedded")),
-                    is_profile: true,
-                    params: ContextParams { no_kv_profile: false, ..base.clone() },
-                }),
-                Some(p) => bail!("the model's embedded profile is unusable: {}", p.problems.join("; ")),
-                None if args.profiles.len() == 1 => {
-                    eprintln!("note: {} has no embedded profile; comparing uniform caches only", args.model.display())
-                }
-                None => bail!("--profile auto: {} has no embedded profile", args.model.display()),
-            }
-        } else {
-            let profile = load_profile_for(spec, &identity, &args.model)?;
-            let layers = profile_layer_types(&profile);
-            configs.push(Config {
-                name: format!("profile {}", profile.name),
-                is_profile: true,
-                params: ContextParams { layer_types: Some(layers), ..base.clone() },
-            });
-        }
-    }
+    let configs = cache_configs(&args.against, &args.profiles, &header, &identity, &args.model, &base)?;
 
-    // Quality, every configuration on the same tokens (a streamed baseline scores them together).
     let (summaries, base_ppl) = if args.no_quality {
         (vec![None; configs.len()], f64::NAN)
     } else {

@@ -3,6 +3,7 @@
 mod ab;
 mod annotate;
 mod calibrate;
+mod capacity;
 mod chat;
 mod fetch;
 mod inspect;
@@ -30,6 +31,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Search(args) => search::run(args),
         Command::Tune(args) => tune::run(args),
         Command::Ab(args) => ab::run(args),
+        Command::Capacity(args) => capacity::run(args),
         Command::Chat(args) => chat::run(args),
         Command::Serve(args) => serve::run(args),
         Command::RpcServer(args) => rpc_server::run(args),

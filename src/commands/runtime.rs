@@ -34,6 +34,69 @@ pub fn profile_layer_types(profile: &Profile) -> LayerCacheTypes {
     LayerCacheTypes::from_pairs(profile.layers.iter().map(|l| (l.k, l.v)))
 }
 
+/// One cache configuration to compare (`ab`, `capacity`): a uniform pair or a profile.
+pub struct CacheConfig {
+    pub name: String,
+    pub is_profile: bool,
+    pub params: ContextParams,
+}
+
+/// `T` (K and V) or `K/V`, as `--against` takes them.
+fn parse_uniform(spec: &str) -> anyhow::Result<(CacheType, CacheType)> {
+    let (k, v) = spec.split_once('/').unwrap_or((spec, spec));
+    Ok((
+        k.parse().with_context(|| format!("--against `{spec}`"))?,
+        v.parse().with_context(|| format!("--against `{spec}`"))?,
+    ))
+}
+
+/// The configurations of `--against` (uniform caches) and `--profile` (`auto`: the profile the
+/// model embeds; or YAML files made for it) on top of `base`. `auto` alone on a model without a
+/// profile is skipped with a note; among other profiles it is an error.
+pub fn cache_configs(
+    against: &[String],
+    profiles: &[String],
+    header: &GgufHeader,
+    identity: &ModelIdentity,
+    model: &Path,
+    base: &ContextParams,
+) -> anyhow::Result<Vec<CacheConfig>> {
+    let mut configs = Vec::new();
+    for spec in against {
+        let (k, v) = parse_uniform(spec)?;
+        let name = if k == v { k.to_string() } else { format!("{k}/{v}") };
+        configs.push(CacheConfig {
+            name,
+            is_profile: false,
+            params: ContextParams { type_k: k, type_v: v, ..base.clone() },
+        });
+    }
+    for spec in profiles {
+        if spec == "auto" {
+            match EmbeddedProfile::from_header(header) {
+                Some(p) if p.problems.is_empty() => configs.push(CacheConfig {
+                    name: format!("profile {}", p.name.as_deref().unwrap_or("embedded")),
+                    is_profile: true,
+                    params: ContextParams { no_kv_profile: false, ..base.clone() },
+                }),
+                Some(p) => bail!("the model's embedded profile is unusable: {}", p.problems.join("; ")),
+                None if profiles.len() == 1 => {
+                    eprintln!("note: {} has no embedded profile; comparing uniform caches only", model.display())
+                }
+                None => bail!("--profile auto: {} has no embedded profile", model.display()),
+            }
+        } else {
+            let profile = load_profile_for(spec, identity, model)?;
+            configs.push(CacheConfig {
+                name: format!("profile {}", profile.name),
+                is_profile: true,
+                params: ContextParams { layer_types: Some(profile_layer_types(&profile)), ..base.clone() },
+            });
+        }
+    }
+    Ok(configs)
+}
+
 /// Which per-layer profile a context gets.
 pub enum ProfileChoice {
     /// Whatever the model embeds (the runtime applies it), or uniform types if none.
