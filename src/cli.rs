@@ -42,6 +42,9 @@ pub enum Command {
     Search(SearchArgs),
     /// The whole job: fetch (if needed), calibrate, search, verify on held-out text, annotate.
     Tune(TuneArgs),
+    /// A profile and -ngl for a GPU memory budget: for every -ngl, what the GPU needs besides
+    /// the KV cache (read back from the runtime) and the best profile in what is left.
+    Fit(FitArgs),
     /// A/B: profiles against uniform caches — quality, speed and memory in one run.
     Ab(AbArgs),
     /// How many slots of a context a KV memory budget holds for each cache configuration, and
@@ -170,6 +173,45 @@ pub struct AbArgs {
     /// Write an SVG plot of bits per value against mean KLD here.
     #[arg(long)]
     pub plot: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct FitArgs {
+    /// Sensitivity table from `kvtuner calibrate`.
+    pub sensitivity: PathBuf,
+    /// The model the table was measured on (only its metadata is read).
+    #[arg(short = 'm', long = "model", value_parser = model_arg)]
+    pub model: PathBuf,
+    /// Memory of the offload devices (GPU, RPC servers) for weights, compute buffers and KV
+    /// cache, e.g. `24GiB`.
+    #[arg(long = "vram", value_parser = byte_size)]
+    pub vram: u64,
+    /// Target context (tokens).
+    #[arg(short = 'c', long = "ctx-size")]
+    pub ctx_size: Option<u32>,
+    /// Largest predicted mean KLD to accept; the most layers on the GPU within it win (default:
+    /// the most layers any profile allows).
+    #[arg(long)]
+    pub max_kld: Option<f64>,
+    /// (K, V) pairs for layers on the GPU: `cuda` (pairs with CUDA flash-attention kernels) or a
+    /// list like `q8_0/q4_0,q4_0/q4_0`.
+    #[arg(long, default_value = "cuda")]
+    pub pairs: String,
+    /// (K, V) pairs for layers left on the CPU: `cpu` (any pair of the table's types) or a list.
+    #[arg(long, default_value = "cpu")]
+    pub cpu_pairs: String,
+    /// RPC servers whose devices take offloaded layers (after this machine's GPUs).
+    #[arg(long, value_delimiter = ',')]
+    pub rpc: Vec<String>,
+    /// Profile name (default: from the model and the bits per value).
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Write the chosen profile here (YAML).
+    #[arg(short, long)]
+    pub output: Option<PathBuf>,
+    /// Print JSON instead of tables.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Args)]

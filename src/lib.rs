@@ -14,6 +14,7 @@ pub mod eval;
 pub mod gguf;
 pub mod kv_layout;
 pub mod llama;
+pub mod placement;
 pub mod profile;
 pub mod report;
 pub mod search;

@@ -3,51 +3,14 @@
 
 mod common;
 
-use std::net::{TcpListener, TcpStream};
-use std::process::{Child, Command, Stdio};
+use common::RpcServer as Server;
+
+use std::net::TcpListener;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use kvtuner::cache_type::CacheType;
 use kvtuner::llama::{rpc, Backend, Batch, Context, ContextParams, FlashAttn, LayerCacheTypes, Model, ModelParams};
-
-/// A `kvtuner rpc-server` child on a free loopback port, killed on drop.
-struct Server {
-    child: Child,
-    endpoint: String,
-    log: tempfile::NamedTempFile,
-}
-
-impl Server {
-    fn start() -> Server {
-        let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let log = tempfile::NamedTempFile::new().unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_kvtuner"))
-            .args(["rpc-server", "--port", &port.to_string(), "-t", "1"])
-            .stdout(log.reopen().unwrap())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let endpoint = format!("127.0.0.1:{port}");
-        let start = Instant::now();
-        while TcpStream::connect(&endpoint).is_err() {
-            assert!(start.elapsed() < Duration::from_secs(20), "rpc-server on {endpoint} did not start");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        Server { child, endpoint, log }
-    }
-
-    /// What the server printed so far (ggml's server logs each client connection).
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.log.path()).unwrap()
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 fn mixed(n: usize) -> LayerCacheTypes {
     let cycle =
@@ -89,6 +52,7 @@ fn logits_and_devices(model: &Model) -> (Vec<f32>, Vec<(String, u64)>) {
 /// gives the logits of the same profile in one process.
 #[test]
 fn layers_split_over_two_rpc_servers_give_the_single_process_logits() {
+    let _rpc = common::rpc_lock();
     let dir = tempfile::tempdir().unwrap();
     let path = common::tiny_model(dir.path(), 6, "synthetic-rpc");
     let backend = Backend::init();
@@ -120,6 +84,7 @@ fn layers_split_over_two_rpc_servers_give_the_single_process_logits() {
 /// A bad endpoint or a port nobody serves is an error naming it, not a crash or a hang.
 #[test]
 fn unreachable_rpc_servers_are_named_errors() {
+    let _rpc = common::rpc_lock();
     let backend = Backend::init();
     let e = rpc::add_server(backend, "no-port").unwrap_err().to_string();
     assert!(e.contains("no-port") && e.contains("HOST:PORT"), "{e}");
@@ -168,8 +133,7 @@ fn a_killed_rpc_server_ends_the_run_with_a_clear_error() {
     let mut stdout = chat.stdout.take().unwrap();
     let mut first = [0u8; 16];
     std::io::Read::read(&mut stdout, &mut first).unwrap();
-    server.child.kill().unwrap();
-    server.child.wait().unwrap();
+    server.kill();
     let start = Instant::now();
     let status = loop {
         if let Some(s) = chat.try_wait().unwrap() {

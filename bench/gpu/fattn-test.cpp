@@ -286,7 +286,9 @@ int main(int argc, char ** argv) {
                     cases.push_back({ tk, tv, d, sh.h, sh.hkv, n_kv, 37, 0.0f, false });
                 }
             }
-            cases.push_back({ tk, tv, d, 16, 4, 2048, 300, 30.0f, false }); // softcap (Gemma 2 style)
+            if (d != 64) { // upstream's vector kernel has softcap code for 128 and 256 only (test-backend-ops skips it too)
+                cases.push_back({ tk, tv, d, 16, 4, 2048, 300, 30.0f, false }); // softcap (Gemma 2 style)
+            }
             cases.push_back({ tk, tv, d, 16, 4, 2048, 0, 0.0f, true });     // attention sinks
             // several sequences per step, each in its own cache stream (a server's slots)
             cases.push_back({ tk, tv, d, 28, 4, 1024, 5, 0.0f, false, 4 });

@@ -6,6 +6,7 @@ mod calibrate;
 mod capacity;
 mod chat;
 mod fetch;
+mod fit;
 mod inspect;
 mod layers;
 mod profile;
@@ -30,6 +31,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Calibrate(args) => calibrate::run(args),
         Command::Search(args) => search::run(args),
         Command::Tune(args) => tune::run(args),
+        Command::Fit(args) => fit::run(args),
         Command::Ab(args) => ab::run(args),
         Command::Capacity(args) => capacity::run(args),
         Command::Chat(args) => chat::run(args),

@@ -126,6 +126,28 @@ pub struct KvLayerInfo {
     pub device: DeviceName,
 }
 
+/// Memory on one buffer type ([`Context::memory`]).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct BufferMemory {
+    /// ggml's name of the buffer type (`CPU`, `CUDA0`, `CUDA_Host`, `RPC0[host:port]`).
+    pub buffer_type: String,
+    /// Name of its device (empty if none).
+    pub device: String,
+    pub is_host: bool,
+    /// Weights.
+    pub model: u64,
+    /// KV cache and other per-context state.
+    pub context: u64,
+    /// Compute buffers.
+    pub compute: u64,
+}
+
+impl BufferMemory {
+    pub fn total(&self) -> u64 {
+        self.model + self.context + self.compute
+    }
+}
+
 /// A device name as llama.cpp reports it in a fixed buffer (keeps `KvLayerInfo` `Copy`).
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub struct DeviceName([u8; 64]);
@@ -368,6 +390,28 @@ impl<'m> Context<'m> {
     /// `layer_info` for every layer of the model.
     pub fn layers(&self) -> Vec<Option<KvLayerInfo>> {
         (0..self.model.n_layer()).map(|il| self.layer_info(il)).collect()
+    }
+
+    /// Memory of this context and its model per buffer type (patch 0012): weights, KV cache and
+    /// compute buffers, as the runtime allocates them (with a metadata-only model: would).
+    pub fn memory(&self) -> Vec<BufferMemory> {
+        // Safety: counting call (out = NULL); valid context.
+        let n = unsafe { sys::llama_memory_entries(self.raw.as_ptr(), std::ptr::null_mut(), 0) }.max(0);
+        // Safety: llama_memory_entry is plain data (char arrays, bool, integers); all-zero is valid.
+        let mut raw: Vec<sys::llama_memory_entry> = vec![unsafe { std::mem::zeroed() }; n as usize];
+        // Safety: `raw` holds n entries; the context is unchanged since the count.
+        let written = unsafe { sys::llama_memory_entries(self.raw.as_ptr(), raw.as_mut_ptr(), n) }.clamp(0, n);
+        raw.truncate(written as usize);
+        raw.iter()
+            .map(|e| BufferMemory {
+                buffer_type: DeviceName::from_c(&e.buft).to_string(),
+                device: DeviceName::from_c(&e.device).to_string(),
+                is_host: e.is_host,
+                model: e.model,
+                context: e.context,
+                compute: e.compute,
+            })
+            .collect()
     }
 
     /// Bytes of the backend buffers holding the KV cache.

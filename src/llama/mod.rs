@@ -13,8 +13,8 @@ pub(crate) mod sys;
 pub use backend::Backend;
 pub use batch::{Batch, BatchFull};
 pub use context::{
-    Context, ContextParams, CreateContextError, DecodeError, DeviceName, FlashAttn, KvLayerInfo, LayerCacheTypes, Perf,
-    StateError,
+    BufferMemory, Context, ContextParams, CreateContextError, DecodeError, DeviceName, FlashAttn, KvLayerInfo,
+    LayerCacheTypes, Perf, StateError,
 };
 pub use gguf_c::{GgufCError, GgufCSummary, GgufCTensor};
 pub use model::{

@@ -55,3 +55,56 @@ pub fn synth_llama(dir: &Path) -> Model {
 pub fn kvtuner(args: &[&str]) -> std::process::Output {
     std::process::Command::new(env!("CARGO_BIN_EXE_kvtuner")).args(args).output().expect("running kvtuner")
 }
+
+/// A `kvtuner rpc-server` child on a free loopback port, killed on drop.
+pub struct RpcServer {
+    pub endpoint: String,
+    child: std::process::Child,
+    log: tempfile::NamedTempFile,
+}
+
+impl RpcServer {
+    pub fn start() -> RpcServer {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let log = tempfile::NamedTempFile::new().unwrap();
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_kvtuner"))
+            .args(["rpc-server", "--port", &port.to_string(), "-t", "1"])
+            .stdout(log.reopen().unwrap())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let endpoint = format!("127.0.0.1:{port}");
+        let start = std::time::Instant::now();
+        while std::net::TcpStream::connect(&endpoint).is_err() {
+            assert!(start.elapsed() < std::time::Duration::from_secs(20), "rpc-server on {endpoint} did not start");
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        RpcServer { child, endpoint, log }
+    }
+
+    /// Ends the server now (as a crash would).
+    pub fn kill(&mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+
+    /// What the server printed so far (ggml's server logs each client connection).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.log.path()).unwrap()
+    }
+}
+
+impl Drop for RpcServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Held by every test that talks to RPC servers from the test process itself: ggml's RPC client
+/// registers devices process-wide and an `rpc-server` serves one connection at a time, so two
+/// such tests running side by side can each wait on a server busy with the other's connection.
+pub fn rpc_lock() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}

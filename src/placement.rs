@@ -1,0 +1,196 @@
+//! A cache profile and `-ngl` for a GPU memory budget: more layers on the GPU (faster) against
+//! narrower caches on them (less accurate).
+//!
+//! llama.cpp offloads the last `ngl` layers (and with `ngl > n_layer` the output layer too); each
+//! layer's KV cache lives on its layer's device. For every `ngl`, what the offload devices need
+//! besides the KV cache (weights, compute buffers) is read back from the runtime: a metadata-only
+//! model (`no_alloc`) with that `ngl` and a context of the target size report, per buffer type,
+//! the bytes they would allocate ([`Context::memory`], patch 0012). What is left of the budget is
+//! the KV budget of the offloaded layers, whose types come from the exact search
+//! ([`search::best_within_bytes`]) over the pairs the GPU has kernels for; layers left on the CPU
+//! take their most accurate CPU pair (host memory is not budgeted).
+
+use serde::Serialize;
+
+use crate::cache_type::CacheType;
+use crate::llama::rpc::RpcDevice;
+use crate::llama::{
+    Backend, Context, ContextParams, CreateContextError, FlashAttn, LoadModelError, Model, ModelParams,
+};
+use crate::search::{self, Assignment, Problem, SearchError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum PlacementError {
+    #[error("-ngl {ngl}: {source}")]
+    Load { ngl: i32, source: LoadModelError },
+    #[error("-ngl {ngl}: {source}")]
+    Create { ngl: i32, source: CreateContextError },
+    #[error(transparent)]
+    Search(#[from] SearchError),
+    #[error("the model has {model} layers, the search problem {problem}")]
+    Layers { model: usize, problem: usize },
+}
+
+/// The layers llama.cpp puts on the offload devices for `-ngl ngl` (negative: all).
+pub fn offloaded_layers(n_layer: usize, ngl: i32) -> std::ops::Range<usize> {
+    let ngl = if ngl < 0 { n_layer + 1 } else { ngl as usize };
+    // llama.cpp: i_gpu_start = max(n_layer + 1 - ngl, 0); the "+ 1" is the output layer
+    (n_layer + 1).saturating_sub(ngl).min(n_layer)..n_layer
+}
+
+/// What one `-ngl` needs on the offload devices (every buffer type not in host memory), KV cache
+/// aside, as the runtime sizes it.
+#[derive(Debug, Clone, Serialize)]
+pub struct OffloadCost {
+    pub ngl: i32,
+    /// Weights on the offload devices.
+    pub model_bytes: u64,
+    /// Compute buffers on the offload devices (measured with an f16 cache).
+    pub compute_bytes: u64,
+    /// The offload devices' names.
+    pub devices: Vec<String>,
+}
+
+/// [`OffloadCost`] of each `-ngl` in `ngls` at a context of `n_ctx` tokens.
+pub fn offload_costs(
+    model_path: &std::path::Path,
+    rpc: &[RpcDevice],
+    ngls: &[i32],
+    n_ctx: u32,
+) -> Result<Vec<OffloadCost>, PlacementError> {
+    let mut out = Vec::with_capacity(ngls.len());
+    for &ngl in ngls {
+        let params = ModelParams { n_gpu_layers: ngl, metadata_only: true, rpc: rpc.to_vec(), ..Default::default() };
+        let model =
+            Model::load(Backend::init(), model_path, &params).map_err(|source| PlacementError::Load { ngl, source })?;
+        let ctx_params = ContextParams {
+            n_ctx,
+            n_batch: crate::kv_layout::RUNTIME_UBATCH.min(n_ctx),
+            n_ubatch: crate::kv_layout::RUNTIME_UBATCH.min(n_ctx),
+            flash_attn: FlashAttn::On,
+            no_kv_profile: true,
+            ..Default::default()
+        };
+        let ctx = Context::new(&model, &ctx_params).map_err(|source| PlacementError::Create { ngl, source })?;
+        let mut cost = OffloadCost { ngl, model_bytes: 0, compute_bytes: 0, devices: Vec::new() };
+        for m in ctx.memory().into_iter().filter(|m| !m.is_host) {
+            cost.model_bytes += m.model;
+            cost.compute_bytes += m.compute;
+            if !cost.devices.contains(&m.device) {
+                cost.devices.push(m.device);
+            }
+        }
+        out.push(cost);
+    }
+    Ok(out)
+}
+
+/// The best profile for one `-ngl`.
+#[derive(Debug, Clone, Serialize)]
+pub struct Placement {
+    pub ngl: i32,
+    /// Layers with a KV cache on the offload devices.
+    pub offloaded_cache_layers: usize,
+    pub cost: OffloadCost,
+    /// Budget left for the offloaded layers' KV caches (`None`: weights and compute buffers alone
+    /// exceed the budget).
+    pub kv_budget: Option<u64>,
+    /// The whole model's types (`None`: no allowed pairs fit the offloaded layers).
+    pub assignment: Option<Assignment>,
+    /// KV bytes of the offloaded layers under `assignment`.
+    pub offloaded_kv_bytes: u64,
+}
+
+/// For each cost (one `-ngl`), the least predicted error of a profile whose offloaded layers'
+/// caches fit `budget` less the cost, offloaded layers over `gpu_pairs`, the others over
+/// `cpu_pairs`. `p.pairs` is ignored.
+pub fn placements(
+    p: &Problem,
+    gpu_pairs: &[(CacheType, CacheType)],
+    cpu_pairs: &[(CacheType, CacheType)],
+    costs: &[OffloadCost],
+    budget: u64,
+) -> Result<Vec<Placement>, PlacementError> {
+    let n_layer = p.layers.len();
+    // each layer's most accurate CPU pair (lowest predicted error, first in order among equals)
+    let cpu_best: Vec<Option<(CacheType, CacheType)>> = (0..n_layer)
+        .map(|il| -> Result<_, SearchError> {
+            let Some(layer) = &p.layers[il] else { return Ok(None) };
+            let sub = Problem { layers: vec![Some(layer.clone())], pairs: cpu_pairs.to_vec() };
+            Ok(search::frontier(&sub)?.last().map(|a| a.types[0]))
+        })
+        .collect::<Result<_, _>>()?;
+    let mut out = Vec::with_capacity(costs.len());
+    for cost in costs {
+        let offloaded = offloaded_layers(n_layer, cost.ngl);
+        let fixed = cost.model_bytes + cost.compute_bytes;
+        let kv_budget = budget.checked_sub(fixed);
+        let sub = Problem {
+            layers: (0..n_layer).map(|il| if offloaded.contains(&il) { p.layers[il].clone() } else { None }).collect(),
+            pairs: gpu_pairs.to_vec(),
+        };
+        let gpu = match kv_budget {
+            Some(b) => search::best_within_bytes(&sub, b)?,
+            None => None,
+        };
+        let assignment = match &gpu {
+            Some(g) => {
+                let types: Vec<_> = (0..n_layer)
+                    .map(|il| {
+                        if offloaded.contains(&il) {
+                            g.types[il]
+                        } else {
+                            cpu_best[il].unwrap_or((CacheType::F16, CacheType::F16))
+                        }
+                    })
+                    .collect();
+                Some(search::evaluate(p, &types)?)
+            }
+            None => None,
+        };
+        out.push(Placement {
+            ngl: cost.ngl,
+            offloaded_cache_layers: offloaded.filter(|&il| p.layers[il].is_some()).count(),
+            cost: cost.clone(),
+            kv_budget,
+            offloaded_kv_bytes: gpu.as_ref().map_or(0, |g| g.bytes),
+            assignment,
+        });
+    }
+    Ok(out)
+}
+
+/// The placement with the most offloaded cache layers among those with a profile (and, with
+/// `max_predicted`, a predicted error within it); among equals the lower predicted error.
+pub fn choose(placements: &[Placement], max_predicted: Option<f64>) -> Option<&Placement> {
+    placements
+        .iter()
+        .filter(|p| p.assignment.as_ref().is_some_and(|a| max_predicted.is_none_or(|m| a.predicted <= m)))
+        .max_by(|a, b| {
+            a.offloaded_cache_layers.cmp(&b.offloaded_cache_layers).then_with(|| {
+                let (ea, eb) = (a.assignment.as_ref().unwrap().predicted, b.assignment.as_ref().unwrap().predicted);
+                eb.total_cmp(&ea) // lower error is better
+            })
+        })
+}
+
+/// For a uniform pair: the most offloaded cache layers at which it fits (its baseline against a
+/// profile: the same budget, one type everywhere on the GPU).
+pub fn uniform_at_most_layers(
+    p: &Problem,
+    pair: (CacheType, CacheType),
+    cpu_pairs: &[(CacheType, CacheType)],
+    costs: &[OffloadCost],
+    budget: u64,
+) -> Result<Option<Placement>, PlacementError> {
+    let all = placements(p, &[pair], cpu_pairs, costs, budget)?;
+    Ok(choose(&all, None).cloned())
+}
+
+/// Checks that a problem describes the model (one entry per layer).
+pub fn check_layers(p: &Problem, model_layers: usize) -> Result<(), PlacementError> {
+    if p.layers.len() != model_layers {
+        return Err(PlacementError::Layers { model: model_layers, problem: p.layers.len() });
+    }
+    Ok(())
+}

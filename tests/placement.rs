@@ -1,0 +1,167 @@
+//! Issue 24: memory per device read back from the runtime (patch 0012), and `kvtuner fit`, with
+//! an `rpc-server` on 127.0.0.1 as the offload device (this machine has no GPU).
+
+mod common;
+
+use common::RpcServer;
+use kvtuner::cache_type::CacheType;
+use kvtuner::calibrate::{self, CalibrateOptions};
+use kvtuner::gguf;
+use kvtuner::kv_layout::Sizer;
+use kvtuner::llama::{rpc, Backend, BufferMemory, Context, ContextParams, FlashAttn, Model, ModelParams};
+use kvtuner::placement;
+use kvtuner::profile::{ModelIdentity, Profile};
+
+const N_LAYER: u32 = 4;
+const N_CTX: u32 = 256;
+
+fn ctx_params() -> ContextParams {
+    ContextParams {
+        n_ctx: N_CTX,
+        n_batch: N_CTX,
+        n_ubatch: N_CTX,
+        n_threads: 1,
+        flash_attn: FlashAttn::On,
+        no_kv_profile: true,
+        ..Default::default()
+    }
+}
+
+/// The offload device's entry (not host memory).
+fn offload(memory: &[BufferMemory]) -> BufferMemory {
+    let off: Vec<_> = memory.iter().filter(|m| !m.is_host).cloned().collect();
+    assert_eq!(off.len(), 1, "one offload buffer type: {memory:?}");
+    off[0].clone()
+}
+
+#[test]
+fn memory_per_device_is_what_a_real_context_allocates() {
+    let _rpc = common::rpc_lock();
+    let dir = tempfile::tempdir().unwrap();
+    let path = common::tiny_model(dir.path(), N_LAYER, "synthetic-placement");
+    let server = RpcServer::start();
+    let backend = Backend::init();
+    let devices = rpc::add_servers(backend, std::slice::from_ref(&server.endpoint)).unwrap();
+    let mut previous = 0;
+    for ngl in [1, 3, N_LAYER as i32 + 1] {
+        let load = |metadata_only| {
+            let params = ModelParams { n_gpu_layers: ngl, metadata_only, rpc: devices.clone(), ..Default::default() };
+            Model::load(backend, &path, &params).unwrap()
+        };
+        let (meta, real) = (load(true), load(false));
+        let sized = offload(&Context::new(&meta, &ctx_params()).unwrap().memory());
+        let ctx = Context::new(&real, &ctx_params()).unwrap();
+        let allocated = offload(&ctx.memory());
+        assert!(allocated.device.starts_with("RPC"), "{allocated:?}");
+        // what the metadata-only model says the runtime would allocate is what it allocates
+        assert_eq!((sized.model, sized.context), (allocated.model, allocated.context), "-ngl {ngl}");
+        assert!(allocated.model > previous, "-ngl {ngl}: more layers, more weights on the device");
+        previous = allocated.model;
+        // the KV bytes on the device are those of the layers llama.cpp put there, and those
+        // layers are the ones placement::offloaded_layers names
+        let layers = ctx.layers();
+        let on_device: Vec<usize> =
+            (0..N_LAYER as usize).filter(|&il| layers[il].unwrap().device.as_str().starts_with("RPC")).collect();
+        assert_eq!(on_device, placement::offloaded_layers(N_LAYER as usize, ngl).collect::<Vec<_>>(), "-ngl {ngl}");
+        let kv: u64 = on_device.iter().map(|&il| layers[il].unwrap().bytes_k + layers[il].unwrap().bytes_v).sum();
+        assert_eq!(allocated.context, kv, "-ngl {ngl}");
+    }
+}
+
+#[test]
+fn fit_puts_more_layers_on_the_device_than_f16_within_the_same_budget() {
+    let _rpc = common::rpc_lock();
+    let dir = tempfile::tempdir().unwrap();
+    let path = common::tiny_model(dir.path(), N_LAYER, "synthetic-fit");
+    let identity = ModelIdentity::from_header(&gguf::read_header(&path).unwrap()).unwrap();
+    let model = Model::load(Backend::init(), &path, &ModelParams::default()).unwrap();
+    let types = vec![CacheType::F16, CacheType::Q8_0, CacheType::Q4_0];
+    let opts = CalibrateOptions {
+        n_ctx: 64,
+        chunks: 1,
+        layer_chunks: 1,
+        background: CacheType::F16,
+        types: types.clone(),
+        base: ContextParams { n_threads: 1, no_kv_profile: true, ..Default::default() },
+        text_label: "lee (test)".into(),
+    };
+    let table = calibrate::calibrate(&model, &identity, &common::eval_text(), &opts, None, &mut |_, _, _| {}).unwrap();
+    let sens = dir.path().join("sens.yaml");
+    table.save(&sens).unwrap();
+
+    let server = RpcServer::start();
+    let devices = rpc::add_servers(Backend::init(), std::slice::from_ref(&server.endpoint)).unwrap();
+    // budget: everything but the KV cache at -ngl all, plus 60% of an all-f16 cache (q8_0 fits)
+    let all = N_LAYER as i32 + 1;
+    let cost = &placement::offload_costs(&path, &devices, &[all], N_CTX).unwrap()[0];
+    let f16_kv =
+        Sizer::new(&path).unwrap().kv(&vec![(CacheType::F16, CacheType::F16); N_LAYER as usize], N_CTX).unwrap();
+    let budget = cost.model_bytes + cost.compute_bytes + f16_kv.tensor_bytes * 6 / 10;
+
+    let out = dir.path().join("fit.yaml");
+    let run = common::kvtuner(&[
+        "fit",
+        sens.to_str().unwrap(),
+        "-m",
+        path.to_str().unwrap(),
+        "--vram",
+        &budget.to_string(),
+        "-c",
+        &N_CTX.to_string(),
+        "--rpc",
+        &server.endpoint,
+        "--json",
+        "-o",
+        out.to_str().unwrap(),
+    ]);
+    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    let json: serde_json::Value = serde_json::from_slice(&run.stdout).unwrap();
+    assert_eq!(json["chosen_ngl"], all, "{json}");
+    let placements = json["placements"].as_array().unwrap();
+    assert_eq!(placements.len(), N_LAYER as usize + 2, "-ngl 0 ..= n_layer + 1");
+    let chosen = &placements[all as usize];
+    assert_eq!(chosen["offloaded_cache_layers"], N_LAYER);
+    // the device's share is within the budget: weights + compute (read back) + the chosen KV
+    let used = chosen["cost"]["model_bytes"].as_u64().unwrap()
+        + chosen["cost"]["compute_bytes"].as_u64().unwrap()
+        + chosen["offloaded_kv_bytes"].as_u64().unwrap();
+    assert!(used <= budget, "{used} > {budget}");
+    // uniform f16 fits fewer layers on the device, in the same budget
+    let f16 = json["uniform"].as_array().unwrap().iter().find(|u| u["k"] == "f16").unwrap();
+    assert!(
+        f16["placement"]["offloaded_cache_layers"].as_u64().unwrap() < N_LAYER as u64,
+        "an all-f16 cache does not fit: {f16}"
+    );
+    // the written profile is the chosen assignment, for this model
+    let profile = Profile::load(out.to_str().unwrap()).unwrap();
+    profile.check_model(&identity).unwrap();
+    let chosen_types: Vec<(String, String)> = chosen["assignment"]["types"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| (t[0].as_str().unwrap().to_string(), t[1].as_str().unwrap().to_string()))
+        .collect();
+    let written: Vec<(String, String)> = profile.layers.iter().map(|l| (l.k.to_string(), l.v.to_string())).collect();
+    assert_eq!(written, chosen_types);
+    assert!(
+        profile.layers.iter().all(|l| l.k != CacheType::F16 || l.v != CacheType::F16),
+        "f16 everywhere does not fit"
+    );
+
+    // a budget below the device's weights at -ngl 1 leaves only -ngl 0, which is chosen
+    let run = common::kvtuner(&[
+        "fit",
+        sens.to_str().unwrap(),
+        "-m",
+        path.to_str().unwrap(),
+        "--vram",
+        "1KiB",
+        "-c",
+        &N_CTX.to_string(),
+        "--rpc",
+        &server.endpoint,
+    ]);
+    let stdout = String::from_utf8_lossy(&run.stdout);
+    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    assert!(stdout.contains("over") && stdout.contains("← chosen"), "{stdout}");
+}
