@@ -49,6 +49,10 @@ GQA_MODES=${GQA_MODES:-1}
 mkdir -p "$B" "$R" "$OUT"
 export PATH=/usr/local/cuda/bin:$PATH
 K=$C/kvtuner
+# pack.sh carries the binary xz-compressed; `measure` unpacks it (`build` stays build-only)
+if [ "${1:-}" = measure ] && [ ! -x "$K" ] && [ -f "$C/kvtuner.xz" ]; then
+    python3 -c 'import lzma, sys; open(sys.argv[2], "wb").write(lzma.open(sys.argv[1]).read())' "$C/kvtuner.xz" "$K" && chmod +x "$K"
+fi
 LIBP=$B/lib-patched
 LIBS=$B/lib-stock
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Packs what the lent H200 machine needs into .device-carry/ (ignored by git, carried by the
-# device tool): the dynamically linked kvtuner built here, the pinned llama.cpp tree with our
+# device tool): the dynamically linked kvtuner built here (xz-compressed), the pinned llama.cpp tree with our
 # patch series applied and as it is (both trimmed to what a CUDA build needs), the CUDA
 # flash-attention pair list, the speed and op-test sources and the Lee corpus.
 #
@@ -28,13 +28,20 @@ for d in "$patched"/ggml/src/ggml-*/; do
     case $name in ggml-cpu|ggml-cuda|ggml-rpc) ;; *) excludes+=(--exclude="ggml/src/$name") ;; esac
 done
 parts=(CMakeLists.txt LICENSE cmake include src common vendor ggml tools/CMakeLists.txt)
-tar czf "$carry/patched.tgz" -C "$patched" "${excludes[@]}" "${parts[@]}"
-
-# The unpatched tree: the pinned source as it is.
-tar czf "$carry/stock.tgz" -C "$tmp/stock" "${excludes[@]}" "${parts[@]}"
+if [ -n "${PREBUILT:-}" ]; then
+    # libraries built here travel instead (below): the device needs the headers only, and no
+    # unpatched tree (the carry is capped at 64 MiB with the repository)
+    tar czf "$carry/patched.tgz" -C "$patched" include ggml/include
+else
+    tar czf "$carry/patched.tgz" -C "$patched" "${excludes[@]}" "${parts[@]}"
+    # The unpatched tree: the pinned source as it is.
+    tar czf "$carry/stock.tgz" -C "$tmp/stock" "${excludes[@]}" "${parts[@]}"
+fi
 
 grep -v '^#' "$root/src/cuda_fa_pairs.txt" | awk 'NF==2 {printf "%s%s-%s", (n++ ? ";" : ""), $1, $2}' > "$carry/fa_pairs.txt"
-[ -x "$bin" ] && strip -o "$carry/kvtuner" "$bin" # symbols stay here: the carry is capped at 64 MiB
+# stripped and xz-compressed (6.5 -> 2 MB; symbols stay here: the carry is capped at 64 MiB);
+# call-prelude.sh and device-run.sh measure unpack it
+[ -x "$bin" ] && strip -o "$tmp/kvtuner" "$bin" && xz -T0 -9 -c "$tmp/kvtuner" > "$carry/kvtuner.xz"
 cp "$root/bench/stock-vs-patched/step.c" "$root/bench/stock-vs-patched/interleave.c" "$root/bench/gpu/fattn-test.cpp" \
     "$root/bench/gpu/fattn-bench.cpp" "$root/bench/gpu/fattn-common.h" "$carry/"
 # PREBUILT=DIR: CUDA libraries of this same patched tree, built here (scripts/gpu/build-cuda-here.sh),
@@ -42,7 +49,7 @@ cp "$root/bench/stock-vs-patched/step.c" "$root/bench/stock-vs-patched/interleav
 if [ -n "${PREBUILT:-}" ]; then
     (cd "$PREBUILT" && tar cf - lib*.so*) | xz -T0 -6 > "$carry/libs-patched.tar.xz"
 fi
-cp "$root/scripts/gpu/device-run.sh" "$root/scripts/gpu/cmake-cuda-options.txt" "$carry/"
+cp "$root/scripts/gpu/device-run.sh" "$root/scripts/gpu/call-prelude.sh" "$root/scripts/gpu/cmake-cuda-options.txt" "$carry/"
 # KVTuner's published presets (imported on the device into profiles of synthetic models)
 cp "$root"/bench/kvtuner-presets/*.yaml "$carry/"
 corpus=${KVTUNER_CACHE:-$HOME/.cache/kvtuner}/lee_background.cor
