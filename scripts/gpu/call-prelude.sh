@@ -9,12 +9,14 @@
 # exit, so a call cut short keeps what it measured: the device tool returns at most 8 files), then
 # builds the CUDA libraries, or unpacks the ones built on the development machine (PREBUILT), with
 # device-run.sh, and puts them on LD_LIBRARY_PATH.
+# NAME=... before `source` lasts only while this file runs: keep it for the exit trap
+CALL_NAME=$NAME
 C=$PWD/.device-carry
 B=$PWD/.device-build
 OUT=${OUT:-/tmp/out}
-O=/tmp/$NAME
+O=/tmp/$CALL_NAME
 mkdir -p "$O" "$OUT"
-pack() { tar czf "$OUT/$NAME.tgz" -C "$O" .; }
+pack() { tar czf "$OUT/$CALL_NAME.tgz" -C "$O" .; }
 trap pack EXIT
 # kvtuner.bin, not kvtuner: with no $C/kvtuner, device-run.sh only builds
 K=$C/kvtuner.bin
