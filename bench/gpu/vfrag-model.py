@@ -4,13 +4,14 @@
 # kernel's bit operations (byte-permutes, masks, half2 arithmetic in float16) and PTX's fragment
 # layouts of mma.m16n8k16, so a wrong lane, row, dim or head mapping fails it.
 #
-#   python3 bench/gpu/vfrag-model.py q4_0|q5_0 [D=128|256] [G=2|4]     (needs numpy)
+#   python3 bench/gpu/vfrag-model.py q4_0|q5_0|q8_0 [D=64|128|256] [G=2|4|8]     (needs numpy)
+# (q8_0: fattn_gqa_V_frag_q8_0, GGML_CUDA_FA_VEC_GQA_Q8_MMA)
 import numpy as np, struct, sys
 rng = np.random.default_rng(1)
 D = int(sys.argv[2]) if len(sys.argv) > 2 else 128
 G = int(sys.argv[3]) if len(sys.argv) > 3 else 4
 typ = sys.argv[1]
-bb = {'q4_0': 18, 'q5_0': 22}[typ]
+bb = {'q4_0': 18, 'q5_0': 22, 'q8_0': 34}[typ]
 row_bytes = D//32*bb
 def u16(buf, off): return int(buf[off]) | (int(buf[off+1]) << 8)
 def byte_perm(x, y, s):
@@ -34,7 +35,10 @@ for k in range(32):
     for b in range(D//32):
         d = np.float16(rng.uniform(0.001, 0.1)); scales[k, b] = float(d)
         buf += np.array([d]).view(np.uint8).tobytes()
-        if typ == 'q4_0':
+        if typ == 'q8_0':
+            q = rng.integers(-128, 128, 32); buf += q.astype(np.int8).tobytes()
+            vals[k, 32*b:32*b+32] = q
+        elif typ == 'q4_0':
             q = rng.integers(0, 16, 32); qs = (q[:16] | (q[16:] << 4)).astype(np.uint8); buf += qs.tobytes()
             vals[k, 32*b:32*b+32] = q - 8
         else:
@@ -46,7 +50,20 @@ for k in range(32):
 P = rng.uniform(0, 1, (32, G)).astype(np.float16)
 ref = np.einsum('kg,kd->gd', P.astype(np.float64), vals*np.repeat(scales, 32, axis=1))
 
+def V_frag_q8_0(rs, blk_off, gq):
+    a = [[0]*4 for _ in range(2)]
+    for h in range(2):
+        off = blk_off + 2 + 16*h + 2*gq
+        for p in range(2):
+            w = u16(rs[2*p], off) | (u16(rs[2*p+1], off) << 16)
+            for r in range(2):
+                z = byte_perm(w, 0x64646464, 0x4240 if r == 0 else 0x4341) ^ 0x00800080
+                a[h][2*p+r] = hsub(z, 1152)
+    return a
+
 def V_frag(rs, blk_off, gq):
+    if typ == 'q8_0':
+        return V_frag_q8_0(rs, blk_off, gq)
     a = [[0]*4 for _ in range(2)]
     for p in range(2):
         r0, r1 = rs[2*p], rs[2*p+1]
