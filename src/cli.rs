@@ -239,8 +239,8 @@ pub struct CapacityArgs {
     #[arg(long = "profile")]
     pub profiles: Vec<String>,
     /// Repetitions (configurations interleaved, the order reversed every other repetition).
-    #[arg(long, default_value_t = 1)]
-    pub reps: usize,
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    pub reps: u32,
     #[arg(long = "n-gpu-layers", visible_alias = "ngl", default_value_t = 0, allow_negative_numbers = true)]
     pub n_gpu_layers: i32,
     /// RPC servers (`kvtuner rpc-server`, HOST:PORT, comma-separated).

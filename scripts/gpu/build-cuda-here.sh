@@ -11,10 +11,15 @@
 set -euo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
 out=${1:-$root/target/cuda-here}
+# the toolkit scripts/ci/cuda-compile.sh installs (target/cuda13) if there is one
 cuda=${CUDA_HOME:-/opt/cuda13}
+[ -z "${CUDA_HOME:-}" ] && [ -x "$root/target/cuda13/bin/nvcc" ] && cuda=$root/target/cuda13
+export CCACHE_DIR=${CCACHE_DIR:-$root/target/ccache-cuda}
 
 "$root/scripts/gpu/install-nvcc.sh" "$cuda"
-command -v ninja > /dev/null || python3 -m pip install -q ninja
+command -v ninja > /dev/null || python3 -m pip install -q ninja 2> /dev/null || true
+gen=Ninja
+command -v ninja > /dev/null || gen="Unix Makefiles"
 
 # the same tree and flash-attention pairs the device would build (pack.sh)
 bash "$root/scripts/gpu/pack.sh" > /dev/null
@@ -26,7 +31,7 @@ if [ ! -f "$out/build/CMakeCache.txt" ]; then
     # the options shared with device-run.sh, plus: this machine's toolchain, a CPU baseline the
     # device's CPU has (no -march=native here), ccache
     mapfile -t opts < <(grep -v '^#' "$root/scripts/gpu/cmake-cuda-options.txt" | sed '/^\s*$/d')
-    cmake -S "$out/src" -B "$out/build" -G Ninja "${opts[@]}" \
+    cmake -S "$out/src" -B "$out/build" -G "$gen" "${opts[@]}" \
         -DCUDAToolkit_ROOT="$cuda" -DCMAKE_CUDA_COMPILER="$cuda/bin/nvcc" \
         -DCMAKE_SHARED_LINKER_FLAGS=-Wl,--no-as-needed \
         -DGGML_CUDA_FA_QUANTS="$(cat "$root/.device-carry/fa_pairs.txt")" \
