@@ -161,6 +161,59 @@ pub fn measure_parallel(
     })
 }
 
+/// Decode in drafts of `n_draft` tokens of one sequence per step, as speculative decoding verifies
+/// them (every draft token's logits requested, every draft accepted).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct DraftSpeed {
+    pub depth: u32,
+    pub n_draft: u32,
+    /// Draft tokens decoded per second (n_draft per step).
+    pub tokens_per_s: f64,
+    /// Steps (one op per layer over `n_draft` query tokens) per second.
+    pub steps_per_s: f64,
+}
+
+/// `n_steps` drafts of `n_draft` tokens after `depth` tokens (the cache is cleared first; the
+/// context needs `depth + (n_steps + 1) * n_draft` cells and a batch of `n_draft`).
+pub fn measure_draft(
+    ctx: &mut Context<'_>,
+    depth: u32,
+    n_draft: u32,
+    n_steps: u32,
+    batch_size: u32,
+) -> Result<DraftSpeed, BenchError> {
+    let need = (n_steps + 1) * n_draft;
+    if depth + need > ctx.n_ctx() {
+        return Err(BenchError::TooDeep { depth, need, n_ctx: ctx.n_ctx() });
+    }
+    let model = ctx.model();
+    ctx.clear();
+    fill(ctx, 0, depth, batch_size)?;
+    let mut batch = Batch::new(n_draft as usize);
+    let step = |ctx: &mut Context<'_>, batch: &mut Batch, first: u32| -> Result<(), BenchError> {
+        batch.clear();
+        for p in first..first + n_draft {
+            batch.add(token(model, p), p as i32, 0, true).expect("batch sized to fit");
+        }
+        Ok(ctx.decode(batch)?)
+    };
+    // one untimed step (first use of this batch shape)
+    step(ctx, &mut batch, depth)?;
+    ctx.synchronize();
+    let t = Instant::now();
+    for i in 1..=n_steps {
+        step(ctx, &mut batch, depth + i * n_draft)?;
+    }
+    ctx.synchronize();
+    let seconds = t.elapsed().as_secs_f64();
+    Ok(DraftSpeed {
+        depth,
+        n_draft,
+        tokens_per_s: f64::from(n_steps * n_draft) / seconds,
+        steps_per_s: f64::from(n_steps) / seconds,
+    })
+}
+
 /// Median and the spread (min, max) of repeated measurements.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
 pub struct Stat {

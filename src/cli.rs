@@ -151,6 +151,10 @@ pub struct AbArgs {
     /// holding DEPTH tokens of its own: aggregate and per-sequence tok/s (`tg128 ×N`).
     #[arg(long = "parallel", visible_alias = "np", value_delimiter = ',')]
     pub parallel: Vec<u32>,
+    /// Also measure decoding in drafts of N tokens of one sequence per step (speculative
+    /// decoding's verification, every draft accepted): 32 steps at each depth, tokens/s.
+    #[arg(long, value_delimiter = ',', value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub draft: Vec<u32>,
     /// Skip the speed runs.
     #[arg(long, conflicts_with = "no_quality")]
     pub no_speed: bool,

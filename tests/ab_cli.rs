@@ -154,9 +154,10 @@ fn ab_eval_ubatch_one_scores_token_by_token() {
 }
 
 /// `--parallel N` adds tg128 with N sequences decoding at once, per depth: aggregate and
-/// per-sequence rates (aggregate = N × per-sequence), in the table and the JSON.
+/// per-sequence rates (aggregate = N × per-sequence), in the table and the JSON; `--draft N` adds
+/// drafts of N tokens of one sequence per step.
 #[test]
-fn ab_parallel_reports_aggregate_and_per_sequence_rates() {
+fn ab_parallel_and_draft_report_their_rates() {
     let dir = tempfile::tempdir().unwrap();
     let model = common::tiny_model(dir.path(), 2, "synthetic-np");
     let json = dir.path().join("np.json");
@@ -169,6 +170,8 @@ fn ab_parallel_reports_aggregate_and_per_sequence_rates() {
         "0,64",
         "-np",
         "2,4",
+        "--draft",
+        "3,8",
         "--reps",
         "1",
         "-t",
@@ -180,7 +183,7 @@ fn ab_parallel_reports_aggregate_and_per_sequence_rates() {
     ]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(stdout.contains("tg128 ×4 @ d64 (all / each)"), "{stdout}");
+    assert!(stdout.contains("tg128 ×4 @ d64 (all / each)") && stdout.contains("draft 8 @ d64 (tok/s)"), "{stdout}");
     let rows: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
     for row in rows.as_array().unwrap() {
         for speed in row["speed"].as_array().unwrap() {
@@ -192,6 +195,9 @@ fn ab_parallel_reports_aggregate_and_per_sequence_rates() {
                     (p["aggregate"]["median"].as_f64().unwrap(), p["per_sequence"]["median"].as_f64().unwrap());
                 assert!(all > 0.0 && (all - n * each).abs() < 1e-6 * all, "{p}");
             }
+            let drafts = speed["draft"].as_array().unwrap();
+            assert_eq!(drafts.iter().map(|d| d["n_draft"].as_u64().unwrap()).collect::<Vec<_>>(), [3, 8], "{speed}");
+            assert!(drafts.iter().all(|d| d["tokens_per_s"]["median"].as_f64().unwrap() > 0.0), "{speed}");
         }
     }
 }

@@ -684,3 +684,25 @@ fn parallel_measurement_counts_every_sequence_token() {
     assert!(kvtuner::bench::measure_parallel(&mut ctx, 5, depth, n_tg, 64).is_err());
     assert!(kvtuner::bench::measure_parallel(&mut ctx, 4, 250, n_tg, 64).is_err());
 }
+
+/// `bench::measure_draft` decodes `n_draft` tokens of one sequence per step (the runtime counts
+/// them) and reports the timed steps' tokens per second.
+#[test]
+fn draft_measurement_decodes_every_draft_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = common::synth_llama(dir.path());
+    let p = ContextParams { n_ctx: 512, n_threads: 1, ..params(CacheType::Q4_0, CacheType::Q4_0) };
+    let mut ctx = Context::new(&model, &p).unwrap();
+    ctx.reset_perf();
+    let (depth, n_draft, n_steps) = (40, 4, 8);
+    let s = kvtuner::bench::measure_draft(&mut ctx, depth, n_draft, n_steps, 64).unwrap();
+    let perf = ctx.perf();
+    // the fill, the untimed step and the timed ones: all of them several tokens at a time
+    assert_eq!(perf.prompt_tokens, (depth + n_draft * (n_steps + 1)) as i32, "{perf:?}");
+    assert!((s.tokens_per_s - f64::from(n_draft) * s.steps_per_s).abs() < 1e-9 * s.tokens_per_s, "{s:?}");
+    // the cache holds every draft token
+    assert_eq!(ctx.max_position(0), (depth + n_draft * (n_steps + 1) - 1) as i32);
+    // a draft past the context: an error, not a decode failure
+    assert!(kvtuner::bench::measure_draft(&mut ctx, 450, 8, n_steps, 64).is_err());
+    // 450 + 9 × 8 > 512
+}

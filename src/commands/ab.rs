@@ -19,6 +19,14 @@ struct SpeedAtDepth {
     tg128: Stat,
     /// tg128 with N sequences at once (`--parallel`), one entry per N.
     parallel: Vec<ParallelAtDepth>,
+    /// Drafts of N tokens of one sequence per step (`--draft`), one entry per N.
+    draft: Vec<DraftAtDepth>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+struct DraftAtDepth {
+    n_draft: u32,
+    tokens_per_s: Stat,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -151,12 +159,17 @@ pub fn run(args: AbArgs) -> anyhow::Result<()> {
     // Speed, configurations interleaved within each repetition.
     if !args.no_speed {
         let max_depth = args.depths.iter().copied().max().unwrap_or(0);
-        let n_ctx = (max_depth + 512).next_multiple_of(256);
+        const DRAFT_STEPS: u32 = 32;
+        let draft_max = args.draft.iter().copied().max().unwrap_or(0);
+        // room for pp512 or tg128, and for the drafts' steps
+        let n_ctx = (max_depth + 512).max(max_depth + (DRAFT_STEPS + 1) * draft_max).next_multiple_of(256);
         eprintln!("speed: pp512 and tg128 at depths {:?}, {} repetitions", args.depths, args.reps);
         let mut samples = vec![vec![(Vec::new(), Vec::new()); args.depths.len()]; configs.len()];
         // [config][depth][parallel] aggregate tok/s
         let mut par_samples = vec![vec![vec![Vec::new(); args.parallel.len()]; args.depths.len()]; configs.len()];
         let par_max = args.parallel.iter().copied().max().unwrap_or(1).max(1);
+        // [config][depth][draft] tokens/s
+        let mut draft_samples = vec![vec![vec![Vec::new(); args.draft.len()]; args.depths.len()]; configs.len()];
         if !args.parallel.is_empty() {
             eprintln!("speed: tg128 of {:?} sequences at once, each at every depth", args.parallel);
         }
@@ -177,6 +190,10 @@ pub fn run(args: AbArgs) -> anyhow::Result<()> {
                     let s = bench::measure(&mut ctx, depth, 512, 128, 512)?;
                     samples[ci][di].0.push(s.pp_tokens_per_s);
                     samples[ci][di].1.push(s.tg_tokens_per_s);
+                    for (ki, &n_draft) in args.draft.iter().enumerate() {
+                        let d = bench::measure_draft(&mut ctx, depth, n_draft, DRAFT_STEPS, 512)?;
+                        draft_samples[ci][di][ki].push(d.tokens_per_s);
+                    }
                 }
                 if !args.parallel.is_empty() {
                     // a context of its own: par_max streams of n_ctx cells each
@@ -201,13 +218,14 @@ pub fn run(args: AbArgs) -> anyhow::Result<()> {
                 eprintln!("  rep {}/{} {}", rep + 1, args.reps, c.name);
             }
         }
-        for ((row, per_depth), par) in rows.iter_mut().zip(samples).zip(par_samples) {
+        for (((row, per_depth), par), drafts) in rows.iter_mut().zip(samples).zip(par_samples).zip(draft_samples) {
             row.speed = args
                 .depths
                 .iter()
                 .zip(per_depth)
                 .zip(par)
-                .map(|((&depth, (pp, tg)), par)| SpeedAtDepth {
+                .zip(drafts)
+                .map(|(((&depth, (pp, tg)), par), drafts)| SpeedAtDepth {
                     depth,
                     pp512: Stat::of(&pp),
                     tg128: Stat::of(&tg),
@@ -219,6 +237,12 @@ pub fn run(args: AbArgs) -> anyhow::Result<()> {
                             let per: Vec<f64> = agg.iter().map(|a| a / f64::from(n_seq)).collect();
                             ParallelAtDepth { n_seq, aggregate: Stat::of(&agg), per_sequence: Stat::of(&per) }
                         })
+                        .collect(),
+                    draft: args
+                        .draft
+                        .iter()
+                        .zip(drafts)
+                        .map(|(&n_draft, tps)| DraftAtDepth { n_draft, tokens_per_s: Stat::of(&tps) })
                         .collect(),
                 })
                 .collect();
@@ -265,6 +289,9 @@ fn print_table(rows: &[Row], args: &AbArgs, base_ppl: f64, label: &str) {
             for n in &args.parallel {
                 header.push(format!("tg128 ×{n} @ d{d} (all / each)"));
             }
+            for n in &args.draft {
+                header.push(format!("draft {n} @ d{d} (tok/s)"));
+            }
         }
     }
     table.set_header(header);
@@ -292,6 +319,12 @@ fn print_table(rows: &[Row], args: &AbArgs, base_ppl: f64, label: &str) {
             cells.push(format!("{:.1} ({:.1}–{:.1})", s.tg128.median, s.tg128.min, s.tg128.max));
             for p in &s.parallel {
                 cells.push(format!("{:.1} / {:.1}", p.aggregate.median, p.per_sequence.median));
+            }
+            for k in &s.draft {
+                cells.push(format!(
+                    "{:.1} ({:.1}–{:.1})",
+                    k.tokens_per_s.median, k.tokens_per_s.min, k.tokens_per_s.max
+                ));
             }
         }
         table.add_row(cells);
