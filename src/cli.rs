@@ -334,6 +334,14 @@ pub struct SearchArgs {
     /// list like `q8_0/q4_0,f16/f16`.
     #[arg(long, default_value = "cuda")]
     pub pairs: String,
+    /// Pairs for the layers the runtime keeps on the CPU at -ngl (read back from it); --pairs
+    /// then applies to the offloaded layers only. Needs -m.
+    #[arg(long, requires = "model")]
+    pub cpu_pairs: Option<String>,
+    /// RPC servers (`kvtuner rpc-server`, HOST:PORT, comma-separated) that take offloaded layers
+    /// (-ngl) after this machine's GPUs.
+    #[arg(long, value_delimiter = ',', requires = "model")]
+    pub rpc: Vec<String>,
     /// Target context: sizes are what the runtime allocates there (default: the calibration
     /// context; another one needs -m to read them).
     #[arg(short = 'c', long = "ctx-size")]

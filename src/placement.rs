@@ -194,3 +194,19 @@ pub fn check_layers(p: &Problem, model_layers: usize) -> Result<(), PlacementErr
     }
     Ok(())
 }
+
+/// Gives the layers the runtime keeps on the CPU (`devices[il] == "CPU"`, as
+/// [`crate::llama::KvLayerInfo::device`] reports it) `cpu_pairs` of their own; the others keep
+/// `p.pairs` (the GPU's). Returns how many layers got the CPU's pairs.
+pub fn restrict_cpu_layers(p: &mut Problem, devices: &[String], cpu_pairs: &[(CacheType, CacheType)]) -> usize {
+    let mut n = 0;
+    for (l, device) in p.layers.iter_mut().zip(devices) {
+        if let Some(l) = l {
+            if device == "CPU" {
+                l.pairs = Some(cpu_pairs.to_vec());
+                n += 1;
+            }
+        }
+    }
+    n
+}

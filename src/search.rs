@@ -28,7 +28,8 @@
 //! Predicted error of an assignment is summed over layers in index order starting from 0.0 (a
 //! left fold), the same way everywhere in this module, so equal assignments give equal bits.
 //! Among assignments with equal bytes and equal predicted error, the one whose sequence of pair
-//! indices (in `Problem::pairs` order, layer 0 first) is lexicographically smallest is returned.
+//! indices (in each layer's pair order: its own pairs, else `Problem::pairs`; layer 0 first) is
+//! lexicographically smallest is returned.
 //! Among equal predicted error at different bytes, the cheaper one wins (the frontier keeps it).
 //!
 //! # Input validation
@@ -56,14 +57,26 @@ pub struct LayerCosts {
     pub dk: BTreeMap<CacheType, f64>,
     /// Predicted error when this layer's V cache takes the type (f16 usually 0).
     pub dv: BTreeMap<CacheType, f64>,
+    /// Pairs this layer may take instead of [`Problem::pairs`] (a layer on another device: the
+    /// CPU's pairs for a layer left there, the GPU's for an offloaded one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pairs: Option<Vec<(CacheType, CacheType)>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Problem {
     /// Per layer; `None` for layers without a KV cache (they cost 0 and contribute 0).
     pub layers: Vec<Option<LayerCosts>>,
-    /// Allowed (K, V) pairs; their order is the tie-break order.
+    /// Allowed (K, V) pairs of every layer without pairs of its own; their order is the
+    /// tie-break order.
     pub pairs: Vec<(CacheType, CacheType)>,
+}
+
+impl Problem {
+    /// The pairs layer `layer` may take (its own, else [`Problem::pairs`]).
+    pub fn pairs_of(&self, layer: usize) -> &[(CacheType, CacheType)] {
+        self.layers.get(layer).and_then(|l| l.as_ref()).and_then(|l| l.pairs.as_deref()).unwrap_or(&self.pairs)
+    }
 }
 
 /// A per-layer type assignment and what it costs.
@@ -83,6 +96,8 @@ pub struct Assignment {
 pub enum SearchError {
     #[error("no (K, V) cache type pairs allowed")]
     NoPairs,
+    #[error("layer {layer}: no (K, V) cache type pairs allowed")]
+    NoLayerPairs { layer: usize },
     #[error("layer {layer}: no predicted error for {side} type {ty}")]
     MissingError { layer: usize, side: &'static str, ty: CacheType },
     #[error("layer {layer}: predicted error {value} for {side} type {ty} is not a finite non-negative number")]
@@ -174,7 +189,11 @@ fn options(p: &Problem) -> Result<Vec<Option<Vec<Opt>>>, SearchError> {
             out.push(None);
             continue;
         };
-        let opts = p.pairs.iter().map(|&pair| layer_opt(layer, l, pair)).collect::<Result<Vec<_>, _>>()?;
+        let pairs = p.pairs_of(layer);
+        if pairs.is_empty() {
+            return Err(SearchError::NoLayerPairs { layer });
+        }
+        let opts = pairs.iter().map(|&pair| layer_opt(layer, l, pair)).collect::<Result<Vec<_>, _>>()?;
         let max = opts.iter().map(|o| o.bytes).max().unwrap_or(0);
         max_total = max_total.checked_add(max).ok_or(SearchError::Overflow { layer })?;
         out.push(Some(opts));
@@ -291,7 +310,7 @@ impl Solved {
         let mut types = vec![(CacheType::F16, CacheType::F16); self.n_layers];
         let mut j = point;
         for step in self.steps.iter().rev() {
-            types[step.layer] = p.pairs[step.choice[j] as usize];
+            types[step.layer] = p.pairs_of(step.layer)[step.choice[j] as usize];
             j = step.from[j] as usize;
         }
         Assignment {
@@ -528,6 +547,7 @@ mod tests {
             cells,
             dk: TYPES.into_iter().zip(dk).collect(),
             dv: TYPES.into_iter().zip(dv).collect(),
+            pairs: None,
         }
     }
 
@@ -540,7 +560,7 @@ mod tests {
             let (mut bytes, mut err) = (0u64, 0.0f64);
             for (l, &i) in p.layers.iter().zip(&idx) {
                 if let Some(l) = l {
-                    let (k, v) = p.pairs[i];
+                    let (k, v) = l.pairs.as_deref().unwrap_or(&p.pairs)[i];
                     bytes += (k.row_bytes(l.k_dim) + v.row_bytes(l.v_dim)) * l.cells;
                     err += l.dk[&k] + l.dv[&v];
                 }
@@ -553,7 +573,7 @@ mod tests {
                 if d == n {
                     return out;
                 }
-                let limit = if p.layers[d].is_some() { p.pairs.len() } else { 1 };
+                let limit = if p.layers[d].is_some() { p.pairs_of(d).len() } else { 1 };
                 idx[d] += 1;
                 if idx[d] < limit {
                     break;
@@ -565,7 +585,13 @@ mod tests {
     }
 
     fn to_assignment(p: &Problem, (bytes, err, idx): &(u64, f64, Vec<usize>)) -> Assignment {
-        let types = p.layers.iter().zip(idx).map(|(l, &i)| if l.is_some() { p.pairs[i] } else { (F16, F16) }).collect();
+        let types = p
+            .layers
+            .iter()
+            .zip(idx)
+            .enumerate()
+            .map(|(il, (l, &i))| if l.is_some() { p.pairs_of(il)[i] } else { (F16, F16) })
+            .collect();
         let values: u64 = p.layers.iter().flatten().map(|l| (l.k_dim + l.v_dim) * l.cells).sum();
         Assignment { types, bytes: *bytes, bits_per_value: bits_per_value(*bytes, values), predicted: *err }
     }
@@ -611,8 +637,12 @@ mod tests {
     fn arb_layer() -> impl Strategy<Value = Option<LayerCosts>> {
         let dims = prop::sample::select(vec![64u64, 128, 256]);
         let cells = prop::sample::select(vec![64u64, 128, 512]);
-        let some = (dims.clone(), dims, cells, prop::array::uniform4(arb_err()), prop::array::uniform4(arb_err()))
-            .prop_map(|(k, v, c, dk, dv)| Some(layer(k, v, c, dk, dv)));
+        let all_pairs: Vec<(CacheType, CacheType)> =
+            TYPES.iter().flat_map(|&k| TYPES.iter().map(move |&v| (k, v))).collect();
+        // some layers with pairs of their own (a layer on another device)
+        let own = prop_oneof![3 => Just(None), 1 => prop::sample::subsequence(all_pairs, 1..=3).prop_shuffle().prop_map(Some)];
+        let some = (dims.clone(), dims, cells, prop::array::uniform4(arb_err()), prop::array::uniform4(arb_err()), own)
+            .prop_map(|(k, v, c, dk, dv, own)| Some(LayerCosts { pairs: own, ..layer(k, v, c, dk, dv) }));
         prop_oneof![8 => some, 1 => Just(None)]
     }
 

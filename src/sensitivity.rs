@@ -241,6 +241,7 @@ impl Sensitivity {
                     cells: cells.get(il).copied().flatten()?,
                     dk,
                     dv,
+                    pairs: None,
                 })
             })
             .collect();

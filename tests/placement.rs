@@ -68,26 +68,31 @@ fn memory_per_device_is_what_a_real_context_allocates() {
     }
 }
 
-#[test]
-fn fit_puts_more_layers_on_the_device_than_f16_within_the_same_budget() {
-    let _rpc = common::rpc_lock();
-    let dir = tempfile::tempdir().unwrap();
-    let path = common::tiny_model(dir.path(), N_LAYER, "synthetic-fit");
+/// A tiny model and its sensitivity table (f16, q8_0, q4_0; one chunk).
+fn calibrated(dir: &std::path::Path, name: &str) -> (std::path::PathBuf, ModelIdentity, std::path::PathBuf) {
+    let path = common::tiny_model(dir, N_LAYER, name);
     let identity = ModelIdentity::from_header(&gguf::read_header(&path).unwrap()).unwrap();
     let model = Model::load(Backend::init(), &path, &ModelParams::default()).unwrap();
-    let types = vec![CacheType::F16, CacheType::Q8_0, CacheType::Q4_0];
     let opts = CalibrateOptions {
         n_ctx: 64,
         chunks: 1,
         layer_chunks: 1,
         background: CacheType::F16,
-        types: types.clone(),
+        types: vec![CacheType::F16, CacheType::Q8_0, CacheType::Q4_0],
         base: ContextParams { n_threads: 1, no_kv_profile: true, ..Default::default() },
         text_label: "lee (test)".into(),
     };
     let table = calibrate::calibrate(&model, &identity, &common::eval_text(), &opts, None, &mut |_, _, _| {}).unwrap();
-    let sens = dir.path().join("sens.yaml");
+    let sens = dir.join("sens.yaml");
     table.save(&sens).unwrap();
+    (path, identity, sens)
+}
+
+#[test]
+fn fit_puts_more_layers_on_the_device_than_f16_within_the_same_budget() {
+    let _rpc = common::rpc_lock();
+    let dir = tempfile::tempdir().unwrap();
+    let (path, identity, sens) = calibrated(dir.path(), "synthetic-fit");
 
     let server = RpcServer::start();
     let devices = rpc::add_servers(Backend::init(), std::slice::from_ref(&server.endpoint)).unwrap();
@@ -164,4 +169,55 @@ fn fit_puts_more_layers_on_the_device_than_f16_within_the_same_budget() {
     let stdout = String::from_utf8_lossy(&run.stdout);
     assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
     assert!(stdout.contains("over") && stdout.contains("← chosen"), "{stdout}");
+}
+
+/// `search --cpu-pairs`: the layers the runtime keeps on the CPU at -ngl take the CPU's pairs, the
+/// offloaded ones (here on an rpc-server) `--pairs`.
+#[test]
+fn search_gives_cpu_layers_the_cpu_pairs() {
+    let _rpc = common::rpc_lock();
+    let dir = tempfile::tempdir().unwrap();
+    let (path, _, sens) = calibrated(dir.path(), "synthetic-search-devices");
+    let text = common::eval_text_file(dir.path());
+    let server = RpcServer::start();
+    let out = dir.path().join("p.yaml");
+    // -ngl 3 of 4 layers: layers 2 and 3 on the device (llama.cpp counts the output layer)
+    let run = common::kvtuner(&[
+        "search",
+        sens.to_str().unwrap(),
+        "-m",
+        path.to_str().unwrap(),
+        "-ngl",
+        "3",
+        "--rpc",
+        &server.endpoint,
+        "--pairs",
+        "q4_0/q4_0",
+        "--cpu-pairs",
+        "f16/f16",
+        "--budget",
+        "16",
+        "--text",
+        text.to_str().unwrap(),
+        "--chunks",
+        "1",
+        "-t",
+        "1",
+        "-o",
+        out.to_str().unwrap(),
+    ]);
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(run.status.success(), "{stderr}");
+    assert!(stderr.contains("2 layer(s) on the CPU"), "{stderr}");
+    let profile = Profile::load(out.to_str().unwrap()).unwrap();
+    let types: Vec<(CacheType, CacheType)> = profile.layers.iter().map(|l| (l.k, l.v)).collect();
+    let expected: Vec<(CacheType, CacheType)> = placement::offloaded_layers(N_LAYER as usize, 3).fold(
+        vec![(CacheType::F16, CacheType::F16); N_LAYER as usize],
+        |mut t, il| {
+            t[il] = (CacheType::Q4_0, CacheType::Q4_0);
+            t
+        },
+    );
+    // unless uniform f16 measured better (then the tool keeps uniform: also CPU-legal)
+    assert!(types == expected || types.iter().all(|&t| t == (CacheType::F16, CacheType::F16)), "{types:?}");
 }

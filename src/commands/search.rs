@@ -21,10 +21,12 @@ pub fn run(args: SearchArgs) -> anyhow::Result<()> {
     let pairs = search::parse_pairs(&args.pairs, &sens.types, search::CUDA_FA_PAIRS)?;
     let model = match &args.model {
         Some(path) => {
+            let backend = Backend::init();
+            let rpc = kvtuner::llama::rpc::add_servers(backend, &args.rpc)?;
             let model = Model::load(
-                Backend::init(),
+                backend,
                 path,
-                &ModelParams { n_gpu_layers: args.n_gpu_layers, ..Default::default() },
+                &ModelParams { n_gpu_layers: args.n_gpu_layers, rpc, ..Default::default() },
             )?;
             if model.n_layer() as usize != sens.layout.layers.len() {
                 bail!(
@@ -47,7 +49,20 @@ pub fn run(args: SearchArgs) -> anyhow::Result<()> {
             sens.context
         ),
     };
-    let problems = Problems::new(&sens, &cells, &pairs)?;
+    let mut problems = Problems::new(&sens, &cells, &pairs)?;
+    if let (Some(spec), Some(m)) = (&args.cpu_pairs, &model) {
+        // each layer's device, read back from a context of the model at this -ngl
+        let cpu_pairs = search::parse_pairs(spec, &sens.types, search::CUDA_FA_PAIRS).context("--cpu-pairs")?;
+        let ctx =
+            kvtuner::llama::Context::new(m, &ContextParams { n_ctx: 256, no_kv_profile: true, ..Default::default() })?;
+        let devices: Vec<String> =
+            ctx.layers().iter().map(|i| i.map_or_else(String::new, |i| i.device.to_string())).collect();
+        let mut on_cpu = 0;
+        for (_, p) in problems.by_estimator.iter_mut() {
+            on_cpu = kvtuner::placement::restrict_cpu_layers(p, &devices, &cpu_pairs);
+        }
+        eprintln!("--cpu-pairs: {on_cpu} layer(s) on the CPU take `{spec}`, the others `{}`", args.pairs);
+    }
     let frontier = search::frontier(problems.main())?;
     if let Some(path) = &args.frontier {
         kvtuner::atomic_write(path, serde_json::to_string_pretty(&frontier)?.as_bytes())
