@@ -179,3 +179,34 @@ fn ab_with_layers_on_an_rpc_server_measures_the_same_kld() {
     assert_eq!(local.len(), 2);
     assert_eq!(split, local, "KLD with layers on the RPC server");
 }
+
+/// ab's speed runs report the memory of each buffer type, read back: with layers on an
+/// rpc-server, the server's share (weights, KV, compute) is in the JSON and the table.
+#[test]
+fn ab_reports_offloaded_memory_per_configuration() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = common::tiny_model(dir.path(), 4, "synthetic-rpc-memory");
+    let server = Server::start();
+    let json = dir.path().join("ab.json");
+    let out = Command::new(env!("CARGO_BIN_EXE_kvtuner"))
+        .args(["ab", "-m", path.to_str().unwrap(), "--no-quality", "--depths", "0", "--reps", "1", "-t", "1"])
+        .args(["--against", "f16,q4_0", "-ngl", "3", "--rpc", &server.endpoint, "--json", json.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("offload MiB"));
+    let rows: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    let rpc_kv = |r: &serde_json::Value| -> (u64, u64) {
+        let m = r["speed_memory"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["device"].as_str().unwrap().starts_with("RPC"))
+            .unwrap();
+        (m["model"].as_u64().unwrap(), m["context"].as_u64().unwrap())
+    };
+    let (f16, q4) = (rpc_kv(&rows[0]), rpc_kv(&rows[1]));
+    assert!(f16.0 > 0 && f16.0 == q4.0, "the same weights on the server: {f16:?} {q4:?}");
+    // two of four layers' caches are on the server: q4_0 takes 4.5/16 of f16's bytes there
+    assert_eq!(q4.1 * 16, f16.1 * 9 / 2, "{f16:?} {q4:?}");
+}

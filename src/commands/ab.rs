@@ -8,7 +8,7 @@ use kvtuner::bench::{self, Stat};
 use kvtuner::cache_type::CacheType;
 use kvtuner::eval::{peak_rss_bytes, Evaluator, DEFAULT_STORED_BASELINE_LIMIT};
 use kvtuner::kv_layout::RuntimeKv;
-use kvtuner::llama::{Backend, Context, ContextParams, Model, ModelParams};
+use kvtuner::llama::{Backend, BufferMemory, Context, ContextParams, Model, ModelParams};
 use kvtuner::profile::ModelIdentity;
 use kvtuner::report::{plot_bits_vs_kld, PlotPoint};
 
@@ -64,6 +64,8 @@ struct Row {
     /// Layers whose device has no native flash-attention kernel for their K-V pair (runs elsewhere
     /// or on a converted cache; read back from the runtime, patch 0007).
     gpu_pairs_without_kernel: Vec<usize>,
+    /// Memory per buffer type of the speed runs' context (weights, KV, compute), read back.
+    speed_memory: Vec<BufferMemory>,
 }
 
 pub fn run(args: AbArgs) -> anyhow::Result<()> {
@@ -153,6 +155,7 @@ pub fn run(args: AbArgs) -> anyhow::Result<()> {
             eval_peak_rss_bytes: eval_peak_rss,
             speed: Vec::new(),
             gpu_pairs_without_kernel: missing,
+            speed_memory: Vec::new(),
         });
     }
 
@@ -186,6 +189,9 @@ pub fn run(args: AbArgs) -> anyhow::Result<()> {
             for (ci, c) in configs.iter().enumerate() {
                 let mut ctx =
                     Context::new(&model, &ContextParams { n_ctx, n_batch: 512, n_ubatch: 512, ..c.params.clone() })?;
+                if rep == 0 {
+                    rows[ci].speed_memory = ctx.memory();
+                }
                 for (di, &depth) in args.depths.iter().enumerate() {
                     let s = bench::measure(&mut ctx, depth, 512, 128, 512)?;
                     samples[ci][di].0.push(s.pp_tokens_per_s);
@@ -282,6 +288,12 @@ fn print_table(rows: &[Row], args: &AbArgs, base_ppl: f64, label: &str) {
             .into_iter()
             .map(String::from)
             .collect();
+    // memory off the host (GPU, RPC devices) in the speed runs, when there is any
+    let offload = |r: &Row| r.speed_memory.iter().filter(|m| !m.is_host).map(BufferMemory::total).sum::<u64>();
+    let show_offload = !args.no_speed && rows.iter().any(|r| offload(r) > 0);
+    if show_offload {
+        header.push("offload MiB (weights + KV + compute)".into());
+    }
     if !args.no_speed {
         for d in &args.depths {
             header.push(format!("pp512 @ d{d}"));
@@ -314,6 +326,9 @@ fn print_table(rows: &[Row], args: &AbArgs, base_ppl: f64, label: &str) {
                 _ => "-".into(),
             },
         ];
+        if show_offload {
+            cells.push(format!("{:.0}", offload(r) as f64 / 1048576.0));
+        }
         for s in &r.speed {
             cells.push(format!("{:.1} ({:.1}–{:.1})", s.pp512.median, s.pp512.min, s.pp512.max));
             cells.push(format!("{:.1} ({:.1}–{:.1})", s.tg128.median, s.tg128.min, s.tg128.max));
