@@ -70,6 +70,9 @@ pub struct RpcServerArgs {
     /// Threads for the served CPU (0 = all cores).
     #[arg(short = 't', long = "threads", default_value_t = 0)]
     pub threads: usize,
+    /// Devices to serve, by ggml's names (`CUDA0`, `CPU`; comma-separated; default: the CPU).
+    #[arg(long, value_delimiter = ',')]
+    pub device: Vec<String>,
     /// Listen on a non-loopback address. ggml's RPC protocol has no authentication: anyone who
     /// reaches the port can run computations on this machine and read or write the memory it
     /// serves. Use only on a private link.

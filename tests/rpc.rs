@@ -210,3 +210,37 @@ fn ab_reports_offloaded_memory_per_configuration() {
     // two of four layers' caches are on the server: q4_0 takes 4.5/16 of f16's bytes there
     assert_eq!(q4.1 * 16, f16.1 * 9 / 2, "{f16:?} {q4:?}");
 }
+
+/// `rpc-server --device`: a device that does not exist is an error naming it and what exists;
+/// a named device is served.
+#[test]
+fn rpc_server_serves_named_devices_only() {
+    let out = Command::new(env!("CARGO_BIN_EXE_kvtuner"))
+        .args(["rpc-server", "--port", "1", "--device", "NOPE0"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("NOPE0") && stderr.contains("CPU"), "{stderr}");
+
+    let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_kvtuner"))
+        .args(["rpc-server", "--port", &port.to_string(), "--device", "CPU", "-t", "1"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    let backend = Backend::init();
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(start.elapsed() < Duration::from_secs(20), "rpc-server --device CPU did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let devices = {
+        let _rpc = common::rpc_lock();
+        rpc::add_server(backend, &format!("127.0.0.1:{port}")).map(|d| d.len())
+    };
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(devices.unwrap(), 1, "one served device");
+}

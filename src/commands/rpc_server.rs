@@ -1,4 +1,5 @@
-//! `kvtuner rpc-server`: serves this machine's CPU over ggml's RPC protocol until killed.
+//! `kvtuner rpc-server`: serves this machine's CPU (or the devices named) over ggml's RPC
+//! protocol until killed.
 
 use std::net::IpAddr;
 
@@ -22,7 +23,8 @@ pub fn run(args: RpcServerArgs) -> anyhow::Result<()> {
     } else {
         format!("{}:{}", args.host, args.port)
     };
-    eprintln!("rpc-server: serving this machine's CPU at {endpoint} (no authentication; Ctrl-C stops)");
-    rpc::serve_cpu(Backend::init(), &endpoint, args.threads)?;
+    let what = if args.device.is_empty() { "this machine's CPU".to_string() } else { args.device.join(", ") };
+    eprintln!("rpc-server: serving {what} at {endpoint} (no authentication; Ctrl-C stops)");
+    rpc::serve_devices(Backend::init(), &endpoint, &args.device, args.threads)?;
     Ok(())
 }

@@ -1,4 +1,4 @@
-//! ggml's RPC backend: a process serves its devices over TCP (`serve_cpu`), and a model can put
+//! ggml's RPC backend: a process serves its devices over TCP (`serve_devices`), and a model can put
 //! layers on such servers (`ModelParams::rpc`). The protocol has no authentication:
 //! whoever reaches the port can run computations and read or write the served memory.
 
@@ -20,6 +20,8 @@ pub enum RpcError {
     Unreachable { endpoint: String, source: std::io::Error },
     #[error("no CPU device to serve")]
     NoCpu,
+    #[error("no device named `{name}` to serve (this build has: {available})")]
+    UnknownDevice { name: String, available: String },
 }
 
 /// A device of a registered RPC server (a handle owned by ggml's registry, valid for the
@@ -112,18 +114,45 @@ pub fn add_servers(backend: Backend, endpoints: &[String]) -> Result<Vec<RpcDevi
     Ok(devices)
 }
 
-/// Serves this process's CPU at `endpoint` until the process ends (ggml's server loop does not
-/// return). `threads`: 0 = ggml's default.
-pub fn serve_cpu(_backend: Backend, endpoint: &str, threads: usize) -> Result<(), RpcError> {
+/// The devices in ggml's registry with their names (`CPU`, `CUDA0`, …).
+fn registry_devices(_backend: Backend) -> Vec<(sys::ggml_backend_dev_t, String)> {
+    // Safety: plain reads of ggml's device registry; i < the count; names are NUL-terminated.
+    let n = unsafe { sys::ggml_backend_dev_count() };
+    (0..n)
+        .map(|i| {
+            let dev = unsafe { sys::ggml_backend_dev_get(i) };
+            (dev, unsafe { CStr::from_ptr(sys::ggml_backend_dev_name(dev)) }.to_string_lossy().into_owned())
+        })
+        .collect()
+}
+
+/// Serves the devices named in `names` (ggml's names, e.g. `CUDA0`; empty: the CPU) at `endpoint`
+/// until the process ends (ggml's server loop does not return). `threads`: for a served CPU, 0 =
+/// all cores.
+pub fn serve_devices(backend: Backend, endpoint: &str, names: &[String], threads: usize) -> Result<(), RpcError> {
     let c = endpoint_c(endpoint)?;
-    // Safety: a plain lookup in ggml's registry.
-    let cpu = unsafe { sys::ggml_backend_dev_by_type(sys::GGML_BACKEND_DEVICE_TYPE_CPU) };
-    if cpu.is_null() {
-        return Err(RpcError::NoCpu);
+    let mut devices = Vec::new();
+    if names.is_empty() {
+        // Safety: a plain lookup in ggml's registry.
+        let cpu = unsafe { sys::ggml_backend_dev_by_type(sys::GGML_BACKEND_DEVICE_TYPE_CPU) };
+        if cpu.is_null() {
+            return Err(RpcError::NoCpu);
+        }
+        devices.push(cpu);
     }
-    let mut devices = [cpu];
+    let registry = registry_devices(backend);
+    for name in names {
+        let Some((dev, _)) = registry.iter().find(|(_, n)| n.eq_ignore_ascii_case(name)) else {
+            let available = registry.iter().map(|(_, n)| n.as_str()).collect::<Vec<_>>().join(", ");
+            return Err(RpcError::UnknownDevice { name: name.clone(), available });
+        };
+        devices.push(*dev);
+    }
     let threads = if threads == 0 { std::thread::available_parallelism().map_or(1, |n| n.get()) } else { threads };
-    // Safety: valid endpoint string, no cache directory (NULL), one valid device.
-    unsafe { sys::ggml_backend_rpc_start_server(c.as_ptr(), std::ptr::null(), threads, 1, devices.as_mut_ptr()) };
+    // Safety: valid endpoint string, no cache directory (NULL), `devices` holds that many valid
+    // registry devices.
+    unsafe {
+        sys::ggml_backend_rpc_start_server(c.as_ptr(), std::ptr::null(), threads, devices.len(), devices.as_mut_ptr())
+    };
     Ok(())
 }
