@@ -164,16 +164,8 @@ pub struct AbArgs {
     /// Skip the quality runs (speed and memory only; e.g. random-weight models).
     #[arg(long)]
     pub no_quality: bool,
-    #[arg(long = "n-gpu-layers", visible_alias = "ngl", default_value_t = 0, allow_negative_numbers = true)]
-    pub n_gpu_layers: i32,
-    /// RPC servers (`kvtuner rpc-server`, HOST:PORT, comma-separated) that take offloaded layers
-    /// after this machine's GPUs.
-    #[arg(long, value_delimiter = ',')]
-    pub rpc: Vec<String>,
-    #[arg(short = 't', long = "threads", default_value_t = 0)]
-    pub threads: i32,
-    #[arg(long = "flash-attn", visible_alias = "fa", value_enum, default_value = "auto")]
-    pub flash_attn: FlashAttn,
+    #[command(flatten)]
+    pub devices: DeviceArgs,
     /// Write one JSON object per configuration here.
     #[arg(long)]
     pub json: Option<PathBuf>,
@@ -221,6 +213,21 @@ pub struct FitArgs {
     pub json: bool,
 }
 
+/// Where a comparison runs (`ab`, `capacity`): layers offloaded, RPC servers, threads, flash attention.
+#[derive(Debug, Args)]
+pub struct DeviceArgs {
+    #[arg(long = "n-gpu-layers", visible_alias = "ngl", default_value_t = 0, allow_negative_numbers = true)]
+    pub n_gpu_layers: i32,
+    /// RPC servers (`kvtuner rpc-server`, HOST:PORT, comma-separated) that take offloaded layers
+    /// after this machine's GPUs.
+    #[arg(long, value_delimiter = ',')]
+    pub rpc: Vec<String>,
+    #[arg(short = 't', long = "threads", default_value_t = 0)]
+    pub threads: i32,
+    #[arg(long = "flash-attn", visible_alias = "fa", value_enum, default_value = "auto")]
+    pub flash_attn: FlashAttn,
+}
+
 #[derive(Debug, Args)]
 pub struct CapacityArgs {
     /// Model: a GGUF file, or a model `kvtuner fetch` knows.
@@ -248,15 +255,8 @@ pub struct CapacityArgs {
     /// Repetitions (configurations interleaved, the order reversed every other repetition).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
     pub reps: u32,
-    #[arg(long = "n-gpu-layers", visible_alias = "ngl", default_value_t = 0, allow_negative_numbers = true)]
-    pub n_gpu_layers: i32,
-    /// RPC servers (`kvtuner rpc-server`, HOST:PORT, comma-separated).
-    #[arg(long, value_delimiter = ',')]
-    pub rpc: Vec<String>,
-    #[arg(short = 't', long = "threads", default_value_t = 0)]
-    pub threads: i32,
-    #[arg(long = "flash-attn", visible_alias = "fa", value_enum, default_value = "auto")]
-    pub flash_attn: FlashAttn,
+    #[command(flatten)]
+    pub devices: DeviceArgs,
     /// Write the rows as JSON here.
     #[arg(long)]
     pub json: Option<PathBuf>,

@@ -27,8 +27,6 @@ pub enum PlacementError {
     Create { ngl: i32, source: CreateContextError },
     #[error(transparent)]
     Search(#[from] SearchError),
-    #[error("the model has {model} layers, the search problem {problem}")]
-    Layers { model: usize, problem: usize },
 }
 
 /// The layers llama.cpp puts on the offload devices for `-ngl ngl` (negative: all).
@@ -185,14 +183,6 @@ pub fn uniform_at_most_layers(
 ) -> Result<Option<Placement>, PlacementError> {
     let all = placements(p, &[pair], cpu_pairs, costs, budget)?;
     Ok(choose(&all, None).cloned())
-}
-
-/// Checks that a problem describes the model (one entry per layer).
-pub fn check_layers(p: &Problem, model_layers: usize) -> Result<(), PlacementError> {
-    if p.layers.len() != model_layers {
-        return Err(PlacementError::Layers { model: model_layers, problem: p.layers.len() });
-    }
-    Ok(())
 }
 
 /// Gives the layers the runtime keeps on the CPU (`devices[il] == "CPU"`, as

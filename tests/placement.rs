@@ -104,21 +104,14 @@ fn fit_puts_more_layers_on_the_device_than_f16_within_the_same_budget() {
     let budget = cost.model_bytes + cost.compute_bytes + f16_kv.tensor_bytes * 6 / 10;
 
     let out = dir.path().join("fit.yaml");
-    let run = common::kvtuner(&[
-        "fit",
-        sens.to_str().unwrap(),
-        "-m",
-        path.to_str().unwrap(),
-        "--vram",
-        &budget.to_string(),
-        "-c",
-        &N_CTX.to_string(),
-        "--rpc",
-        &server.endpoint,
-        "--json",
-        "-o",
-        out.to_str().unwrap(),
-    ]);
+    let fit = |vram: &str, extra: &[&str]| {
+        let ctx = N_CTX.to_string();
+        let mut args = vec!["fit", sens.to_str().unwrap(), "-m", path.to_str().unwrap(), "--vram", vram, "-c", &ctx];
+        args.extend(["--rpc", &server.endpoint]);
+        args.extend(extra);
+        common::kvtuner(&args)
+    };
+    let run = fit(&budget.to_string(), &["--json", "-o", out.to_str().unwrap()]);
     assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
     let json: serde_json::Value = serde_json::from_slice(&run.stdout).unwrap();
     assert_eq!(json["chosen_ngl"], all, "{json}");
@@ -154,18 +147,7 @@ fn fit_puts_more_layers_on_the_device_than_f16_within_the_same_budget() {
     );
 
     // a budget below the device's weights at -ngl 1 leaves only -ngl 0, which is chosen
-    let run = common::kvtuner(&[
-        "fit",
-        sens.to_str().unwrap(),
-        "-m",
-        path.to_str().unwrap(),
-        "--vram",
-        "1KiB",
-        "-c",
-        &N_CTX.to_string(),
-        "--rpc",
-        &server.endpoint,
-    ]);
+    let run = fit("1KiB", &[]);
     let stdout = String::from_utf8_lossy(&run.stdout);
     assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
     assert!(stdout.contains("over") && stdout.contains("← chosen"), "{stdout}");

@@ -2,14 +2,13 @@ use anyhow::{bail, Context as _};
 use comfy_table::Table;
 use serde::Serialize;
 
-use super::runtime::{cache_configs, load_text, read_model_header};
+use super::runtime::{cache_configs, load_for_comparison, load_text};
 use crate::cli::AbArgs;
 use kvtuner::bench::{self, Stat};
 use kvtuner::cache_type::CacheType;
 use kvtuner::eval::{peak_rss_bytes, Evaluator, DEFAULT_STORED_BASELINE_LIMIT};
 use kvtuner::kv_layout::RuntimeKv;
-use kvtuner::llama::{Backend, BufferMemory, Context, ContextParams, Model, ModelParams};
-use kvtuner::profile::ModelIdentity;
+use kvtuner::llama::{BufferMemory, Context, ContextParams};
 use kvtuner::report::{plot_bits_vs_kld, PlotPoint};
 
 #[derive(Debug, Serialize)]
@@ -79,18 +78,7 @@ pub fn run(args: AbArgs) -> anyhow::Result<()> {
     if named.is_some_and(|t| t.name().ends_with("-calibration")) {
         eprintln!("warning: {label} is a calibration half; quality measured on it is not held out");
     }
-    let header = read_model_header(&args.model)?;
-    let identity = ModelIdentity::from_header(&header)?;
-    let backend = Backend::init();
-    let rpc = kvtuner::llama::rpc::add_servers(backend, &args.rpc)?;
-    let model =
-        Model::load(backend, &args.model, &ModelParams { n_gpu_layers: args.n_gpu_layers, rpc, ..Default::default() })?;
-    let base = ContextParams {
-        n_threads: args.threads,
-        flash_attn: args.flash_attn,
-        no_kv_profile: true,
-        ..Default::default()
-    };
+    let (header, identity, model, base) = load_for_comparison(&args.model, &args.devices)?;
 
     let configs = cache_configs(&args.against, &args.profiles, &header, &identity, &args.model, &base)?;
 

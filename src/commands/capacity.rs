@@ -2,13 +2,11 @@ use anyhow::Context as _;
 use comfy_table::Table;
 use serde::Serialize;
 
-use super::runtime::{cache_configs, read_model_header};
+use super::runtime::{cache_configs, load_for_comparison};
 use crate::cli::CapacityArgs;
 use kvtuner::bench::Stat;
 use kvtuner::capacity::{measure_capacity, Capacity};
 use kvtuner::kv_layout::Sizer;
-use kvtuner::llama::{Backend, ContextParams, Model, ModelParams};
-use kvtuner::profile::ModelIdentity;
 
 #[derive(Debug, Serialize)]
 struct Row {
@@ -24,19 +22,8 @@ struct Row {
 pub fn run(args: CapacityArgs) -> anyhow::Result<()> {
     let start = std::time::Instant::now();
     let depth = args.depth.unwrap_or(args.ctx_size.saturating_sub(256));
-    let header = read_model_header(&args.model)?;
-    let identity = ModelIdentity::from_header(&header)?;
-    let backend = Backend::init();
-    let rpc = kvtuner::llama::rpc::add_servers(backend, &args.rpc)?;
-    let model =
-        Model::load(backend, &args.model, &ModelParams { n_gpu_layers: args.n_gpu_layers, rpc, ..Default::default() })?;
+    let (header, identity, model, base) = load_for_comparison(&args.model, &args.devices)?;
     let sizer = Sizer::new(&args.model)?;
-    let base = ContextParams {
-        n_threads: args.threads,
-        flash_attn: args.flash_attn,
-        no_kv_profile: true,
-        ..Default::default()
-    };
     let configs = cache_configs(&args.against, &args.profiles, &header, &identity, &args.model, &base)?;
     anyhow::ensure!(!configs.is_empty(), "nothing to measure: give --against or --profile");
     eprintln!(

@@ -26,8 +26,7 @@ pub fn run(args: FitArgs) -> anyhow::Result<()> {
     }
     let cells = runtime_cells(&meta, n_ctx, RUNTIME_UBATCH)?;
     let problems = Problems::new(&sens, &cells, &gpu_pairs)?;
-    let problem = problems.main();
-    placement::check_layers(problem, n_layer)?;
+    let problem = problems.main(); // one layer per model layer: the table was checked against the model
 
     // every -ngl: none, each layer count, and the output layer too
     let ngls: Vec<i32> = (0..=n_layer as i32 + 1).collect();
@@ -55,7 +54,7 @@ pub fn run(args: FitArgs) -> anyhow::Result<()> {
         });
         println!("{}", serde_json::to_string_pretty(&json)?);
     } else {
-        print_table(&all, chosen, &costs[0].devices, args.vram, n_ctx);
+        print_table(&all, chosen, args.vram, n_ctx);
         for ((k, _), p) in &uniform {
             let a = p.assignment.as_ref().expect("a chosen placement has a profile");
             println!(
@@ -122,7 +121,7 @@ fn gpu_bits(p: &Placement, problem: &search::Problem) -> f64 {
     }
 }
 
-fn print_table(all: &[Placement], chosen: Option<&Placement>, devices: &[String], vram: u64, n_ctx: u32) {
+fn print_table(all: &[Placement], chosen: Option<&Placement>, vram: u64, n_ctx: u32) {
     let mib = |b: u64| format!("{:.0}", b as f64 / 1048576.0);
     let mut table = Table::new();
     table.load_preset(comfy_table::presets::ASCII_MARKDOWN).set_header(vec![
@@ -149,11 +148,8 @@ fn print_table(all: &[Placement], chosen: Option<&Placement>, devices: &[String]
         ]);
     }
     println!("{table}");
-    let devices = all.iter().flat_map(|p| p.cost.devices.iter()).fold(devices.to_vec(), |mut d, x| {
-        if !d.contains(x) {
-            d.push(x.clone());
-        }
-        d
-    });
+    let mut devices: Vec<&str> = all.iter().flat_map(|p| p.cost.devices.iter().map(String::as_str)).collect();
+    devices.sort_unstable();
+    devices.dedup();
     println!("budget {} MiB on {} at context {n_ctx}", mib(vram), devices.join(", "));
 }

@@ -5,7 +5,7 @@ use std::path::Path;
 
 use anyhow::{bail, Context as _};
 
-use crate::cli::RuntimeArgs;
+use crate::cli::{DeviceArgs, RuntimeArgs};
 use kvtuner::assets::NamedText;
 use kvtuner::cache_type::CacheType;
 use kvtuner::gguf::{self, GgufHeader};
@@ -32,6 +32,28 @@ pub fn load_profile_for(spec: &str, identity: &ModelIdentity, model: &Path) -> a
 /// Per-layer types of a profile, as the context takes them.
 pub fn profile_layer_types(profile: &Profile) -> LayerCacheTypes {
     LayerCacheTypes::from_pairs(profile.layers.iter().map(|l| (l.k, l.v)))
+}
+
+/// A model to compare cache configurations on (`ab`, `capacity`): its header and identity, the
+/// model loaded on the devices of `devices`, and the context parameters every configuration starts
+/// from (no embedded profile: each configuration names its types).
+pub fn load_for_comparison(
+    path: &Path,
+    devices: &DeviceArgs,
+) -> anyhow::Result<(GgufHeader, ModelIdentity, Model, ContextParams)> {
+    let header = read_model_header(path)?;
+    let identity = ModelIdentity::from_header(&header)?;
+    let backend = Backend::init();
+    let rpc = kvtuner::llama::rpc::add_servers(backend, &devices.rpc)?;
+    let model =
+        Model::load(backend, path, &ModelParams { n_gpu_layers: devices.n_gpu_layers, rpc, ..Default::default() })?;
+    let base = ContextParams {
+        n_threads: devices.threads,
+        flash_attn: devices.flash_attn,
+        no_kv_profile: true,
+        ..Default::default()
+    };
+    Ok((header, identity, model, base))
 }
 
 /// One cache configuration to compare (`ab`, `capacity`): a uniform pair or a profile.
