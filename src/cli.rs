@@ -534,6 +534,8 @@ pub enum SynthPreset {
 #[derive(Debug, Clone, Copy, ValueEnum)]
 pub enum SynthWeights {
     F16,
+    // ggml's name, as in `-ctk q8_0` (clap would spell it `q8-0`)
+    #[value(name = "q8_0")]
     Q8_0,
 }
 
@@ -671,7 +673,16 @@ pub struct ServeArgs {
 
 #[cfg(test)]
 mod tests {
-    use super::byte_size;
+    use super::{byte_size, Cli, Command, SynthWeights};
+    use clap::Parser;
+
+    #[test]
+    fn synth_weights_take_ggml_type_names() {
+        let cli = Cli::try_parse_from(["kvtuner", "synth", "--weights", "q8_0", "-o", "m.gguf"]).unwrap();
+        let Command::Synth(args) = cli.command else { panic!("not synth") };
+        assert!(matches!(args.weights, SynthWeights::Q8_0));
+        assert!(Cli::try_parse_from(["kvtuner", "synth", "--weights", "q4_k", "-o", "m.gguf"]).is_err());
+    }
 
     #[test]
     fn byte_sizes_take_binary_and_decimal_units() {

@@ -16,11 +16,12 @@ else
     NAME=call33 BUILD_DEADLINE=60 source .device-carry/call-prelude.sh
     M=/dev/shm/kvt/l8b.gguf; mkdir -p /dev/shm/kvt
     [ -f $M ] || { timeout 100 $K synth --preset llama31-8b --weights f16 -o $M > /dev/null 2>&1; echo "synth rc=$? at ${SECONDS}s"; }
-    RPCARG=(); FA=(-fa on); NGL_ALL=99; VRAM=${VRAM:-20GiB}; CTX=${CTX:-32768}
+    RPCARG=(); FA=(-fa on); NGL_ALL=99; VRAM=${VRAM:-17GiB}; CTX=${CTX:-32768}
 fi
-TEXT=$C/lee_background.cor
+# calibrate on the Lee corpus's first half, score on the second (named halves of the corpus in $C)
+export KVTUNER_CACHE=$C
 # 1. sensitivity (all layers on the device)
-timeout 200 $K calibrate -m $M -ngl $NGL_ALL "${RPCARG[@]}" "${FA[@]}" --text "$TEXT" -c 512 --chunks 1 --types f16,q8_0,q4_0,kv3,kv2 \
+timeout 200 $K calibrate -m $M -ngl $NGL_ALL "${RPCARG[@]}" "${FA[@]}" --text lee-calibration -c 512 --chunks 1 --types f16,q8_0,q4_0,kv3,kv2 \
     -o $O/sens.yaml > $O/calibrate.log 2>&1; echo "calibrate rc=$? at ${SECONDS}s"
 # 2. the fit
 $K fit $O/sens.yaml -m $M --vram $VRAM -c $CTX "${RPCARG[@]}" -o $O/fit.yaml > $O/fit.md 2> $O/fit.log; echo "fit rc=$?"
@@ -38,7 +39,7 @@ PY
 cat $O/runs.txt
 while read -r ngl what; do
     if [ "$what" = profile ]; then cfg=(--profile $O/fit.yaml --against f16); else cfg=(--profile auto --against "$what"); fi
-    timeout 240 $K ab -m $M -ngl $ngl "${RPCARG[@]}" "${FA[@]}" --text "$TEXT" -c 512 --chunks 2 "${cfg[@]}" \
+    timeout 240 $K ab -m $M -ngl $ngl "${RPCARG[@]}" "${FA[@]}" --text lee-evaluation -c 512 --chunks 2 "${cfg[@]}" \
         --depths ${DEPTH:-$((CTX - 512))} --reps 1 --json $O/ab-ngl$ngl-$what.json > $O/ab-ngl$ngl-$what.md 2> $O/ab-ngl$ngl-$what.log
     echo "ab -ngl $ngl $what rc=$?"
     grep -E '^\| (f16|q8_0|q4_0|profile)' $O/ab-ngl$ngl-$what.md | cut -c1-220
