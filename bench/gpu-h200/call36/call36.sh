@@ -9,6 +9,9 @@
 #  3. issue 24: the rest of call 35's -ngl sweep (16 and 0 of 33) at 8192 with f16, q4_0 and
 #     KVTuner's kivi preset, offloaded memory read back by ab.
 NAME=call36 BUILD_DEADLINE=60 source .device-carry/call-prelude.sh
+# the libraries carried were built before 0013's tensor-core q8_0 V became the default: =1 is
+# that default (the switch's parsing is the only difference)
+export GGML_CUDA_FA_VEC_GQA_Q8_MMA=1
 g++ -O2 -std=c++17 -I$B/patched/ggml/include $C/fattn-test.cpp -o $B/fattn-test -L$B/lib-patched -lggml -lggml-base -lggml-cpu -Wl,-rpath,$B/lib-patched
 timeout 80 $B/fattn-test "f16-q8_0;q8_0-q8_0" > $O/fattn-test-q8v.txt 2>&1
 echo "fattn-test q8_0 V rc=$? ok=$(grep -c '^ok' $O/fattn-test-q8v.txt) FAIL=$(grep -c '^FAIL' $O/fattn-test-q8v.txt) at ${SECONDS}s"
