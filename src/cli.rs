@@ -213,17 +213,21 @@ pub struct FitArgs {
     pub json: bool,
 }
 
-/// Where a comparison runs (`ab`, `capacity`): layers offloaded, RPC servers, threads, flash attention.
-#[derive(Debug, Args)]
+/// Where a model runs (`ab`, `capacity`, and the runtime commands): layers offloaded, RPC servers,
+/// threads, flash attention.
+#[derive(Debug, Clone, Args)]
 pub struct DeviceArgs {
+    /// Layers to offload to the GPU (CUDA builds) and the RPC servers of --rpc; -1 = all.
     #[arg(long = "n-gpu-layers", visible_alias = "ngl", default_value_t = 0, allow_negative_numbers = true)]
     pub n_gpu_layers: i32,
-    /// RPC servers (`kvtuner rpc-server`, HOST:PORT, comma-separated) that take offloaded layers
-    /// after this machine's GPUs.
+    /// RPC servers (`kvtuner rpc-server`, HOST:PORT, comma-separated) that take offloaded
+    /// layers after this machine's GPUs; each layer's cache lives with the layer, in its type.
     #[arg(long, value_delimiter = ',')]
     pub rpc: Vec<String>,
+    /// Threads (0 = all cores).
     #[arg(short = 't', long = "threads", default_value_t = 0)]
     pub threads: i32,
+    /// Flash attention.
     #[arg(long = "flash-attn", visible_alias = "fa", value_enum, default_value = "auto")]
     pub flash_attn: FlashAttn,
 }
@@ -582,16 +586,8 @@ pub struct RuntimeArgs {
     /// Context size in tokens.
     #[arg(short = 'c', long = "ctx-size", default_value_t = 1024)]
     pub ctx_size: u32,
-    /// Layers to offload to the GPU (CUDA builds) and the RPC servers of --rpc; -1 = all.
-    #[arg(long = "n-gpu-layers", visible_alias = "ngl", default_value_t = 0, allow_negative_numbers = true)]
-    pub n_gpu_layers: i32,
-    /// RPC servers (`kvtuner rpc-server`, HOST:PORT, comma-separated) that take offloaded
-    /// layers after this machine's GPUs; each layer's cache lives with the layer, in its type.
-    #[arg(long, value_delimiter = ',')]
-    pub rpc: Vec<String>,
-    /// Flash attention.
-    #[arg(long = "flash-attn", visible_alias = "fa", value_enum, default_value = "auto")]
-    pub flash_attn: FlashAttn,
+    #[command(flatten)]
+    pub device: DeviceArgs,
     /// K cache type for every layer (default f16). Given, it wins over a profile embedded in
     /// the model (the runtime then uses uniform -ctk/-ctv, and says so).
     #[arg(long = "cache-type-k", visible_alias = "ctk")]
@@ -599,9 +595,6 @@ pub struct RuntimeArgs {
     /// V cache type for every layer (default f16); like -ctk.
     #[arg(long = "cache-type-v", visible_alias = "ctv")]
     pub cache_type_v: Option<CacheType>,
-    /// Threads (0 = all cores).
-    #[arg(short = 't', long = "threads", default_value_t = 0)]
-    pub threads: i32,
     /// Per-layer profile: `auto` = the one embedded in the model (if any), `off` = uniform
     /// -ctk/-ctv, or a profile YAML file.
     #[arg(long = "kv-profile", default_value = "auto")]

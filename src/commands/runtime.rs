@@ -43,10 +43,7 @@ pub fn load_for_comparison(
 ) -> anyhow::Result<(GgufHeader, ModelIdentity, Model, ContextParams)> {
     let header = read_model_header(path)?;
     let identity = ModelIdentity::from_header(&header)?;
-    let backend = Backend::init();
-    let rpc = kvtuner::llama::rpc::add_servers(backend, &devices.rpc)?;
-    let model =
-        Model::load(backend, path, &ModelParams { n_gpu_layers: devices.n_gpu_layers, rpc, ..Default::default() })?;
+    let model = load_model(path, devices.n_gpu_layers, &devices.rpc)?;
     let base = ContextParams {
         n_threads: devices.threads,
         flash_attn: devices.flash_attn,
@@ -54,6 +51,14 @@ pub fn load_for_comparison(
         ..Default::default()
     };
     Ok((header, identity, model, base))
+}
+
+/// Loads a model with `n_gpu_layers` offloaded to this machine's GPUs and then to the RPC servers
+/// at `rpc` (HOST:PORT), which are connected first.
+pub fn load_model(path: &Path, n_gpu_layers: i32, rpc: &[String]) -> anyhow::Result<Model> {
+    let backend = Backend::init();
+    let rpc = kvtuner::llama::rpc::add_servers(backend, rpc)?;
+    Ok(Model::load(backend, path, &ModelParams { n_gpu_layers, rpc, ..ModelParams::default() })?)
 }
 
 /// One cache configuration to compare (`ab`, `capacity`): a uniform pair or a profile.
@@ -204,19 +209,13 @@ pub fn open(args: &RuntimeArgs) -> anyhow::Result<Opened> {
         ),
         path => ProfileChoice::File(Box::new(load_profile_for(path, &identity, &args.model)?)),
     };
-    let backend = Backend::init();
-    let rpc = kvtuner::llama::rpc::add_servers(backend, &args.rpc)?;
-    let model = Model::load(
-        backend,
-        &args.model,
-        &ModelParams { n_gpu_layers: args.n_gpu_layers, rpc, ..ModelParams::default() },
-    )?;
+    let model = load_model(&args.model, args.device.n_gpu_layers, &args.device.rpc)?;
     let mut params = ContextParams {
         n_ctx: args.ctx_size,
         n_batch: 512.min(args.ctx_size),
         n_ubatch: 512.min(args.ctx_size),
-        n_threads: args.threads,
-        flash_attn: args.flash_attn,
+        n_threads: args.device.threads,
+        flash_attn: args.device.flash_attn,
         type_k: args.cache_type_k.unwrap_or(CacheType::F16),
         type_v: args.cache_type_v.unwrap_or(CacheType::F16),
         ..ContextParams::default()

@@ -8,7 +8,7 @@ use crate::cli::SearchArgs;
 use kvtuner::cache_type::CacheType;
 use kvtuner::eval::Evaluator;
 use kvtuner::kv_layout::{runtime_cells, RUNTIME_UBATCH};
-use kvtuner::llama::{Backend, ContextParams, Model, ModelParams};
+use kvtuner::llama::ContextParams;
 use kvtuner::search::{self, Assignment};
 use kvtuner::select::{self, report, Measurer, Problems, SelectOptions};
 use kvtuner::sensitivity::Sensitivity;
@@ -21,13 +21,7 @@ pub fn run(args: SearchArgs) -> anyhow::Result<()> {
     let pairs = search::parse_pairs(&args.pairs, &sens.types, search::CUDA_FA_PAIRS)?;
     let model = match &args.model {
         Some(path) => {
-            let backend = Backend::init();
-            let rpc = kvtuner::llama::rpc::add_servers(backend, &args.rpc)?;
-            let model = Model::load(
-                backend,
-                path,
-                &ModelParams { n_gpu_layers: args.n_gpu_layers, rpc, ..Default::default() },
-            )?;
+            let model = super::runtime::load_model(path, args.n_gpu_layers, &args.rpc)?;
             if model.n_layer() as usize != sens.layout.layers.len() {
                 bail!(
                     "{} has {} layers, the sensitivity table {}",
