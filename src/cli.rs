@@ -202,6 +202,20 @@ pub struct FitArgs {
     /// RPC servers whose devices take offloaded layers (after this machine's GPUs).
     #[arg(long, value_delimiter = ',')]
     pub rpc: Vec<String>,
+    /// Measure the pick on this text (a file or a named text), against every GPU pair that,
+    /// uniform on the GPU's layers, fits the same budget at the same -ngl, and keep the best
+    /// measured (a profile only if it beats them all). Loads the model at the pick's -ngl.
+    #[arg(long)]
+    pub text: Option<String>,
+    /// Held-out texts (comma-separated) the choice is reported on (never chosen on). Needs --text.
+    #[arg(long, requires = "text", value_delimiter = ',')]
+    pub verify: Vec<String>,
+    /// Chunks of the calibration context per text measured.
+    #[arg(long, default_value_t = 4)]
+    pub chunks: usize,
+    /// Threads for the measurements (0 = all cores).
+    #[arg(short = 't', long = "threads", default_value_t = 0)]
+    pub threads: i32,
     /// Profile name (default: from the model and the bits per value).
     #[arg(long)]
     pub name: Option<String>,

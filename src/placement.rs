@@ -18,6 +18,8 @@ use crate::llama::{
     Backend, Context, ContextParams, CreateContextError, FlashAttn, LoadModelError, Model, ModelParams,
 };
 use crate::search::{self, Assignment, Problem, SearchError};
+use crate::select::{Candidate, Origin};
+use crate::sensitivity::Estimator;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PlacementError {
@@ -199,4 +201,37 @@ pub fn restrict_cpu_layers(p: &mut Problem, devices: &[String], cpu_pairs: &[(Ca
         }
     }
     n
+}
+
+/// What the pick is measured against (`fit --text`): `chosen` as a candidate, then every GPU pair
+/// that, uniform on the offloaded layers, fits the same budget at the same `-ngl` (the CPU layers
+/// as in the pick), each set of types once. `estimator`: the one `p`'s predictions come from.
+pub fn same_budget_candidates(
+    p: &Problem,
+    estimator: Estimator,
+    chosen: &Placement,
+    gpu_pairs: &[(CacheType, CacheType)],
+    cpu_pairs: &[(CacheType, CacheType)],
+    budget: u64,
+) -> Result<Vec<Candidate>, PlacementError> {
+    let candidate = |label: String, origin: Origin, a: &Assignment| Candidate {
+        label,
+        origin,
+        types: a.types.clone(),
+        predicted: Some(a.predicted),
+        expected_bytes: a.bytes,
+    };
+    let mut out = Vec::new();
+    if let Some(a) = &chosen.assignment {
+        let label = format!("fit at -ngl {}", chosen.ngl);
+        out.push(candidate(label, Origin::Frontier { estimator, rank: 0 }, a));
+    }
+    for &pair in gpu_pairs {
+        let at = placements(p, &[pair], cpu_pairs, std::slice::from_ref(&chosen.cost), budget)?;
+        // a pair that gives the pick's own types (or another pair's) is not a second candidate
+        if let Some(a) = at[0].assignment.as_ref().filter(|a| out.iter().all(|c| c.types != a.types)) {
+            out.push(candidate(format!("{}/{} on the GPU", pair.0, pair.1), Origin::Uniform, a));
+        }
+    }
+    Ok(out)
 }

@@ -146,6 +146,60 @@ fn fit_puts_more_layers_on_the_device_than_f16_within_the_same_budget() {
         "f16 everywhere does not fit"
     );
 
+    // --text: the pick measured against every GPU pair that, uniform on the device's layers, fits
+    // the same budget at the same -ngl; the lowest measured KLD is kept and written, and the
+    // held-out text only reports
+    let measured_out = dir.path().join("fit-measured.yaml");
+    let out_arg = measured_out.to_str().unwrap();
+    let measure_args = ["--text", "lee-calibration", "--verify", "lee-evaluation", "--chunks", "1", "-t", "1"];
+    let run = fit(&budget.to_string(), &[&["--json", "-o", out_arg][..], &measure_args[..]].concat());
+    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    let json: serde_json::Value = serde_json::from_slice(&run.stdout).unwrap();
+    let measured = &json["measured"];
+    let considered = measured["considered"].as_array().unwrap();
+    let kld = |c: &serde_json::Value| c["summary"]["kld_mean"].as_f64().unwrap();
+    let kinds: Vec<&str> = considered.iter().map(|c| c["origin"]["kind"].as_str().unwrap()).collect();
+    assert_eq!(kinds.iter().filter(|k| **k == "frontier").count(), 1, "{kinds:?}");
+    // q8_0/q8_0, q8_0/q4_0 and q4_0/q4_0 fit 60% of an f16 cache; f16/q4_0 (64%) does not
+    assert_eq!(kinds.iter().filter(|k| **k == "uniform").count(), 3, "{kinds:?}");
+    let best = considered.iter().map(kld).fold(f64::INFINITY, f64::min);
+    assert_eq!(kld(&measured["chosen"]), best, "the lowest measured KLD is chosen");
+    let types = |t: &serde_json::Value| -> Vec<(String, String)> {
+        t.as_array().unwrap().iter().map(|p| (p[0].as_str().unwrap().into(), p[1].as_str().unwrap().into())).collect()
+    };
+    let profile = Profile::load(out_arg).unwrap();
+    let written: Vec<(String, String)> = profile.layers.iter().map(|l| (l.k.to_string(), l.v.to_string())).collect();
+    assert_eq!(written, types(&measured["chosen"]["types"]), "the measured choice is written");
+    let held = &json["held_out"][0];
+    // with what it measured: KLD on the calibration text, and on held-out text beside the uniform
+    let recorded = profile.measured.as_ref().expect("measured numbers in the profile");
+    assert_eq!(recorded.kld_calibration, Some(kld(&measured["chosen"])));
+    assert_eq!(recorded.kld_mean, Some(kld(&held["chosen"])));
+    assert_eq!(recorded.compared_uniform.as_ref().map(|u| u.kld_mean), Some(kld(&held["uniform"])));
+    assert_eq!(held["uniform"]["label"], measured["best_uniform"]["label"]);
+    assert!(held["text"].as_str().unwrap().contains("lee"), "{held}");
+    // ab measures the written choice on the same text alike
+    let ab_json = dir.path().join("ab.json");
+    let rpc_args = ["--rpc", server.endpoint.as_str(), "-ngl", "99"];
+    let mut ab = vec!["ab", "-m", path.to_str().unwrap(), "--text", "lee-calibration", "-c", "64", "--chunks", "1"];
+    ab.extend([
+        "--no-speed",
+        "-t",
+        "1",
+        "--profile",
+        out_arg,
+        "--against",
+        "q4_0",
+        "--json",
+        ab_json.to_str().unwrap(),
+    ]);
+    ab.extend(rpc_args);
+    let run = common::kvtuner(&ab);
+    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    let rows: serde_json::Value = serde_json::from_slice(&std::fs::read(&ab_json).unwrap()).unwrap();
+    let ab_kld = rows.as_array().unwrap().last().unwrap()["kld_mean"].as_f64().unwrap();
+    assert_eq!(ab_kld, kld(&measured["chosen"]), "ab's KLD of the written choice: {rows}");
+
     // a budget below the device's weights at -ngl 1 leaves only -ngl 0, which is chosen
     let run = fit("1KiB", &[]);
     let stdout = String::from_utf8_lossy(&run.stdout);

@@ -3,12 +3,16 @@
 use anyhow::{bail, Context as _};
 use comfy_table::Table;
 
+use super::runtime::load_text;
 use crate::cli::FitArgs;
+use kvtuner::cache_type::CacheType;
+use kvtuner::eval::Evaluator;
 use kvtuner::kv_layout::{runtime_cells, RUNTIME_UBATCH};
-use kvtuner::llama::{Backend, Model, ModelParams};
+use kvtuner::llama::rpc::RpcDevice;
+use kvtuner::llama::{Backend, ContextParams, Model, ModelParams};
 use kvtuner::placement::{self, Placement};
 use kvtuner::search;
-use kvtuner::select::Problems;
+use kvtuner::select::{self, report as select_report, HeldOut, Measurer, Problems, Selection};
 use kvtuner::sensitivity::Sensitivity;
 use kvtuner::tune::{profile_for, Chosen};
 
@@ -44,6 +48,18 @@ pub fn run(args: FitArgs) -> anyhow::Result<()> {
         }
     }
 
+    let measured = match (chosen, &args.text) {
+        (Some(c), Some(_)) if c.offloaded_cache_layers == 0 => {
+            eprintln!(
+                "note: no cache layer is on the GPU at -ngl {}: no uniform GPU cache to measure the pick against",
+                c.ngl
+            );
+            None
+        }
+        (Some(c), Some(spec)) => Some(measure(&args, &sens, &problems, c, &gpu_pairs, &cpu_pairs, &rpc, n_ctx, spec)?),
+        _ => None,
+    };
+
     if args.json {
         let json = serde_json::json!({
             "context": n_ctx,
@@ -51,6 +67,8 @@ pub fn run(args: FitArgs) -> anyhow::Result<()> {
             "placements": all,
             "chosen_ngl": chosen.map(|c| c.ngl),
             "uniform": uniform.iter().map(|((k, v), p)| serde_json::json!({"k": k, "v": v, "placement": p})).collect::<Vec<_>>(),
+            "measured": measured.as_ref().map(|m| &m.selection),
+            "held_out": measured.as_ref().map(|m| &m.held_out),
         });
         println!("{}", serde_json::to_string_pretty(&json)?);
     } else {
@@ -62,6 +80,9 @@ pub fn run(args: FitArgs) -> anyhow::Result<()> {
                 p.ngl, p.offloaded_cache_layers, a.predicted
             );
         }
+        if let Some(m) = &measured {
+            println!("\n{}{}", select_report::selection(&m.selection), select_report::held_out(&m.held_out));
+        }
     }
     let Some(chosen) = chosen else {
         match args.max_kld {
@@ -72,36 +93,78 @@ pub fn run(args: FitArgs) -> anyhow::Result<()> {
         }
     };
     let a = chosen.assignment.as_ref().expect("a chosen placement has a profile");
-    eprintln!(
-        "chosen: -ngl {} ({} of {} cache layers on the GPU), {:.2} bits per value on them, predicted KLD {:.5} (predicted, not measured: compare with `kvtuner ab`)",
-        chosen.ngl,
-        chosen.offloaded_cache_layers,
-        problem.layers.iter().flatten().count(),
-        gpu_bits(chosen, problem),
-        a.predicted
-    );
+    match &measured {
+        Some(m) => eprintln!("chosen: -ngl {}: {}", chosen.ngl, m.selection.verdict()),
+        None => eprintln!(
+            "chosen: -ngl {} ({} of {} cache layers on the GPU), {:.2} bits per value on them, predicted KLD {:.5} (predicted, not measured: pass --text, or compare with `kvtuner ab`)",
+            chosen.ngl,
+            chosen.offloaded_cache_layers,
+            problem.layers.iter().flatten().count(),
+            gpu_bits(chosen, problem),
+            a.predicted
+        ),
+    }
     if let Some(out) = &args.output {
         let label = format!("fit for {:.2} GiB of GPU memory at -ngl {}", gib(args.vram), chosen.ngl);
         let pairs_label = format!("{} on the GPU, {} on the CPU", args.pairs, args.cpu_pairs);
-        let profile = profile_for(
-            &sens,
-            Chosen {
-                types: &a.types,
-                label: &label,
-                bits_per_value: a.bits_per_value,
-                kv_bytes: a.bytes,
-                predicted: Some(a.predicted),
-                kld_calibration: None,
-            },
-            None,
-            &pairs_label,
-            n_ctx,
-            args.name.clone(),
-        );
+        let predicted_pick = Chosen {
+            types: &a.types,
+            label: &label,
+            bits_per_value: a.bits_per_value,
+            kv_bytes: a.bytes,
+            predicted: Some(a.predicted),
+            kld_calibration: None,
+        };
+        let (pick, check) = match &measured {
+            Some(m) => (Chosen { label: &label, ..Chosen::from(&m.selection.chosen) }, m.held_out.first()),
+            None => (predicted_pick, None),
+        };
+        let profile = profile_for(&sens, pick, check, &pairs_label, n_ctx, args.name.clone());
         profile.save(out)?;
         eprintln!("wrote {} ({}); run it with -ngl {}", out.display(), profile.summary(), chosen.ngl);
     }
     Ok(())
+}
+
+/// The pick measured against the uniform GPU pairs of the same budget at its -ngl.
+struct Measured {
+    selection: Selection,
+    held_out: Vec<HeldOut>,
+}
+
+#[allow(clippy::too_many_arguments)]
+fn measure(
+    args: &FitArgs,
+    sens: &Sensitivity,
+    problems: &Problems,
+    chosen: &Placement,
+    gpu_pairs: &[(CacheType, CacheType)],
+    cpu_pairs: &[(CacheType, CacheType)],
+    rpc: &[RpcDevice],
+    n_ctx: u32,
+    spec: &str,
+) -> anyhow::Result<Measured> {
+    let estimator = problems.by_estimator[0].0;
+    let cands = placement::same_budget_candidates(problems.main(), estimator, chosen, gpu_pairs, cpu_pairs, args.vram)?;
+    let params = ModelParams { n_gpu_layers: chosen.ngl, rpc: rpc.to_vec(), ..Default::default() };
+    let model = Model::load(Backend::init(), &args.model, &params)?;
+    let base = ContextParams { n_threads: args.threads, no_kv_profile: true, ..Default::default() };
+    let (text, label) = load_text(spec)?;
+    let mut ev = Evaluator::new(&model, &text, sens.context, args.chunks, &base)?;
+    let mut cal = Measurer::new(&mut ev, base.clone(), n_ctx, label);
+    let selection = select::select_among(&mut cal, &cands, chosen.kv_budget.unwrap_or(0))?;
+    let mut held_out = Vec::new();
+    if let Some(uniform) = &selection.best_uniform {
+        for spec in &args.verify {
+            let (text, label) = load_text(spec)?;
+            let mut ev = Evaluator::new(&model, &text, sens.context, args.chunks, &base)?;
+            let mut m = Measurer::new(&mut ev, base.clone(), n_ctx, label.clone());
+            let both = m.measure(&[selection.chosen.candidate.clone(), uniform.candidate.clone()])?;
+            let [chosen, uniform] = <[_; 2]>::try_from(both).expect("two measured");
+            held_out.push(HeldOut { text: label, chosen, uniform, heuristic: None });
+        }
+    }
+    Ok(Measured { selection, held_out })
 }
 
 fn gib(b: u64) -> f64 {

@@ -348,7 +348,17 @@ pub fn select(
         let smallest = search::frontier(problems.main())?.first().map_or(0, |a| a.bytes);
         return Err(SelectError::NothingFits { max_bytes, smallest });
     }
-    let considered = m.measure(&cands)?;
+    select_among(m, &cands, max_bytes)
+}
+
+/// Measures `candidates` (not empty) on the measurer's text and picks as [`select`] does: the
+/// lowest measured KLD, a profile only if it beats every uniform cache among them.
+pub fn select_among(
+    m: &mut Measurer<'_, '_>,
+    candidates: &[Candidate],
+    max_bytes: u64,
+) -> Result<Selection, SelectError> {
+    let considered = m.measure(candidates)?;
     Ok(choose(considered, max_bytes, m.label()))
 }
 
