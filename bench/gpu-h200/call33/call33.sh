@@ -2,7 +2,8 @@
 # issue 24 on the H200 (prepared in the twelfth session, to run in the next): the VRAM-budget search.
 #  1. a sensitivity table of the synthetic Llama-3.1-8B shape (random weights: the KLDs only rank
 #     layers; calibrate on the GPU, 1 chunk of 512 tokens of the Lee corpus);
-#  2. `kvtuner fit` at a budget f16 cannot fill with all layers at 32768 tokens: the chosen -ngl and
+#  2. `kvtuner fit` at a budget f16 cannot fill with all layers at 32768 tokens (its pick measured
+#     against the uniform GPU pairs of the same budget with --text, reported held out): the chosen -ngl and
 #     profile, and each uniform type at the most layers it fits (the table: -ngl 0-33);
 #  3. measured side by side: the fit's profile at its -ngl against the best uniform types at theirs
 #     (KLD on held-out text and tg128 at 32768), one `ab` per -ngl (ab takes one -ngl per run).
@@ -24,7 +25,7 @@ export KVTUNER_CACHE=$C
 timeout 200 $K calibrate -m $M -ngl $NGL_ALL "${RPCARG[@]}" "${FA[@]}" --text lee-calibration -c 512 --chunks 1 --types f16,q8_0,q4_0,kv3,kv2 \
     -o $O/sens.yaml > $O/calibrate.log 2>&1; echo "calibrate rc=$? at ${SECONDS}s"
 # 2. the fit
-$K fit $O/sens.yaml -m $M --vram $VRAM -c $CTX "${RPCARG[@]}" -o $O/fit.yaml > $O/fit.md 2> $O/fit.log; echo "fit rc=$?"
+$K fit $O/sens.yaml -m $M --vram $VRAM -c $CTX "${RPCARG[@]}" --text lee-calibration --verify lee-evaluation --chunks 2 -o $O/fit.yaml > $O/fit.md 2> $O/fit.log; echo "fit rc=$?"
 $K fit $O/sens.yaml -m $M --vram $VRAM -c $CTX "${RPCARG[@]}" --json > $O/fit.json 2>/dev/null
 cat $O/fit.md; tail -2 $O/fit.log
 # 3. measured: the fit's profile at its -ngl, each uniform type at its own
