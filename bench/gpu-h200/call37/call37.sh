@@ -6,7 +6,10 @@
 #  2. the op's speed with it off and on (ABBA over the shapes) where 8 heads share a block (GQA 7,
 #     5, 8), one token and drafts of 4;
 #  3. the model: Qwen2.5-7B and Qwen2.5-14B shapes at depths 0/16384/32768 with drafts of 4, off
-#     and on in one build (the order swapped between the shapes). Make it the default if it wins.
+#     and on in one build (the order swapped between the shapes). Make it the default if it wins;
+#  4. where depth 0 loses (5-15% against f16): SmolLM2-360M shape at depths 0 and 4096 with K and V
+#     quantized apart (f16/q4_0, q4_0/f16), with llama.cpp's Hadamard rotations on and off
+#     (LLAMA_ATTN_ROT_DISABLE=1), to split the cost between K's path, V's path and the rotations.
 NAME=call37 BUILD_DEADLINE=60 source .device-carry/call-prelude.sh
 for f in fattn-test fattn-bench; do
   g++ -O2 -std=c++17 -I$B/patched/ggml/include $C/$f.cpp -o $B/$f -L$B/lib-patched -lggml -lggml-base -lggml-cpu -Wl,-rpath,$B/lib-patched
@@ -37,4 +40,11 @@ for preset in qwen2.5-7b qwen2.5-14b; do
   done
   order="1 0"
   rm -f $M/$preset.gguf
+done
+timeout 60 $K synth --preset smollm2-360m --weights f16 -o $M/smol.gguf > /dev/null 2>&1; echo "synth smol rc=$? at ${SECONDS}s"
+for rot in 0 1; do
+  [ $SECONDS -lt 560 ] || break
+  LLAMA_ATTN_ROT_DISABLE=$rot timeout $((590 - SECONDS)) $K ab -m $M/smol.gguf --no-quality -ngl 99 -fa on --against f16,q4_0,f16/q4_0,q4_0/f16 \
+    --depths 0,4096 --reps 2 --json $O/smol-rotoff$rot.json > $O/smol-rotoff$rot.md 2> $O/smol-rotoff$rot.log
+  echo "smol rot-disable=$rot rc=$? at ${SECONDS}s"; pack
 done
