@@ -7,6 +7,8 @@
 #     5, 8), one token and drafts of 4;
 #  3. the model: Qwen2.5-7B and Qwen2.5-14B shapes at depths 0/16384/32768 with drafts of 4, off
 #     and on in one build (the order swapped between the shapes). Make it the default if it wins;
+#     Before the speed runs, the KLD of q8_0 and q4_0 token by token (each token through the decode
+#     kernel) with upstream's kernels, ours, and ours with K on tensor cores: it must not change;
 #  4. where depth 0 loses (5-15% against f16): SmolLM2-360M shape at depths 0 and 4096 with K and V
 #     quantized apart (f16/q4_0, q4_0/f16), with llama.cpp's Hadamard rotations on and off
 #     (LLAMA_ATTN_ROT_DISABLE=1), to split the cost between K's path, V's path and the rotations.
@@ -33,6 +35,17 @@ for preset in qwen2.5-7b qwen2.5-14b; do
   [ $SECONDS -lt 420 ] || break
   w=f16; [ $preset = qwen2.5-7b ] || w=q8_0
   timeout 120 $K synth --preset $preset --weights $w -o $M/$preset.gguf > /dev/null 2>&1; echo "synth $preset rc=$? at ${SECONDS}s"
+  if [ $preset = qwen2.5-7b ]; then
+    # token by token (--eval-ubatch 1: every token through the decode kernel), held-out text: the KLD
+    # of each cache with upstream's kernels, ours, and ours with K on tensor cores
+    for kern in 0/0 1/0 1/1; do
+      GGML_CUDA_FA_VEC_GQA=${kern%/*} GGML_CUDA_FA_VEC_GQA_K_MMA=${kern#*/} KVTUNER_CACHE=$C timeout 90 $K ab -m $M/$preset.gguf -ngl 99 -fa on \
+        --text lee-evaluation -c 512 --chunks 1 --eval-ubatch 1 --no-speed --against q8_0,q4_0 \
+        --json $O/kld-tokens-${kern/\//-}.json > $O/kld-tokens-${kern/\//-}.md 2>&1
+      echo "kld token by token gqa/kmma=$kern rc=$? at ${SECONDS}s"; grep -E '^\| (q8_0|q4_0)' $O/kld-tokens-${kern/\//-}.md | cut -c1-120
+    done
+    pack
+  fi
   for m in $order; do
     GGML_CUDA_FA_VEC_GQA_K_MMA=$m timeout $((590 - SECONDS)) $K ab -m $M/$preset.gguf --no-quality -ngl 99 -fa on --against f16,q8_0,q4_0 \
       --depths 0,16384,32768 --draft 4 --reps 1 --json $O/$preset-kmma$m.json > $O/$preset-kmma$m.md 2> $O/$preset-kmma$m.log
