@@ -545,6 +545,9 @@ pub enum SynthPreset {
     /// SmolLM2-360M (llama): 32 layers, 15 heads, 5 KV heads of 64 (GQA 3).
     #[value(name = "smollm2-360m")]
     Smollm2_360m,
+    /// Phi-3-mini's attention shape (llama architecture): 32 layers, 32 heads of 96 (no GQA).
+    #[value(name = "phi3-mini")]
+    Phi3Mini,
     /// A tiny model for tests: 4 layers, 4 heads, 2 KV heads of 64.
     Tiny,
 }

@@ -200,6 +200,39 @@ impl SynthSpec {
         }
     }
 
+    /// Phi-3-mini's attention in the llama architecture (phi3's fused QKV and its own graph
+    /// aside): 32 layers, 32 heads of 96, no GQA, FFN 8192, vocabulary 32064, 128k context.
+    pub fn phi3_mini() -> SynthSpec {
+        SynthSpec {
+            n_layer: 32,
+            n_embd: 3072,
+            n_head: 32,
+            n_head_kv: 32,
+            head_dim: 96,
+            n_ff: 8192,
+            n_vocab: 32064,
+            n_ctx_train: 131072,
+            rope_freq_base: 10_000.0,
+            // not "phi3" or "phi-3": llama.cpp sets Phi-3's special-token attributes by name and
+            // looks for tokens this vocabulary does not have
+            name: "synthetic-phi-mini-3.8b".to_string(),
+            ..SynthSpec::llama31_8b()
+        }
+    }
+
+    /// Every preset of a real model's shape, then the tiny test model.
+    pub fn presets() -> Vec<SynthSpec> {
+        vec![
+            SynthSpec::llama31_8b(),
+            SynthSpec::qwen25_7b(),
+            SynthSpec::qwen25_14b(),
+            SynthSpec::gemma3_12b(),
+            SynthSpec::smollm2_360m(),
+            SynthSpec::phi3_mini(),
+            SynthSpec::tiny(),
+        ]
+    }
+
     /// Checks that llama.cpp can load a model of this shape.
     pub fn validate(&self) -> Result<(), SynthError> {
         let bad = |msg: String| Err(SynthError::InvalidSpec(msg));
@@ -756,20 +789,13 @@ mod tests {
 
     #[test]
     fn specs_validate() {
-        let presets = [
-            SynthSpec::llama31_8b(),
-            SynthSpec::qwen25_7b(),
-            SynthSpec::qwen25_14b(),
-            SynthSpec::gemma3_12b(),
-            SynthSpec::smollm2_360m(),
-            SynthSpec::tiny(),
-        ];
+        let presets = SynthSpec::presets();
         for spec in &presets {
             spec.validate().unwrap();
         }
         // the shapes issue 22 names: query heads per KV head and head sizes
         let shapes: Vec<(u32, u32)> = presets.iter().map(|s| (s.n_head / s.n_head_kv, s.head_dim)).collect();
-        assert_eq!(shapes, [(4, 128), (7, 128), (5, 128), (2, 256), (3, 64), (2, 64)]);
+        assert_eq!(shapes, [(4, 128), (7, 128), (5, 128), (2, 256), (3, 64), (1, 96), (2, 64)]);
         let s = SynthSpec { n_swa: 512, ..SynthSpec::tiny() };
         assert!(s.validate().is_err(), "a sliding window needs gemma3");
         let mut s = SynthSpec::tiny();

@@ -11,6 +11,7 @@ pub fn run(args: SynthArgs) -> anyhow::Result<()> {
         SynthPreset::Qwen25_14b => SynthSpec::qwen25_14b(),
         SynthPreset::Gemma3_12b => SynthSpec::gemma3_12b(),
         SynthPreset::Smollm2_360m => SynthSpec::smollm2_360m(),
+        SynthPreset::Phi3Mini => SynthSpec::phi3_mini(),
         SynthPreset::Tiny => SynthSpec::tiny(),
     };
     if let Some(n) = args.sliding_window {

@@ -61,3 +61,10 @@ for rot in 0 1; do
     --depths 0,4096 --reps 2 --json $O/smol-rotoff$rot.json > $O/smol-rotoff$rot.md 2> $O/smol-rotoff$rot.log
   echo "smol rot-disable=$rot rc=$? at ${SECONDS}s"; pack
 done
+# Phi-3-mini's shape (head 96, no GQA: neither decode kernel takes a quantized cache there), if time is left
+if [ $SECONDS -lt 500 ]; then
+  timeout 60 $K synth --preset phi3-mini --weights f16 -o $M/phi3.gguf > /dev/null 2>&1; echo "synth phi3 rc=$? at ${SECONDS}s"
+  timeout $((590 - SECONDS)) $K ab -m $M/phi3.gguf --no-quality -ngl 99 -fa on --against f16,q8_0,q4_0 --depths 0,16384 --reps 1 \
+    --json $O/phi3.json > $O/phi3.md 2> $O/phi3.log
+  echo "phi3 rc=$? at ${SECONDS}s"; pack
+fi
