@@ -43,7 +43,8 @@ grep -v '^#' "$root/src/cuda_fa_pairs.txt" | awk 'NF==2 {printf "%s%s-%s", (n++ 
 # call-prelude.sh and device-run.sh measure unpack it
 [ -x "$bin" ] && strip -o "$tmp/kvtuner" "$bin" && xz -T0 -9 -c "$tmp/kvtuner" > "$carry/kvtuner.xz"
 cp "$root/bench/stock-vs-patched/step.c" "$root/bench/stock-vs-patched/interleave.c" "$root/bench/gpu/fattn-test.cpp" \
-    "$root/bench/gpu/fattn-bench.cpp" "$root/bench/gpu/fattn-common.h" "$carry/"
+    "$root/bench/gpu/fattn-bench.cpp" "$root/bench/gpu/fattn-common.h" "$root/bench/gpu/decode-kernels.cpp" \
+    "$root/bench/gpu/ncu-kernels.py" "$carry/"
 # PREBUILT=DIR: CUDA libraries of this same patched tree, built here (scripts/gpu/build-cuda-here.sh),
 # so the device only measures
 if [ -n "${PREBUILT:-}" ]; then
