@@ -181,10 +181,11 @@ pub struct FitArgs {
     /// The model the table was measured on (only its metadata is read).
     #[arg(short = 'm', long = "model", value_parser = model_arg)]
     pub model: PathBuf,
-    /// Memory of the offload devices (GPU, RPC servers) for weights, compute buffers and KV
-    /// cache, e.g. `24GiB`.
-    #[arg(long = "vram", value_parser = byte_size)]
-    pub vram: u64,
+    /// Memory of each offload device (GPU, RPC server) for weights, compute buffers and KV cache,
+    /// e.g. `24GiB`; several devices: one size for each, or sizes in device order
+    /// (`24GiB,12GiB`). Each device's layers must fit its own size.
+    #[arg(long = "vram", value_parser = byte_size, value_delimiter = ',', required = true)]
+    pub vram: Vec<u64>,
     /// Target context (tokens).
     #[arg(short = 'c', long = "ctx-size")]
     pub ctx_size: Option<u32>,

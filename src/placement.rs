@@ -29,6 +29,10 @@ pub enum PlacementError {
     Create { ngl: i32, source: CreateContextError },
     #[error(transparent)]
     Search(#[from] SearchError),
+    #[error("{given} GPU memory sizes for {} offload devices ({}): give one for all, or one per device", devices.len(), devices.join(", "))]
+    Budgets { given: usize, devices: Vec<String> },
+    #[error("offload device {0} has no GPU memory size")]
+    UnknownDevice(String),
 }
 
 /// The layers llama.cpp puts on the offload devices for `-ngl ngl` (negative: all).
@@ -49,6 +53,18 @@ pub struct OffloadCost {
     pub compute_bytes: u64,
     /// The offload devices' names.
     pub devices: Vec<String>,
+    /// Each offload device's share, in the order of its first layer.
+    pub per_device: Vec<DeviceCost>,
+}
+
+/// One offload device's weights, compute buffers and cached layers at one `-ngl`.
+#[derive(Debug, Clone, Serialize)]
+pub struct DeviceCost {
+    pub device: String,
+    pub model_bytes: u64,
+    pub compute_bytes: u64,
+    /// The layers whose KV cache the runtime puts on this device.
+    pub layers: Vec<usize>,
 }
 
 /// [`OffloadCost`] of each `-ngl` in `ngls` at a context of `n_ctx` tokens.
@@ -72,15 +88,43 @@ pub fn offload_costs(
             ..Default::default()
         };
         let ctx = Context::new(&model, &ctx_params).map_err(|source| PlacementError::Create { ngl, source })?;
-        let mut cost = OffloadCost { ngl, model_bytes: 0, compute_bytes: 0, devices: Vec::new() };
-        for m in ctx.memory().into_iter().filter(|m| !m.is_host) {
-            cost.model_bytes += m.model;
-            cost.compute_bytes += m.compute;
-            if !cost.devices.contains(&m.device) {
-                cost.devices.push(m.device);
+        let mut per_device: Vec<DeviceCost> = Vec::new();
+        // the layers first, so that the devices come in layer order
+        for (il, info) in ctx.layers().iter().enumerate() {
+            let Some(info) = info else { continue };
+            let device = info.device.as_str();
+            if device == "CPU" {
+                continue;
+            }
+            match per_device.iter_mut().find(|d| d.device == device) {
+                Some(d) => d.layers.push(il),
+                None => per_device.push(DeviceCost {
+                    device: device.to_string(),
+                    model_bytes: 0,
+                    compute_bytes: 0,
+                    layers: vec![il],
+                }),
             }
         }
-        out.push(cost);
+        for m in ctx.memory().into_iter().filter(|m| !m.is_host) {
+            let i = match per_device.iter().position(|d| d.device == m.device) {
+                Some(i) => i,
+                None => {
+                    let d = DeviceCost { device: m.device.clone(), model_bytes: 0, compute_bytes: 0, layers: vec![] };
+                    per_device.push(d);
+                    per_device.len() - 1
+                }
+            };
+            per_device[i].model_bytes += m.model;
+            per_device[i].compute_bytes += m.compute;
+        }
+        out.push(OffloadCost {
+            ngl,
+            model_bytes: per_device.iter().map(|d| d.model_bytes).sum(),
+            compute_bytes: per_device.iter().map(|d| d.compute_bytes).sum(),
+            devices: per_device.iter().map(|d| d.device.clone()).collect(),
+            per_device,
+        });
     }
     Ok(out)
 }
@@ -92,24 +136,71 @@ pub struct Placement {
     /// Layers with a KV cache on the offload devices.
     pub offloaded_cache_layers: usize,
     pub cost: OffloadCost,
-    /// Budget left for the offloaded layers' KV caches (`None`: weights and compute buffers alone
-    /// exceed the budget).
+    /// Budget left for the offloaded layers' KV caches, all devices together (`None`: weights
+    /// and compute buffers alone exceed some device's budget).
     pub kv_budget: Option<u64>,
-    /// The whole model's types (`None`: no allowed pairs fit the offloaded layers).
+    /// The whole model's types (`None`: no allowed pairs fit some device's layers).
     pub assignment: Option<Assignment>,
     /// KV bytes of the offloaded layers under `assignment`.
     pub offloaded_kv_bytes: u64,
+    /// Each offload device's budget and use.
+    pub per_device: Vec<DevicePlacement>,
 }
 
-/// For each cost (one `-ngl`), the least predicted error of a profile whose offloaded layers'
-/// caches fit `budget` less the cost, offloaded layers over `gpu_pairs`, the others over
-/// `cpu_pairs`. `p.pairs` is ignored.
+/// One device's share of a [`Placement`].
+#[derive(Debug, Clone, Serialize)]
+pub struct DevicePlacement {
+    pub device: String,
+    /// Its whole budget (weights, compute buffers and KV cache).
+    pub budget: u64,
+    /// What is left of it for its layers' KV caches (`None`: over).
+    pub kv_budget: Option<u64>,
+    /// Its layers' KV bytes under the assignment.
+    pub kv_bytes: u64,
+}
+
+/// GPU memory per offload device: one size for every device, or one per device by name.
+#[derive(Debug, Clone, PartialEq)]
+pub enum VramBudget {
+    Each(u64),
+    PerDevice(Vec<(String, u64)>),
+}
+
+impl VramBudget {
+    /// `sizes` in the order of `devices` (the offload devices with every layer offloaded, as
+    /// [`OffloadCost::devices`] lists them): one size for all, or one per device.
+    pub fn new(sizes: &[u64], devices: &[String]) -> Result<VramBudget, PlacementError> {
+        match sizes {
+            [one] => Ok(VramBudget::Each(*one)),
+            _ if sizes.len() == devices.len() => {
+                Ok(VramBudget::PerDevice(devices.iter().cloned().zip(sizes.iter().copied()).collect()))
+            }
+            _ => Err(PlacementError::Budgets { given: sizes.len(), devices: devices.to_vec() }),
+        }
+    }
+
+    fn of(&self, device: &str) -> Result<u64, PlacementError> {
+        match self {
+            VramBudget::Each(b) => Ok(*b),
+            VramBudget::PerDevice(v) => v
+                .iter()
+                .find(|(d, _)| d == device)
+                .map(|(_, b)| *b)
+                .ok_or_else(|| PlacementError::UnknownDevice(device.to_string())),
+        }
+    }
+}
+
+/// For each cost (one `-ngl`), the least predicted error of a profile whose layers on each offload
+/// device have caches that fit that device's budget less its weights and compute buffers, over
+/// `gpu_pairs`; the other layers take their most accurate pair of `cpu_pairs`. The error is a
+/// sum over layers, so each device's layers are searched on their own. `p.pairs` is ignored.
 pub fn placements(
     p: &Problem,
     gpu_pairs: &[(CacheType, CacheType)],
     cpu_pairs: &[(CacheType, CacheType)],
     costs: &[OffloadCost],
-    budget: u64,
+    budget: &VramBudget,
 ) -> Result<Vec<Placement>, PlacementError> {
     let n_layer = p.layers.len();
     // each layer's most accurate CPU pair (lowest predicted error, first in order among equals)
@@ -122,39 +213,43 @@ pub fn placements(
         .collect::<Result<_, _>>()?;
     let mut out = Vec::with_capacity(costs.len());
     for cost in costs {
-        let offloaded = offloaded_layers(n_layer, cost.ngl);
-        let fixed = cost.model_bytes + cost.compute_bytes;
-        let kv_budget = budget.checked_sub(fixed);
-        let sub = Problem {
-            layers: (0..n_layer).map(|il| if offloaded.contains(&il) { p.layers[il].clone() } else { None }).collect(),
-            pairs: gpu_pairs.to_vec(),
-        };
-        let gpu = match kv_budget {
-            Some(b) => search::best_within_bytes(&sub, b)?,
-            None => None,
-        };
-        let assignment = match &gpu {
-            Some(g) => {
-                let types: Vec<_> = (0..n_layer)
-                    .map(|il| {
-                        if offloaded.contains(&il) {
-                            g.types[il]
-                        } else {
-                            cpu_best[il].unwrap_or((CacheType::F16, CacheType::F16))
-                        }
-                    })
-                    .collect();
-                Some(search::evaluate(p, &types)?)
+        let mut types: Vec<_> =
+            (0..n_layer).map(|il| cpu_best[il].unwrap_or((CacheType::F16, CacheType::F16))).collect();
+        let mut fits = true;
+        let mut per_device = Vec::with_capacity(cost.per_device.len());
+        for d in &cost.per_device {
+            let device_budget = budget.of(&d.device)?;
+            let kv_budget = device_budget.checked_sub(d.model_bytes + d.compute_bytes);
+            let sub = Problem {
+                layers: (0..n_layer)
+                    .map(|il| if d.layers.contains(&il) { p.layers[il].clone() } else { None })
+                    .collect(),
+                pairs: gpu_pairs.to_vec(),
+            };
+            let best = match kv_budget {
+                Some(b) => search::best_within_bytes(&sub, b)?,
+                None => None,
+            };
+            match &best {
+                Some(g) => d.layers.iter().for_each(|&il| types[il] = g.types[il]),
+                None => fits = false,
             }
-            None => None,
-        };
+            per_device.push(DevicePlacement {
+                device: d.device.clone(),
+                budget: device_budget,
+                kv_budget,
+                kv_bytes: best.as_ref().map_or(0, |g| g.bytes),
+            });
+        }
+        let assignment = if fits { Some(search::evaluate(p, &types)?) } else { None };
         out.push(Placement {
             ngl: cost.ngl,
-            offloaded_cache_layers: offloaded.filter(|&il| p.layers[il].is_some()).count(),
+            offloaded_cache_layers: cost.per_device.iter().map(|d| d.layers.len()).sum(),
             cost: cost.clone(),
-            kv_budget,
-            offloaded_kv_bytes: gpu.as_ref().map_or(0, |g| g.bytes),
+            kv_budget: per_device.iter().map(|d| d.kv_budget).sum(),
+            offloaded_kv_bytes: if fits { per_device.iter().map(|d| d.kv_bytes).sum() } else { 0 },
             assignment,
+            per_device,
         });
     }
     Ok(out)
@@ -181,7 +276,7 @@ pub fn uniform_at_most_layers(
     pair: (CacheType, CacheType),
     cpu_pairs: &[(CacheType, CacheType)],
     costs: &[OffloadCost],
-    budget: u64,
+    budget: &VramBudget,
 ) -> Result<Option<Placement>, PlacementError> {
     let all = placements(p, &[pair], cpu_pairs, costs, budget)?;
     Ok(choose(&all, None).cloned())
@@ -212,7 +307,7 @@ pub fn same_budget_candidates(
     chosen: &Placement,
     gpu_pairs: &[(CacheType, CacheType)],
     cpu_pairs: &[(CacheType, CacheType)],
-    budget: u64,
+    budget: &VramBudget,
 ) -> Result<Vec<Candidate>, PlacementError> {
     let candidate = |label: String, origin: Origin, a: &Assignment| Candidate {
         label,

@@ -257,3 +257,76 @@ fn search_gives_cpu_layers_the_cpu_pairs() {
     // unless uniform f16 measured better (then the tool keeps uniform: also CPU-legal)
     assert!(types == expected || types.iter().all(|&t| t == (CacheType::F16, CacheType::F16)), "{types:?}");
 }
+
+/// Two offload devices (two rpc-servers): each device's layers must fit that device's own budget.
+/// One device has room for f16 caches, the other for about 40% of them: the fit gives each its own
+/// types, and a real context of the written profile allocates within each budget.
+#[test]
+fn fit_keeps_each_device_within_its_own_budget() {
+    let _rpc = common::rpc_lock();
+    let dir = tempfile::tempdir().unwrap();
+    let (path, _, sens) = calibrated(dir.path(), "synthetic-fit-2dev");
+    let (a, b) = (RpcServer::start(), RpcServer::start());
+    let endpoints = [a.endpoint.clone(), b.endpoint.clone()];
+    let devices = rpc::add_servers(Backend::init(), &endpoints).unwrap();
+    let all = N_LAYER as i32 + 1;
+    let cost = placement::offload_costs(&path, &devices, &[all], N_CTX).unwrap().remove(0);
+    assert_eq!(cost.per_device.len(), 2, "{cost:?}");
+    let layers: Vec<usize> = cost.per_device.iter().flat_map(|d| d.layers.clone()).collect();
+    assert_eq!(layers, (0..N_LAYER as usize).collect::<Vec<_>>(), "every layer on one of the devices, in order");
+    let f16_layer = Sizer::new(&path)
+        .unwrap()
+        .kv(&vec![(CacheType::F16, CacheType::F16); N_LAYER as usize], N_CTX)
+        .unwrap()
+        .tensor_bytes
+        / u64::from(N_LAYER);
+    let fixed = |d: &placement::DeviceCost| d.model_bytes + d.compute_bytes;
+    let (da, db) = (&cost.per_device[0], &cost.per_device[1]);
+    let budget_a = fixed(da) + f16_layer * da.layers.len() as u64; // f16 fits
+    let budget_b = fixed(db) + f16_layer * db.layers.len() as u64 * 4 / 10; // q4_0 fits, q8_0 does not
+    let out = dir.path().join("fit-2dev.yaml");
+    let vram = format!("{budget_a},{budget_b}");
+    let ctx = N_CTX.to_string();
+    let rpc_list = endpoints.join(",");
+    let mut args = vec!["fit", sens.to_str().unwrap(), "-m", path.to_str().unwrap(), "-c", &ctx, "--rpc", &rpc_list];
+    args.extend(["--vram", &vram, "--json", "-o", out.to_str().unwrap()]);
+    let run = common::kvtuner(&args);
+    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    let json: serde_json::Value = serde_json::from_slice(&run.stdout).unwrap();
+    assert_eq!(json["chosen_ngl"], all, "{json}");
+
+    // each device's layers in types of their own: f16 where it fits, narrower where it does not
+    let profile = Profile::load(out.to_str().unwrap()).unwrap();
+    for &il in &da.layers {
+        assert_eq!((profile.layers[il].k, profile.layers[il].v), (CacheType::F16, CacheType::F16), "layer {il}");
+    }
+    for &il in &db.layers {
+        let l = &profile.layers[il];
+        assert!(l.k.bits_per_value() + l.v.bits_per_value() <= 2.0 * 16.0 * 0.4, "layer {il}: {l:?}");
+    }
+    // a real context of the written profile allocates within each device's budget (in a block: an
+    // rpc-server serves one client at a time, and the model's buffers keep this one connected)
+    {
+        let params = ModelParams { n_gpu_layers: all, rpc: devices, ..Default::default() };
+        let model = Model::load(Backend::init(), &path, &params).unwrap();
+        let types = kvtuner::llama::LayerCacheTypes::from_pairs(profile.layers.iter().map(|l| (l.k, l.v)));
+        let real = Context::new(&model, &ContextParams { layer_types: Some(types), ..ctx_params() }).unwrap();
+        let memory = real.memory();
+        for (d, budget) in [(da, budget_a), (db, budget_b)] {
+            let used: u64 = memory.iter().filter(|m| m.device == d.device).map(|m| m.total()).sum();
+            assert!(used > 0 && used <= budget, "{}: {used} of {budget}", d.device);
+        }
+    }
+
+    // one size is each device's; a count that is neither one nor the devices' is an error naming them
+    let run = common::kvtuner(&[&args[..args.len() - 5], &["--vram", &budget_b.to_string(), "--json"][..]].concat());
+    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    let json: serde_json::Value = serde_json::from_slice(&run.stdout).unwrap();
+    let chosen = json["placements"].as_array().unwrap().iter().find(|p| p["ngl"] == json["chosen_ngl"]).unwrap();
+    for d in chosen["per_device"].as_array().unwrap() {
+        assert_eq!(d["budget"], budget_b, "{d}");
+    }
+    let run = common::kvtuner(&[&args[..args.len() - 5], &["--vram", "1GiB,2GiB,3GiB"][..]].concat());
+    let err = String::from_utf8_lossy(&run.stderr);
+    assert!(!run.status.success() && err.contains("3 GPU memory sizes") && err.contains(&da.device), "{err}");
+}

@@ -10,7 +10,7 @@ use kvtuner::eval::Evaluator;
 use kvtuner::kv_layout::{runtime_cells, RUNTIME_UBATCH};
 use kvtuner::llama::rpc::RpcDevice;
 use kvtuner::llama::{Backend, ContextParams, Model, ModelParams};
-use kvtuner::placement::{self, Placement};
+use kvtuner::placement::{self, Placement, VramBudget};
 use kvtuner::search;
 use kvtuner::select::{self, report as select_report, HeldOut, Measurer, Problems, Selection};
 use kvtuner::sensitivity::Sensitivity;
@@ -38,12 +38,16 @@ pub fn run(args: FitArgs) -> anyhow::Result<()> {
     if costs.iter().all(|c| c.devices.is_empty()) {
         bail!("no layer leaves the CPU at any -ngl: this build or machine has no GPU (or give --rpc servers)");
     }
-    let all = placement::placements(problem, &gpu_pairs, &cpu_pairs, &costs, args.vram)?;
+    // the budget per device, named as they are with every layer offloaded
+    let all_devices = &costs.last().expect("-ngl 0 at least").devices;
+    let budget = VramBudget::new(&args.vram, all_devices)?;
+    let budget_label = budget_label(&args.vram, all_devices);
+    let all = placement::placements(problem, &gpu_pairs, &cpu_pairs, &costs, &budget)?;
     let chosen = placement::choose(&all, args.max_kld);
     // baselines: each uniform GPU pair with one type for K and V, at the most layers it fits
     let mut uniform = Vec::new();
     for &pair in gpu_pairs.iter().filter(|(k, v)| k == v) {
-        if let Some(p) = placement::uniform_at_most_layers(problem, pair, &cpu_pairs, &costs, args.vram)? {
+        if let Some(p) = placement::uniform_at_most_layers(problem, pair, &cpu_pairs, &costs, &budget)? {
             uniform.push((pair, p));
         }
     }
@@ -56,7 +60,17 @@ pub fn run(args: FitArgs) -> anyhow::Result<()> {
             );
             None
         }
-        (Some(c), Some(spec)) => Some(measure(&args, &sens, &problems, c, &gpu_pairs, &cpu_pairs, &rpc, n_ctx, spec)?),
+        (Some(c), Some(spec)) => {
+            let searched = Searched {
+                sens: &sens,
+                problems: &problems,
+                gpu_pairs: &gpu_pairs,
+                cpu_pairs: &cpu_pairs,
+                budget: &budget,
+                n_ctx,
+            };
+            Some(measure(&args, &searched, c, &rpc, spec)?)
+        }
         _ => None,
     };
 
@@ -64,6 +78,7 @@ pub fn run(args: FitArgs) -> anyhow::Result<()> {
         let json = serde_json::json!({
             "context": n_ctx,
             "vram_bytes": args.vram,
+            "vram_devices": all_devices,
             "placements": all,
             "chosen_ngl": chosen.map(|c| c.ngl),
             "uniform": uniform.iter().map(|((k, v), p)| serde_json::json!({"k": k, "v": v, "placement": p})).collect::<Vec<_>>(),
@@ -72,7 +87,7 @@ pub fn run(args: FitArgs) -> anyhow::Result<()> {
         });
         println!("{}", serde_json::to_string_pretty(&json)?);
     } else {
-        print_table(&all, chosen, args.vram, n_ctx);
+        print_table(&all, chosen, &budget_label, n_ctx);
         for ((k, _), p) in &uniform {
             let a = p.assignment.as_ref().expect("a chosen placement has a profile");
             println!(
@@ -87,9 +102,9 @@ pub fn run(args: FitArgs) -> anyhow::Result<()> {
     let Some(chosen) = chosen else {
         match args.max_kld {
             Some(m) => {
-                bail!("no -ngl has a profile within {:.2} GiB at a predicted KLD of at most {m}", gib(args.vram))
+                bail!("no -ngl has a profile within {budget_label} at a predicted KLD of at most {m}")
             }
-            None => bail!("not even -ngl 0 fits {:.2} GiB", gib(args.vram)),
+            None => bail!("not even -ngl 0 fits {budget_label}"),
         }
     };
     let a = chosen.assignment.as_ref().expect("a chosen placement has a profile");
@@ -105,7 +120,7 @@ pub fn run(args: FitArgs) -> anyhow::Result<()> {
         ),
     }
     if let Some(out) = &args.output {
-        let label = format!("fit for {:.2} GiB of GPU memory at -ngl {}", gib(args.vram), chosen.ngl);
+        let label = format!("fit for {budget_label} of GPU memory at -ngl {}", chosen.ngl);
         let pairs_label = format!("{} on the GPU, {} on the CPU", args.pairs, args.cpu_pairs);
         let predicted_pick = Chosen {
             types: &a.types,
@@ -132,20 +147,26 @@ struct Measured {
     held_out: Vec<HeldOut>,
 }
 
-#[allow(clippy::too_many_arguments)]
+/// What the fit searched with, for measuring its pick.
+struct Searched<'a> {
+    sens: &'a Sensitivity,
+    problems: &'a Problems,
+    gpu_pairs: &'a [(CacheType, CacheType)],
+    cpu_pairs: &'a [(CacheType, CacheType)],
+    budget: &'a VramBudget,
+    n_ctx: u32,
+}
+
 fn measure(
     args: &FitArgs,
-    sens: &Sensitivity,
-    problems: &Problems,
+    searched: &Searched,
     chosen: &Placement,
-    gpu_pairs: &[(CacheType, CacheType)],
-    cpu_pairs: &[(CacheType, CacheType)],
     rpc: &[RpcDevice],
-    n_ctx: u32,
     spec: &str,
 ) -> anyhow::Result<Measured> {
+    let Searched { sens, problems, gpu_pairs, cpu_pairs, budget, n_ctx } = *searched;
     let estimator = problems.by_estimator[0].0;
-    let cands = placement::same_budget_candidates(problems.main(), estimator, chosen, gpu_pairs, cpu_pairs, args.vram)?;
+    let cands = placement::same_budget_candidates(problems.main(), estimator, chosen, gpu_pairs, cpu_pairs, budget)?;
     let params = ModelParams { n_gpu_layers: chosen.ngl, rpc: rpc.to_vec(), ..Default::default() };
     let model = Model::load(Backend::init(), &args.model, &params)?;
     let base = ContextParams { n_threads: args.threads, no_kv_profile: true, ..Default::default() };
@@ -173,8 +194,12 @@ fn gib(b: u64) -> f64 {
 
 /// Bits per value of the offloaded layers' caches.
 fn gpu_bits(p: &Placement, problem: &search::Problem) -> f64 {
-    let values: u64 = placement::offloaded_layers(problem.layers.len(), p.ngl)
-        .filter_map(|il| problem.layers[il].as_ref())
+    let values: u64 = p
+        .cost
+        .per_device
+        .iter()
+        .flat_map(|d| d.layers.iter())
+        .filter_map(|&il| problem.layers[il].as_ref())
         .map(|l| (l.k_dim + l.v_dim) * l.cells)
         .sum();
     if values == 0 {
@@ -184,8 +209,7 @@ fn gpu_bits(p: &Placement, problem: &search::Problem) -> f64 {
     }
 }
 
-fn print_table(all: &[Placement], chosen: Option<&Placement>, vram: u64, n_ctx: u32) {
-    let mib = |b: u64| format!("{:.0}", b as f64 / 1048576.0);
+fn print_table(all: &[Placement], chosen: Option<&Placement>, budget_label: &str, n_ctx: u32) {
     let mut table = Table::new();
     table.load_preset(comfy_table::presets::ASCII_MARKDOWN).set_header(vec![
         "-ngl",
@@ -211,8 +235,52 @@ fn print_table(all: &[Placement], chosen: Option<&Placement>, vram: u64, n_ctx: 
         ]);
     }
     println!("{table}");
-    let mut devices: Vec<&str> = all.iter().flat_map(|p| p.cost.devices.iter().map(String::as_str)).collect();
-    devices.sort_unstable();
-    devices.dedup();
-    println!("budget {} MiB on {} at context {n_ctx}", mib(vram), devices.join(", "));
+    println!("budget {budget_label} at context {n_ctx}");
+    // with several devices, each one's share of the chosen placement
+    if let Some(c) = chosen.filter(|c| c.per_device.len() > 1) {
+        for (d, cost) in c.per_device.iter().zip(&c.cost.per_device) {
+            println!(
+                "  {}: layers {}, weights {} + compute {} + KV {} of {} MiB",
+                d.device,
+                layer_ranges(&cost.layers),
+                mib(cost.model_bytes),
+                mib(cost.compute_bytes),
+                mib(d.kv_bytes),
+                mib(d.budget)
+            );
+        }
+    }
+}
+
+fn mib(b: u64) -> String {
+    format!("{:.0}", b as f64 / 1048576.0)
+}
+
+/// `0-3, 7`.
+fn layer_ranges(layers: &[usize]) -> String {
+    let mut out: Vec<String> = Vec::new();
+    let mut i = 0;
+    while i < layers.len() {
+        let mut j = i;
+        while j + 1 < layers.len() && layers[j + 1] == layers[j] + 1 {
+            j += 1;
+        }
+        out.push(if i == j { layers[i].to_string() } else { format!("{}-{}", layers[i], layers[j]) });
+        i = j + 1;
+    }
+    if out.is_empty() {
+        "none".into()
+    } else {
+        out.join(", ")
+    }
+}
+
+/// The budget in words: `17.00 GiB on CUDA0`, `24.00 GiB on each of CUDA0, CUDA1` or
+/// `CUDA0 24.00 GiB, CUDA1 12.00 GiB`.
+fn budget_label(sizes: &[u64], devices: &[String]) -> String {
+    match (sizes, devices.len()) {
+        ([one], 1) => format!("{:.2} GiB on {}", gib(*one), devices[0]),
+        ([one], _) => format!("{:.2} GiB on each of {}", gib(*one), devices.join(", ")),
+        _ => devices.iter().zip(sizes).map(|(d, b)| format!("{d} {:.2} GiB", gib(*b))).collect::<Vec<_>>().join(", "),
+    }
 }
