@@ -279,8 +279,17 @@ fn layer_ranges(layers: &[usize]) -> String {
 /// `CUDA0 24.00 GiB, CUDA1 12.00 GiB`.
 fn budget_label(sizes: &[u64], devices: &[String]) -> String {
     match (sizes, devices.len()) {
-        ([one], 1) => format!("{:.2} GiB on {}", gib(*one), devices[0]),
-        ([one], _) => format!("{:.2} GiB on each of {}", gib(*one), devices.join(", ")),
-        _ => devices.iter().zip(sizes).map(|(d, b)| format!("{d} {:.2} GiB", gib(*b))).collect::<Vec<_>>().join(", "),
+        ([one], 1) => format!("{} on {}", size(*one), devices[0]),
+        ([one], _) => format!("{} on each of {}", size(*one), devices.join(", ")),
+        _ => devices.iter().zip(sizes).map(|(d, b)| format!("{d} {}", size(*b))).collect::<Vec<_>>().join(", "),
+    }
+}
+
+/// GiB with two decimals, or MiB below one GiB.
+fn size(b: u64) -> String {
+    if b >= 1 << 30 {
+        format!("{:.2} GiB", gib(b))
+    } else {
+        format!("{:.1} MiB", b as f64 / 1048576.0)
     }
 }
