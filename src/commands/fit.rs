@@ -142,7 +142,7 @@ pub fn run(args: FitArgs) -> anyhow::Result<()> {
 }
 
 /// The pick measured against the uniform GPU pairs of the same budget at its -ngl.
-struct Measured {
+struct MeasuredPick {
     selection: Selection,
     held_out: Vec<HeldOut>,
 }
@@ -163,7 +163,7 @@ fn measure(
     chosen: &Placement,
     rpc: &[RpcDevice],
     spec: &str,
-) -> anyhow::Result<Measured> {
+) -> anyhow::Result<MeasuredPick> {
     let Searched { sens, problems, gpu_pairs, cpu_pairs, budget, n_ctx } = *searched;
     let estimator = problems.by_estimator[0].0;
     let cands = placement::same_budget_candidates(problems.main(), estimator, chosen, gpu_pairs, cpu_pairs, budget)?;
@@ -185,7 +185,7 @@ fn measure(
             held_out.push(HeldOut { text: label, chosen, uniform, heuristic: None });
         }
     }
-    Ok(Measured { selection, held_out })
+    Ok(MeasuredPick { selection, held_out })
 }
 
 fn gib(b: u64) -> f64 {
