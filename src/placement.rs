@@ -2,13 +2,13 @@
 //! narrower caches on them (less accurate).
 //!
 //! llama.cpp offloads the last `ngl` layers (and with `ngl > n_layer` the output layer too); each
-//! layer's KV cache lives on its layer's device. For every `ngl`, what the offload devices need
-//! besides the KV cache (weights, compute buffers) is read back from the runtime: a metadata-only
-//! model (`no_alloc`) with that `ngl` and a context of the target size report, per buffer type,
-//! the bytes they would allocate ([`Context::memory`], patch 0012). What is left of the budget is
-//! the KV budget of the offloaded layers, whose types come from the exact search
-//! ([`search::best_within_bytes`]) over the pairs the GPU has kernels for; layers left on the CPU
-//! take their most accurate CPU pair (host memory is not budgeted).
+//! layer's KV cache lives on its layer's device. For every `ngl`, each offload device's layers and
+//! what it needs besides the KV cache (weights, compute buffers) are read back from the runtime: a
+//! metadata-only model (`no_alloc`) with that `ngl` and a context of the target size report each
+//! layer's device and, per buffer type, the bytes they would allocate ([`Context::memory`], patch
+//! 0012). What is left of a device's budget is the KV budget of its layers, whose types come from
+//! the exact search ([`search::best_within_bytes`]) over the pairs the GPU has kernels for; layers
+//! left on the CPU take their most accurate CPU pair (host memory is not budgeted).
 
 use serde::Serialize;
 
@@ -33,13 +33,6 @@ pub enum PlacementError {
     Budgets { given: usize, devices: Vec<String> },
     #[error("offload device {0} has no GPU memory size")]
     UnknownDevice(String),
-}
-
-/// The layers llama.cpp puts on the offload devices for `-ngl ngl` (negative: all).
-pub fn offloaded_layers(n_layer: usize, ngl: i32) -> std::ops::Range<usize> {
-    let ngl = if ngl < 0 { n_layer + 1 } else { ngl as usize };
-    // llama.cpp: i_gpu_start = max(n_layer + 1 - ngl, 0); the "+ 1" is the output layer
-    (n_layer + 1).saturating_sub(ngl).min(n_layer)..n_layer
 }
 
 /// What one `-ngl` needs on the offload devices (every buffer type not in host memory), KV cache

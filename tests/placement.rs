@@ -15,6 +15,14 @@ use kvtuner::profile::{ModelIdentity, Profile};
 const N_LAYER: u32 = 4;
 const N_CTX: u32 = 256;
 
+/// llama.cpp's rule for the layers `-ngl ngl` offloads (negative: all): i_gpu_start =
+/// max(n_layer + 1 - ngl, 0), the "+ 1" being the output layer. An oracle independent of the
+/// devices kvtuner reads back.
+fn offloaded_layers(n_layer: usize, ngl: i32) -> std::ops::Range<usize> {
+    let ngl = if ngl < 0 { n_layer + 1 } else { ngl as usize };
+    (n_layer + 1).saturating_sub(ngl).min(n_layer)..n_layer
+}
+
 fn ctx_params() -> ContextParams {
     ContextParams {
         n_ctx: N_CTX,
@@ -58,11 +66,14 @@ fn memory_per_device_is_what_a_real_context_allocates() {
         assert!(allocated.model > previous, "-ngl {ngl}: more layers, more weights on the device");
         previous = allocated.model;
         // the KV bytes on the device are those of the layers llama.cpp put there, and those
-        // layers are the ones placement::offloaded_layers names
+        // layers are the ones llama.cpp's rule names (and the ones offload_costs reads back)
         let layers = ctx.layers();
         let on_device: Vec<usize> =
             (0..N_LAYER as usize).filter(|&il| layers[il].unwrap().device.as_str().starts_with("RPC")).collect();
-        assert_eq!(on_device, placement::offloaded_layers(N_LAYER as usize, ngl).collect::<Vec<_>>(), "-ngl {ngl}");
+        assert_eq!(on_device, offloaded_layers(N_LAYER as usize, ngl).collect::<Vec<_>>(), "-ngl {ngl}");
+        let cost = placement::offload_costs(&path, &devices, &[ngl], N_CTX).unwrap().remove(0);
+        let read_back: Vec<usize> = cost.per_device.iter().flat_map(|d| d.layers.clone()).collect();
+        assert_eq!(read_back, on_device, "-ngl {ngl}: the layers offload_costs reads back");
         let kv: u64 = on_device.iter().map(|&il| layers[il].unwrap().bytes_k + layers[il].unwrap().bytes_v).sum();
         assert_eq!(allocated.context, kv, "-ngl {ngl}");
     }
@@ -247,7 +258,7 @@ fn search_gives_cpu_layers_the_cpu_pairs() {
     assert!(stderr.contains("2 layer(s) on the CPU"), "{stderr}");
     let profile = Profile::load(out.to_str().unwrap()).unwrap();
     let types: Vec<(CacheType, CacheType)> = profile.layers.iter().map(|l| (l.k, l.v)).collect();
-    let expected: Vec<(CacheType, CacheType)> = placement::offloaded_layers(N_LAYER as usize, 3).fold(
+    let expected: Vec<(CacheType, CacheType)> = offloaded_layers(N_LAYER as usize, 3).fold(
         vec![(CacheType::F16, CacheType::F16); N_LAYER as usize],
         |mut t, il| {
             t[il] = (CacheType::Q4_0, CacheType::Q4_0);

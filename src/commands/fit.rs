@@ -179,10 +179,8 @@ fn measure(
         for spec in &args.verify {
             let (text, label) = load_text(spec)?;
             let mut ev = Evaluator::new(&model, &text, sens.context, args.chunks, &base)?;
-            let mut m = Measurer::new(&mut ev, base.clone(), n_ctx, label.clone());
-            let both = m.measure(&[selection.chosen.candidate.clone(), uniform.candidate.clone()])?;
-            let [chosen, uniform] = <[_; 2]>::try_from(both).expect("two measured");
-            held_out.push(HeldOut { text: label, chosen, uniform, heuristic: None });
+            let mut m = Measurer::new(&mut ev, base.clone(), n_ctx, label);
+            held_out.push(select::held_out_with(&mut m, &selection, &uniform.candidate, None)?);
         }
     }
     Ok(MeasuredPick { selection, held_out })

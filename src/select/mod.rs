@@ -452,8 +452,19 @@ pub fn held_out(
     selection: &Selection,
     uniform: &Candidate,
 ) -> Result<HeldOut, SelectError> {
-    let mut cands = vec![selection.chosen.candidate.clone(), uniform.clone()];
     let heuristic = problems.heuristic(selection.max_bytes)?;
+    held_out_with(m, selection, uniform, heuristic)
+}
+
+/// [`held_out`] with the heuristic given, or none (`fit`: its budget is the GPU's share of the
+/// cache, which the heuristic's whole-model size does not describe).
+pub fn held_out_with(
+    m: &mut Measurer<'_, '_>,
+    selection: &Selection,
+    uniform: &Candidate,
+    heuristic: Option<Candidate>,
+) -> Result<HeldOut, SelectError> {
+    let mut cands = vec![selection.chosen.candidate.clone(), uniform.clone()];
     cands.extend(heuristic.clone());
     let measured = m.measure(&cands)?;
     Ok(HeldOut {
