@@ -84,32 +84,17 @@ pub fn offload_costs(
         let mut per_device: Vec<DeviceCost> = Vec::new();
         // the layers first, so that the devices come in layer order
         for (il, info) in ctx.layers().iter().enumerate() {
-            let Some(info) = info else { continue };
-            let device = info.device.as_str();
-            if device == "CPU" {
-                continue;
-            }
-            match per_device.iter_mut().find(|d| d.device == device) {
-                Some(d) => d.layers.push(il),
-                None => per_device.push(DeviceCost {
-                    device: device.to_string(),
-                    model_bytes: 0,
-                    compute_bytes: 0,
-                    layers: vec![il],
-                }),
+            match info {
+                Some(info) if info.device.as_str() != "CPU" => {
+                    device_entry(&mut per_device, info.device.as_str()).layers.push(il)
+                }
+                _ => {}
             }
         }
         for m in ctx.memory().into_iter().filter(|m| !m.is_host) {
-            let i = match per_device.iter().position(|d| d.device == m.device) {
-                Some(i) => i,
-                None => {
-                    let d = DeviceCost { device: m.device.clone(), model_bytes: 0, compute_bytes: 0, layers: vec![] };
-                    per_device.push(d);
-                    per_device.len() - 1
-                }
-            };
-            per_device[i].model_bytes += m.model;
-            per_device[i].compute_bytes += m.compute;
+            let d = device_entry(&mut per_device, &m.device);
+            d.model_bytes += m.model;
+            d.compute_bytes += m.compute;
         }
         out.push(OffloadCost {
             ngl,
@@ -120,6 +105,23 @@ pub fn offload_costs(
         });
     }
     Ok(out)
+}
+
+/// `device`'s entry of `per_device`, added (empty) if it has none yet.
+fn device_entry<'a>(per_device: &'a mut Vec<DeviceCost>, device: &str) -> &'a mut DeviceCost {
+    let i = match per_device.iter().position(|d| d.device == device) {
+        Some(i) => i,
+        None => {
+            per_device.push(DeviceCost {
+                device: device.to_string(),
+                model_bytes: 0,
+                compute_bytes: 0,
+                layers: vec![],
+            });
+            per_device.len() - 1
+        }
+    };
+    &mut per_device[i]
 }
 
 /// The best profile for one `-ngl`.
