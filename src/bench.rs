@@ -45,6 +45,19 @@ fn fill(ctx: &mut Context<'_>, start: u32, n: u32, batch_size: u32) -> Result<()
     Ok(())
 }
 
+/// Seconds `work` takes on the device: the context is synchronised before the timer starts (so
+/// earlier work is not counted) and before it stops (decode returns before the device is done).
+fn timed(
+    ctx: &mut Context<'_>,
+    work: impl FnOnce(&mut Context<'_>) -> Result<(), BenchError>,
+) -> Result<f64, BenchError> {
+    ctx.synchronize();
+    let t = Instant::now();
+    work(ctx)?;
+    ctx.synchronize();
+    Ok(t.elapsed().as_secs_f64())
+}
+
 /// A prompt-processing pass shorter than this is repeated on the same depth (up to
 /// `MAX_PP_PASSES` passes) and the median rate kept: on a GPU, pp512 over a 16k-token cache takes
 /// ~45 ms, and single passes of unchanged prefill code differed by up to 4% between H200 runs.
@@ -65,11 +78,7 @@ pub fn measure(ctx: &mut Context<'_>, depth: u32, n_pp: u32, n_tg: u32, batch_si
     let mut rates = Vec::with_capacity(MAX_PP_PASSES);
     let mut spent = 0.0;
     loop {
-        ctx.synchronize();
-        let t = Instant::now();
-        fill(ctx, depth, n_pp, batch_size)?;
-        ctx.synchronize();
-        let seconds = t.elapsed().as_secs_f64();
+        let seconds = timed(ctx, |ctx| fill(ctx, depth, n_pp, batch_size))?;
         rates.push(n_pp as f64 / seconds);
         spent += seconds;
         if spent >= MIN_PP_SECONDS || rates.len() == MAX_PP_PASSES {
@@ -82,15 +91,15 @@ pub fn measure(ctx: &mut Context<'_>, depth: u32, n_pp: u32, n_tg: u32, batch_si
     // generation: depth tokens, then n_tg single-token steps
     ctx.remove_range(0, depth as i32, -1);
     let mut batch = Batch::new(1);
-    ctx.synchronize();
-    let t = Instant::now();
-    for i in 0..n_tg {
-        batch.clear();
-        batch.add(token(model, depth + i), (depth + i) as i32, 0, true).expect("one token fits");
-        ctx.decode(&batch)?;
-    }
-    ctx.synchronize();
-    let tg = n_tg as f64 / t.elapsed().as_secs_f64();
+    let seconds = timed(ctx, |ctx| {
+        for i in 0..n_tg {
+            batch.clear();
+            batch.add(token(model, depth + i), (depth + i) as i32, 0, true).expect("one token fits");
+            ctx.decode(&batch)?;
+        }
+        Ok(())
+    })?;
+    let tg = n_tg as f64 / seconds;
     Ok(Speed { depth, pp_tokens_per_s: pp, tg_tokens_per_s: tg })
 }
 
@@ -142,13 +151,7 @@ pub fn measure_parallel(
         Ok(ctx.decode(batch)?)
     };
     step(ctx, &mut batch, 0)?;
-    ctx.synchronize();
-    let t = Instant::now();
-    for i in 1..=n_tg {
-        step(ctx, &mut batch, i)?;
-    }
-    ctx.synchronize();
-    let seconds = t.elapsed().as_secs_f64();
+    let seconds = timed(ctx, |ctx| (1..=n_tg).try_for_each(|i| step(ctx, &mut batch, i)))?;
     let generated_tokens = n_seq * n_tg;
     let aggregate = f64::from(generated_tokens) / seconds;
     Ok(ParallelSpeed {
@@ -199,13 +202,7 @@ pub fn measure_draft(
     };
     // one untimed step (first use of this batch shape)
     step(ctx, &mut batch, depth)?;
-    ctx.synchronize();
-    let t = Instant::now();
-    for i in 1..=n_steps {
-        step(ctx, &mut batch, depth + i * n_draft)?;
-    }
-    ctx.synchronize();
-    let seconds = t.elapsed().as_secs_f64();
+    let seconds = timed(ctx, |ctx| (1..=n_steps).try_for_each(|i| step(ctx, &mut batch, depth + i * n_draft)))?;
     Ok(DraftSpeed {
         depth,
         n_draft,
