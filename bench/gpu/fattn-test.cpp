@@ -282,7 +282,8 @@ int main(int argc, char ** argv) {
     for (auto [tk, tv] : pairs) {
         for (int d : { 64, 128, 256 }) { // 64: Qwen2.5-0.5B, SmolLM2 (upstream's vector kernel)
             for (auto sh : shapes) {
-                for (int n_kv : { 512, 8192 }) {
+                // 256 cells: one token takes 2 columns per block there (kvtuner's patch 0015)
+                for (int n_kv : { 256, 512, 8192 }) {
                     cases.push_back({ tk, tv, d, sh.h, sh.hkv, n_kv, 37, 0.0f, false });
                 }
             }
