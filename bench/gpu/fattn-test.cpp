@@ -4,7 +4,7 @@
 // single-token decode with and without grouped-query attention (ratios 1-8 and 16), head sizes
 // 64, 128 and 256, short and long caches with a partly masked tail, logit softcapping, attention
 // sinks, 4 or 16 sequences at once in cache streams of their own, and drafts of 2-8 query tokens. Then whole
-// decode steps of a layer with llama.cpp's Hadamard rotations (run_layer).
+// decode steps of a layer with RoPE and llama.cpp's Hadamard rotations (run_layer).
 //
 //   fattn-test "f16-f16;q8_0-q4_0;..."     (the GGML_CUDA_FA_QUANTS list)
 // Run it with GGML_CUDA_FA_VEC_GQA=0 and without to test upstream's and kvtuner's decode kernels.
@@ -120,7 +120,7 @@ static ggml_tensor * rotate(ggml_context * ctx, ggml_tensor * x, ggml_tensor * h
 // never run: its tensor keeps the NaNs written into it before the graph runs. `skipped` gets, for
 // Q, K, V and the attention output, whether that happened (false where the tensor does not exist).
 struct layer_skips {
-    bool q = false, k = false, v = false, out = false;
+    bool q = false, k = false, v = false, out = false, rope_k = false;
 };
 
 static bool untouched(ggml_tensor * t) {
@@ -146,12 +146,26 @@ static std::vector<float> run_layer(ggml_backend_t backend, const fa_case & c, c
     ggml_tensor * vc = ggml_new_tensor_2d(ctx, c.tv, kv_row, c.n_kv);
     ggml_tensor * idx = ggml_new_tensor_1d(ctx, GGML_TYPE_I64, 1);
     ggml_tensor * m = ggml_new_tensor_4d(ctx, GGML_TYPE_F16, c.n_kv, 1, 1, 1);
+    ggml_tensor * pos = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, 1);
 
     ggml_cgraph * gf = ggml_new_graph(ctx);
-    ggml_tensor * qr = q, * kr = kn, * vr = vn;
+    // RoPE on Q and K as llama.cpp's graphs have it (NeoX at head size 128, as Qwen; the adjacent
+    // pairs at 256; a YaRN ext_factor at 256): kvtuner's patch 0017 can do K's in its cache write
+    const int rope_mode = c.d == 256 ? 0 : GGML_ROPE_TYPE_NEOX;
+    const float ext_factor = c.d == 256 ? 1.0f : 0.0f;
+    const auto rope = [&](ggml_tensor * x, int heads) {
+        return ggml_rope_ext(ctx, ggml_reshape_3d(ctx, x, c.d, heads, 1), pos, nullptr, c.d, rope_mode, 4096, 10000.0f, 0.5f,
+                             ext_factor, 1.0f, 32.0f, 1.0f);
+    };
+    ggml_tensor * qp0 = rope(q, c.n_head), * kp0 = rope(kn, c.n_head_kv);
+    if (unfused) {
+        ggml_set_output(qp0);
+        ggml_set_output(kp0);
+    }
+    ggml_tensor * qr = qp0, * kr = kp0, * vr = vn;
     if (rot_k) {
-        qr = rotate(ctx, q, hk);
-        kr = rotate(ctx, kn, hk);
+        qr = rotate(ctx, qp0, hk);
+        kr = rotate(ctx, kp0, hk);
     }
     if (rot_v) {
         vr = rotate(ctx, vn, hv);
@@ -182,10 +196,13 @@ static std::vector<float> run_layer(ggml_backend_t backend, const fa_case & c, c
     ggml_backend_tensor_set(kc, in.k_cache.data(), 0, ggml_nbytes(kc));
     ggml_backend_tensor_set(vc, in.v_cache.data(), 0, ggml_nbytes(vc));
     ggml_backend_tensor_set(idx, &in.cell, 0, sizeof(int64_t));
+    const int32_t p = int32_t(in.cell);
+    ggml_backend_tensor_set(pos, &p, 0, sizeof(p));
     ggml_backend_tensor_set(m, in.mask.data(), 0, ggml_nbytes(m));
     std::vector<ggml_tensor *> watched; // the tensors a folded kernel may leave unwritten
     for (ggml_tensor * t : { qr, kr, vr }) watched.push_back(t->op == GGML_OP_MUL_MAT ? t : nullptr);
     watched.push_back(rot_v ? fa : nullptr);
+    watched.push_back(kp0);
     for (ggml_tensor * t : watched) {
         if (t) {
             const std::vector<float> nan(ggml_nelements(t), NAN);
@@ -209,6 +226,7 @@ static std::vector<float> run_layer(ggml_backend_t backend, const fa_case & c, c
         skipped->k   = watched[1] && untouched(watched[1]);
         skipped->v   = watched[2] && untouched(watched[2]);
         skipped->out = watched[3] && untouched(watched[3]);
+        skipped->rope_k = untouched(watched[4]);
     }
     ggml_backend_buffer_free(buf);
     ggml_free(ctx);
@@ -248,14 +266,20 @@ static int test_layers(ggml_backend_t gpu, ggml_backend_t cpu, const std::vector
                 return t == GGML_TYPE_Q4_0 || t == GGML_TYPE_Q5_0 || t == GGML_TYPE_Q8_0 || t == GGML_TYPE_KV2 || t == GGML_TYPE_KV3;
             };
             const bool rk = quantized(tk), rv = quantized(tv), pair = (tk == GGML_TYPE_F16 || rk) && rv;
-            const layer_skips want = { folding && rk && pair, folding && rk, folding && rv, folding && pair };
-            const bool skips_ok = skipped.q == want.q && skipped.k == want.k && skipped.v == want.v && skipped.out == want.out;
+            // and since patch 0017, with GGML_CUDA_FA_VEC_GQA_ROPE_K=1, K's RoPE into a q4_0/q5_0/q8_0
+            // cache write
+            const char * rope_env = getenv("GGML_CUDA_FA_VEC_GQA_ROPE_K");
+            const bool rope_k = rope_env && atoi(rope_env) != 0 &&
+                (tk == GGML_TYPE_Q4_0 || tk == GGML_TYPE_Q5_0 || tk == GGML_TYPE_Q8_0);
+            const layer_skips want = { folding && rk && pair, folding && rk, folding && rv, folding && pair, folding && rope_k };
+            const bool skips_ok = skipped.q == want.q && skipped.k == want.k && skipped.v == want.v && skipped.out == want.out &&
+                skipped.rope_k == want.rope_k;
             const bool ok = n_diff == 0 && std::isfinite(err) && err <= max_nmse && skips_ok;
             failed += !ok;
             printf("%s layer K=%-5s V=%-5s D=%3d heads=32/8 n_kv=8192: fused vs unfused %zu of %zu values differ, "
-                   "NMSE vs CPU %.3e, folded Q%d K%d V%d out%d (expected %d%d%d%d)\n", ok ? "ok  " : "FAIL",
+                   "NMSE vs CPU %.3e, folded Q%d K%d V%d out%d ropeK%d (expected %d%d%d%d%d)\n", ok ? "ok  " : "FAIL",
                    ggml_type_name(tk), ggml_type_name(tv), d, n_diff, fused.size(), err, skipped.q, skipped.k,
-                   skipped.v, skipped.out, want.q, want.k, want.v, want.out);
+                   skipped.v, skipped.out, skipped.rope_k, want.q, want.k, want.v, want.out, want.rope_k);
         }
     }
     return failed;
