@@ -120,7 +120,7 @@ static ggml_tensor * rotate(ggml_context * ctx, ggml_tensor * x, ggml_tensor * h
 // never run: its tensor keeps the NaNs written into it before the graph runs. `skipped` gets, for
 // Q, K, V and the attention output, whether that happened (false where the tensor does not exist).
 struct layer_skips {
-    bool q = false, k = false, v = false, out = false, rope_k = false;
+    bool q = false, k = false, v = false, out = false, rope_q = false, rope_k = false;
 };
 
 static bool untouched(ggml_tensor * t) {
@@ -150,7 +150,8 @@ static std::vector<float> run_layer(ggml_backend_t backend, const fa_case & c, c
 
     ggml_cgraph * gf = ggml_new_graph(ctx);
     // RoPE on Q and K as llama.cpp's graphs have it (NeoX at head size 128, as Qwen; the adjacent
-    // pairs at 256; a YaRN ext_factor at 256): kvtuner's patch 0017 can do K's in its cache write
+    // pairs at 256; a YaRN ext_factor at 256): kvtuner's patches 0017 and 0018 can do K's in its cache
+    // write and Q's in the decode kernel
     const int rope_mode = c.d == 256 ? 0 : GGML_ROPE_TYPE_NEOX;
     const float ext_factor = c.d == 256 ? 1.0f : 0.0f;
     const auto rope = [&](ggml_tensor * x, int heads) {
@@ -202,6 +203,7 @@ static std::vector<float> run_layer(ggml_backend_t backend, const fa_case & c, c
     std::vector<ggml_tensor *> watched; // the tensors a folded kernel may leave unwritten
     for (ggml_tensor * t : { qr, kr, vr }) watched.push_back(t->op == GGML_OP_MUL_MAT ? t : nullptr);
     watched.push_back(rot_v ? fa : nullptr);
+    watched.push_back(qp0);
     watched.push_back(kp0);
     for (ggml_tensor * t : watched) {
         if (t) {
@@ -226,7 +228,8 @@ static std::vector<float> run_layer(ggml_backend_t backend, const fa_case & c, c
         skipped->k   = watched[1] && untouched(watched[1]);
         skipped->v   = watched[2] && untouched(watched[2]);
         skipped->out = watched[3] && untouched(watched[3]);
-        skipped->rope_k = untouched(watched[4]);
+        skipped->rope_q = untouched(watched[4]);
+        skipped->rope_k = untouched(watched[5]);
     }
     ggml_backend_buffer_free(buf);
     ggml_free(ctx);
@@ -266,20 +269,23 @@ static int test_layers(ggml_backend_t gpu, ggml_backend_t cpu, const std::vector
                 return t == GGML_TYPE_Q4_0 || t == GGML_TYPE_Q5_0 || t == GGML_TYPE_Q8_0 || t == GGML_TYPE_KV2 || t == GGML_TYPE_KV3;
             };
             const bool rk = quantized(tk), rv = quantized(tv), pair = (tk == GGML_TYPE_F16 || rk) && rv;
-            // and since patch 0017, with GGML_CUDA_FA_VEC_GQA_ROPE_K=1, K's RoPE into a q4_0/q5_0/q8_0
-            // cache write
-            const char * rope_env = getenv("GGML_CUDA_FA_VEC_GQA_ROPE_K");
-            const bool rope_k = rope_env && atoi(rope_env) != 0 &&
+            // and, switched on, Q's RoPE into the decode kernel with Q's rotation (patch 0018) and K's
+            // into a q4_0/q5_0/q8_0 cache write (patch 0017)
+            const auto env_on = [](const char * name) { const char * e = getenv(name); return e && atoi(e) != 0; };
+            const bool rope_q = env_on("GGML_CUDA_FA_VEC_GQA_ROPE_Q");
+            const bool rope_k = env_on("GGML_CUDA_FA_VEC_GQA_ROPE_K") &&
                 (tk == GGML_TYPE_Q4_0 || tk == GGML_TYPE_Q5_0 || tk == GGML_TYPE_Q8_0);
-            const layer_skips want = { folding && rk && pair, folding && rk, folding && rv, folding && pair, folding && rope_k };
+            const layer_skips want = { folding && rk && pair, folding && rk, folding && rv, folding && pair,
+                                       folding && rk && pair && rope_q, folding && rope_k };
             const bool skips_ok = skipped.q == want.q && skipped.k == want.k && skipped.v == want.v && skipped.out == want.out &&
-                skipped.rope_k == want.rope_k;
+                skipped.rope_q == want.rope_q && skipped.rope_k == want.rope_k;
             const bool ok = n_diff == 0 && std::isfinite(err) && err <= max_nmse && skips_ok;
             failed += !ok;
             printf("%s layer K=%-5s V=%-5s D=%3d heads=32/8 n_kv=8192: fused vs unfused %zu of %zu values differ, "
-                   "NMSE vs CPU %.3e, folded Q%d K%d V%d out%d ropeK%d (expected %d%d%d%d%d)\n", ok ? "ok  " : "FAIL",
+                   "NMSE vs CPU %.3e, folded Q%d K%d V%d out%d ropeQ%d ropeK%d (expected %d%d%d%d%d%d)\n", ok ? "ok  " : "FAIL",
                    ggml_type_name(tk), ggml_type_name(tv), d, n_diff, fused.size(), err, skipped.q, skipped.k,
-                   skipped.v, skipped.out, skipped.rope_k, want.q, want.k, want.v, want.out, want.rope_k);
+                   skipped.v, skipped.out, skipped.rope_q, skipped.rope_k, want.q, want.k, want.v, want.out, want.rope_q,
+                   want.rope_k);
         }
     }
     return failed;
