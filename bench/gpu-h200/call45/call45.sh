@@ -5,7 +5,7 @@
 #     fattn-test with GGML_CUDA_FA_VEC_GQA_ROPE_K=1 and GGML_CUDA_FA_VEC_GQA_ROPE_Q=1; its layer
 #     cases rope Q and K (NeoX at head 128, adjacent pairs with YaRN at 256) and must show both
 #     RoPEs skipped ("ropeQ1 ropeK1") with outputs and caches equal to the unfused run's bit for
-#     bit; then with both off;
+#     bit; then with both off; then both on with the writes unpaired (K's RoPE in a write alone);
 #  2. token by token on held-out text (Qwen2.5-7B shape, NeoX), both switches 0 and 1: the KLD and
 #     PPL must not move at all;
 #  3. SmolLM2-360M (adjacent pairs) and Qwen2.5-7B shapes at depths 0 and 4096, both switches 0
@@ -18,6 +18,10 @@ for rk in 1 0; do
   echo "fattn-test ropek=$rk rc=$? ok=$(grep -c '^ok' $O/fattn-test-ropek$rk.txt) FAIL=$(grep -c '^FAIL' $O/fattn-test-ropek$rk.txt) at ${SECONDS}s"
   grep -E '^FAIL|layer' $O/fattn-test-ropek$rk.txt | head -8; pack
 done
+# the writes one by one (GGML_CUDA_FA_VEC_GQA_PAIR_WRITES=0): K's RoPE in a write of its own
+GGML_CUDA_FA_VEC_GQA_PAIR_WRITES=0 GGML_CUDA_FA_VEC_GQA_ROPE_Q=1 GGML_CUDA_FA_VEC_GQA_ROPE_K=1 timeout 60 $B/fattn-test "q8_0-q4_0" > $O/fattn-test-ropek1-unpaired.txt 2>&1
+echo "fattn-test unpaired ropek=1 rc=$? ok=$(grep -c '^ok' $O/fattn-test-ropek1-unpaired.txt) FAIL=$(grep -c '^FAIL' $O/fattn-test-ropek1-unpaired.txt) at ${SECONDS}s"
+grep -E '^FAIL|layer' $O/fattn-test-ropek1-unpaired.txt | head -4; pack
 M=/dev/shm/kvt; mkdir -p $M
 timeout 60 $K synth --preset qwen2.5-7b --weights f16 -o $M/q7.gguf > /dev/null 2>&1; echo "synth q7 rc=$? at ${SECONDS}s"
 for rk in 1 0; do
