@@ -6,7 +6,8 @@
 // sinks, 4 or 16 sequences at once in cache streams of their own, and drafts of 2-8 query tokens. Then whole
 // decode steps of a layer with RoPE and llama.cpp's Hadamard rotations (run_layer).
 //
-//   fattn-test "f16-f16;q8_0-q4_0;..."     (the GGML_CUDA_FA_QUANTS list)
+//   fattn-test "f16-f16;q8_0-q4_0;..."     (pairs of the GGML_CUDA_FA_QUANTS list; with
+//                                           FA_BUILT_PAIRS set to that list, others are refused)
 // Run it with GGML_CUDA_FA_VEC_GQA=0 and without to test upstream's and kvtuner's decode kernels.
 #include "ggml.h"
 #include "ggml-alloc.h"
@@ -14,6 +15,7 @@
 #include "ggml-cpu.h"
 #include "fattn-common.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -296,12 +298,26 @@ int main(int argc, char ** argv) {
         fprintf(stderr, "usage: %s \"TK-TV;TK-TV;...\"\n", argv[0]);
         return 2;
     }
+
+    const auto pairs = parse_pairs(argv[1]);
+    // FA_BUILT_PAIRS (the build's GGML_CUDA_FA_QUANTS list, the carry's fa_pairs.txt): a pair outside
+    // it has no decode kernel, so the layer checks' expectations (folded rotations) cannot hold;
+    // refuse it rather than report a failure that is the caller's (bench/gpu-h200.md, call 43)
+    if (const char * built = getenv("FA_BUILT_PAIRS")) {
+        const auto known = parse_pairs(built);
+        for (auto p : pairs) {
+            if (std::find(known.begin(), known.end(), p) == known.end()) {
+                fprintf(stderr, "pair %s-%s is not in FA_BUILT_PAIRS: this build has no kernel for it\n",
+                        ggml_type_name(p.first), ggml_type_name(p.second));
+                return 2;
+            }
+        }
+    }
     ggml_backend_load_all();
     ggml_backend_t gpu = ggml_backend_init_by_type(GGML_BACKEND_DEVICE_TYPE_GPU, nullptr);
     ggml_backend_t cpu = ggml_backend_init_by_type(GGML_BACKEND_DEVICE_TYPE_CPU, nullptr);
     if (!gpu || !cpu) { fprintf(stderr, "need a GPU and the CPU backend\n"); return 1; }
 
-    const auto pairs = parse_pairs(argv[1]);
     struct heads { int h, hkv; };
     // GQA 4 (Llama-3.1-8B), 8 (Llama-3.x-70B), 2, 4 with one K/V head, 1 (Phi-3), 7 (Qwen2.5-7B),
     // 3 (SmolLM2-360M), 5 (Qwen2.5-14B), 6 (Qwen2.5-1.5B), 16

@@ -14,12 +14,12 @@
 NAME=call45 BUILD_DEADLINE=60 source .device-carry/call-prelude.sh
 g++ -O2 -std=c++17 -I$B/patched/ggml/include $C/fattn-test.cpp -o $B/fattn-test -L$B/lib-patched -lggml -lggml-base -lggml-cpu -Wl,-rpath,$B/lib-patched
 for rk in 1 0; do
-  GGML_CUDA_FA_VEC_GQA_ROPE_Q=$rk GGML_CUDA_FA_VEC_GQA_ROPE_K=$rk timeout 100 $B/fattn-test "q8_0-q4_0;q4_0-q4_0;q8_0-q8_0" > $O/fattn-test-ropek$rk.txt 2>&1
+  GGML_CUDA_FA_VEC_GQA_ROPE_Q=$rk GGML_CUDA_FA_VEC_GQA_ROPE_K=$rk FA_BUILT_PAIRS="$(cat $C/fa_pairs.txt)" timeout 100 $B/fattn-test "q8_0-q4_0;q4_0-q4_0;q8_0-q8_0" > $O/fattn-test-ropek$rk.txt 2>&1
   echo "fattn-test ropek=$rk rc=$? ok=$(grep -c '^ok' $O/fattn-test-ropek$rk.txt) FAIL=$(grep -c '^FAIL' $O/fattn-test-ropek$rk.txt) at ${SECONDS}s"
   grep -E '^FAIL|layer' $O/fattn-test-ropek$rk.txt | head -8; pack
 done
 # the writes one by one (GGML_CUDA_FA_VEC_GQA_PAIR_WRITES=0): K's RoPE in a write of its own
-GGML_CUDA_FA_VEC_GQA_PAIR_WRITES=0 GGML_CUDA_FA_VEC_GQA_ROPE_Q=1 GGML_CUDA_FA_VEC_GQA_ROPE_K=1 timeout 60 $B/fattn-test "q8_0-q4_0" > $O/fattn-test-ropek1-unpaired.txt 2>&1
+GGML_CUDA_FA_VEC_GQA_PAIR_WRITES=0 GGML_CUDA_FA_VEC_GQA_ROPE_Q=1 GGML_CUDA_FA_VEC_GQA_ROPE_K=1 FA_BUILT_PAIRS="$(cat $C/fa_pairs.txt)" timeout 60 $B/fattn-test "q8_0-q4_0" > $O/fattn-test-ropek1-unpaired.txt 2>&1
 echo "fattn-test unpaired ropek=1 rc=$? ok=$(grep -c '^ok' $O/fattn-test-ropek1-unpaired.txt) FAIL=$(grep -c '^FAIL' $O/fattn-test-ropek1-unpaired.txt) at ${SECONDS}s"
 grep -E '^FAIL|layer' $O/fattn-test-ropek1-unpaired.txt | head -4; pack
 M=/dev/shm/kvt; mkdir -p $M
