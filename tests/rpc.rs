@@ -63,6 +63,8 @@ fn layers_split_over_two_rpc_servers_give_the_single_process_logits() {
     let mut devices = rpc::add_server(backend, &a.endpoint).unwrap();
     devices.extend(rpc::add_server(backend, &b.endpoint).unwrap());
     assert_eq!(devices.len(), 2, "one CPU device per server");
+    // ggml numbers RPC devices process-wide (RPC0, RPC1, … in the order servers were added)
+    let (a_name, b_name) = (devices[0].name(), devices[1].name());
     let split =
         Model::load(backend, &path, &ModelParams { n_gpu_layers: 4, rpc: devices, ..ModelParams::default() }).unwrap();
     let (got, devices) = logits_and_devices(&split);
@@ -71,7 +73,7 @@ fn layers_split_over_two_rpc_servers_give_the_single_process_logits() {
     // split over the devices in order; each layer's cache lives on its layer's device
     eprintln!("layer devices: {devices:?}");
     let names: Vec<&str> = devices.iter().map(|d| d.0.as_str()).collect();
-    assert_eq!(names, ["CPU", "CPU", "CPU", "RPC0", "RPC0", "RPC1"], "layers' cache devices");
+    assert_eq!(names, ["CPU", "CPU", "CPU", &a_name, &a_name, &b_name], "layers' cache devices");
     let local_bytes: Vec<u64> = logits_and_devices(&local).1.iter().map(|d| d.1).collect();
     for (il, ((_, bytes), local)) in devices.iter().zip(&local_bytes).enumerate() {
         assert_eq!(bytes, local, "layer {il}: KV bytes on its device = the single-process layer's");
@@ -243,4 +245,51 @@ fn rpc_server_serves_named_devices_only() {
     let _ = child.kill();
     let _ = child.wait();
     assert_eq!(devices.unwrap(), 1, "one served device");
+}
+
+/// ggml's RPC sockets are close-on-exec (patch 0019): a child spawned while this process holds a
+/// connection to an `rpc-server` does not get a copy of it. An inherited copy keeps the
+/// connection open after the client closes its own, and the server, which serves one client at a
+/// time, then never answers this process's next connection (that hung CI once: a test spawned
+/// its own server while another test was connected).
+#[cfg(target_os = "linux")]
+#[test]
+fn children_spawned_while_connected_do_not_inherit_rpc_connections() {
+    let _rpc = common::rpc_lock();
+    let dir = tempfile::tempdir().unwrap();
+    let path = common::tiny_model(dir.path(), 2, "synthetic-rpc-exec");
+    let server = Server::start();
+    let backend = Backend::init();
+    let devices = rpc::add_server(backend, &server.endpoint).unwrap();
+    let model =
+        Model::load(backend, &path, &ModelParams { n_gpu_layers: 2, rpc: devices, ..ModelParams::default() }).unwrap();
+    let port = server.endpoint.rsplit(':').next().unwrap().parse::<u16>().unwrap();
+    let to_server = established_connections_to(port);
+    let own = socket_inodes(std::process::id());
+    assert!(own.iter().any(|i| to_server.contains(i)), "the client holds no connection to {}", server.endpoint);
+
+    let mut child = Command::new("sleep").arg("30").spawn().unwrap();
+    let inherited = socket_inodes(child.id());
+    let _ = child.kill();
+    let _ = child.wait();
+    drop(model);
+    assert!(inherited.is_empty(), "a child inherited sockets {inherited:?} (to the server: {to_server:?})");
+}
+
+/// The inodes of the sockets process `pid` has open.
+#[cfg(target_os = "linux")]
+fn socket_inodes(pid: u32) -> Vec<u64> {
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap();
+    let links = fds.filter_map(|e| std::fs::read_link(e.unwrap().path()).ok());
+    let inode = |l: std::path::PathBuf| l.to_str()?.strip_prefix("socket:[")?.strip_suffix(']')?.parse().ok();
+    links.filter_map(inode).collect()
+}
+
+/// The inodes of the established IPv4 TCP connections whose remote port is `port`.
+#[cfg(target_os = "linux")]
+fn established_connections_to(port: u16) -> Vec<u64> {
+    let table = std::fs::read_to_string("/proc/net/tcp").unwrap();
+    let remote = format!(":{port:04X}");
+    let rows = table.lines().skip(1).map(|l| l.split_whitespace().collect::<Vec<_>>());
+    rows.filter(|f| f[2].ends_with(&remote) && f[3] == "01").map(|f| f[9].parse().unwrap()).collect()
 }

@@ -104,7 +104,28 @@ impl Drop for RpcServer {
 /// Held by every test that talks to RPC servers from the test process itself: ggml's RPC client
 /// registers devices process-wide and an `rpc-server` serves one connection at a time, so two
 /// such tests running side by side can each wait on a server busy with the other's connection.
-pub fn rpc_lock() -> std::sync::MutexGuard<'static, ()> {
+/// It also ends the test process if held for more than five minutes: a call blocked inside ggml
+/// (waiting on a server that never answers) cannot be interrupted, and CI would otherwise spend
+/// its whole time limit on it without saying which test hung.
+pub fn rpc_lock() -> RpcLock {
     static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
-    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+    let guard = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let test = std::thread::current().name().unwrap_or("an RPC test").to_string();
+    let (released, watch) = std::sync::mpsc::channel::<()>();
+    let limit = std::time::Duration::from_secs(300);
+    std::thread::spawn(move || {
+        if let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = watch.recv_timeout(limit) {
+            // straight to stderr: the harness captures eprintln! and would lose it at the abort
+            let why = format!("{test} held the RPC lock for more than {limit:?}: a call into ggml hangs; aborting\n");
+            let _ = std::io::Write::write_all(&mut std::io::stderr(), why.as_bytes());
+            std::process::abort();
+        }
+    });
+    RpcLock { _guard: guard, _released: released }
+}
+
+/// See [`rpc_lock`]; dropping it releases the lock and stops the watch.
+pub struct RpcLock {
+    _guard: std::sync::MutexGuard<'static, ()>,
+    _released: std::sync::mpsc::Sender<()>,
 }
