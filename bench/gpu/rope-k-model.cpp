@@ -1,5 +1,6 @@
-// A CPU model of kvtuner's patch 0017 (K's RoPE done by the rotated cache write): the index
-// mapping of fwht_rope_value (fattn-gqa-fuse.cu), which gives each value of a head's row after
+// A CPU model of kvtuner's patches 0017 and 0018 (K's RoPE done by the rotated cache write, Q's by
+// the decode kernel): the index mapping of fattn_gqa_rope_value and the flat walk of
+// fattn_gqa_rope_row (fattn-vec-gqa.cuh), which give each value of a head's row after
 // RoPE from the RoPE's input, checked against ggml's CPU RoPE for NeoX and adjacent-pair modes,
 // whole and partial rotary dims, with and without YaRN and frequency factors. The model repeats the
 // CUDA function's steps in host code; bit-exactness against rope.cu is for fattn-test on a device.
@@ -43,7 +44,7 @@ static void yarn(float theta_extrap, float freq_scale, const float * corr, int64
     s = sinf(theta) * mscale;
 }
 
-// fwht_rope_value, step for step
+// fattn_gqa_rope_value, step for step
 static float rope_value(const rope_params & r, const float * x, int i, int64_t t) {
     if (i < r.n_offs || i >= r.n_offs + r.n_dims) {
         return x[i];
