@@ -321,19 +321,47 @@ pub struct TuneArgs {
     #[arg(long, value_delimiter = ',')]
     pub eval_text: Vec<String>,
     /// Bits per cached value of the profile.
-    #[arg(long, default_value_t = 6.5)]
+    #[arg(long, default_value_t = 6.5, conflicts_with = "vram")]
     pub budget: f64,
     #[arg(long, default_value = "cuda")]
     pub pairs: String,
-    #[arg(short = 'c', long = "ctx-size", default_value_t = 1024)]
-    pub ctx_size: u32,
+    /// Target context: the profile's sizes (and with --vram, what must fit) are what the runtime
+    /// allocates there (default: the calibration context).
+    #[arg(short = 'c', long = "ctx-size")]
+    pub ctx_size: Option<u32>,
+    /// Tokens per measured chunk of text (calibration, choice, held-out checks).
+    #[arg(long, default_value_t = 1024)]
+    pub calib_ctx: u32,
     #[command(flatten)]
     pub plan: CalibrationPlan,
     /// Chunks of each held-out text.
     #[arg(long, default_value_t = 4)]
     pub eval_chunks: usize,
-    #[arg(short = 't', long = "threads", default_value_t = 0)]
-    pub threads: i32,
+    /// Where the model runs while it is measured (-ngl, --rpc, -t, -fa). With --vram, -ngl is
+    /// where calibration runs (default: the most layers whose weights fit the budget) and the
+    /// profile's own -ngl is chosen with it.
+    #[command(flatten)]
+    pub device: DeviceArgs,
+    /// GPU memory per offload device for weights, compute buffers and the KV cache at -c (e.g.
+    /// `24GiB`, or `24GiB,12GiB` per device in order): chooses the profile and -ngl together, by
+    /// measurement, against every uniform GPU cache that fits the same budget (instead of
+    /// --budget bits).
+    #[arg(long = "vram", value_parser = byte_size, value_delimiter = ',')]
+    pub vram: Vec<u64>,
+    /// With --vram: (K, V) pairs for layers left on the CPU (`cpu` = any pair of the types).
+    #[arg(long, default_value = "cpu", requires = "vram")]
+    pub cpu_pairs: String,
+    /// With --vram: the largest predicted KLD a placement may have (default: the most layers on
+    /// the GPU any profile allows).
+    #[arg(long, requires = "vram")]
+    pub max_kld: Option<f64>,
+    /// Profile name (default: from the model and the bits per value).
+    #[arg(long)]
+    pub name: Option<String>,
+    /// A sensitivity table of this model and calibration text (e.g. a previous tune's): skips
+    /// calibration.
+    #[arg(long)]
+    pub sensitivity: Option<PathBuf>,
     /// Folder for the sensitivity table, profile and report (default: next to the output).
     #[arg(long)]
     pub work_dir: Option<PathBuf>,
@@ -680,6 +708,32 @@ pub struct ServeArgs {
     /// Chat template: a llama.cpp built-in name, or `plain` (the default for models without one).
     #[arg(long)]
     pub template: Option<String>,
+}
+
+impl DeviceArgs {
+    /// The library's device options.
+    pub fn devices(&self) -> kvtuner::runtime::Devices {
+        kvtuner::runtime::Devices {
+            n_gpu_layers: self.n_gpu_layers,
+            rpc: self.rpc.clone(),
+            threads: self.threads,
+            flash_attn: self.flash_attn,
+        }
+    }
+}
+
+impl RuntimeArgs {
+    /// The library's runtime options.
+    pub fn options(&self) -> kvtuner::runtime::RuntimeOptions {
+        kvtuner::runtime::RuntimeOptions {
+            model: self.model.clone(),
+            ctx_size: self.ctx_size,
+            devices: self.device.devices(),
+            cache_type_k: self.cache_type_k,
+            cache_type_v: self.cache_type_v,
+            kv_profile: self.kv_profile.clone(),
+        }
+    }
 }
 
 #[cfg(test)]

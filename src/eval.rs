@@ -156,8 +156,10 @@ pub struct Evaluator<'m> {
     n_vocab: usize,
     /// Forward passes run so far (baseline included), counted per chunk.
     pub forward_passes: u64,
-    /// Seconds spent in forward passes.
+    /// Seconds spent in forward passes (decoding and scoring).
     pub forward_seconds: f64,
+    /// Of those, seconds in the decodes and reading the logits back.
+    pub decode_seconds: f64,
 }
 
 /// Logits below max − CUTOFF contribute < e^-30 each to the softmax sum: with a vocabulary of
@@ -215,6 +217,38 @@ fn kld_row(probs: &[f32], negent: f64, logits: &[f32]) -> (f64, u32, f64) {
 fn score_row(probs: &[f32], negent: f64, top1: u32, logits: &[f32], next: usize) -> RowScore {
     let (kld, arg, lse_q) = kld_row(probs, negent, logits);
     RowScore { kld, top1_same: arg == top1, nll: lse_q - logits[next] as f64 }
+}
+
+/// Maps `f` over `items` on every core, in order. Scoring a row is a pass over the vocabulary
+/// (up to 262k logits) and rows are independent, so a step's rows are split into one contiguous
+/// run per thread; on a GPU this is most of an evaluation's host time.
+fn par_rows<I, T, R>(items: I, f: impl Fn(T) -> R + Sync) -> Vec<R>
+where
+    I: Iterator<Item = T>,
+    T: Send,
+    R: Send,
+{
+    let items: Vec<T> = items.collect();
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(items.len().max(1));
+    if threads <= 1 {
+        return items.into_iter().map(f).collect();
+    }
+    let per = items.len().div_ceil(threads);
+    let mut parts: Vec<Vec<T>> = Vec::with_capacity(threads);
+    let mut it = items.into_iter();
+    loop {
+        let part: Vec<T> = it.by_ref().take(per).collect();
+        if part.is_empty() {
+            break;
+        }
+        parts.push(part);
+    }
+    let f = &f;
+    std::thread::scope(|s| {
+        let handles: Vec<_> =
+            parts.into_iter().map(|p| s.spawn(move || p.into_iter().map(f).collect::<Vec<R>>())).collect();
+        handles.into_iter().flat_map(|h| h.join().expect("a scoring thread panicked")).collect()
+    })
 }
 
 /// Peak resident memory of this process so far (Linux: VmHWM), in bytes.
@@ -288,6 +322,7 @@ impl<'m> Evaluator<'m> {
             n_vocab,
             forward_passes: 0,
             forward_seconds: 0.0,
+            decode_seconds: 0.0,
         };
         let stored_bytes = (n_chunks * ev.scored_len()) as u64 * n_vocab as u64 * 4;
         if stored_bytes <= stored_limit {
@@ -307,11 +342,17 @@ impl<'m> Evaluator<'m> {
             let scored = self.scored(chunk);
             let mut probs = vec![0f32; scored.len() * n_vocab];
             let (mut negent, mut top1, mut nll) = (Vec::new(), Vec::new(), Vec::new());
-            self.forward(&mut [&mut ctx], chunk, |i, logits| {
-                let (arg, ne, lse) = softmax_into(logits[0], &mut probs[i * n_vocab..(i + 1) * n_vocab]);
-                negent.push(ne);
-                top1.push(arg);
-                nll.push(lse - logits[0][chunk[scored.start + i + 1] as usize] as f64);
+            self.forward(&mut [&mut ctx], chunk, |i, rows| {
+                let out = &mut probs[i * n_vocab..(i + rows.len()) * n_vocab];
+                let results = par_rows(out.chunks_mut(n_vocab).zip(rows).enumerate(), |(j, (p, r))| {
+                    let (arg, ne, lse) = softmax_into(r[0], p);
+                    (arg, ne, lse - r[0][chunk[scored.start + i + j + 1] as usize] as f64)
+                });
+                for (arg, ne, n) in results {
+                    top1.push(arg);
+                    negent.push(ne);
+                    nll.push(n);
+                }
             })?;
             stored.push(BaselineChunk { probs, negent, top1 });
             nlls.push(nll);
@@ -366,12 +407,14 @@ impl<'m> Evaluator<'m> {
     }
 
     /// Runs `chunk` through every context in `ctxs` in lock-step, `n_ubatch` tokens a step, and
-    /// calls `on_row(i, logits)` for the i-th scored position with each context's logits row.
+    /// calls `on_step(i, rows)` after each step with its scored positions, the first being the
+    /// i-th scored position of the chunk: `rows[j][c]` is context `c`'s logits row of position
+    /// `i + j`. Steps come in order; the callback may score the rows in parallel.
     fn forward(
         &mut self,
         ctxs: &mut [&mut Context<'_>],
         chunk: &[Token],
-        mut on_row: impl FnMut(usize, &[&[f32]]),
+        mut on_step: impl FnMut(usize, &[Vec<&[f32]>]),
     ) -> Result<(), EvalError> {
         let start = Instant::now();
         for ctx in ctxs.iter_mut() {
@@ -380,24 +423,32 @@ impl<'m> Evaluator<'m> {
         let scored = self.scored(chunk);
         let step = self.n_ubatch as usize;
         let mut batch = Batch::new(step);
+        let mut decode_seconds = 0.0;
         for first in (0..chunk.len()).step_by(step) {
             let part = &chunk[first..(first + step).min(chunk.len())];
             batch.clear();
             batch
                 .add_sequence(part, first as i32, 0, |i| scored.contains(&(first + i)))
                 .map_err(|_| DecodeError::Empty)?;
+            let t = Instant::now();
             for ctx in ctxs.iter_mut() {
                 ctx.decode(&batch)?;
             }
-            let mut rows: Vec<&[f32]> = Vec::with_capacity(ctxs.len());
-            for pos in first.max(scored.start)..(first + part.len()).min(scored.end) {
-                rows.clear();
-                rows.extend(ctxs.iter().map(|c| c.logits((pos - first) as i32).expect("logits of a scored position")));
-                on_row(pos - scored.start, &rows);
+            let positions = first.max(scored.start)..(first + part.len()).min(scored.end);
+            let rows: Vec<Vec<&[f32]>> = positions
+                .clone()
+                .map(|pos| {
+                    ctxs.iter().map(|c| c.logits((pos - first) as i32).expect("logits of a scored position")).collect()
+                })
+                .collect();
+            decode_seconds += t.elapsed().as_secs_f64();
+            if !rows.is_empty() {
+                on_step(positions.start - scored.start, &rows);
             }
         }
         self.forward_passes += ctxs.len() as u64;
         self.forward_seconds += start.elapsed().as_secs_f64();
+        self.decode_seconds += decode_seconds;
         Ok(())
     }
 
@@ -440,10 +491,13 @@ impl<'m> Evaluator<'m> {
         let result = (|| {
             for (chunk, base) in chunks.iter().zip(&stored).take(n_chunks) {
                 let scored = self.scored(chunk);
-                self.forward(&mut [&mut ctx], chunk, |i, logits| {
-                    let probs = &base.probs[i * n_vocab..(i + 1) * n_vocab];
-                    let next = chunk[scored.start + i + 1] as usize;
-                    scores.push(score_row(probs, base.negent[i], base.top1[i], logits[0], next));
+                self.forward(&mut [&mut ctx], chunk, |i, rows| {
+                    let rows = par_rows(rows.iter().enumerate(), |(j, r)| {
+                        let k = i + j;
+                        let probs = &base.probs[k * n_vocab..(k + 1) * n_vocab];
+                        score_row(probs, base.negent[k], base.top1[k], r[0], chunk[scored.start + k + 1] as usize)
+                    });
+                    rows.into_iter().for_each(|r| scores.push(r));
                 })?;
                 scores.chunk_sizes.push(scored.len());
             }
@@ -462,7 +516,7 @@ impl<'m> Evaluator<'m> {
         }
         let mut scores: Vec<Scores> =
             ctxs.iter().map(|c| Scores { kv_bytes: c.kv_buffer_bytes(), ..Scores::default() }).collect();
-        let mut row = vec![0f32; self.n_vocab];
+        let n_vocab = self.n_vocab;
         let chunks = std::mem::take(&mut self.chunks);
         let record_nll = self.baseline_nll.is_empty() && n_chunks == chunks.len();
         let mut nlls = Vec::new();
@@ -471,12 +525,20 @@ impl<'m> Evaluator<'m> {
                 let scored = self.scored(chunk);
                 let mut nll = Vec::new();
                 let mut all: Vec<&mut Context<'_>> = std::iter::once(&mut base_ctx).chain(ctxs.iter_mut()).collect();
-                self.forward(&mut all, chunk, |i, logits| {
-                    let next = chunk[scored.start + i + 1] as usize;
-                    let (top1, negent, lse) = softmax_into(logits[0], &mut row);
-                    nll.push(lse - logits[0][next] as f64);
-                    for (s, l) in scores.iter_mut().zip(&logits[1..]) {
-                        s.push(score_row(&row, negent, top1, l, next));
+                self.forward(&mut all, chunk, |i, rows| {
+                    let per_row = par_rows(rows.iter().enumerate(), |(j, logits)| {
+                        let next = chunk[scored.start + i + j + 1] as usize;
+                        let mut row = vec![0f32; n_vocab];
+                        let (top1, negent, lse) = softmax_into(logits[0], &mut row);
+                        let config_rows: Vec<RowScore> =
+                            logits[1..].iter().map(|l| score_row(&row, negent, top1, l, next)).collect();
+                        (lse - logits[0][next] as f64, config_rows)
+                    });
+                    for (n, config_rows) in per_row {
+                        nll.push(n);
+                        for (s, r) in scores.iter_mut().zip(config_rows) {
+                            s.push(r);
+                        }
                     }
                 })?;
                 for s in scores.iter_mut() {

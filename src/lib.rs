@@ -14,15 +14,16 @@ pub mod eval;
 pub mod gguf;
 pub mod kv_layout;
 pub mod llama;
+pub mod pipeline;
 pub mod placement;
 pub mod profile;
 pub mod report;
+pub mod runtime;
 pub mod search;
 pub mod select;
 pub mod sensitivity;
 pub mod serve;
 pub mod synth;
-pub mod tune;
 
 /// Writes `bytes` to `path` through a temp file in the same folder and a rename, so a reader
 /// never sees a half-written file and a failure leaves the old file intact.

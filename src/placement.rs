@@ -33,6 +33,8 @@ pub enum PlacementError {
     Budgets { given: usize, devices: Vec<String> },
     #[error("offload device {0} has no GPU memory size")]
     UnknownDevice(String),
+    #[error("no layer leaves the CPU at any -ngl: this build or machine has no GPU (or give --rpc servers)")]
+    NoOffloadDevice,
 }
 
 /// What one `-ngl` needs on the offload devices (every buffer type not in host memory), KV cache
@@ -56,6 +58,8 @@ pub struct DeviceCost {
     pub device: String,
     pub model_bytes: u64,
     pub compute_bytes: u64,
+    /// The f16 KV cache of its layers at the context the cost was read at.
+    pub f16_kv_bytes: u64,
     /// The layers whose KV cache the runtime puts on this device.
     pub layers: Vec<usize>,
 }
@@ -95,6 +99,7 @@ pub fn offload_costs(
             let d = device_entry(&mut per_device, &m.device);
             d.model_bytes += m.model;
             d.compute_bytes += m.compute;
+            d.f16_kv_bytes += m.context;
         }
         out.push(OffloadCost {
             ngl,
@@ -116,6 +121,7 @@ fn device_entry<'a>(per_device: &'a mut Vec<DeviceCost>, device: &str) -> &'a mu
                 device: device.to_string(),
                 model_bytes: 0,
                 compute_bytes: 0,
+                f16_kv_bytes: 0,
                 layers: vec![],
             });
             per_device.len() - 1
@@ -324,4 +330,99 @@ pub fn same_budget_candidates(
         }
     }
     Ok(out)
+}
+
+/// What a VRAM budget allows, from a calibration, before anything is measured: every `-ngl`'s
+/// placement, the one chosen, and each uniform GPU pair (one type for K and V) at the most layers
+/// it fits.
+#[derive(Debug, Clone, Serialize)]
+pub struct FitPlan {
+    pub context: u32,
+    /// The offload devices with every layer offloaded, in the order budgets are given.
+    pub devices: Vec<String>,
+    #[serde(skip)]
+    pub budget: VramBudget,
+    pub placements: Vec<Placement>,
+    /// Index into `placements`.
+    pub chosen: Option<usize>,
+    pub uniform: Vec<((CacheType, CacheType), Placement)>,
+}
+
+impl FitPlan {
+    pub fn chosen(&self) -> Option<&Placement> {
+        self.chosen.map(|i| &self.placements[i])
+    }
+}
+
+/// [`offload_costs`] of every `-ngl` (none, each layer count, and the output layer too) of a model
+/// of `n_layer` layers at `n_ctx` tokens, and `vram` per offload device (named as they are with
+/// every layer offloaded).
+pub fn costs_and_budget(
+    model_path: &std::path::Path,
+    rpc: &[RpcDevice],
+    n_layer: usize,
+    n_ctx: u32,
+    vram: &[u64],
+) -> Result<(Vec<OffloadCost>, VramBudget), PlacementError> {
+    let ngls: Vec<i32> = (0..=n_layer as i32 + 1).collect();
+    let costs = offload_costs(model_path, rpc, &ngls, n_ctx)?;
+    if costs.iter().all(|c| c.devices.is_empty()) {
+        return Err(PlacementError::NoOffloadDevice);
+    }
+    let budget = VramBudget::new(vram, &costs.last().expect("-ngl 0 at least").devices)?;
+    Ok((costs, budget))
+}
+
+/// What a fit must satisfy.
+#[derive(Debug, Clone, Copy)]
+pub struct FitTarget<'a> {
+    /// Context (tokens) whose caches must fit.
+    pub n_ctx: u32,
+    /// One size for every offload device, or one per device.
+    pub vram: &'a [u64],
+    pub gpu_pairs: &'a [(CacheType, CacheType)],
+    pub cpu_pairs: &'a [(CacheType, CacheType)],
+    /// The largest predicted error a placement may have.
+    pub max_predicted: Option<f64>,
+}
+
+/// Plans a fit of `p` (one problem layer per model layer) into `target`: each `-ngl`'s devices,
+/// weights and compute buffers read back from metadata-only models of `model_path`, then the
+/// most offloaded layers whose caches fit.
+pub fn plan(
+    p: &Problem,
+    model_path: &std::path::Path,
+    rpc: &[RpcDevice],
+    target: FitTarget<'_>,
+) -> Result<FitPlan, PlacementError> {
+    let FitTarget { n_ctx, vram, gpu_pairs, cpu_pairs, max_predicted } = target;
+    let (costs, budget) = costs_and_budget(model_path, rpc, p.layers.len(), n_ctx, vram)?;
+    let devices = costs.last().expect("-ngl 0 at least").devices.clone();
+    let placements = placements(p, gpu_pairs, cpu_pairs, &costs, &budget)?;
+    let chosen =
+        choose(&placements, max_predicted).map(|c| placements.iter().position(|x| x.ngl == c.ngl).expect("in"));
+    let mut uniform = Vec::new();
+    for &pair in gpu_pairs.iter().filter(|(k, v)| k == v) {
+        if let Some(u) = uniform_at_most_layers(p, pair, cpu_pairs, &costs, &budget)? {
+            uniform.push((pair, u));
+        }
+    }
+    Ok(FitPlan { context: n_ctx, devices, budget, placements, chosen, uniform })
+}
+
+/// The most `-ngl` of `costs` at which every offload device's weights, compute buffers and f16
+/// cache (at the context the costs were read at) fit its budget: where a calibration at that
+/// context can run.
+pub fn most_layers_fitting(costs: &[OffloadCost], budget: &VramBudget) -> Result<i32, PlacementError> {
+    let mut best = 0;
+    for c in costs {
+        let mut fits = true;
+        for d in &c.per_device {
+            fits &= d.model_bytes + d.compute_bytes + d.f16_kv_bytes <= budget.of(&d.device)?;
+        }
+        if fits {
+            best = best.max(c.ngl);
+        }
+    }
+    Ok(best)
 }

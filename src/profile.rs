@@ -111,7 +111,7 @@ fn de_v<'de, D: Deserializer<'de>>(d: D) -> Result<CacheType, D::Error> {
 }
 
 /// Numbers measured for this profile.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Measured {
     /// Average storage bits per cached K/V value, block scales included.
@@ -135,6 +135,16 @@ pub struct Measured {
     /// The uniform cache it was compared against on `kld_eval_text`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub compared_uniform: Option<ComparedUniform>,
+    /// The best uniform cache within the budget on the calibration text, where the choice was
+    /// made (a profile is kept only if it measured below it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uniform_calibration: Option<ComparedUniform>,
+    /// The written types measured again on the calibration text before the profile was kept.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kld_confirmed: Option<f64>,
+    /// Where it was measured: devices, `-ngl`, flash attention (e.g. `CUDA0 (-ngl 99 -fa on)`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub measured_on: Option<String>,
 }
 
 /// A uniform configuration and its KLD on the same text as the profile's.
@@ -747,6 +757,8 @@ pub const META_KLD: &str = "kvtuner.profile.kld_mean";
 pub const META_KLD_TEXT: &str = "kvtuner.profile.kld_eval_text";
 /// string: kvtuner version that wrote the keys.
 pub const META_TOOL: &str = "kvtuner.tool_version";
+/// Where the profile was measured (devices, `-ngl`, flash attention).
+pub const META_MEASURED_ON: &str = "kvtuner.profile.measured_on";
 /// u8 array of zeros, written last: keeps the tensor data at the input's offset modulo 64 KiB
 /// so annotating copies whole page-cache folios (see `gguf::COPY_GRANULE`). Carries no
 /// information.
@@ -807,6 +819,9 @@ impl Profile {
             }
             if let Some(text) = &m.kld_eval_text {
                 kv.push((META_KLD_TEXT.to_string(), Value::String(text.clone())));
+            }
+            if let Some(on) = &m.measured_on {
+                kv.push((META_MEASURED_ON.to_string(), Value::String(on.clone())));
             }
         }
         kv.push((

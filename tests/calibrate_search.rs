@@ -7,11 +7,12 @@ use kvtuner::calibrate::{self, CalibrateOptions};
 use kvtuner::gguf;
 use kvtuner::kv_layout::{runtime_cells, RUNTIME_UBATCH};
 use kvtuner::llama::{Backend, ContextParams, Model, ModelParams};
+use kvtuner::pipeline::{self, Budget, TuneOptions};
 use kvtuner::profile::{ModelIdentity, Profile};
+use kvtuner::runtime::Devices;
 use kvtuner::search;
 use kvtuner::select::{Problems, SelectOptions};
 use kvtuner::sensitivity::Sensitivity;
-use kvtuner::tune::{self, TuneOptions};
 
 use common::kvtuner;
 
@@ -155,21 +156,23 @@ fn q8_0_background_measures_changes_from_uniform_q8_0() {
 #[test]
 fn tune_never_keeps_a_profile_that_measures_worse_than_uniform() {
     let dir = tempfile::tempdir().unwrap();
-    let (_, identity, model) = synthetic(dir.path(), 4, "synthetic-tune");
+    let (path, identity, model) = synthetic(dir.path(), 4, "synthetic-tune");
     let split = kvtuner::assets::load_split(&kvtuner::assets::cache_dir()).unwrap();
     let types = vec![CacheType::F16, CacheType::Q8_0, CacheType::Q5_0, CacheType::Q4_0];
     let mut opts = TuneOptions {
         calibrate: options(&types, 2, CacheType::F16),
         pairs: "cuda".into(),
-        budget_bits: 6.5,
+        budget: Budget::Bits(6.5),
         target_ctx: 64,
         eval_chunks: 1,
         select: SelectOptions::default(),
         name: None,
+        sensitivity: None,
+        devices: Devices { threads: 2, ..Default::default() },
     };
     let held = vec![(split.evaluation.clone(), "held out".to_string())];
-    let tuned = tune::tune(&model, &identity, (&split.calibration, "cal"), &held, &opts, None, &mut |_| {}).unwrap();
-    let sel = &tuned.selection;
+    let tuned = pipeline::tune(&path, &identity, (&split.calibration, "cal"), &held, &opts, None, &mut |_| {}).unwrap();
+    let sel = &tuned.choice.selection;
     let best_uniform = sel.best_uniform.as_ref().unwrap();
     assert!(sel.chosen.kld() <= best_uniform.kld());
     for c in &sel.considered {
@@ -181,9 +184,12 @@ fn tune_never_keeps_a_profile_that_measures_worse_than_uniform() {
     assert_eq!(sel.profile_wins, !sel.chosen.is_uniform());
     assert_eq!(tuned.held_out.len(), 1);
     assert_eq!(tuned.held_out[0].uniform.candidate.types, best_uniform.candidate.types);
-    let m = tuned.profile.measured.as_ref().unwrap();
+    let m = tuned.choice.profile.measured.as_ref().unwrap();
     assert_eq!(m.kv_bytes, sel.chosen.kv.tensor_bytes);
     assert_eq!(m.kld_mean, Some(tuned.held_out[0].chosen.kld()));
+    assert_eq!(m.kld_confirmed, Some(sel.chosen.kld()), "the written types were measured again");
+    assert_eq!(m.uniform_calibration.as_ref().unwrap().kld_mean, best_uniform.kld());
+    assert_eq!(m.measured_on.as_deref(), Some("CPU"));
 
     // The bound is checked by measuring again: the chosen types reproduce the recorded KLD;
     // a configuration other than the one recorded (here one layer lowered to q4_0) does not.
@@ -202,12 +208,13 @@ fn tune_never_keeps_a_profile_that_measures_worse_than_uniform() {
     assert!(cal.confirm(&f16, sel).is_err(), "a configuration other than the recorded one was confirmed");
 
     // At exactly all-q4_0's size nothing but uniform q4_0 fits: the tool keeps it and says so.
-    opts.budget_bits = 4.5;
-    let tuned = tune::tune(&model, &identity, (&split.calibration, "cal"), &held, &opts, None, &mut |_| {}).unwrap();
-    assert!(!tuned.selection.profile_wins);
-    assert_eq!(tuned.selection.chosen.candidate.types, vec![(CacheType::Q4_0, CacheType::Q4_0); 4]);
-    assert!(tuned.selection.verdict().contains("keeping the uniform cache"), "{}", tuned.selection.verdict());
-    assert!(tuned.profile.name.contains("uniform-q4_0-q4_0"), "{}", tuned.profile.name);
+    opts.budget = Budget::Bits(4.5);
+    let tuned = pipeline::tune(&path, &identity, (&split.calibration, "cal"), &held, &opts, None, &mut |_| {}).unwrap();
+    let sel = &tuned.choice.selection;
+    assert!(!sel.profile_wins);
+    assert_eq!(sel.chosen.candidate.types, vec![(CacheType::Q4_0, CacheType::Q4_0); 4]);
+    assert!(sel.verdict().contains("keeping the uniform cache"), "{}", sel.verdict());
+    assert!(tuned.choice.profile.name.contains("uniform-q4_0-q4_0"), "{}", tuned.choice.profile.name);
 }
 
 #[test]

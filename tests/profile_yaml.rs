@@ -32,6 +32,7 @@ fn sample() -> Profile {
         predicted_kld: Some(0.011),
         kld_calibration: None,
         compared_uniform: None,
+        ..Default::default()
     });
     p.calibration = Some(Calibration {
         text: "lee_background.cor, documents 1-150".into(),
@@ -305,7 +306,8 @@ prop_compose! {
         model_name in proptest::option::of(text()),
         measured in proptest::option::of((finite(), any::<u64>(), any::<u32>(),
             proptest::option::of(finite()), proptest::option::of(text()), proptest::option::of(finite()),
-            proptest::option::of(finite()), proptest::option::of((text(), finite())))),
+            proptest::option::of(finite()), proptest::option::of((text(), finite())),
+            proptest::option::of((text(), finite())), proptest::option::of(finite()), proptest::option::of(text()))),
         calibration in proptest::option::of((text(), any::<u32>(), any::<u32>(),
             proptest::collection::vec(cache_type(), 0..5), proptest::option::of(text()))),
         tool_version in proptest::option::of("[0-9]\\.[0-9]\\.[0-9]"),
@@ -316,9 +318,12 @@ prop_compose! {
             description,
             model: ModelIdentity { architecture: arch, layers: layers.len(), fingerprint, name: model_name },
             layers: layers.into_iter().map(|(k, v)| LayerTypes { k, v }).collect(),
-            measured: measured.map(|(bits_per_value, kv_bytes, context, kld_mean, kld_eval_text, predicted_kld, kld_calibration, uniform)| Measured {
+            measured: measured.map(|(bits_per_value, kv_bytes, context, kld_mean, kld_eval_text, predicted_kld, kld_calibration, uniform, uniform_cal, kld_confirmed, measured_on)| Measured {
                 bits_per_value, kv_bytes, context, kld_mean, kld_eval_text, predicted_kld, kld_calibration,
                 compared_uniform: uniform.map(|(types, kld_mean)| ComparedUniform { types, kld_mean }),
+                uniform_calibration: uniform_cal.map(|(types, kld_mean)| ComparedUniform { types, kld_mean }),
+                kld_confirmed,
+                measured_on,
             }),
             calibration: calibration.map(|(text, context, chunks, types, pairs)| Calibration { text, context, chunks, types, pairs }),
             tool_version,

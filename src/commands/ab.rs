@@ -2,7 +2,6 @@ use anyhow::{bail, Context as _};
 use comfy_table::Table;
 use serde::Serialize;
 
-use super::runtime::{cache_configs, load_for_comparison, load_text};
 use crate::cli::AbArgs;
 use kvtuner::bench::{self, Stat};
 use kvtuner::cache_type::CacheType;
@@ -10,6 +9,7 @@ use kvtuner::eval::{peak_rss_bytes, Evaluator, DEFAULT_STORED_BASELINE_LIMIT};
 use kvtuner::kv_layout::RuntimeKv;
 use kvtuner::llama::{BufferMemory, Context, ContextParams};
 use kvtuner::report::{plot_bits_vs_kld, PlotPoint};
+use kvtuner::runtime::{cache_configs, load_for_comparison, load_text};
 
 #[derive(Debug, Serialize)]
 struct SpeedAtDepth {
@@ -78,7 +78,7 @@ pub fn run(args: AbArgs) -> anyhow::Result<()> {
     if named.is_some_and(|t| t.name().ends_with("-calibration")) {
         eprintln!("warning: {label} is a calibration half; quality measured on it is not held out");
     }
-    let (header, identity, model, base) = load_for_comparison(&args.model, &args.devices)?;
+    let (header, identity, model, base) = load_for_comparison(&args.model, &args.devices.devices())?;
 
     let configs = cache_configs(&args.against, &args.profiles, &header, &identity, &args.model, &base)?;
 

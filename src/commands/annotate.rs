@@ -4,10 +4,10 @@ use std::time::Instant;
 use anyhow::{bail, Context as _};
 use indicatif::{ProgressBar, ProgressStyle};
 
-use super::runtime::read_model_header;
 use crate::cli::{AnnotateArgs, OutputTarget, StripArgs};
 use kvtuner::gguf;
 use kvtuner::profile::{remove_profile_edits, ModelIdentity, Profile, META_PADDING};
+use kvtuner::runtime::read_model_header;
 
 pub fn run_annotate(args: AnnotateArgs) -> anyhow::Result<()> {
     let profile = Profile::load(&args.profile)?;

@@ -3,9 +3,9 @@ use std::time::Instant;
 use anyhow::Context as _;
 use indicatif::{ProgressBar, ProgressStyle};
 
-use super::runtime::{load_text, open};
 use crate::cli::{CalibrateArgs, CalibrationPlan};
 use kvtuner::calibrate::{self, CalibrateOptions};
+use kvtuner::runtime::{load_text, open};
 
 /// The library's options from the command line's calibration plan.
 pub fn calibrate_options(
@@ -28,7 +28,7 @@ pub fn calibrate_options(
 pub fn run(args: CalibrateArgs) -> anyhow::Result<()> {
     let start = Instant::now();
     let (text, label) = load_text(&args.text.text)?;
-    let mut runtime = args.runtime.clone();
+    let mut runtime = args.runtime.options();
     runtime.kv_profile = "off".into();
     let opened = open(&runtime)?;
     let n_layer = opened.model.n_layer() as usize;

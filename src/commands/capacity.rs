@@ -2,11 +2,11 @@ use anyhow::Context as _;
 use comfy_table::Table;
 use serde::Serialize;
 
-use super::runtime::{cache_configs, load_for_comparison};
 use crate::cli::CapacityArgs;
 use kvtuner::bench::Stat;
 use kvtuner::capacity::{measure_capacity, Capacity};
 use kvtuner::kv_layout::Sizer;
+use kvtuner::runtime::{cache_configs, load_for_comparison};
 
 #[derive(Debug, Serialize)]
 struct Row {
@@ -22,7 +22,7 @@ struct Row {
 pub fn run(args: CapacityArgs) -> anyhow::Result<()> {
     let start = std::time::Instant::now();
     let depth = args.depth.unwrap_or(args.ctx_size.saturating_sub(256));
-    let (header, identity, model, base) = load_for_comparison(&args.model, &args.devices)?;
+    let (header, identity, model, base) = load_for_comparison(&args.model, &args.devices.devices())?;
     let sizer = Sizer::new(&args.model)?;
     let configs = cache_configs(&args.against, &args.profiles, &header, &identity, &args.model, &base)?;
     anyhow::ensure!(!configs.is_empty(), "nothing to measure: give --against or --profile");

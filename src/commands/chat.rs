@@ -5,18 +5,18 @@ use std::sync::Arc;
 use anyhow::Context as _;
 use rustyline::error::ReadlineError;
 
-use super::runtime::{open, ProfileChoice};
 use crate::cli::ChatArgs;
 use kvtuner::cache_type::CacheType;
 use kvtuner::chat::{ChatSession, ReplyStats, Template};
 use kvtuner::kv_layout::{RuntimeKv, Sizer};
 use kvtuner::llama::{Context, SamplingParams};
+use kvtuner::runtime::{open, ProfileChoice};
 
 const HELP: &str =
     "commands: /reset  /stats  /profile  /save FILE  /load FILE  /quit   (end a line with \\ to continue it)";
 
 pub fn run(args: ChatArgs) -> anyhow::Result<()> {
-    let opened = open(&args.runtime)?;
+    let opened = open(&args.runtime.options())?;
     let model = &opened.model;
     let ctx = Context::new(model, &opened.params)?;
     let infos = ctx.layers();

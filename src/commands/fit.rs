@@ -3,18 +3,18 @@
 use anyhow::{bail, Context as _};
 use comfy_table::Table;
 
-use super::runtime::load_text;
 use crate::cli::FitArgs;
-use kvtuner::cache_type::CacheType;
 use kvtuner::eval::Evaluator;
 use kvtuner::kv_layout::{runtime_cells, RUNTIME_UBATCH};
 use kvtuner::llama::rpc::RpcDevice;
-use kvtuner::llama::{Backend, ContextParams, Model, ModelParams};
-use kvtuner::placement::{self, Placement, VramBudget};
+use kvtuner::llama::{Backend, Model, ModelParams};
+use kvtuner::pipeline::{self, profile_for, Choice, Chosen, ProfileMeta};
+use kvtuner::placement::{self, FitPlan, Placement};
+use kvtuner::runtime::load_text;
+use kvtuner::runtime::Devices;
 use kvtuner::search;
-use kvtuner::select::{self, report as select_report, HeldOut, Measurer, Problems, Selection};
+use kvtuner::select::{report as select_report, Candidate, HeldOut, Measurer, Problems};
 use kvtuner::sensitivity::Sensitivity;
-use kvtuner::tune::{profile_for, Chosen};
 
 pub fn run(args: FitArgs) -> anyhow::Result<()> {
     let sens = Sensitivity::load(&args.sensitivity)?;
@@ -31,26 +31,16 @@ pub fn run(args: FitArgs) -> anyhow::Result<()> {
     let cells = runtime_cells(&meta, n_ctx, RUNTIME_UBATCH)?;
     let problems = Problems::new(&sens, &cells, &gpu_pairs)?;
     let problem = problems.main(); // one layer per model layer: the table was checked against the model
-
-    // every -ngl: none, each layer count, and the output layer too
-    let ngls: Vec<i32> = (0..=n_layer as i32 + 1).collect();
-    let costs = placement::offload_costs(&args.model, &rpc, &ngls, n_ctx)?;
-    if costs.iter().all(|c| c.devices.is_empty()) {
-        bail!("no layer leaves the CPU at any -ngl: this build or machine has no GPU (or give --rpc servers)");
-    }
-    // the budget per device, named as they are with every layer offloaded
-    let all_devices = &costs.last().expect("-ngl 0 at least").devices;
-    let budget = VramBudget::new(&args.vram, all_devices)?;
-    let budget_label = budget_label(&args.vram, all_devices);
-    let all = placement::placements(problem, &gpu_pairs, &cpu_pairs, &costs, &budget)?;
-    let chosen = placement::choose(&all, args.max_kld);
-    // baselines: each uniform GPU pair with one type for K and V, at the most layers it fits
-    let mut uniform = Vec::new();
-    for &pair in gpu_pairs.iter().filter(|(k, v)| k == v) {
-        if let Some(p) = placement::uniform_at_most_layers(problem, pair, &cpu_pairs, &costs, &budget)? {
-            uniform.push((pair, p));
-        }
-    }
+    let target = placement::FitTarget {
+        n_ctx,
+        vram: &args.vram,
+        gpu_pairs: &gpu_pairs,
+        cpu_pairs: &cpu_pairs,
+        max_predicted: args.max_kld,
+    };
+    let plan = placement::plan(problem, &args.model, &rpc, target)?;
+    let budget_label = budget_label(&args.vram, &plan.devices);
+    let chosen = plan.chosen();
 
     let measured = match (chosen, &args.text) {
         (Some(c), Some(_)) if c.offloaded_cache_layers == 0 => {
@@ -61,15 +51,23 @@ pub fn run(args: FitArgs) -> anyhow::Result<()> {
             None
         }
         (Some(c), Some(spec)) => {
-            let searched = Searched {
-                sens: &sens,
-                problems: &problems,
-                gpu_pairs: &gpu_pairs,
-                cpu_pairs: &cpu_pairs,
-                budget: &budget,
-                n_ctx,
+            let label = format!("fit for {budget_label} of GPU memory at -ngl {}", c.ngl);
+            let meta = ProfileMeta {
+                pairs: format!("{} on the GPU, {} on the CPU", args.pairs, args.cpu_pairs),
+                target_ctx: n_ctx,
+                name: args.name.clone(),
+                label: Some(label),
+                measured_on: String::new(),
             };
-            Some(measure(&args, &searched, c, &rpc, spec)?)
+            let cands = placement::same_budget_candidates(
+                problem,
+                problems.by_estimator[0].0,
+                c,
+                &gpu_pairs,
+                &cpu_pairs,
+                &plan.budget,
+            )?;
+            Some(measure(&args, &sens, c, &rpc, spec, &cands, meta)?)
         }
         _ => None,
     };
@@ -78,25 +76,19 @@ pub fn run(args: FitArgs) -> anyhow::Result<()> {
         let json = serde_json::json!({
             "context": n_ctx,
             "vram_bytes": args.vram,
-            "vram_devices": all_devices,
-            "placements": all,
+            "vram_devices": plan.devices,
+            "placements": plan.placements,
             "chosen_ngl": chosen.map(|c| c.ngl),
-            "uniform": uniform.iter().map(|((k, v), p)| serde_json::json!({"k": k, "v": v, "placement": p})).collect::<Vec<_>>(),
-            "measured": measured.as_ref().map(|m| &m.selection),
-            "held_out": measured.as_ref().map(|m| &m.held_out),
+            "uniform": plan.uniform.iter().map(|((k, v), p)| serde_json::json!({"k": k, "v": v, "placement": p})).collect::<Vec<_>>(),
+            "measured": measured.as_ref().map(|m| &m.0.selection),
+            "held_out": measured.as_ref().map(|m| &m.1),
         });
         println!("{}", serde_json::to_string_pretty(&json)?);
     } else {
-        print_table(&all, chosen, &budget_label, n_ctx);
-        for ((k, _), p) in &uniform {
-            let a = p.assignment.as_ref().expect("a chosen placement has a profile");
-            println!(
-                "uniform {k}: -ngl {} ({} cache layers on the GPU), predicted KLD {:.5}",
-                p.ngl, p.offloaded_cache_layers, a.predicted
-            );
-        }
-        if let Some(m) = &measured {
-            println!("\n{}{}", select_report::selection(&m.selection), select_report::held_out(&m.held_out));
+        print_table(&plan.placements, chosen, &budget_label, n_ctx);
+        print!("{}", plan_summary(&plan));
+        if let Some((choice, held)) = &measured {
+            println!("\n{}{}", select_report::selection(&choice.selection), select_report::held_out(held));
         }
     }
     let Some(chosen) = chosen else {
@@ -109,7 +101,7 @@ pub fn run(args: FitArgs) -> anyhow::Result<()> {
     };
     let a = chosen.assignment.as_ref().expect("a chosen placement has a profile");
     match &measured {
-        Some(m) => eprintln!("chosen: -ngl {}: {}", chosen.ngl, m.selection.verdict()),
+        Some((choice, _)) => eprintln!("chosen: -ngl {}: {}", chosen.ngl, choice.selection.verdict()),
         None => eprintln!(
             "chosen: -ngl {} ({} of {} cache layers on the GPU), {:.2} bits per value on them, predicted KLD {:.5} (predicted, not measured: pass --text, or compare with `kvtuner ab`)",
             chosen.ngl,
@@ -120,70 +112,82 @@ pub fn run(args: FitArgs) -> anyhow::Result<()> {
         ),
     }
     if let Some(out) = &args.output {
-        let label = format!("fit for {budget_label} of GPU memory at -ngl {}", chosen.ngl);
-        let pairs_label = format!("{} on the GPU, {} on the CPU", args.pairs, args.cpu_pairs);
-        let predicted_pick = Chosen {
-            types: &a.types,
-            label: &label,
-            bits_per_value: a.bits_per_value,
-            kv_bytes: a.bytes,
-            predicted: Some(a.predicted),
-            kld_calibration: None,
+        let profile = match measured {
+            Some((choice, _)) => choice.profile,
+            None => {
+                let label =
+                    format!("fit for {budget_label} of GPU memory at -ngl {} (predicted, not measured)", chosen.ngl);
+                let pairs_label = format!("{} on the GPU, {} on the CPU", args.pairs, args.cpu_pairs);
+                let predicted_pick = Chosen {
+                    types: &a.types,
+                    label: &label,
+                    bits_per_value: a.bits_per_value,
+                    kv_bytes: a.bytes,
+                    predicted: Some(a.predicted),
+                    kld_calibration: None,
+                };
+                profile_for(&sens, predicted_pick, None, &pairs_label, n_ctx, args.name.clone())
+            }
         };
-        let (pick, check) = match &measured {
-            Some(m) => (Chosen { label: &label, ..Chosen::from(&m.selection.chosen) }, m.held_out.first()),
-            None => (predicted_pick, None),
-        };
-        let profile = profile_for(&sens, pick, check, &pairs_label, n_ctx, args.name.clone());
         profile.save(out)?;
         eprintln!("wrote {} ({}); run it with -ngl {}", out.display(), profile.summary(), chosen.ngl);
     }
     Ok(())
 }
 
-/// The pick measured against the uniform GPU pairs of the same budget at its -ngl.
-struct MeasuredPick {
-    selection: Selection,
-    held_out: Vec<HeldOut>,
+/// Each uniform GPU pair at the most layers it fits, one line each.
+pub fn plan_summary(plan: &FitPlan) -> String {
+    let mut out = String::new();
+    if let Some(c) = plan.chosen() {
+        out += &format!("placement: -ngl {} ({} cache layers on the GPU)\n", c.ngl, c.offloaded_cache_layers);
+    }
+    for ((k, _), p) in &plan.uniform {
+        let a = p.assignment.as_ref().expect("a chosen placement has a profile");
+        out += &format!(
+            "uniform {k}: -ngl {} ({} cache layers on the GPU), predicted KLD {:.5}\n",
+            p.ngl, p.offloaded_cache_layers, a.predicted
+        );
+    }
+    out + "\n"
 }
 
-/// What the fit searched with, for measuring its pick.
-struct Searched<'a> {
-    sens: &'a Sensitivity,
-    problems: &'a Problems,
-    gpu_pairs: &'a [(CacheType, CacheType)],
-    cpu_pairs: &'a [(CacheType, CacheType)],
-    budget: &'a VramBudget,
-    n_ctx: u32,
-}
-
+/// The pick measured against the uniform GPU pairs of the same budget at its -ngl, through the
+/// pipeline's choose (and confirm) and held-out stages.
 fn measure(
     args: &FitArgs,
-    searched: &Searched,
+    sens: &Sensitivity,
     chosen: &Placement,
     rpc: &[RpcDevice],
     spec: &str,
-) -> anyhow::Result<MeasuredPick> {
-    let Searched { sens, problems, gpu_pairs, cpu_pairs, budget, n_ctx } = *searched;
-    let estimator = problems.by_estimator[0].0;
-    let cands = placement::same_budget_candidates(problems.main(), estimator, chosen, gpu_pairs, cpu_pairs, budget)?;
+    cands: &[Candidate],
+    mut meta: ProfileMeta,
+) -> anyhow::Result<(Choice, Vec<HeldOut>)> {
     let params = ModelParams { n_gpu_layers: chosen.ngl, rpc: rpc.to_vec(), ..Default::default() };
     let model = Model::load(Backend::init(), &args.model, &params)?;
-    let base = ContextParams { n_threads: args.threads, no_kv_profile: true, ..Default::default() };
+    let devices = Devices { n_gpu_layers: chosen.ngl, threads: args.threads, ..Default::default() };
+    meta.measured_on = pipeline::measured_on(&model, &devices, chosen.ngl)?;
+    let base = devices.measuring_params();
     let (text, label) = load_text(spec)?;
     let mut ev = Evaluator::new(&model, &text, sens.context, args.chunks, &base)?;
-    let mut cal = Measurer::new(&mut ev, base.clone(), n_ctx, label);
-    let selection = select::select_among(&mut cal, &cands, chosen.kv_budget.unwrap_or(0))?;
-    let mut held_out = Vec::new();
-    if let Some(uniform) = &selection.best_uniform {
-        for spec in &args.verify {
-            let (text, label) = load_text(spec)?;
-            let mut ev = Evaluator::new(&model, &text, sens.context, args.chunks, &base)?;
-            let mut m = Measurer::new(&mut ev, base.clone(), n_ctx, label);
-            held_out.push(select::held_out_with(&mut m, &selection, &uniform.candidate, None)?);
-        }
+    let mut cal = Measurer::new(&mut ev, base.clone(), meta.target_ctx, label);
+    let mut choice = pipeline::choose(&mut cal, sens, cands, chosen.kv_budget.unwrap_or(0), &meta)?;
+    let mut texts = Vec::new();
+    for spec in &args.verify {
+        texts.push(load_text(spec)?);
     }
-    Ok(MeasuredPick { selection, held_out })
+    let target_ctx = meta.target_ctx;
+    let held = pipeline::held_out(
+        &model,
+        &texts,
+        sens.context,
+        args.chunks,
+        &base,
+        target_ctx,
+        &mut choice,
+        None,
+        &mut |_| {},
+    )?;
+    Ok((choice, held))
 }
 
 fn gib(b: u64) -> f64 {
@@ -284,7 +288,7 @@ fn budget_label(sizes: &[u64], devices: &[String]) -> String {
 }
 
 /// GiB with two decimals, or MiB below one GiB.
-fn size(b: u64) -> String {
+pub fn size(b: u64) -> String {
     if b >= 1 << 30 {
         format!("{:.2} GiB", gib(b))
     } else {

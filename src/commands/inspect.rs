@@ -1,13 +1,13 @@
 use comfy_table::Table;
 use serde::Serialize;
 
-use super::runtime::read_model_header;
 use crate::cli::InspectArgs;
 use kvtuner::cache_type::CacheType;
 use kvtuner::gguf::GgufHeader;
 use kvtuner::kv_layout::{KvLayout, RuntimeKv, Sizer};
 use kvtuner::llama::{Backend, Model, ModelParams};
 use kvtuner::profile::EmbeddedProfile;
+use kvtuner::runtime::read_model_header;
 
 /// Contexts the memory table is shown at.
 const CONTEXTS: [u32; 3] = [1024, 8192, 32768];

@@ -1,11 +1,11 @@
 use comfy_table::Table;
 
-use super::runtime::{open, ProfileChoice};
 use crate::cli::LayersArgs;
 use kvtuner::llama::Context;
+use kvtuner::runtime::{open, ProfileChoice};
 
 pub fn run(args: LayersArgs) -> anyhow::Result<()> {
-    let opened = open(&args.runtime)?;
+    let opened = open(&args.runtime.options())?;
     let ctx = Context::new(&opened.model, &opened.params)?;
     let layers = ctx.layers();
     if args.json {

@@ -11,7 +11,6 @@ mod inspect;
 mod layers;
 mod profile;
 mod rpc_server;
-mod runtime;
 mod search;
 mod serve;
 mod synth;

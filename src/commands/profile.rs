@@ -2,9 +2,9 @@ use anyhow::Context as _;
 use comfy_table::Table;
 use kvtuner::cache_type::CacheType;
 
-use super::runtime::read_identity;
 use crate::cli::ProfileCommand;
 use kvtuner::profile::{import_kvtuner, Profile};
+use kvtuner::runtime::read_identity;
 
 pub fn run(cmd: ProfileCommand) -> anyhow::Result<()> {
     match cmd {

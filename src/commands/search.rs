@@ -3,16 +3,17 @@
 use anyhow::{bail, Context as _};
 use comfy_table::Table;
 
-use super::runtime::load_text;
 use crate::cli::SearchArgs;
 use kvtuner::cache_type::CacheType;
 use kvtuner::eval::Evaluator;
 use kvtuner::kv_layout::{runtime_cells, RUNTIME_UBATCH};
 use kvtuner::llama::ContextParams;
+use kvtuner::pipeline::{self, profile_for, Chosen, ProfileMeta};
+use kvtuner::runtime::load_text;
+use kvtuner::runtime::Devices;
 use kvtuner::search::{self, Assignment};
 use kvtuner::select::{self, report, Measurer, Problems, SelectOptions};
 use kvtuner::sensitivity::Sensitivity;
-use kvtuner::tune::{profile_for, Chosen};
 
 pub fn run(args: SearchArgs) -> anyhow::Result<()> {
     let start = std::time::Instant::now();
@@ -21,7 +22,7 @@ pub fn run(args: SearchArgs) -> anyhow::Result<()> {
     let pairs = search::parse_pairs(&args.pairs, &sens.types, search::CUDA_FA_PAIRS)?;
     let model = match &args.model {
         Some(path) => {
-            let model = super::runtime::load_model(path, args.n_gpu_layers, &args.rpc)?;
+            let model = kvtuner::runtime::load_model(path, args.n_gpu_layers, &args.rpc)?;
             if model.n_layer() as usize != sens.layout.layers.len() {
                 bail!(
                     "{} has {} layers, the sensitivity table {}",
@@ -104,20 +105,31 @@ pub fn run(args: SearchArgs) -> anyhow::Result<()> {
         return Ok(());
     };
 
-    let base = ContextParams { n_threads: args.threads, no_kv_profile: true, ..Default::default() };
+    let devices =
+        Devices { n_gpu_layers: args.n_gpu_layers, rpc: args.rpc.clone(), threads: args.threads, ..Default::default() };
+    let base = devices.measuring_params();
     let (text, label) = load_text(&args.text)?;
     let mut cal_ev = Evaluator::new(&model, &text, sens.context, args.chunks, &base)?;
     let mut cal = Measurer::new(&mut cal_ev, base.clone(), n_ctx, label.clone());
     let opts = SelectOptions { neighbours: args.neighbours };
-    let selection = match &predicted {
+    let meta = ProfileMeta {
+        pairs: args.pairs.clone(),
+        target_ctx: n_ctx,
+        name: args.name.clone(),
+        label: None,
+        measured_on: pipeline::measured_on(&model, &devices, args.n_gpu_layers)?,
+    };
+    let mut choice = match &predicted {
         Some(a) => {
             let max_bytes = match args.budget {
                 Some(bits) => select::bytes_at_bits(problems.main(), bits),
                 None => a.bytes,
             };
-            let s = select::select(&mut cal, &problems, max_bytes, opts)?;
-            eprintln!("{}", s.verdict());
-            Some(s)
+            let candidates = select::candidates(&problems, max_bytes, opts)?;
+            let c = pipeline::choose(&mut cal, &sens, &candidates, max_bytes, &meta)?;
+            eprintln!("{}", c.selection.verdict());
+            eprintln!("confirmed: the chosen types measured again on {label}: KLD {:.6}", c.confirmed_kld);
+            Some(c)
         }
         None => None,
     };
@@ -135,19 +147,20 @@ pub fn run(args: SearchArgs) -> anyhow::Result<()> {
         .zip(&held_texts)
         .map(|(ev, (_, label))| Measurer::new(ev, base.clone(), n_ctx, label.clone()))
         .collect();
-    let mut checks = Vec::new();
-    if let Some(s) = &selection {
-        let against = s.best_uniform.as_ref().unwrap_or(&s.chosen).candidate.clone();
-        for h in held.iter_mut() {
-            checks.push(select::held_out(h, &problems, s, &against)?);
+    let checks = match choice.as_mut() {
+        Some(c) => {
+            let heuristic = problems.heuristic(c.selection.max_bytes)?;
+            pipeline::held_out_on(&mut held, c, heuristic)?
         }
-    }
+        None => Vec::new(),
+    };
     let sizes = if held.is_empty() {
         Vec::new()
     } else {
         let uniforms = select::uniform_sizes(&problems, CacheType::Q4_0, CacheType::Q8_0)?;
         select::verify_sizes(&mut cal, &mut held, &problems, &uniforms, opts, &mut |m| eprintln!("{m}"))?
     };
+    let selection = choice.as_ref().map(|c| &c.selection);
 
     let mut md = format!(
         "## kvtuner search: {}\n\n- calibration: {} ({} chunk(s) of {} tokens, {} forward passes, {:.0} s); {}\n- search: pairs `{}`, target context {n_ctx} (sizes read from the runtime), {} frontier points, {search_seconds:.2} s\n- choice measured on {label}, {} chunk(s); held out: {}\n\n",
@@ -170,20 +183,14 @@ pub fn run(args: SearchArgs) -> anyhow::Result<()> {
         md += &report::sizes(&sizes);
     }
 
-    if let (Some(s), Some(out)) = (&selection, &args.output) {
-        let profile = profile_for(&sens, (&s.chosen).into(), checks.first(), &args.pairs, n_ctx, args.name.clone());
-        profile.save(out)?;
-        // the file as written, measured again: it must be what was measured and not lose to uniform
-        let written = kvtuner::profile::Profile::load(out)?;
-        let types: Vec<_> = written.layers.iter().map(|l| (l.k, l.v)).collect();
-        let kld = cal.confirm(&types, s)?;
-        eprintln!(
-            "confirmed: {} measured again on {label}: KLD {kld:.6} (recorded {:.6})",
+    if let (Some(c), Some(out)) = (&choice, &args.output) {
+        c.profile.save(out)?;
+        let msg = format!(
+            "wrote {} ({}, {:.2} bits/value)",
             out.display(),
-            s.chosen.kld()
+            c.profile.summary(),
+            c.selection.chosen.kv.bits_per_value()
         );
-        let msg =
-            format!("wrote {} ({}, {:.2} bits/value)", out.display(), profile.summary(), s.chosen.kv.bits_per_value());
         if args.json {
             eprintln!("{msg}");
         } else {

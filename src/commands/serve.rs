@@ -6,9 +6,9 @@ use std::time::Duration;
 
 use anyhow::bail;
 
-use super::runtime::open;
 use crate::cli::ServeArgs;
 use kvtuner::llama::Context;
+use kvtuner::runtime::open;
 use kvtuner::serve::{serve, ServeOptions};
 
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {
@@ -18,7 +18,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     if args.parallel == 0 {
         bail!("-np must be at least 1");
     }
-    let opened = open(&args.runtime)?;
+    let opened = open(&args.runtime.options())?;
     let mut params = opened.params.clone();
     // -c is per slot; every slot gets a stream of its own
     params.n_ctx = args.runtime.ctx_size.saturating_mul(args.parallel);

@@ -5,13 +5,13 @@ use anyhow::Context as _;
 
 use super::annotate::write_annotated;
 use super::calibrate::calibrate_options;
-use super::runtime::{load_text, read_model_header};
 use crate::cli::TuneArgs;
 use kvtuner::assets::NamedText;
-use kvtuner::llama::{Backend, ContextParams, Model, ModelParams};
+use kvtuner::pipeline::{self, Budget, Stage, TuneOptions};
 use kvtuner::profile::ModelIdentity;
+use kvtuner::runtime::{load_text, read_model_header};
 use kvtuner::select::{report, SelectOptions};
-use kvtuner::tune::{self, Stage, TuneOptions};
+use kvtuner::sensitivity::Sensitivity;
 
 pub fn run(args: TuneArgs) -> anyhow::Result<()> {
     let start = std::time::Instant::now();
@@ -52,74 +52,116 @@ pub fn run(args: TuneArgs) -> anyhow::Result<()> {
 
     let header = read_model_header(&model_path)?;
     let identity = ModelIdentity::from_header(&header)?;
-    let model = Model::load(Backend::init(), &model_path, &ModelParams { n_gpu_layers: 0, ..Default::default() })?;
-    let base = ContextParams { n_threads: args.threads, no_kv_profile: true, ..Default::default() };
+    let devices = args.device.devices();
+    let target_ctx = args.ctx_size.unwrap_or(args.calib_ctx);
+    let budget = if args.vram.is_empty() {
+        Budget::Bits(args.budget)
+    } else {
+        Budget::Vram { sizes: args.vram.clone(), cpu_pairs: args.cpu_pairs.clone(), max_kld: args.max_kld }
+    };
     let opts = TuneOptions {
-        calibrate: calibrate_options(&args.plan, args.ctx_size, base, label.clone()),
+        calibrate: calibrate_options(&args.plan, args.calib_ctx, devices.measuring_params(), label.clone()),
         pairs: args.pairs.clone(),
-        budget_bits: args.budget,
-        target_ctx: args.ctx_size,
+        budget: budget.clone(),
+        target_ctx,
         eval_chunks: args.eval_chunks,
         select: SelectOptions::default(),
-        name: None,
+        name: args.name.clone(),
+        sensitivity: match &args.sensitivity {
+            Some(path) => Some(Sensitivity::load(path)?),
+            None => None,
+        },
+        devices: devices.clone(),
+    };
+    let what = match &budget {
+        Budget::Bits(b) => format!("≤ {b} bits/value"),
+        Budget::Vram { sizes, .. } => format!("{} of GPU memory per device at {target_ctx} tokens", sizes_label(sizes)),
     };
     println!(
-        "== tune {} at ≤ {} bits/value: calibrate on {label}, choose by measurement there, check on {} ==",
+        "== tune {} on {} at {what}: calibrate on {label}, choose by measurement there, check on {} ==",
         model_path.display(),
-        args.budget,
+        devices.describe(),
         held.iter().map(|h| h.1.as_str()).collect::<Vec<_>>().join(", ")
     );
     let partial = sens_path.with_extension("partial");
     let plain = !std::io::IsTerminal::is_terminal(&std::io::stderr());
     let mut last_shown = 0.0f64;
     let tuned =
-        tune::tune(&model, &identity, (&text, &label), &held, &opts, Some(&partial), &mut |stage| match stage {
-            Stage::Calibrate(done, total, what) => {
-                let t = start.elapsed().as_secs_f64();
-                if plain || t - last_shown > 5.0 || done == total {
-                    eprintln!("[{t:>6.1}s] calibrate {done}/{total} {what}");
-                    last_shown = t;
+        pipeline::tune(
+            &model_path,
+            &identity,
+            (&text, &label),
+            &held,
+            &opts,
+            Some(&partial),
+            &mut |stage| match stage {
+                Stage::Calibrate { done, total, what, eta } => {
+                    let t = start.elapsed().as_secs_f64();
+                    if plain || t - last_shown > 5.0 || done == total {
+                        let eta = eta.map_or(String::new(), |e| format!(", about {e:.0} s left"));
+                        eprintln!("[{t:>6.1}s] calibrate {done}/{total}{eta} {what}");
+                        last_shown = t;
+                    }
                 }
-            }
-            Stage::Note(what) => eprintln!("[{:>6.1}s] {what}", start.elapsed().as_secs_f64()),
-        })?;
+                Stage::Note(what) => eprintln!("[{:>6.1}s] {what}", start.elapsed().as_secs_f64()),
+            },
+        )?;
+    eprintln!(
+        "[{:>6.1}s] confirmed: the profile measured again on {label}: KLD {:.6}",
+        start.elapsed().as_secs_f64(),
+        tuned.choice.confirmed_kld
+    );
     tuned.sensitivity.save(&sens_path)?;
     let _ = std::fs::remove_file(&partial);
-    tuned.profile.save(&profile_path)?;
+    let profile = &tuned.choice.profile;
+    profile.save(&profile_path)?;
 
     let s = tuned.seconds;
-    let md = format!(
-        "## kvtuner tune: {}\n\n- calibration: {}; {} forward passes\n- budget {} bits per value at context {} (sizes read from the runtime)\n- time: calibrate {:.1} s, select {:.1} s, held-out check {:.1} s, total {:.1} s\n\n{}{}",
+    let measured_on = profile.measured.as_ref().and_then(|m| m.measured_on.clone()).unwrap_or_default();
+    let mut md = format!(
+        "## kvtuner tune: {}\n\n- calibration: {}; {} forward passes\n- budget: {what} (sizes read from the runtime)\n- measured on {measured_on}\n- time: load {:.1} s, calibrate {:.1} s, select {:.1} s, held-out check {:.1} s, total {:.1} s\n\n",
         identity.name.as_deref().unwrap_or(&identity.architecture),
         tuned.sensitivity.method,
         tuned.sensitivity.forward_passes,
-        args.budget,
-        args.ctx_size,
+        s.load,
         s.calibrate,
         s.select,
         s.held_out,
         s.total(),
-        report::selection(&tuned.selection),
-        report::held_out(&tuned.held_out)
     );
+    if let Some(plan) = &tuned.fit {
+        md += &super::fit::plan_summary(plan);
+    }
+    md += &report::selection(&tuned.choice.selection);
+    md += &report::held_out(&tuned.held_out);
     kvtuner::atomic_write(&report_path, md.as_bytes()).with_context(|| format!("writing {}", report_path.display()))?;
     println!("{md}");
-    write_annotated(&header, &tuned.profile, &args.output)?;
+    write_annotated(&header, profile, &args.output)?;
+    let run_with = match tuned.n_gpu_layers {
+        0 => String::new(),
+        n => format!("; run it with -ngl {n}"),
+    };
     println!(
-        "wrote {} (profile {}: {}); table {}, profile {}, report {}",
+        "wrote {} (profile {}: {}{run_with}); table {}, profile {}, report {}",
         args.output.display(),
-        tuned.profile.name,
-        tuned.profile.summary(),
+        profile.name,
+        profile.summary(),
         sens_path.display(),
         profile_path.display(),
         report_path.display()
     );
     println!(
-        "tune finished in {:.1} s (calibrate {:.1} s, select {:.1} s, held-out check {:.1} s)",
+        "tune finished in {:.1} s (load {:.1} s, calibrate {:.1} s, select {:.1} s, held-out check {:.1} s)",
         start.elapsed().as_secs_f64(),
+        s.load,
         s.calibrate,
         s.select,
         s.held_out
     );
     Ok(())
+}
+
+/// `24.00 GiB` or `24.00 GiB, 12.00 GiB`.
+fn sizes_label(sizes: &[u64]) -> String {
+    sizes.iter().map(|b| super::fit::size(*b)).collect::<Vec<_>>().join(", ")
 }

@@ -1,16 +1,93 @@
-//! Turns the shared runtime flags (-m, -c, -ngl, -fa, -ctk, -ctv, -t, --kv-profile) into a
-//! loaded model and context parameters.
+//! Model, context and device options shared by the commands, `serve`, the pipelines and tests
+//! (llama.cpp's -m, -c, -ngl, -fa, -ctk, -ctv, -t, --rpc, --kv-profile): a loaded model and the
+//! context parameters a cache configuration starts from.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context as _};
 
-use crate::cli::{DeviceArgs, RuntimeArgs};
-use kvtuner::assets::NamedText;
-use kvtuner::cache_type::CacheType;
-use kvtuner::gguf::{self, GgufHeader};
-use kvtuner::llama::{Backend, Context, ContextParams, LayerCacheTypes, Model, ModelParams};
-use kvtuner::profile::{EmbeddedProfile, ModelIdentity, Profile};
+use crate::assets::NamedText;
+use crate::cache_type::CacheType;
+use crate::gguf::{self, GgufHeader};
+use crate::llama::{Backend, Context, ContextParams, FlashAttn, LayerCacheTypes, Model, ModelParams};
+use crate::profile::{EmbeddedProfile, ModelIdentity, Profile};
+
+/// Where a model runs: layers offloaded to this machine's GPUs and then to RPC servers, threads,
+/// flash attention.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Devices {
+    /// Layers offloaded (-ngl); -1 = all.
+    pub n_gpu_layers: i32,
+    /// RPC servers (HOST:PORT) that take offloaded layers after this machine's GPUs.
+    pub rpc: Vec<String>,
+    /// Threads (0 = all cores).
+    pub threads: i32,
+    pub flash_attn: FlashAttn,
+}
+
+impl Default for Devices {
+    fn default() -> Self {
+        Devices { n_gpu_layers: 0, rpc: Vec::new(), threads: 0, flash_attn: FlashAttn::Auto }
+    }
+}
+
+/// A model that could not be loaded on the devices asked for.
+#[derive(Debug, thiserror::Error)]
+pub enum DeviceError {
+    #[error(transparent)]
+    Rpc(#[from] crate::llama::rpc::RpcError),
+    #[error(transparent)]
+    Load(#[from] crate::llama::LoadModelError),
+}
+
+impl Devices {
+    /// Loads `path` on these devices (RPC servers connected first).
+    pub fn load_model(&self, path: &Path) -> Result<Model, DeviceError> {
+        load_model(path, self.n_gpu_layers, &self.rpc)
+    }
+
+    /// Context parameters for measuring cache configurations: these threads and flash
+    /// attention, no embedded profile (each configuration names its types).
+    pub fn measuring_params(&self) -> ContextParams {
+        ContextParams {
+            n_threads: self.threads,
+            flash_attn: self.flash_attn,
+            no_kv_profile: true,
+            ..Default::default()
+        }
+    }
+
+    /// `-ngl 99 -fa on`, `CPU`, `-ngl 20 --rpc a:1,b:2`: for reports and profiles.
+    pub fn describe(&self) -> String {
+        let mut out = match self.n_gpu_layers {
+            0 if self.rpc.is_empty() => "CPU".to_string(),
+            n => format!("-ngl {n}"),
+        };
+        if !self.rpc.is_empty() {
+            out += &format!(" --rpc {}", self.rpc.join(","));
+        }
+        out += match self.flash_attn {
+            FlashAttn::Auto => "",
+            FlashAttn::On => " -fa on",
+            FlashAttn::Off => " -fa off",
+        };
+        out
+    }
+}
+
+/// What a context is opened with (`chat`, `layers`, `serve`, `calibrate`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct RuntimeOptions {
+    pub model: PathBuf,
+    /// Context size in tokens.
+    pub ctx_size: u32,
+    pub devices: Devices,
+    /// Uniform K type; given, it wins over an embedded profile (and says so).
+    pub cache_type_k: Option<CacheType>,
+    pub cache_type_v: Option<CacheType>,
+    /// `auto` (the embedded profile, if any), `off` (uniform) or a profile YAML file.
+    pub kv_profile: String,
+}
 
 /// Reads a model's GGUF header (the error names the file).
 pub fn read_model_header(path: &Path) -> anyhow::Result<GgufHeader> {
@@ -39,25 +116,19 @@ pub fn profile_layer_types(profile: &Profile) -> LayerCacheTypes {
 /// from (no embedded profile: each configuration names its types).
 pub fn load_for_comparison(
     path: &Path,
-    devices: &DeviceArgs,
+    devices: &Devices,
 ) -> anyhow::Result<(GgufHeader, ModelIdentity, Model, ContextParams)> {
     let header = read_model_header(path)?;
     let identity = ModelIdentity::from_header(&header)?;
-    let model = load_model(path, devices.n_gpu_layers, &devices.rpc)?;
-    let base = ContextParams {
-        n_threads: devices.threads,
-        flash_attn: devices.flash_attn,
-        no_kv_profile: true,
-        ..Default::default()
-    };
-    Ok((header, identity, model, base))
+    let model = devices.load_model(path)?;
+    Ok((header, identity, model, devices.measuring_params()))
 }
 
 /// Loads a model with `n_gpu_layers` offloaded to this machine's GPUs and then to the RPC servers
 /// at `rpc` (HOST:PORT), which are connected first.
-pub fn load_model(path: &Path, n_gpu_layers: i32, rpc: &[String]) -> anyhow::Result<Model> {
+pub fn load_model(path: &Path, n_gpu_layers: i32, rpc: &[String]) -> Result<Model, DeviceError> {
     let backend = Backend::init();
-    let rpc = kvtuner::llama::rpc::add_servers(backend, rpc)?;
+    let rpc = crate::llama::rpc::add_servers(backend, rpc)?;
     Ok(Model::load(backend, path, &ModelParams { n_gpu_layers, rpc, ..ModelParams::default() })?)
 }
 
@@ -183,7 +254,7 @@ impl Opened {
     }
 }
 
-pub fn open(args: &RuntimeArgs) -> anyhow::Result<Opened> {
+pub fn open(args: &RuntimeOptions) -> anyhow::Result<Opened> {
     let header = read_model_header(&args.model)?;
     let identity = ModelIdentity::from_header(&header)?;
     let explicit = args.cache_type_k.is_some() || args.cache_type_v.is_some();
@@ -209,13 +280,13 @@ pub fn open(args: &RuntimeArgs) -> anyhow::Result<Opened> {
         ),
         path => ProfileChoice::File(Box::new(load_profile_for(path, &identity, &args.model)?)),
     };
-    let model = load_model(&args.model, args.device.n_gpu_layers, &args.device.rpc)?;
+    let model = args.devices.load_model(&args.model)?;
     let mut params = ContextParams {
         n_ctx: args.ctx_size,
         n_batch: 512.min(args.ctx_size),
         n_ubatch: 512.min(args.ctx_size),
-        n_threads: args.device.threads,
-        flash_attn: args.device.flash_attn,
+        n_threads: args.devices.threads,
+        flash_attn: args.devices.flash_attn,
         type_k: args.cache_type_k.unwrap_or(CacheType::F16),
         type_v: args.cache_type_v.unwrap_or(CacheType::F16),
         ..ContextParams::default()
@@ -236,9 +307,7 @@ pub fn open(args: &RuntimeArgs) -> anyhow::Result<Opened> {
 /// Reads the text to run on; returns it with a label for reports.
 pub fn load_text(spec: &str) -> anyhow::Result<(String, String)> {
     match NamedText::parse(spec) {
-        Some(named) => {
-            named.load(&kvtuner::assets::cache_dir()).with_context(|| format!("fetching the text of {spec}"))
-        }
+        Some(named) => named.load(&crate::assets::cache_dir()).with_context(|| format!("fetching the text of {spec}")),
         None => {
             let text = std::fs::read_to_string(spec).with_context(|| format!("reading text file {spec}"))?;
             Ok((text, spec.to_string()))

@@ -1,0 +1,470 @@
+//! The whole job as one pipeline of typed stages: calibrate → candidates → measure → choose →
+//! confirm → held-out report → profile. `kvtuner tune` runs all of it ([`tune`]); `search -m` and
+//! `fit --text` start from a sensitivity table and run the rest through the same stages. A
+//! measured profile can only come out of [`choose`], which measures the candidates with every
+//! uniform cache of the budget, keeps a profile only if it beats them all, and measures the
+//! profile's own types again before it returns; so a fix to the choice lands once.
+
+use std::path::Path;
+use std::time::Instant;
+
+use serde::Serialize;
+
+use crate::cache_type::CacheType;
+use crate::calibrate::{self, CalibrateError, CalibrateOptions};
+use crate::eval::{EvalError, Evaluator};
+use crate::kv_layout::{runtime_cells, RUNTIME_UBATCH};
+use crate::llama::rpc;
+use crate::llama::{Backend, Context, ContextParams, CreateContextError, LoadModelError, Model, ModelParams};
+use crate::placement::{self, FitPlan, PlacementError};
+use crate::profile::{Calibration, ComparedUniform, LayerTypes, Measured as ProfileMeasured, ModelIdentity, Profile};
+use crate::runtime::Devices;
+use crate::search::{self, SearchError};
+use crate::select::{self, Candidate, HeldOut, Measured, Measurer, Problems, SelectError, SelectOptions, Selection};
+use crate::sensitivity::Sensitivity;
+
+/// What the profile must fit.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Budget {
+    /// Bits per cached value over the whole model's cache.
+    Bits(f64),
+    /// GPU memory per offload device (one size for each, or one per device in order) for weights,
+    /// compute buffers and the offloaded layers' caches at the target context; `-ngl` is chosen
+    /// with the profile. Layers left on the CPU take `cpu_pairs`.
+    Vram { sizes: Vec<u64>, cpu_pairs: String, max_kld: Option<f64> },
+}
+
+#[derive(Debug, Clone)]
+pub struct TuneOptions {
+    pub calibrate: CalibrateOptions,
+    /// Allowed K-V pairs (of the GPU's layers with [`Budget::Vram`]): `cuda`, `cpu` or a list
+    /// ([`search::parse_pairs`]).
+    pub pairs: String,
+    pub budget: Budget,
+    /// Context the sizes are read at (the runtime's cells at this context).
+    pub target_ctx: u32,
+    /// Chunks of each held-out text.
+    pub eval_chunks: usize,
+    pub select: SelectOptions,
+    /// Profile name (default: from the model and the bits per value).
+    pub name: Option<String>,
+    /// A sensitivity table measured before on this model and calibration text (e.g. by a `tune`
+    /// at another budget): calibration is skipped.
+    pub sensitivity: Option<Sensitivity>,
+    /// Where the model runs while it is measured (with [`Budget::Vram`], `n_gpu_layers` is where
+    /// calibration runs; 0 = the most layers whose weights fit the budget).
+    pub devices: Devices,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TuneError {
+    #[error("calibrating")]
+    Calibrate(#[from] CalibrateError),
+    #[error("searching")]
+    Search(#[from] SearchError),
+    #[error("selecting by measurement")]
+    Select(#[from] SelectError),
+    #[error("held-out text")]
+    Eval(#[from] EvalError),
+    #[error("reading the KV cache layout from the runtime")]
+    Context(#[from] CreateContextError),
+    #[error("loading the model")]
+    Load(#[from] LoadModelError),
+    #[error("connecting to the RPC servers")]
+    Rpc(#[from] rpc::RpcError),
+    #[error("placing layers within the GPU memory budget")]
+    Placement(#[from] PlacementError),
+    #[error("no -ngl fits {0}")]
+    NoFit(String),
+    #[error("the sensitivity table was measured on {table}, not on this model ({model}) and text ({text})")]
+    ForeignTable { table: String, model: String, text: String },
+}
+
+/// Seconds each stage took.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct Timings {
+    pub load: f64,
+    pub calibrate: f64,
+    pub select: f64,
+    pub held_out: f64,
+}
+
+impl Timings {
+    pub fn total(&self) -> f64 {
+        self.load + self.calibrate + self.select + self.held_out
+    }
+}
+
+/// Progress of the pipeline's stages.
+pub enum Stage<'a> {
+    /// A calibration trial: done, total, what, and the estimated seconds left (after the first
+    /// trials).
+    Calibrate {
+        done: usize,
+        total: usize,
+        what: &'a str,
+        eta: Option<f64>,
+    },
+    Note(&'a str),
+}
+
+/// How a measured profile is described and bound.
+#[derive(Debug, Clone)]
+pub struct ProfileMeta {
+    /// The pairs the search allowed, in words.
+    pub pairs: String,
+    pub target_ctx: u32,
+    pub name: Option<String>,
+    /// Replaces the chosen candidate's label in the description (e.g. `fit for 24 GiB at -ngl 40`).
+    pub label: Option<String>,
+    /// Devices, `-ngl` and flash attention of the measurements.
+    pub measured_on: String,
+}
+
+/// A measured choice, confirmed: the selection and the profile made from it, whose own types were
+/// measured again on the calibration text and reproduced the selection's KLD without exceeding
+/// the best uniform cache. Only [`choose`] makes one.
+#[derive(Debug, Clone, Serialize)]
+pub struct Choice {
+    pub selection: Selection,
+    pub profile: Profile,
+    pub confirmed_kld: f64,
+}
+
+impl Choice {
+    /// Records a held-out check (the first one a profile keeps) in the profile.
+    pub fn record_held_out(&mut self, check: &HeldOut) {
+        let m = self.profile.measured.as_mut().expect("choose() records measurements");
+        m.kld_mean = Some(check.chosen.kld());
+        m.kld_eval_text = Some(check.text.clone());
+        m.compared_uniform =
+            Some(ComparedUniform { types: uniform_types(&check.uniform), kld_mean: check.uniform.kld() });
+    }
+}
+
+fn uniform_types(m: &Measured) -> String {
+    m.candidate.label.trim_start_matches("uniform ").to_string()
+}
+
+/// Measures `candidates` (with every uniform cache of the budget among them) on the calibration
+/// measurer, chooses the lowest measured KLD (a profile only if it beats every uniform cache),
+/// makes the profile and measures its types again: the stage every measured profile goes through.
+pub fn choose(
+    cal: &mut Measurer<'_, '_>,
+    sens: &Sensitivity,
+    candidates: &[Candidate],
+    max_bytes: u64,
+    meta: &ProfileMeta,
+) -> Result<Choice, SelectError> {
+    if candidates.is_empty() {
+        return Err(SelectError::NothingFits { max_bytes, smallest: 0 });
+    }
+    let selection = select::select_among(cal, candidates, max_bytes)?;
+    let chosen = Chosen {
+        label: meta.label.as_deref().unwrap_or(&selection.chosen.candidate.label),
+        ..(&selection.chosen).into()
+    };
+    let mut profile = profile_for(sens, chosen, None, &meta.pairs, meta.target_ctx, meta.name.clone());
+    // the profile's own types, measured again without the memo: the bound it claims
+    let types: Vec<_> = profile.layers.iter().map(|l| (l.k, l.v)).collect();
+    let confirmed_kld = cal.confirm(&types, &selection)?;
+    let m = profile.measured.as_mut().expect("profile_for records measurements");
+    m.kld_confirmed = Some(confirmed_kld);
+    m.uniform_calibration =
+        selection.best_uniform.as_ref().map(|u| ComparedUniform { types: uniform_types(u), kld_mean: u.kld() });
+    m.measured_on = Some(meta.measured_on.clone());
+    Ok(Choice { selection, profile, confirmed_kld })
+}
+
+/// The held-out stage: the choice, the uniform cache `against` and `heuristic` (if any) measured
+/// on each text (never used to choose); the first check is recorded in the profile.
+#[allow(clippy::too_many_arguments)]
+pub fn held_out(
+    model: &Model,
+    texts: &[(String, String)],
+    n_ctx: u32,
+    chunks: usize,
+    base: &ContextParams,
+    target_ctx: u32,
+    choice: &mut Choice,
+    heuristic: Option<Candidate>,
+    progress: &mut dyn FnMut(Stage<'_>),
+) -> Result<Vec<HeldOut>, SelectError> {
+    let mut checks = Vec::new();
+    for (text, label) in texts {
+        progress(Stage::Note(&format!("held-out check on {label}")));
+        let mut ev = Evaluator::new(model, text, n_ctx, chunks, base)?;
+        let mut m = Measurer::new(&mut ev, base.clone(), target_ctx, label.clone());
+        checks.extend(held_out_on(std::slice::from_mut(&mut m), choice, heuristic.clone())?);
+    }
+    Ok(checks)
+}
+
+/// [`held_out`] on measurers of held-out texts the caller keeps (to measure more on them).
+pub fn held_out_on(
+    held: &mut [Measurer<'_, '_>],
+    choice: &mut Choice,
+    heuristic: Option<Candidate>,
+) -> Result<Vec<HeldOut>, SelectError> {
+    let against = choice.selection.best_uniform.as_ref().unwrap_or(&choice.selection.chosen).candidate.clone();
+    let mut checks = Vec::new();
+    for m in held.iter_mut() {
+        checks.push(select::held_out_with(m, &choice.selection, &against, heuristic.clone())?);
+    }
+    if let (Some(first), true) =
+        (checks.first(), choice.profile.measured.as_ref().is_some_and(|m| m.kld_mean.is_none()))
+    {
+        choice.record_held_out(first);
+    }
+    Ok(checks)
+}
+
+/// Devices, `-ngl` and flash attention as measured: `CUDA0 (-ngl 99 -fa on)`, `CPU`.
+pub fn measured_on(model: &Model, devices: &Devices, n_gpu_layers: i32) -> Result<String, CreateContextError> {
+    let ctx = Context::new(model, &ContextParams { n_ctx: 256, no_kv_profile: true, ..Default::default() })?;
+    let mut names: Vec<String> = Vec::new();
+    for info in ctx.layers().iter().flatten() {
+        let d = info.device.to_string();
+        if !names.contains(&d) {
+            names.push(d);
+        }
+    }
+    let how = Devices { n_gpu_layers, ..devices.clone() }.describe();
+    Ok(if how == "CPU" { names.join(", ") } else { format!("{} ({how})", names.join(", ")) })
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Tuned {
+    pub sensitivity: Sensitivity,
+    pub choice: Choice,
+    pub held_out: Vec<HeldOut>,
+    /// The `-ngl` the profile was measured and is meant to run at.
+    pub n_gpu_layers: i32,
+    /// With a VRAM budget: every `-ngl`'s placement and the uniform baselines.
+    pub fit: Option<FitPlan>,
+    pub seconds: Timings,
+}
+
+/// Runs the whole pipeline on the model at `model_path`. `calibration` is (text, label);
+/// `held_out` texts are only measured, never used to choose. `resume` is the calibration's
+/// journal file.
+pub fn tune(
+    model_path: &Path,
+    identity: &ModelIdentity,
+    calibration: (&str, &str),
+    held_out_texts: &[(String, String)],
+    opts: &TuneOptions,
+    resume: Option<&Path>,
+    progress: &mut dyn FnMut(Stage<'_>),
+) -> Result<Tuned, TuneError> {
+    let t0 = Instant::now();
+    let rpc = rpc::add_servers(Backend::init(), &opts.devices.rpc)?;
+    let load = |ngl: i32| -> Result<Model, TuneError> {
+        let params = ModelParams { n_gpu_layers: ngl, rpc: rpc.clone(), ..Default::default() };
+        Ok(Model::load(Backend::init(), model_path, &params)?)
+    };
+    let copts = CalibrateOptions { text_label: calibration.1.to_string(), ..opts.calibrate.clone() };
+    let base = copts.base.clone();
+
+    // With a VRAM budget and no -ngl, calibration runs with the most layers whose weights fit.
+    let mut ngl = opts.devices.n_gpu_layers;
+    if let Budget::Vram { sizes, .. } = &opts.budget {
+        if ngl == 0 {
+            let (costs, budget) = placement::costs_and_budget(model_path, &rpc, identity.layers, copts.n_ctx, sizes)?;
+            ngl = placement::most_layers_fitting(&costs, &budget)?;
+            progress(Stage::Note(&format!(
+                "calibrating at -ngl {ngl}: the most layers whose weights, compute buffers and f16 cache at context {} fit the budget",
+                copts.n_ctx
+            )));
+        }
+    }
+    let model = load(ngl)?;
+    let t_loaded = Instant::now();
+
+    progress(Stage::Note("baseline (f16 cache) on the calibration text"));
+    let mut ev = Evaluator::new(&model, calibration.0, copts.n_ctx, copts.chunks, &base)?;
+    let started = Instant::now();
+    let sens = match &opts.sensitivity {
+        Some(table) => {
+            if table.model.fingerprint != identity.fingerprint || table.text != calibration.1 {
+                return Err(TuneError::ForeignTable {
+                    table: format!("{} ({})", table.model.fingerprint, table.text),
+                    model: identity.fingerprint.clone(),
+                    text: calibration.1.to_string(),
+                });
+            }
+            progress(Stage::Note("calibration: the sensitivity table given"));
+            table.clone()
+        }
+        None => calibrate::calibrate_with(&mut ev, identity, &copts, resume, &mut |done, total, what| {
+            let elapsed = started.elapsed().as_secs_f64();
+            let eta = (done >= 3 && done < total).then(|| elapsed / done as f64 * (total - done) as f64);
+            progress(Stage::Calibrate { done, total, what, eta })
+        })?,
+    };
+    let t1 = Instant::now();
+
+    let gpu_pairs = search::parse_pairs(&opts.pairs, &sens.types, search::CUDA_FA_PAIRS)?;
+    let cells = runtime_cells(&model, opts.target_ctx, RUNTIME_UBATCH)?;
+    let problems = Problems::new(&sens, &cells, &gpu_pairs)?;
+    let mut meta = ProfileMeta {
+        pairs: opts.pairs.clone(),
+        target_ctx: opts.target_ctx,
+        name: opts.name.clone(),
+        label: None,
+        measured_on: String::new(),
+    };
+    let (choice, held, n_gpu_layers, fit, t2) = match &opts.budget {
+        Budget::Bits(bits) => {
+            let max_bytes = select::bytes_at_bits(problems.main(), *bits);
+            let candidates = select::candidates(&problems, max_bytes, opts.select)?;
+            meta.measured_on = measured_on(&model, &opts.devices, ngl)?;
+            let mut cal = Measurer::new(&mut ev, base.clone(), opts.target_ctx, calibration.1);
+            let mut choice = choose(&mut cal, &sens, &candidates, max_bytes, &meta)?;
+            progress(Stage::Note(&choice.selection.verdict()));
+            let t2 = Instant::now();
+            let heuristic = problems.heuristic(max_bytes)?;
+            let held = held_out(
+                &model,
+                held_out_texts,
+                copts.n_ctx,
+                opts.eval_chunks,
+                &base,
+                opts.target_ctx,
+                &mut choice,
+                heuristic,
+                progress,
+            )?;
+            (choice, held, ngl, None, t2)
+        }
+        Budget::Vram { sizes, cpu_pairs: cpu_spec, max_kld } => {
+            let cpu_pairs = search::parse_pairs(cpu_spec, &sens.types, search::CUDA_FA_PAIRS)?;
+            let target = placement::FitTarget {
+                n_ctx: opts.target_ctx,
+                vram: sizes,
+                gpu_pairs: &gpu_pairs,
+                cpu_pairs: &cpu_pairs,
+                max_predicted: *max_kld,
+            };
+            let plan = placement::plan(problems.main(), model_path, &rpc, target)?;
+            let Some(chosen) = plan.chosen().cloned() else {
+                return Err(TuneError::NoFit(format!("{:?} bytes of GPU memory", sizes)));
+            };
+            let estimator = problems.by_estimator[0].0;
+            let candidates = placement::same_budget_candidates(
+                problems.main(),
+                estimator,
+                &chosen,
+                &gpu_pairs,
+                &cpu_pairs,
+                &plan.budget,
+            )?;
+            // measured where it will run: at the pick's -ngl (the calibration's model if the same)
+            drop(ev);
+            let at_pick;
+            let m: &Model = if chosen.ngl == ngl {
+                &model
+            } else {
+                progress(Stage::Note(&format!("loading the model at the pick's -ngl {}", chosen.ngl)));
+                at_pick = load(chosen.ngl)?;
+                &at_pick
+            };
+            meta.label = Some(format!("fit at -ngl {}", chosen.ngl));
+            meta.pairs = format!("{} on the GPU, {} on the CPU", opts.pairs, cpu_spec);
+            meta.measured_on = measured_on(m, &opts.devices, chosen.ngl)?;
+            let mut ev = Evaluator::new(m, calibration.0, copts.n_ctx, copts.chunks, &base)?;
+            let mut cal = Measurer::new(&mut ev, base.clone(), opts.target_ctx, calibration.1);
+            let mut choice = choose(&mut cal, &sens, &candidates, chosen.kv_budget.unwrap_or(0), &meta)?;
+            progress(Stage::Note(&format!("-ngl {}: {}", chosen.ngl, choice.selection.verdict())));
+            let t2 = Instant::now();
+            let held = held_out(
+                m,
+                held_out_texts,
+                copts.n_ctx,
+                opts.eval_chunks,
+                &base,
+                opts.target_ctx,
+                &mut choice,
+                None,
+                progress,
+            )?;
+            (choice, held, chosen.ngl, Some(plan), t2)
+        }
+    };
+    let seconds = Timings {
+        load: (t_loaded - t0).as_secs_f64(),
+        calibrate: (t1 - t_loaded).as_secs_f64(),
+        select: (t2 - t1).as_secs_f64(),
+        held_out: t2.elapsed().as_secs_f64(),
+    };
+    Ok(Tuned { sensitivity: sens, choice, held_out: held, n_gpu_layers, fit, seconds })
+}
+
+/// What a profile is made from: a measured choice, or a predicted pick (no measurement).
+#[derive(Debug, Clone, Copy)]
+pub struct Chosen<'a> {
+    pub types: &'a [(CacheType, CacheType)],
+    pub label: &'a str,
+    pub bits_per_value: f64,
+    pub kv_bytes: u64,
+    pub predicted: Option<f64>,
+    /// Measured mean KLD on the calibration text (`None` for a predicted pick).
+    pub kld_calibration: Option<f64>,
+}
+
+impl<'a> From<&'a Measured> for Chosen<'a> {
+    fn from(m: &'a Measured) -> Chosen<'a> {
+        Chosen {
+            types: &m.candidate.types,
+            label: &m.candidate.label,
+            bits_per_value: m.kv.bits_per_value(),
+            kv_bytes: m.kv.tensor_bytes,
+            predicted: m.candidate.predicted,
+            kld_calibration: Some(m.kld()),
+        }
+    }
+}
+
+/// A chosen configuration as a profile bound to the calibrated model. The KLD recorded is the
+/// held-out one when there is a check, with the uniform configuration it was compared against.
+pub fn profile_for(
+    sens: &Sensitivity,
+    chosen: Chosen<'_>,
+    check: Option<&HeldOut>,
+    pairs: &str,
+    target_ctx: u32,
+    name: Option<String>,
+) -> Profile {
+    let bits = chosen.bits_per_value;
+    let model_name = sens.model.name.as_deref().unwrap_or(&sens.model.architecture).replace(' ', "-").to_lowercase();
+    let first = chosen.types.first().copied().unwrap_or((CacheType::F16, CacheType::F16));
+    let name = name.unwrap_or_else(|| match chosen.types.iter().all(|t| *t == first) {
+        true => format!("{model_name}-uniform-{}-{}", first.0, first.1),
+        false => format!("{model_name}-{bits:.1}bpv"),
+    });
+    Profile {
+        name,
+        description: Some(format!("kvtuner search over pairs `{pairs}` at context {target_ctx}: {}", chosen.label)),
+        layers: chosen.types.iter().map(|&(k, v)| LayerTypes { k, v }).collect(),
+        measured: Some(ProfileMeasured {
+            bits_per_value: bits,
+            kv_bytes: chosen.kv_bytes,
+            context: target_ctx,
+            kld_mean: check.map(|h| h.chosen.kld()),
+            kld_eval_text: check.map(|h| h.text.clone()),
+            predicted_kld: chosen.predicted,
+            kld_calibration: chosen.kld_calibration,
+            compared_uniform: check
+                .map(|h| ComparedUniform { types: uniform_types(&h.uniform), kld_mean: h.uniform.kld() }),
+            ..Default::default()
+        }),
+        calibration: Some(Calibration {
+            text: sens.text.clone(),
+            context: sens.context,
+            chunks: sens.chunks,
+            types: sens.types.clone(),
+            pairs: Some(pairs.to_string()),
+        }),
+        ..Profile::uniform(&sens.model, CacheType::F16, CacheType::F16, "")
+    }
+}
