@@ -334,6 +334,10 @@ pub struct TuneArgs {
     pub calib_ctx: u32,
     #[command(flatten)]
     pub plan: CalibrationPlan,
+    /// Profiles are screened on this many chunks first; only the best two are then measured on
+    /// the whole text beside every uniform cache (0: every candidate measured whole).
+    #[arg(long, default_value_t = 1)]
+    pub screen_chunks: usize,
     /// Chunks of each held-out text.
     #[arg(long, default_value_t = 4)]
     pub eval_chunks: usize,
@@ -423,6 +427,10 @@ pub struct SearchArgs {
     /// Cheaper Pareto neighbours of the predicted pick to measure too.
     #[arg(long, default_value_t = 2)]
     pub neighbours: usize,
+    /// Profiles are screened on this many chunks first; only the best two are then measured on
+    /// the whole text beside every uniform cache (0: every candidate measured whole).
+    #[arg(long, default_value_t = 1)]
+    pub screen_chunks: usize,
     #[arg(short = 't', long = "threads", default_value_t = 0)]
     pub threads: i32,
     #[arg(long = "n-gpu-layers", visible_alias = "ngl", default_value_t = 0, allow_negative_numbers = true)]

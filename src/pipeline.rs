@@ -85,6 +85,10 @@ pub enum TuneError {
 pub struct Timings {
     pub load: f64,
     pub calibrate: f64,
+    /// Of `calibrate`: the decodes (and reading their logits back), and scoring the rows against
+    /// the baseline; the rest is making contexts and the like.
+    pub calibrate_decode: f64,
+    pub calibrate_scoring: f64,
     pub select: f64,
     pub held_out: f64,
 }
@@ -154,12 +158,13 @@ pub fn choose(
     sens: &Sensitivity,
     candidates: &[Candidate],
     max_bytes: u64,
+    opts: SelectOptions,
     meta: &ProfileMeta,
 ) -> Result<Choice, SelectError> {
     if candidates.is_empty() {
         return Err(SelectError::NothingFits { max_bytes, smallest: 0 });
     }
-    let selection = select::select_among(cal, candidates, max_bytes)?;
+    let selection = select::select_among(cal, candidates, max_bytes, opts)?;
     let chosen = Chosen {
         label: meta.label.as_deref().unwrap_or(&selection.chosen.candidate.label),
         ..(&selection.chosen).into()
@@ -303,6 +308,7 @@ pub fn tune(
         })?,
     };
     let t1 = Instant::now();
+    let (calibrate_decode, calibrate_scoring) = (ev.decode_seconds, ev.forward_seconds - ev.decode_seconds);
 
     let gpu_pairs = search::parse_pairs(&opts.pairs, &sens.types, search::CUDA_FA_PAIRS)?;
     let cells = runtime_cells(&model, opts.target_ctx, RUNTIME_UBATCH)?;
@@ -320,7 +326,7 @@ pub fn tune(
             let candidates = select::candidates(&problems, max_bytes, opts.select)?;
             meta.measured_on = measured_on(&model, &opts.devices, ngl)?;
             let mut cal = Measurer::new(&mut ev, base.clone(), opts.target_ctx, calibration.1);
-            let mut choice = choose(&mut cal, &sens, &candidates, max_bytes, &meta)?;
+            let mut choice = choose(&mut cal, &sens, &candidates, max_bytes, opts.select, &meta)?;
             progress(Stage::Note(&choice.selection.verdict()));
             let t2 = Instant::now();
             let heuristic = problems.heuristic(max_bytes)?;
@@ -362,7 +368,9 @@ pub fn tune(
             // measured where it will run: at the pick's -ngl (the calibration's model if the same)
             drop(ev);
             let at_pick;
-            let m: &Model = if chosen.ngl == ngl {
+            // -ngl 99 and -ngl 33 offload the same of a 32-layer model
+            let offloaded = |n: i32| if n < 0 { identity.layers as i32 + 1 } else { n.min(identity.layers as i32 + 1) };
+            let m: &Model = if offloaded(chosen.ngl) == offloaded(ngl) {
                 &model
             } else {
                 progress(Stage::Note(&format!("loading the model at the pick's -ngl {}", chosen.ngl)));
@@ -374,7 +382,7 @@ pub fn tune(
             meta.measured_on = measured_on(m, &opts.devices, chosen.ngl)?;
             let mut ev = Evaluator::new(m, calibration.0, copts.n_ctx, copts.chunks, &base)?;
             let mut cal = Measurer::new(&mut ev, base.clone(), opts.target_ctx, calibration.1);
-            let mut choice = choose(&mut cal, &sens, &candidates, chosen.kv_budget.unwrap_or(0), &meta)?;
+            let mut choice = choose(&mut cal, &sens, &candidates, chosen.kv_budget.unwrap_or(0), opts.select, &meta)?;
             progress(Stage::Note(&format!("-ngl {}: {}", chosen.ngl, choice.selection.verdict())));
             let t2 = Instant::now();
             let held = held_out(
@@ -394,6 +402,8 @@ pub fn tune(
     let seconds = Timings {
         load: (t_loaded - t0).as_secs_f64(),
         calibrate: (t1 - t_loaded).as_secs_f64(),
+        calibrate_decode,
+        calibrate_scoring,
         select: (t2 - t1).as_secs_f64(),
         held_out: t2.elapsed().as_secs_f64(),
     };

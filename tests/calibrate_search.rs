@@ -181,6 +181,14 @@ fn tune_never_keeps_a_profile_that_measures_worse_than_uniform() {
         assert!(sel.chosen.kld() <= c.kld() || !c.is_uniform());
     }
     assert!(sel.considered.iter().any(|c| !c.is_uniform()), "profiles were candidates");
+    // profiles were screened on the first chunk: only the two best were measured on both chunks,
+    // beside every uniform cache, and the choice was made among those alone
+    assert!(sel.considered.iter().filter(|c| !c.is_uniform()).count() <= 2, "only finalists measured whole");
+    assert!(!sel.screened_out.is_empty(), "more than two profiles were candidates");
+    for s in &sel.screened_out {
+        assert_eq!(s.chunks, 1);
+        assert!(sel.considered.iter().all(|c| c.candidate.label != s.label), "{} was screened out", s.label);
+    }
     assert_eq!(sel.profile_wins, !sel.chosen.is_uniform());
     assert_eq!(tuned.held_out.len(), 1);
     assert_eq!(tuned.held_out[0].uniform.candidate.types, best_uniform.candidate.types);

@@ -13,7 +13,7 @@ use kvtuner::placement::{self, FitPlan, Placement};
 use kvtuner::runtime::load_text;
 use kvtuner::runtime::Devices;
 use kvtuner::search;
-use kvtuner::select::{report as select_report, Candidate, HeldOut, Measurer, Problems};
+use kvtuner::select::{report as select_report, Candidate, HeldOut, Measurer, Problems, SelectOptions};
 use kvtuner::sensitivity::Sensitivity;
 
 pub fn run(args: FitArgs) -> anyhow::Result<()> {
@@ -170,7 +170,8 @@ fn measure(
     let (text, label) = load_text(spec)?;
     let mut ev = Evaluator::new(&model, &text, sens.context, args.chunks, &base)?;
     let mut cal = Measurer::new(&mut ev, base.clone(), meta.target_ctx, label);
-    let mut choice = pipeline::choose(&mut cal, sens, cands, chosen.kv_budget.unwrap_or(0), &meta)?;
+    let mut choice =
+        pipeline::choose(&mut cal, sens, cands, chosen.kv_budget.unwrap_or(0), SelectOptions::default(), &meta)?;
     let mut texts = Vec::new();
     for spec in &args.verify {
         texts.push(load_text(spec)?);

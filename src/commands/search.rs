@@ -111,7 +111,7 @@ pub fn run(args: SearchArgs) -> anyhow::Result<()> {
     let (text, label) = load_text(&args.text)?;
     let mut cal_ev = Evaluator::new(&model, &text, sens.context, args.chunks, &base)?;
     let mut cal = Measurer::new(&mut cal_ev, base.clone(), n_ctx, label.clone());
-    let opts = SelectOptions { neighbours: args.neighbours };
+    let opts = SelectOptions { neighbours: args.neighbours, screen_chunks: args.screen_chunks, ..Default::default() };
     let meta = ProfileMeta {
         pairs: args.pairs.clone(),
         target_ctx: n_ctx,
@@ -126,7 +126,7 @@ pub fn run(args: SearchArgs) -> anyhow::Result<()> {
                 None => a.bytes,
             };
             let candidates = select::candidates(&problems, max_bytes, opts)?;
-            let c = pipeline::choose(&mut cal, &sens, &candidates, max_bytes, &meta)?;
+            let c = pipeline::choose(&mut cal, &sens, &candidates, max_bytes, opts, &meta)?;
             eprintln!("{}", c.selection.verdict());
             eprintln!("confirmed: the chosen types measured again on {label}: KLD {:.6}", c.confirmed_kld);
             Some(c)

@@ -65,7 +65,7 @@ pub fn run(args: TuneArgs) -> anyhow::Result<()> {
         budget: budget.clone(),
         target_ctx,
         eval_chunks: args.eval_chunks,
-        select: SelectOptions::default(),
+        select: SelectOptions { screen_chunks: args.screen_chunks, ..Default::default() },
         name: args.name.clone(),
         sensitivity: match &args.sensitivity {
             Some(path) => Some(Sensitivity::load(path)?),
@@ -119,12 +119,14 @@ pub fn run(args: TuneArgs) -> anyhow::Result<()> {
     let s = tuned.seconds;
     let measured_on = profile.measured.as_ref().and_then(|m| m.measured_on.clone()).unwrap_or_default();
     let mut md = format!(
-        "## kvtuner tune: {}\n\n- calibration: {}; {} forward passes\n- budget: {what} (sizes read from the runtime)\n- measured on {measured_on}\n- time: load {:.1} s, calibrate {:.1} s, select {:.1} s, held-out check {:.1} s, total {:.1} s\n\n",
+        "## kvtuner tune: {}\n\n- calibration: {}; {} forward passes\n- budget: {what} (sizes read from the runtime)\n- measured on {measured_on}\n- time: load {:.1} s, calibrate {:.1} s (decode {:.1} s, scoring {:.1} s), select {:.1} s, held-out check {:.1} s, total {:.1} s\n\n",
         identity.name.as_deref().unwrap_or(&identity.architecture),
         tuned.sensitivity.method,
         tuned.sensitivity.forward_passes,
         s.load,
         s.calibrate,
+        s.calibrate_decode,
+        s.calibrate_scoring,
         s.select,
         s.held_out,
         s.total(),

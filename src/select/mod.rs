@@ -241,17 +241,31 @@ impl Problems {
     }
 }
 
-/// How many candidates a selection measures besides the uniform ones.
+/// How many candidates a selection measures besides the uniform ones, and how.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SelectOptions {
     /// Cheaper Pareto neighbours of the main estimator's pick to measure too.
     pub neighbours: usize,
+    /// Profiles are first measured on this many chunks (0: none, every candidate is measured on
+    /// the whole text); only the best `finalists` are then measured on the whole text, beside
+    /// every uniform cache. The choice is made on the whole text alone, so screening only decides
+    /// which profiles compete, as predictions do.
+    pub screen_chunks: usize,
+    pub finalists: usize,
 }
 
 impl Default for SelectOptions {
     fn default() -> Self {
-        SelectOptions { neighbours: 2 }
+        SelectOptions { neighbours: 2, screen_chunks: 1, finalists: 2 }
     }
+}
+
+/// A profile that did not reach the final measurement, with its KLD on the screening chunks.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Screened {
+    pub label: String,
+    pub kld_screen: f64,
+    pub chunks: usize,
 }
 
 /// The candidates at `max_bytes`: uniform configurations that fit, each estimator's predicted
@@ -302,8 +316,11 @@ pub struct Selection {
     /// Whether the chosen configuration is a profile (it then measured below every uniform
     /// cache within the budget).
     pub profile_wins: bool,
-    /// Every configuration measured for this budget, on the calibration text.
+    /// Every configuration measured for this budget, on the whole calibration text.
     pub considered: Vec<Measured>,
+    /// Profiles screened out on the first chunks (never chosen from).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub screened_out: Vec<Screened>,
     /// The text the choice was made on.
     pub text: String,
 }
@@ -348,18 +365,44 @@ pub fn select(
         let smallest = search::frontier(problems.main())?.first().map_or(0, |a| a.bytes);
         return Err(SelectError::NothingFits { max_bytes, smallest });
     }
-    select_among(m, &cands, max_bytes)
+    select_among(m, &cands, max_bytes, opts)
 }
 
 /// Measures `candidates` (not empty) on the measurer's text and picks as [`select`] does: the
-/// lowest measured KLD, a profile only if it beats every uniform cache among them.
+/// lowest measured KLD, a profile only if it beats every uniform cache among them. With
+/// screening, profiles beyond `opts.finalists` are measured on the first chunks first and only
+/// the best go on to the whole text; uniform caches are always measured whole.
 pub fn select_among(
     m: &mut Measurer<'_, '_>,
     candidates: &[Candidate],
     max_bytes: u64,
+    opts: SelectOptions,
 ) -> Result<Selection, SelectError> {
-    let considered = m.measure(candidates)?;
-    Ok(choose(considered, max_bytes, m.label()))
+    let profiles: Vec<&Candidate> = candidates.iter().filter(|c| c.origin != Origin::Uniform).collect();
+    let screen = opts.screen_chunks > 0 && opts.screen_chunks < m.ev.chunks() && profiles.len() > opts.finalists.max(1);
+    let mut screened_out = Vec::new();
+    let finals: Vec<Candidate> = if screen {
+        let params: Vec<ContextParams> = profiles.iter().map(|c| m.params(&c.types)).collect();
+        let scores = m.ev.score_many_first(&params, opts.screen_chunks)?;
+        let mut ranked: Vec<(f64, &Candidate)> =
+            scores.iter().map(|s| s.summary().kld_mean).zip(profiles.iter().copied()).collect();
+        ranked.sort_by(|a, b| a.0.total_cmp(&b.0));
+        let keep: Vec<&Candidate> = ranked.iter().take(opts.finalists.max(1)).map(|r| r.1).collect();
+        for (kld, c) in &ranked[keep.len()..] {
+            screened_out.push(Screened { label: c.label.clone(), kld_screen: *kld, chunks: opts.screen_chunks });
+        }
+        candidates
+            .iter()
+            .filter(|c| c.origin == Origin::Uniform || keep.iter().any(|k| k.types == c.types))
+            .cloned()
+            .collect()
+    } else {
+        candidates.to_vec()
+    };
+    let considered = m.measure(&finals)?;
+    let mut selection = choose(considered, max_bytes, m.label());
+    selection.screened_out = screened_out;
+    Ok(selection)
 }
 
 /// The decision itself: the lowest measured KLD, then fewer bytes, then a uniform cache before a
@@ -382,6 +425,7 @@ fn choose(considered: Vec<Measured>, max_bytes: u64, text: &str) -> Selection {
         chosen,
         best_uniform,
         considered,
+        screened_out: Vec::new(),
         text: text.to_string(),
     }
 }

@@ -36,6 +36,15 @@ pub fn selection(sel: &Selection) -> String {
         let mark = if m.candidate.types == sel.chosen.candidate.types { " **(chosen)**" } else { "" };
         let _ = writeln!(r, "{}", row_marked(m, mark));
     }
+    if !sel.screened_out.is_empty() {
+        let list: Vec<String> = sel.screened_out.iter().map(|s| format!("{} {:.5}", s.label, s.kld_screen)).collect();
+        let _ = writeln!(
+            r,
+            "\nScreened out on the first {} chunk(s) (the finalists' KLD there was lower): {}",
+            sel.screened_out[0].chunks,
+            list.join(", ")
+        );
+    }
     if let Some(e) = prediction_error(&sel.considered) {
         let _ = writeln!(
             r,
