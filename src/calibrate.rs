@@ -33,6 +33,9 @@ pub struct CalibrateOptions {
     pub chunks: usize,
     /// Chunks for the single-layer runs (the first ones; at most `chunks`).
     pub layer_chunks: usize,
+    /// The single-layer runs score every `layer_stride`-th position of those chunks (1: all);
+    /// the others compute no logits, which is a large share of a pass for big vocabularies.
+    pub layer_stride: usize,
     /// What the other layers hold during a single-layer run: f16, or q8_0 (a layer's share is
     /// then its change from the all-q8_0 cache, which is where profiles near 7 bits live).
     pub background: CacheType,
@@ -119,10 +122,16 @@ struct ResumeKey {
     chunks: usize,
     #[serde(default)]
     layer_chunks: usize,
+    #[serde(default = "one")]
+    layer_stride: usize,
     #[serde(default)]
     background: Option<CacheType>,
     text_label: String,
     text_tokens: usize,
+}
+
+fn one() -> usize {
+    1
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -166,7 +175,8 @@ pub fn cost(n_layers_with_kv: usize, types: &[CacheType], opts: &CalibrateOption
     ((1 + 2 * quantized + background) * opts.chunks.max(1) + 2 * n_layers_with_kv * layer_chunks) as u64
 }
 
-/// Runs the calibration. `progress(done, total, label)` is called before each trial.
+/// Runs the calibration. `progress(done, total, label)` is called before each trial, in forward
+/// passes (a trial on n chunks is n passes), so that time per pass gives an honest ETA.
 pub fn calibrate(
     model: &Model,
     identity: &ModelIdentity,
@@ -216,6 +226,7 @@ pub fn calibrate_with(
         n_ctx: opts.n_ctx,
         chunks: ev.chunks(),
         layer_chunks,
+        layer_stride: opts.layer_stride.max(1),
         background: Some(bg),
         text_label: opts.text_label.clone(),
         text_tokens: ev.positions(),
@@ -227,14 +238,20 @@ pub fn calibrate_with(
     };
 
     let n_layer = layout.layers.len();
-    for (i, trial) in trials.iter().enumerate() {
+    let all_chunks = ev.chunks();
+    let passes = |t: &Trial| if t.is_layer() { layer_chunks } else { all_chunks };
+    let total: usize = trials.iter().map(passes).sum();
+    let mut passed = 0;
+    for trial in &trials {
+        let n_chunks = passes(trial);
+        passed += n_chunks;
         if done.contains_key(trial) {
             continue;
         }
-        progress(i, trials.len(), &trial.key());
+        progress(passed - n_chunks, total, &trial.key());
         let config = ContextParams { layer_types: Some(trial.types(n_layer, bg)), ..opts.base.clone() };
-        let n_chunks = if trial.is_layer() { layer_chunks } else { ev.chunks() };
-        let quality = ev.score_many_first(std::slice::from_ref(&config), n_chunks)?[0].quality();
+        let stride = if trial.is_layer() { opts.layer_stride } else { 1 };
+        let quality = ev.score_sampled(std::slice::from_ref(&config), n_chunks, stride)?[0].quality();
         if let (Some(f), Some(path)) = (journal.as_mut(), resume) {
             let line = serde_json::to_string(&ResumeLine { trial: trial.clone(), quality }).expect("serialisable");
             writeln!(f, "{line}")
@@ -243,7 +260,7 @@ pub fn calibrate_with(
         }
         done.insert(trial.clone(), quality);
     }
-    progress(trials.len(), trials.len(), "done");
+    progress(total, total, "done");
 
     let opts = CalibrateOptions { chunks: ev.chunks(), layer_chunks, ..opts.clone() };
     let mut table = assemble(
@@ -346,8 +363,14 @@ fn assemble(
         forward_passes,
         seconds,
         method: format!(
-            "each layer's share of the error from single-layer runs at {narrow} (one K or V at a time, rest {}; {} of {} chunks), scaled per type and per K/V by uniform runs on every chunk",
-            opts.background, opts.layer_chunks, opts.chunks
+            "each layer's share of the error from single-layer runs at {narrow} (one K or V at a time, rest {}; {} of {} chunks{}), scaled per type and per K/V by uniform runs on every chunk",
+            opts.background,
+            opts.layer_chunks,
+            opts.chunks,
+            match opts.layer_stride {
+                0 | 1 => String::new(),
+                n => format!(", every {n}th scored position"),
+            }
         ),
     };
     let n_layer = s.layout.layers.len();

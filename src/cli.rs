@@ -473,6 +473,10 @@ pub struct CalibrationPlan {
     /// Of those, chunks for the single-layer runs (2 per layer: the bulk of the cost).
     #[arg(long, default_value_t = 1)]
     pub layer_chunks: usize,
+    /// The single-layer runs score every Nth position of their chunks (1: every position); the
+    /// others compute no logits, which saves much of a pass on models with large vocabularies.
+    #[arg(long, default_value_t = 2)]
+    pub layer_stride: usize,
     /// What the other layers hold during a single-layer run: f16, or q8_0 (layers then measure
     /// their change from an all-q8_0 cache, where profiles near 7 bits per value live).
     #[arg(long, default_value = "f16")]

@@ -128,8 +128,14 @@ pub enum BaselineMode {
 /// evaluator streams. 2 GiB holds 4 chunks of 1024 tokens of Gemma 3's 262k vocabulary.
 pub const DEFAULT_STORED_BASELINE_LIMIT: u64 = 2 << 30;
 
-/// Configurations stepped in lock-step with one streamed baseline (each holds its own context).
+/// Configurations stepped in lock-step with one streamed baseline (each holds its own context), at
+/// most.
 const STREAM_GROUP: usize = 8;
+
+/// What the logits of the contexts stepped together may take: each context holds `n_ubatch` rows
+/// of the vocabulary on the host and in its compute buffer on the device, 512 MiB a context for a
+/// 262k vocabulary, so a group is smaller for large vocabularies.
+const STREAM_LOGITS_BYTES: u64 = 2 << 30;
 
 /// The scores of one position against the baseline.
 struct RowScore {
@@ -162,55 +168,92 @@ pub struct Evaluator<'m> {
     pub decode_seconds: f64,
 }
 
-/// Logits below max − CUTOFF contribute < e^-30 each to the softmax sum: with a vocabulary of
-/// 262k that bounds the relative error of the sum by 3e-8, and skipping their exp() makes a
-/// 262k-token row about ten times cheaper.
-const CUTOFF: f32 = 30.0;
+/// Lanes of the vectorised loops below (AVX-512 holds 16 f32 or 8 f64).
+const LANES: usize = 16;
+
+/// e^x for x ≤ 0 in f32, written so that the compiler vectorises it: x = n·ln 2 + r with n found by
+/// the 1.5·2²³ rounding trick, e^r by its Taylor polynomial of degree 7 (|r| ≤ ln 2 / 2: truncation
+/// below 1e-8, so the error is f32 rounding, ~1e-7 relative), then 2ⁿ put into the exponent bits.
+/// Below -87, where f32 underflows, e^-87 (3e-38) stands in: it changes no sum of a row.
+#[inline(always)]
+fn exp_neg(x: f32) -> f32 {
+    const SHIFT: f32 = 12_582_912.0; // 1.5 · 2^23
+    let x = x.max(-87.0);
+    let t = x * std::f32::consts::LOG2_E + SHIFT;
+    let n = t - SHIFT;
+    let r = x - n * 0.693_145_75 - n * 1.428_606_8e-6; // ln 2, split in a high and a low part
+    let p = 1.0
+        + r * (1.0
+            + r * (0.5
+                + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0 + r * (1.0 / 5040.0)))))));
+    let n = t.to_bits() as i32 - SHIFT.to_bits() as i32;
+    p * f32::from_bits(((n + 127) << 23) as u32)
+}
+
+/// (max, first argmax) of a row.
+fn max_arg(logits: &[f32]) -> (f32, u32) {
+    let mut lanes = [f32::NEG_INFINITY; LANES];
+    let mut chunks = logits.chunks_exact(LANES);
+    for c in chunks.by_ref() {
+        for (m, &x) in lanes.iter_mut().zip(c) {
+            *m = if x > *m { x } else { *m };
+        }
+    }
+    let max = chunks.remainder().iter().chain(&lanes).fold(f32::NEG_INFINITY, |m, &x| if x > m { x } else { m });
+    (max, logits.iter().position(|&x| x == max).unwrap_or(0) as u32)
+}
+
+/// Σ e^(x − max) over a row, exponentials in f32 lanes, sums of each lane in f64.
+fn sum_exp(logits: &[f32], max: f32) -> f64 {
+    let mut total = [0f64; LANES];
+    let mut chunks = logits.chunks_exact(LANES);
+    for c in chunks.by_ref() {
+        for (t, &x) in total.iter_mut().zip(c) {
+            *t += exp_neg(x - max) as f64;
+        }
+    }
+    total.iter().sum::<f64>() + chunks.remainder().iter().map(|&x| exp_neg(x - max) as f64).sum::<f64>()
+}
+
+/// Σ a·b in f64 lanes.
+fn dot(a: &[f32], b: &[f32]) -> f64 {
+    let mut total = [0f64; LANES];
+    let (ca, cb) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
+    let rest: f64 = ca.remainder().iter().zip(cb.remainder()).map(|(&x, &y)| x as f64 * y as f64).sum();
+    for (x, y) in ca.zip(cb) {
+        for ((t, &x), &y) in total.iter_mut().zip(x).zip(y) {
+            *t += x as f64 * y as f64;
+        }
+    }
+    total.iter().sum::<f64>() + rest
+}
 
 /// (max, argmax, log-sum-exp) of a row of logits.
 fn lse(logits: &[f32]) -> (f32, u32, f64) {
-    let (mut max, mut arg) = (f32::NEG_INFINITY, 0u32);
-    for (i, &x) in logits.iter().enumerate() {
-        if x > max {
-            max = x;
-            arg = i as u32;
-        }
-    }
-    let floor = max - CUTOFF;
-    let mut sum = 0f64;
-    for &x in logits {
-        if x > floor {
-            sum += ((x - max) as f64).exp();
-        }
-    }
-    (max, arg, max as f64 + sum.ln())
+    let (max, arg) = max_arg(logits);
+    (max, arg, max as f64 + sum_exp(logits, max).ln())
 }
 
 /// Fills `probs` with softmax(logits); returns (argmax, Σ p·log p, lse).
 fn softmax_into(logits: &[f32], probs: &mut [f32]) -> (u32, f64, f64) {
     let (max, arg, lse) = lse(logits);
-    let floor = max - CUTOFF;
-    let mut negent = 0f64;
+    // log p = x − lse = (x − max) − (lse − max); the second term is small, so f32 keeps p's
+    // relative precision
+    let shift = (lse - max as f64) as f32;
     for (p, &x) in probs.iter_mut().zip(logits) {
-        if x > floor {
-            let lp = x as f64 - lse;
-            let pv = lp.exp();
-            *p = pv as f32;
-            negent += pv * lp;
-        } else {
-            *p = 0.0;
-        }
+        *p = exp_neg((x - max) - shift);
     }
+    // Σ p·log p = Σ p·x − lse·Σ p
+    let negent = dot(probs, logits) - lse * probs.iter().map(|&p| p as f64).sum::<f64>();
     (arg, negent, lse)
 }
 
 /// KL(p‖q) where p is given by its probabilities and Σ p·log p, and q by logits (relative
-/// error ≲ 1e-4 from storing p in f32; see the cutoff test). Returns
+/// error ≲ 1e-4 from storing p in f32; see the precision test). Returns
 /// (kld, argmax of q, lse of q).
 fn kld_row(probs: &[f32], negent: f64, logits: &[f32]) -> (f64, u32, f64) {
     let (_, arg, lse_q) = lse(logits);
-    let dot: f64 = probs.iter().zip(logits).map(|(&p, &x)| p as f64 * x as f64).sum();
-    ((negent - dot + lse_q).max(0.0), arg, lse_q)
+    ((negent - dot(probs, logits) + lse_q).max(0.0), arg, lse_q)
 }
 
 /// Scores one position: the configuration's logits against the baseline row.
@@ -342,11 +385,11 @@ impl<'m> Evaluator<'m> {
             let scored = self.scored(chunk);
             let mut probs = vec![0f32; scored.len() * n_vocab];
             let (mut negent, mut top1, mut nll) = (Vec::new(), Vec::new(), Vec::new());
-            self.forward(&mut [&mut ctx], chunk, |i, rows| {
-                let out = &mut probs[i * n_vocab..(i + rows.len()) * n_vocab];
-                let results = par_rows(out.chunks_mut(n_vocab).zip(rows).enumerate(), |(j, (p, r))| {
+            self.forward(&mut [&mut ctx], chunk, 1, |ks, rows| {
+                let out = &mut probs[ks[0] * n_vocab..(ks[0] + rows.len()) * n_vocab];
+                let results = par_rows(out.chunks_mut(n_vocab).zip(rows).zip(ks), |((p, r), &k)| {
                     let (arg, ne, lse) = softmax_into(r[0], p);
-                    (arg, ne, lse - r[0][chunk[scored.start + i + j + 1] as usize] as f64)
+                    (arg, ne, lse - r[0][chunk[scored.start + k + 1] as usize] as f64)
                 });
                 for (arg, ne, n) in results {
                     top1.push(arg);
@@ -407,43 +450,46 @@ impl<'m> Evaluator<'m> {
     }
 
     /// Runs `chunk` through every context in `ctxs` in lock-step, `n_ubatch` tokens a step, and
-    /// calls `on_step(i, rows)` after each step with its scored positions, the first being the
-    /// i-th scored position of the chunk: `rows[j][c]` is context `c`'s logits row of position
-    /// `i + j`. Steps come in order; the callback may score the rows in parallel.
+    /// calls `on_step(ks, rows)` after each step with its scored positions: every `stride`-th of
+    /// the chunk's scored positions (the others compute no logits), `ks[j]` the index among the
+    /// scored positions and `rows[j][c]` context `c`'s logits row there. Steps come in order; the
+    /// callback may score the rows in parallel.
     fn forward(
         &mut self,
         ctxs: &mut [&mut Context<'_>],
         chunk: &[Token],
-        mut on_step: impl FnMut(usize, &[Vec<&[f32]>]),
+        stride: usize,
+        mut on_step: impl FnMut(&[usize], &[Vec<&[f32]>]),
     ) -> Result<(), EvalError> {
         let start = Instant::now();
         for ctx in ctxs.iter_mut() {
             ctx.clear();
         }
         let scored = self.scored(chunk);
+        let stride = stride.max(1);
+        let is_scored = |pos: usize| scored.contains(&pos) && (pos - scored.start) % stride == 0;
         let step = self.n_ubatch as usize;
         let mut batch = Batch::new(step);
         let mut decode_seconds = 0.0;
         for first in (0..chunk.len()).step_by(step) {
             let part = &chunk[first..(first + step).min(chunk.len())];
             batch.clear();
-            batch
-                .add_sequence(part, first as i32, 0, |i| scored.contains(&(first + i)))
-                .map_err(|_| DecodeError::Empty)?;
+            batch.add_sequence(part, first as i32, 0, |i| is_scored(first + i)).map_err(|_| DecodeError::Empty)?;
             let t = Instant::now();
             for ctx in ctxs.iter_mut() {
                 ctx.decode(&batch)?;
             }
-            let positions = first.max(scored.start)..(first + part.len()).min(scored.end);
+            let positions: Vec<usize> = (first..first + part.len()).filter(|&p| is_scored(p)).collect();
             let rows: Vec<Vec<&[f32]>> = positions
-                .clone()
-                .map(|pos| {
+                .iter()
+                .map(|&pos| {
                     ctxs.iter().map(|c| c.logits((pos - first) as i32).expect("logits of a scored position")).collect()
                 })
                 .collect();
             decode_seconds += t.elapsed().as_secs_f64();
             if !rows.is_empty() {
-                on_step(positions.start - scored.start, &rows);
+                let ks: Vec<usize> = positions.iter().map(|p| p - scored.start).collect();
+                on_step(&ks, &rows);
             }
         }
         self.forward_passes += ctxs.len() as u64;
@@ -466,21 +512,36 @@ impl<'m> Evaluator<'m> {
     /// [`Evaluator::score_many`] on the first `n_chunks` chunks only (e.g. cheap screening runs
     /// on part of the text the decisive runs use whole).
     pub fn score_many_first(&mut self, configs: &[ContextParams], n_chunks: usize) -> Result<Vec<Scores>, EvalError> {
+        self.score_sampled(configs, n_chunks, 1)
+    }
+
+    /// [`Evaluator::score_many_first`] on every `stride`-th scored position only: the positions
+    /// left out compute no logits (the output layer is a large share of a pass for big
+    /// vocabularies), at the price of a noisier mean.
+    pub fn score_sampled(
+        &mut self,
+        configs: &[ContextParams],
+        n_chunks: usize,
+        stride: usize,
+    ) -> Result<Vec<Scores>, EvalError> {
         let n_chunks = n_chunks.clamp(1, self.chunks.len());
+        let stride = stride.max(1);
         let mut out = Vec::with_capacity(configs.len());
         if matches!(self.baseline, Baseline::Stored(_)) {
             for config in configs {
-                out.push(self.score_stored(config, n_chunks)?);
+                out.push(self.score_stored(config, n_chunks, stride)?);
             }
         } else {
-            for group in configs.chunks(STREAM_GROUP) {
-                out.extend(self.score_streamed(group, n_chunks)?);
+            let per_context = self.n_ubatch as u64 * self.n_vocab as u64 * 4;
+            let group = ((STREAM_LOGITS_BYTES / per_context.max(1)) as usize).saturating_sub(1).clamp(1, STREAM_GROUP);
+            for group in configs.chunks(group) {
+                out.extend(self.score_streamed(group, n_chunks, stride)?);
             }
         }
         Ok(out)
     }
 
-    fn score_stored(&mut self, config: &ContextParams, n_chunks: usize) -> Result<Scores, EvalError> {
+    fn score_stored(&mut self, config: &ContextParams, n_chunks: usize, stride: usize) -> Result<Scores, EvalError> {
         let mut ctx = Context::new(self.model, &self.params(config))?;
         let mut scores = Scores { kv_bytes: ctx.kv_buffer_bytes(), ..Scores::default() };
         let chunks = std::mem::take(&mut self.chunks);
@@ -491,15 +552,14 @@ impl<'m> Evaluator<'m> {
         let result = (|| {
             for (chunk, base) in chunks.iter().zip(&stored).take(n_chunks) {
                 let scored = self.scored(chunk);
-                self.forward(&mut [&mut ctx], chunk, |i, rows| {
-                    let rows = par_rows(rows.iter().enumerate(), |(j, r)| {
-                        let k = i + j;
+                self.forward(&mut [&mut ctx], chunk, stride, |ks, rows| {
+                    let rows = par_rows(rows.iter().zip(ks), |(r, &k)| {
                         let probs = &base.probs[k * n_vocab..(k + 1) * n_vocab];
                         score_row(probs, base.negent[k], base.top1[k], r[0], chunk[scored.start + k + 1] as usize)
                     });
                     rows.into_iter().for_each(|r| scores.push(r));
                 })?;
-                scores.chunk_sizes.push(scored.len());
+                scores.chunk_sizes.push(scored.len().div_ceil(stride));
             }
             Ok(())
         })();
@@ -508,7 +568,12 @@ impl<'m> Evaluator<'m> {
         result.map(|_| scores)
     }
 
-    fn score_streamed(&mut self, configs: &[ContextParams], n_chunks: usize) -> Result<Vec<Scores>, EvalError> {
+    fn score_streamed(
+        &mut self,
+        configs: &[ContextParams],
+        n_chunks: usize,
+        stride: usize,
+    ) -> Result<Vec<Scores>, EvalError> {
         let mut base_ctx = Context::new(self.model, &self.params(&self.base.clone()))?;
         let mut ctxs = Vec::with_capacity(configs.len());
         for c in configs {
@@ -518,16 +583,16 @@ impl<'m> Evaluator<'m> {
             ctxs.iter().map(|c| Scores { kv_bytes: c.kv_buffer_bytes(), ..Scores::default() }).collect();
         let n_vocab = self.n_vocab;
         let chunks = std::mem::take(&mut self.chunks);
-        let record_nll = self.baseline_nll.is_empty() && n_chunks == chunks.len();
+        let record_nll = self.baseline_nll.is_empty() && n_chunks == chunks.len() && stride <= 1;
         let mut nlls = Vec::new();
         let result = (|| {
             for chunk in chunks.iter().take(n_chunks) {
                 let scored = self.scored(chunk);
                 let mut nll = Vec::new();
                 let mut all: Vec<&mut Context<'_>> = std::iter::once(&mut base_ctx).chain(ctxs.iter_mut()).collect();
-                self.forward(&mut all, chunk, |i, rows| {
-                    let per_row = par_rows(rows.iter().enumerate(), |(j, logits)| {
-                        let next = chunk[scored.start + i + j + 1] as usize;
+                self.forward(&mut all, chunk, stride, |ks, rows| {
+                    let per_row = par_rows(rows.iter().zip(ks), |(logits, &k)| {
+                        let next = chunk[scored.start + k + 1] as usize;
                         let mut row = vec![0f32; n_vocab];
                         let (top1, negent, lse) = softmax_into(logits[0], &mut row);
                         let config_rows: Vec<RowScore> =
@@ -542,7 +607,7 @@ impl<'m> Evaluator<'m> {
                     }
                 })?;
                 for s in scores.iter_mut() {
-                    s.chunk_sizes.push(scored.len());
+                    s.chunk_sizes.push(scored.len().div_ceil(stride));
                 }
                 nlls.push(nll);
             }
@@ -594,7 +659,17 @@ mod tests {
     }
 
     #[test]
-    fn the_cutoff_changes_nothing_measurable() {
+    fn exp_neg_is_exp_to_f32_precision() {
+        for i in 0..96_000 {
+            let x = -(i as f32) * 0.000_9; // down to -86.4
+            let (got, want) = (exp_neg(x) as f64, (x as f64).exp());
+            assert!((got - want).abs() <= 3e-7 * want + 1e-38, "e^{x}: {got} vs {want}");
+        }
+        assert!(exp_neg(-1000.0) > 0.0 && exp_neg(-1000.0) < 1e-37);
+    }
+
+    #[test]
+    fn a_262k_row_scores_as_in_f64() {
         // a 262k-token row with a long tail far below the maximum
         let mut base: Vec<f32> = (0..262_144).map(|i| -((i % 997) as f32) * 0.05).collect();
         base[7] = 12.0;

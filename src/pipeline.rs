@@ -101,8 +101,8 @@ impl Timings {
 
 /// Progress of the pipeline's stages.
 pub enum Stage<'a> {
-    /// A calibration trial: done, total, what, and the estimated seconds left (after the first
-    /// trials).
+    /// Calibration: forward passes done and in all, the trial starting, and the estimated seconds
+    /// left (after the first passes).
     Calibrate {
         done: usize,
         total: usize,
@@ -301,11 +301,17 @@ pub fn tune(
             progress(Stage::Note("calibration: the sensitivity table given"));
             table.clone()
         }
-        None => calibrate::calibrate_with(&mut ev, identity, &copts, resume, &mut |done, total, what| {
-            let elapsed = started.elapsed().as_secs_f64();
-            let eta = (done >= 3 && done < total).then(|| elapsed / done as f64 * (total - done) as f64);
-            progress(Stage::Calibrate { done, total, what, eta })
-        })?,
+        None => {
+            // the rate from the passes run here (a resumed run skips some)
+            let mut first: Option<usize> = None;
+            calibrate::calibrate_with(&mut ev, identity, &copts, resume, &mut |done, total, what| {
+                let from = *first.get_or_insert(done);
+                let elapsed = started.elapsed().as_secs_f64();
+                let eta =
+                    (done >= from + 3 && done < total).then(|| elapsed / (done - from) as f64 * (total - done) as f64);
+                progress(Stage::Calibrate { done, total, what, eta })
+            })?
+        }
     };
     let t1 = Instant::now();
     let (calibrate_decode, calibrate_scoring) = (ev.decode_seconds, ev.forward_seconds - ev.decode_seconds);

@@ -319,8 +319,14 @@ pub fn same_budget_candidates(
     };
     let mut out = Vec::new();
     if let Some(a) = &chosen.assignment {
-        let label = format!("fit at -ngl {}", chosen.ngl);
-        out.push(candidate(label, Origin::Frontier { estimator, rank: 0 }, a));
+        // a pick of one pair on every cached layer is that uniform cache, and competes as one
+        let cached: Vec<_> = (0..p.layers.len()).filter(|&il| p.layers[il].is_some()).map(|il| a.types[il]).collect();
+        match cached.first().filter(|&&first| cached.iter().all(|&t| t == first)) {
+            Some(&(k, v)) => out.push(candidate(format!("{k}/{v} on the GPU"), Origin::Uniform, a)),
+            None => {
+                out.push(candidate(format!("fit at -ngl {}", chosen.ngl), Origin::Frontier { estimator, rank: 0 }, a))
+            }
+        }
     }
     for &pair in gpu_pairs {
         let at = placements(p, &[pair], cpu_pairs, std::slice::from_ref(&chosen.cost), budget)?;

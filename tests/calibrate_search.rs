@@ -29,6 +29,7 @@ fn options(types: &[CacheType], chunks: usize, background: CacheType) -> Calibra
         n_ctx: 64,
         chunks,
         layer_chunks: 1,
+        layer_stride: 1,
         background,
         types: types.to_vec(),
         base: ContextParams { n_threads: 2, no_kv_profile: true, ..Default::default() },

@@ -5,37 +5,16 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use common::RpcServer;
 use kvtuner::cache_type::CacheType;
-use kvtuner::calibrate::{self, CalibrateOptions};
 use kvtuner::gguf;
-use kvtuner::llama::{Backend, ContextParams, Model, ModelParams};
+use kvtuner::llama::Backend;
 use kvtuner::placement;
-use kvtuner::profile::{ModelIdentity, Profile};
+use kvtuner::profile::Profile;
 
 const N_LAYER: u32 = 4;
-
-/// A tiny model and its sensitivity table (f16, q8_0, q4_0; one chunk of 64 tokens).
-fn calibrated(dir: &Path) -> (PathBuf, PathBuf) {
-    let path = common::tiny_model(dir, N_LAYER, "synthetic-pipeline");
-    let identity = ModelIdentity::from_header(&gguf::read_header(&path).unwrap()).unwrap();
-    let model = Model::load(Backend::init(), &path, &ModelParams::default()).unwrap();
-    let opts = CalibrateOptions {
-        n_ctx: 64,
-        chunks: 1,
-        layer_chunks: 1,
-        background: CacheType::F16,
-        types: vec![CacheType::F16, CacheType::Q8_0, CacheType::Q4_0],
-        base: ContextParams { n_threads: 1, no_kv_profile: true, ..Default::default() },
-        text_label: "lee (test)".into(),
-    };
-    let table = calibrate::calibrate(&model, &identity, &common::eval_text(), &opts, None, &mut |_, _, _| {}).unwrap();
-    let sens = dir.join("sens.yaml");
-    table.save(&sens).unwrap();
-    (path, sens)
-}
 
 fn run(args: &[&str]) -> String {
     let out = common::kvtuner(args);
@@ -63,7 +42,7 @@ fn assert_chosen_by_measurement(path: &Path, command: &str, on: &str) -> Profile
 fn tune_search_and_fit_all_confirm_and_compare_with_uniform() {
     let _rpc = common::rpc_lock();
     let dir = tempfile::tempdir().unwrap();
-    let (model, sens) = calibrated(dir.path());
+    let (model, _, sens) = common::calibrated_tiny(dir.path(), N_LAYER, "synthetic-pipeline");
     let (m, s) = (model.to_str().unwrap(), sens.to_str().unwrap());
     let measure = ["--text", "lee-calibration", "--chunks", "1", "-t", "1"];
 

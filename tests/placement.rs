@@ -5,12 +5,10 @@ mod common;
 
 use common::RpcServer;
 use kvtuner::cache_type::CacheType;
-use kvtuner::calibrate::{self, CalibrateOptions};
-use kvtuner::gguf;
 use kvtuner::kv_layout::Sizer;
 use kvtuner::llama::{rpc, Backend, BufferMemory, Context, ContextParams, FlashAttn, Model, ModelParams};
 use kvtuner::placement;
-use kvtuner::profile::{ModelIdentity, Profile};
+use kvtuner::profile::Profile;
 
 const N_LAYER: u32 = 4;
 const N_CTX: u32 = 256;
@@ -79,31 +77,11 @@ fn memory_per_device_is_what_a_real_context_allocates() {
     }
 }
 
-/// A tiny model and its sensitivity table (f16, q8_0, q4_0; one chunk).
-fn calibrated(dir: &std::path::Path, name: &str) -> (std::path::PathBuf, ModelIdentity, std::path::PathBuf) {
-    let path = common::tiny_model(dir, N_LAYER, name);
-    let identity = ModelIdentity::from_header(&gguf::read_header(&path).unwrap()).unwrap();
-    let model = Model::load(Backend::init(), &path, &ModelParams::default()).unwrap();
-    let opts = CalibrateOptions {
-        n_ctx: 64,
-        chunks: 1,
-        layer_chunks: 1,
-        background: CacheType::F16,
-        types: vec![CacheType::F16, CacheType::Q8_0, CacheType::Q4_0],
-        base: ContextParams { n_threads: 1, no_kv_profile: true, ..Default::default() },
-        text_label: "lee (test)".into(),
-    };
-    let table = calibrate::calibrate(&model, &identity, &common::eval_text(), &opts, None, &mut |_, _, _| {}).unwrap();
-    let sens = dir.join("sens.yaml");
-    table.save(&sens).unwrap();
-    (path, identity, sens)
-}
-
 #[test]
 fn fit_puts_more_layers_on_the_device_than_f16_within_the_same_budget() {
     let _rpc = common::rpc_lock();
     let dir = tempfile::tempdir().unwrap();
-    let (path, identity, sens) = calibrated(dir.path(), "synthetic-fit");
+    let (path, identity, sens) = common::calibrated_tiny(dir.path(), N_LAYER, "synthetic-fit");
 
     let server = RpcServer::start();
     let devices = rpc::add_servers(Backend::init(), std::slice::from_ref(&server.endpoint)).unwrap();
@@ -224,7 +202,7 @@ fn fit_puts_more_layers_on_the_device_than_f16_within_the_same_budget() {
 fn search_gives_cpu_layers_the_cpu_pairs() {
     let _rpc = common::rpc_lock();
     let dir = tempfile::tempdir().unwrap();
-    let (path, _, sens) = calibrated(dir.path(), "synthetic-search-devices");
+    let (path, _, sens) = common::calibrated_tiny(dir.path(), N_LAYER, "synthetic-search-devices");
     let text = common::eval_text_file(dir.path());
     let server = RpcServer::start();
     let out = dir.path().join("p.yaml");
@@ -276,7 +254,7 @@ fn search_gives_cpu_layers_the_cpu_pairs() {
 fn fit_keeps_each_device_within_its_own_budget() {
     let _rpc = common::rpc_lock();
     let dir = tempfile::tempdir().unwrap();
-    let (path, _, sens) = calibrated(dir.path(), "synthetic-fit-2dev");
+    let (path, _, sens) = common::calibrated_tiny(dir.path(), N_LAYER, "synthetic-fit-2dev");
     let (a, b) = (RpcServer::start(), RpcServer::start());
     let endpoints = [a.endpoint.clone(), b.endpoint.clone()];
     let devices = rpc::add_servers(Backend::init(), &endpoints).unwrap();

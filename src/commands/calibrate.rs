@@ -18,6 +18,7 @@ pub fn calibrate_options(
         n_ctx,
         chunks: plan.chunks,
         layer_chunks: plan.layer_chunks.min(plan.chunks),
+        layer_stride: plan.layer_stride,
         background: plan.background,
         types: plan.types.clone(),
         base,
@@ -40,7 +41,7 @@ pub fn run(args: CalibrateArgs) -> anyhow::Result<()> {
     );
     let bar = ProgressBar::new(0);
     bar.set_style(
-        ProgressStyle::with_template("{bar:30} {pos}/{len} trials, {elapsed} elapsed, eta {eta}  {msg}").unwrap(),
+        ProgressStyle::with_template("{bar:30} {pos}/{len} passes, {elapsed} elapsed, eta {eta}  {msg}").unwrap(),
     );
     let partial = args.output.with_extension("partial");
     // Without a terminal (CI logs), print one line per trial instead of a bar.

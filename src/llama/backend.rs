@@ -66,6 +66,19 @@ pub(crate) fn take_recent_log() -> String {
     RECENT.with(|r| r.borrow_mut().drain(..).collect::<Vec<String>>().join("\n"))
 }
 
+/// `…: layers 0-3, 7: rest` → `…: layers …: rest` (patch 0007's warnings name the layers first).
+fn without_layer_list(line: &str) -> String {
+    match line.split_once("layers ") {
+        Some((head, tail)) => match tail.split_once(": ") {
+            Some((list, rest)) if list.chars().all(|c| c.is_ascii_digit() || matches!(c, ',' | '-' | ' ')) => {
+                format!("{head}layers …: {rest}")
+            }
+            _ => line.to_string(),
+        },
+        None => line.to_string(),
+    }
+}
+
 unsafe extern "C" fn log_callback(level: sys::ggml_log_level, text: *const c_char, _user: *mut c_void) {
     if text.is_null() {
         return;
@@ -81,12 +94,15 @@ unsafe extern "C" fn log_callback(level: sys::ggml_log_level, text: *const c_cha
             return;
         }
         if USER_WARNINGS.iter().any(|p| line.starts_with(p)) {
+            // once per cause: the same missing kernel for other layers (a calibration makes a
+            // context per layer) is the same news
+            let cause = without_layer_list(&line);
             let mut shown = SHOWN.lock().unwrap_or_else(|e| e.into_inner());
-            if !shown.contains(&line) {
+            if !shown.contains(&cause) {
                 if !VERBOSE.load(Ordering::Relaxed) && std::env::var_os("KVTUNER_LOG").is_none() {
                     eprintln!("warning (llama.cpp): {line}");
                 }
-                shown.push(line.clone());
+                shown.push(cause);
             }
         }
         // try_with: a thread that is being torn down has no buffer left; its lines are dropped.
@@ -97,5 +113,17 @@ unsafe extern "C" fn log_callback(level: sys::ggml_log_level, text: *const c_cha
             }
             recent.push_back(line);
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_missing_kernel_is_said_once_whatever_the_layers() {
+        let a = "check_kv_pair_kernels: layers 0: CUDA0 has no decode kernel for K q4_0 / V f16";
+        let b = "check_kv_pair_kernels: layers 3-5, 9: CUDA0 has no decode kernel for K q4_0 / V f16";
+        assert_eq!(super::without_layer_list(a), super::without_layer_list(b));
+        let c = "check_kv_pair_kernels: layers 0: CUDA0 has no decode kernel for K q8_0 / V f16";
+        assert_ne!(super::without_layer_list(a), super::without_layer_list(c));
     }
 }

@@ -87,7 +87,7 @@ pub enum SelectError {
     #[error("the {0} estimator needs runs this sensitivity table does not have")]
     Estimator(&'static str),
     #[error(
-        "the chosen configuration, measured again on {text}, gives KLD {measured:.6}; the selection recorded {recorded:.6} and must not exceed the best uniform cache ({uniform})"
+        "the chosen configuration, measured again on the first chunk of {text}, gives KLD {measured:.6}; the selection recorded {recorded:.6} there, and its whole-text KLD must not exceed the best uniform cache ({uniform})"
     )]
     Unconfirmed { text: String, measured: f64, recorded: f64, uniform: String },
 }
@@ -177,19 +177,22 @@ impl<'e, 'm> Measurer<'e, 'm> {
 
 impl Measurer<'_, '_> {
     /// The choice as written (`types`, e.g. read back from the saved profile), measured again
-    /// on this text without the memo: it must reproduce the KLD the selection recorded (the
-    /// measurement is deterministic; a relative 1e-6 allows GPU reduction order) and not exceed
-    /// the best uniform cache within the budget. This is the bound `search --verify` and
-    /// `tune` state as a check, not as a report.
+    /// on the first chunk of this text without the memo: it must reproduce the selection's KLD
+    /// on that chunk (the measurement is deterministic, so the same types give the same number
+    /// and other types another; a relative 1e-6 allows GPU reduction order), and the recorded
+    /// KLD must not exceed the best uniform cache within the budget. Returns the recorded KLD,
+    /// so confirmed. This is the bound `search`, `fit` and `tune` state as a check, not as a
+    /// report.
     pub fn confirm(&mut self, types: &[(CacheType, CacheType)], selection: &Selection) -> Result<f64, SelectError> {
         let params = self.params(types);
-        let measured = self.ev.score_many(std::slice::from_ref(&params))?[0].summary().kld_mean;
-        let recorded = selection.chosen.kld();
+        let first = |s: &Summary| s.kld_chunk_means.first().copied().unwrap_or(s.kld_mean);
+        let measured = first(&self.ev.score_many_first(std::slice::from_ref(&params), 1)?[0].summary());
+        let recorded = first(&selection.chosen.summary);
         let same = (measured - recorded).abs() <= 1e-6 * recorded.abs().max(1e-12);
         let uniform = selection.best_uniform.as_ref();
-        let within = uniform.is_none_or(|u| measured <= u.kld() * (1.0 + 1e-6));
+        let within = uniform.is_none_or(|u| selection.chosen.kld() <= u.kld() * (1.0 + 1e-6));
         if same && within {
-            return Ok(measured);
+            return Ok(selection.chosen.kld());
         }
         Err(SelectError::Unconfirmed {
             text: self.label.clone(),

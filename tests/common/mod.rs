@@ -129,3 +129,25 @@ pub struct RpcLock {
     _guard: std::sync::MutexGuard<'static, ()>,
     _released: std::sync::mpsc::Sender<()>,
 }
+
+/// A tiny model, its identity and its sensitivity table (f16, q8_0, q4_0; one chunk of 64 tokens).
+pub fn calibrated_tiny(dir: &Path, n_layer: u32, name: &str) -> (PathBuf, kvtuner::profile::ModelIdentity, PathBuf) {
+    use kvtuner::cache_type::CacheType;
+    let path = tiny_model(dir, n_layer, name);
+    let identity = kvtuner::profile::ModelIdentity::from_header(&kvtuner::gguf::read_header(&path).unwrap()).unwrap();
+    let model = Model::load(Backend::init(), &path, &ModelParams::default()).unwrap();
+    let opts = kvtuner::calibrate::CalibrateOptions {
+        n_ctx: 64,
+        chunks: 1,
+        layer_chunks: 1,
+        layer_stride: 1,
+        background: CacheType::F16,
+        types: vec![CacheType::F16, CacheType::Q8_0, CacheType::Q4_0],
+        base: kvtuner::llama::ContextParams { n_threads: 1, no_kv_profile: true, ..Default::default() },
+        text_label: "lee (test)".into(),
+    };
+    let table = kvtuner::calibrate::calibrate(&model, &identity, &eval_text(), &opts, None, &mut |_, _, _| {}).unwrap();
+    let sens = dir.join("sens.yaml");
+    table.save(&sens).unwrap();
+    (path, identity, sens)
+}
