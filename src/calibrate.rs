@@ -369,6 +369,8 @@ fn assemble(
             opts.chunks,
             match opts.layer_stride {
                 0 | 1 => String::new(),
+                2 => ", every 2nd scored position".to_string(),
+                3 => ", every 3rd scored position".to_string(),
                 n => format!(", every {n}th scored position"),
             }
         ),

@@ -6,8 +6,9 @@
 #   STEP=build bash scripts/gpu/tune-study.sh   CUDA libraries built there (or unpacked), then the
 #                                               synthetic models while time is left
 #   STEP=8b    bash scripts/gpu/tune-study.sh   the Llama-3.1-8B shape (q8_0 weights), tune at 6.5 bits
-#   STEP=vram  bash scripts/gpu/tune-study.sh   the same model, tune --vram 12GiB -c 32768 (f16 does
-#                                               not fit there), reusing the 8b step's table
+#   STEP=vram  bash scripts/gpu/tune-study.sh   the same model, tune --vram 11GiB -c 32768 (f16 does
+#                                               not fit there), reusing the 8b step's table; then at
+#                                               12GiB, where f16 fits (the uniform cache is kept)
 #   STEP=32b   bash scripts/gpu/tune-study.sh   a 32B shape (64 layers, 40 heads, 8 KV heads of 128,
 #                                               q8_0 weights), tune at 6.5 bits; a step cut off by the
 #                                               device's 10 minutes resumes its calibration when run
@@ -44,7 +45,7 @@ case $STEP in
 build)
     synth l8-q8 --preset llama31-8b --weights q8_0
     echo "synth 8b done at ${SECONDS}s"
-    [ "$(left)" -gt 200 ] && synth q32-q8 --preset qwen2.5-14b --layers 64 --heads 40 --kv-heads 8 --head-dim 128 --ffn 27648 --weights q8_0
+    [ -z "${NO_32B:-}" ] && [ "$(left)" -gt 200 ] && synth q32-q8 --preset qwen2.5-14b --layers 64 --heads 40 --kv-heads 8 --head-dim 128 --ffn 27648 --weights q8_0
     echo "synth 32b done at ${SECONDS}s"
     ls -la "$M"
     exit 0
