@@ -467,7 +467,7 @@ impl<'m> Evaluator<'m> {
         }
         let scored = self.scored(chunk);
         let stride = stride.max(1);
-        let is_scored = |pos: usize| scored.contains(&pos) && (pos - scored.start) % stride == 0;
+        let is_scored = |pos: usize| scored.contains(&pos) && (pos - scored.start).is_multiple_of(stride);
         let step = self.n_ubatch as usize;
         let mut batch = Batch::new(step);
         let mut decode_seconds = 0.0;
