@@ -242,8 +242,8 @@ pub struct DeviceArgs {
     /// Threads (0 = all cores).
     #[arg(short = 't', long = "threads", default_value_t = 0)]
     pub threads: i32,
-    /// Flash attention.
-    #[arg(long = "flash-attn", visible_alias = "fa", value_enum, default_value = "auto")]
+    /// Flash attention: auto, on or off.
+    #[arg(long = "flash-attn", visible_alias = "fa", default_value = "auto")]
     pub flash_attn: FlashAttn,
 }
 

@@ -12,7 +12,7 @@ use super::sys;
 use crate::cache_type::CacheType;
 
 /// When to use flash attention (`-fa`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum FlashAttn {
     /// Let llama.cpp decide (on when a quantized V cache needs it).
@@ -20,6 +20,20 @@ pub enum FlashAttn {
     Auto,
     On,
     Off,
+}
+
+impl std::str::FromStr for FlashAttn {
+    type Err = String;
+
+    /// `auto`, `on` or `off` (llama.cpp's `-fa` values; `1`/`0` too).
+    fn from_str(s: &str) -> Result<FlashAttn, String> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "auto" => Ok(FlashAttn::Auto),
+            "on" | "1" | "true" => Ok(FlashAttn::On),
+            "off" | "0" | "false" => Ok(FlashAttn::Off),
+            other => Err(format!("`{other}`: flash attention is auto, on or off")),
+        }
+    }
 }
 
 /// Per-layer K and V cache types (index = layer).
