@@ -52,12 +52,6 @@ impl Backend {
     pub fn set_verbose(on: bool) {
         VERBOSE.store(on, Ordering::Relaxed);
     }
-
-    /// Whether the runtime has a GPU backend (a CUDA build).
-    pub fn supports_gpu_offload(self) -> bool {
-        // Safety: a pure query after init.
-        unsafe { sys::llama_supports_gpu_offload() }
-    }
 }
 
 /// The llama.cpp warnings and errors logged on this thread since the last call, oldest first;

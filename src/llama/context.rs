@@ -323,11 +323,6 @@ impl<'m> Context<'m> {
         unsafe { sys::llama_n_seq_max(self.raw.as_ptr()) }
     }
 
-    pub fn set_threads(&mut self, n_threads: i32) {
-        // Safety: valid context.
-        unsafe { sys::llama_set_n_threads(self.raw.as_ptr(), n_threads, n_threads) };
-    }
-
     /// Runs the model on a batch; logits of the tokens marked for output become readable.
     pub fn decode(&mut self, batch: &Batch) -> Result<(), DecodeError> {
         if batch.is_empty() {

@@ -197,12 +197,6 @@ impl Model {
         // Safety: pure query on a valid vocab.
         unsafe { sys::llama_vocab_n_tokens(self.vocab()) as usize }
     }
-    /// Bytes of the weights.
-    pub fn size_bytes(&self) -> u64 {
-        // Safety: pure query on a valid model.
-        unsafe { sys::llama_model_size(self.raw.as_ptr()) }
-    }
-
     pub fn description(&self) -> String {
         let mut buf = vec![0u8; 256];
         // Safety: buf is writable for its length; llama.cpp NUL-terminates within it.
@@ -248,10 +242,6 @@ impl Model {
         unsafe { sys::llama_vocab_get_add_bos(self.vocab()) }
     }
 
-    pub fn token_eos(&self) -> Token {
-        // Safety: pure query on a valid vocab.
-        unsafe { sys::llama_vocab_eos(self.vocab()) }
-    }
     /// End of generation (EOS, EOT, …).
     pub fn is_eog(&self, token: Token) -> bool {
         // Safety: pure query on a valid vocab.
@@ -321,11 +311,6 @@ impl Model {
             }
             buf.resize((-n) as usize, 0);
         }
-    }
-
-    pub fn detokenize(&self, tokens: &[Token]) -> String {
-        let bytes: Vec<u8> = tokens.iter().flat_map(|&t| self.token_piece_bytes(t, false)).collect();
-        String::from_utf8_lossy(&bytes).into_owned()
     }
 
     /// The model's own chat template (`tokenizer.chat_template`), if any.
