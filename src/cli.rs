@@ -467,7 +467,8 @@ pub struct CalibrateArgs {
 /// What a calibration measures and on how much text.
 #[derive(Debug, Clone, Args)]
 pub struct CalibrationPlan {
-    /// Chunks of -c tokens for the uniform runs (each costs one forward pass per trial).
+    /// Chunks of the measured context (`-c` of calibrate, `--calib-ctx` of tune) for the uniform
+    /// runs (each costs one forward pass per trial).
     #[arg(long, default_value_t = 4)]
     pub chunks: usize,
     /// Of those, chunks for the single-layer runs (2 per layer: the bulk of the cost).
