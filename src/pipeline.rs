@@ -132,10 +132,14 @@ pub struct ProfileMeta {
 pub struct Choice {
     pub selection: Selection,
     pub profile: Profile,
-    pub confirmed_kld: f64,
 }
 
 impl Choice {
+    /// The KLD the confirmation reproduced on the calibration text (recorded in the profile).
+    pub fn confirmed_kld(&self) -> f64 {
+        self.profile.measured.as_ref().and_then(|m| m.kld_confirmed).expect("choose() confirms")
+    }
+
     /// Records a held-out check (the first one a profile keeps) in the profile.
     pub fn record_held_out(&mut self, check: &HeldOut) {
         let m = self.profile.measured.as_mut().expect("choose() records measurements");
@@ -169,7 +173,7 @@ pub fn choose(
         label: meta.label.as_deref().unwrap_or(&selection.chosen.candidate.label),
         ..(&selection.chosen).into()
     };
-    let mut profile = profile_for(sens, chosen, None, &meta.pairs, meta.target_ctx, meta.name.clone());
+    let mut profile = profile_for(sens, chosen, &meta.pairs, meta.target_ctx, meta.name.clone());
     // the profile's own types, measured again without the memo: the bound it claims
     let types: Vec<_> = profile.layers.iter().map(|l| (l.k, l.v)).collect();
     let confirmed_kld = cal.confirm(&types, &selection)?;
@@ -178,7 +182,7 @@ pub fn choose(
     m.uniform_calibration =
         selection.best_uniform.as_ref().map(|u| ComparedUniform { types: uniform_types(u), kld_mean: u.kld() });
     m.measured_on = Some(meta.measured_on.clone());
-    Ok(Choice { selection, profile, confirmed_kld })
+    Ok(Choice { selection, profile })
 }
 
 /// The held-out stage: the choice, the uniform cache `against` and `heuristic` (if any) measured
@@ -326,28 +330,15 @@ pub fn tune(
         label: None,
         measured_on: String::new(),
     };
+    let stages = Stages { opts, sens: &sens, label: calibration.1, held_out_texts, n_ctx: copts.n_ctx, base: &base };
     let (choice, held, n_gpu_layers, fit, t2) = match &opts.budget {
         Budget::Bits(bits) => {
             let max_bytes = select::bytes_at_bits(problems.main(), *bits);
             let candidates = select::candidates(&problems, max_bytes, opts.select)?;
-            meta.measured_on = measured_on(&model, &opts.devices, ngl)?;
-            let mut cal = Measurer::new(&mut ev, base.clone(), opts.target_ctx, calibration.1);
-            let mut choice = choose(&mut cal, &sens, &candidates, max_bytes, opts.select, &meta)?;
-            progress(Stage::Note(&choice.selection.verdict()));
-            let t2 = Instant::now();
             let heuristic = problems.heuristic(max_bytes)?;
-            let held = held_out(
-                &model,
-                held_out_texts,
-                copts.n_ctx,
-                opts.eval_chunks,
-                &base,
-                opts.target_ctx,
-                &mut choice,
-                heuristic,
-                progress,
-            )?;
-            (choice, held, ngl, None, t2)
+            let picked =
+                stages.choose_and_check(&model, &mut ev, ngl, &candidates, max_bytes, heuristic, meta, progress)?;
+            (picked.0, picked.1, ngl, None, picked.2)
         }
         Budget::Vram { sizes, cpu_pairs: cpu_spec, max_kld } => {
             let cpu_pairs = search::parse_pairs(cpu_spec, &sens.types, search::CUDA_FA_PAIRS)?;
@@ -371,38 +362,22 @@ pub fn tune(
                 &cpu_pairs,
                 &plan.budget,
             )?;
-            // measured where it will run: at the pick's -ngl (the calibration's model if the same)
-            drop(ev);
-            let at_pick;
-            // -ngl 99 and -ngl 33 offload the same of a 32-layer model
-            let offloaded = |n: i32| if n < 0 { identity.layers as i32 + 1 } else { n.min(identity.layers as i32 + 1) };
-            let m: &Model = if offloaded(chosen.ngl) == offloaded(ngl) {
-                &model
-            } else {
-                progress(Stage::Note(&format!("loading the model at the pick's -ngl {}", chosen.ngl)));
-                at_pick = load(chosen.ngl)?;
-                &at_pick
-            };
             meta.label = Some(format!("fit at -ngl {}", chosen.ngl));
             meta.pairs = format!("{} on the GPU, {} on the CPU", opts.pairs, cpu_spec);
-            meta.measured_on = measured_on(m, &opts.devices, chosen.ngl)?;
-            let mut ev = Evaluator::new(m, calibration.0, copts.n_ctx, copts.chunks, &base)?;
-            let mut cal = Measurer::new(&mut ev, base.clone(), opts.target_ctx, calibration.1);
-            let mut choice = choose(&mut cal, &sens, &candidates, chosen.kv_budget.unwrap_or(0), opts.select, &meta)?;
-            progress(Stage::Note(&format!("-ngl {}: {}", chosen.ngl, choice.selection.verdict())));
-            let t2 = Instant::now();
-            let held = held_out(
-                m,
-                held_out_texts,
-                copts.n_ctx,
-                opts.eval_chunks,
-                &base,
-                opts.target_ctx,
-                &mut choice,
-                None,
-                progress,
-            )?;
-            (choice, held, chosen.ngl, Some(plan), t2)
+            let kv_budget = chosen.kv_budget.unwrap_or(0);
+            // measured where it will run: at the pick's -ngl; -ngl 99 and -ngl 33 offload the same
+            // of a 32-layer model, and then the calibration's model and baseline serve
+            let offloaded = |n: i32| if n < 0 { identity.layers as i32 + 1 } else { n.min(identity.layers as i32 + 1) };
+            let picked = if offloaded(chosen.ngl) == offloaded(ngl) {
+                stages.choose_and_check(&model, &mut ev, chosen.ngl, &candidates, kv_budget, None, meta, progress)?
+            } else {
+                drop(ev);
+                progress(Stage::Note(&format!("loading the model at the pick's -ngl {}", chosen.ngl)));
+                let at_pick = load(chosen.ngl)?;
+                let mut ev = Evaluator::new(&at_pick, calibration.0, copts.n_ctx, copts.chunks, &base)?;
+                stages.choose_and_check(&at_pick, &mut ev, chosen.ngl, &candidates, kv_budget, None, meta, progress)?
+            };
+            (picked.0, picked.1, chosen.ngl, Some(plan), picked.2)
         }
     };
     let seconds = Timings {
@@ -414,6 +389,60 @@ pub fn tune(
         held_out: t2.elapsed().as_secs_f64(),
     };
     Ok(Tuned { sensitivity: sens, choice, held_out: held, n_gpu_layers, fit, seconds })
+}
+
+/// What [`tune`]'s last stages share, whatever the budget.
+struct Stages<'a> {
+    opts: &'a TuneOptions,
+    sens: &'a Sensitivity,
+    /// The calibration text's label.
+    label: &'a str,
+    held_out_texts: &'a [(String, String)],
+    n_ctx: u32,
+    base: &'a ContextParams,
+}
+
+impl Stages<'_> {
+    /// Chooses among `candidates` on the calibration evaluator `ev` of `model` (at `-ngl ngl`),
+    /// confirms, then reports on the held-out texts. Returns the choice, the checks and when the
+    /// choice was made.
+    #[allow(clippy::too_many_arguments)]
+    fn choose_and_check(
+        &self,
+        model: &Model,
+        ev: &mut Evaluator<'_>,
+        ngl: i32,
+        candidates: &[Candidate],
+        max_bytes: u64,
+        heuristic: Option<Candidate>,
+        mut meta: ProfileMeta,
+        progress: &mut dyn FnMut(Stage<'_>),
+    ) -> Result<(Choice, Vec<HeldOut>, Instant), TuneError> {
+        let opts = self.opts;
+        meta.measured_on = measured_on(model, &opts.devices, ngl)?;
+        let mut cal = Measurer::new(ev, self.base.clone(), opts.target_ctx, self.label);
+        let mut choice = choose(&mut cal, self.sens, candidates, max_bytes, opts.select, &meta)?;
+        let verdict = choice.selection.verdict();
+        // with a VRAM budget the -ngl is part of the answer
+        let note = match opts.budget {
+            Budget::Vram { .. } => format!("-ngl {ngl}: {verdict}"),
+            Budget::Bits(_) => verdict,
+        };
+        progress(Stage::Note(&note));
+        let chosen_at = Instant::now();
+        let held = held_out(
+            model,
+            self.held_out_texts,
+            self.n_ctx,
+            opts.eval_chunks,
+            self.base,
+            opts.target_ctx,
+            &mut choice,
+            heuristic,
+            progress,
+        )?;
+        Ok((choice, held, chosen_at))
+    }
 }
 
 /// What a profile is made from: a measured choice, or a predicted pick (no measurement).
@@ -441,12 +470,11 @@ impl<'a> From<&'a Measured> for Chosen<'a> {
     }
 }
 
-/// A chosen configuration as a profile bound to the calibrated model. The KLD recorded is the
-/// held-out one when there is a check, with the uniform configuration it was compared against.
+/// A chosen configuration as a profile bound to the calibrated model (a held-out check is
+/// recorded later, by [`Choice::record_held_out`]).
 pub fn profile_for(
     sens: &Sensitivity,
     chosen: Chosen<'_>,
-    check: Option<&HeldOut>,
     pairs: &str,
     target_ctx: u32,
     name: Option<String>,
@@ -466,12 +494,8 @@ pub fn profile_for(
             bits_per_value: bits,
             kv_bytes: chosen.kv_bytes,
             context: target_ctx,
-            kld_mean: check.map(|h| h.chosen.kld()),
-            kld_eval_text: check.map(|h| h.text.clone()),
             predicted_kld: chosen.predicted,
             kld_calibration: chosen.kld_calibration,
-            compared_uniform: check
-                .map(|h| ComparedUniform { types: uniform_types(&h.uniform), kld_mean: h.uniform.kld() }),
             ..Default::default()
         }),
         calibration: Some(Calibration {

@@ -126,7 +126,7 @@ pub fn run(args: FitArgs) -> anyhow::Result<()> {
                     predicted: Some(a.predicted),
                     kld_calibration: None,
                 };
-                profile_for(&sens, predicted_pick, None, &pairs_label, n_ctx, args.name.clone())
+                profile_for(&sens, predicted_pick, &pairs_label, n_ctx, args.name.clone())
             }
         };
         profile.save(out)?;

@@ -89,7 +89,7 @@ pub fn run(args: SearchArgs) -> anyhow::Result<()> {
                 predicted: Some(a.predicted),
                 kld_calibration: None,
             };
-            let profile = profile_for(&sens, chosen, None, &args.pairs, n_ctx, args.name.clone());
+            let profile = profile_for(&sens, chosen, &args.pairs, n_ctx, args.name.clone());
             profile.save(out)?;
             eprintln!(
                 "wrote {} ({}): predicted, not measured; pass -m MODEL to choose by measurement",
@@ -128,7 +128,7 @@ pub fn run(args: SearchArgs) -> anyhow::Result<()> {
             let candidates = select::candidates(&problems, max_bytes, opts)?;
             let c = pipeline::choose(&mut cal, &sens, &candidates, max_bytes, opts, &meta)?;
             eprintln!("{}", c.selection.verdict());
-            eprintln!("confirmed: the chosen types measured again on {label}: KLD {:.6}", c.confirmed_kld);
+            eprintln!("confirmed: the chosen types measured again on {label}: KLD {:.6}", c.confirmed_kld());
             Some(c)
         }
         None => None,

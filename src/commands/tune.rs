@@ -109,7 +109,7 @@ pub fn run(args: TuneArgs) -> anyhow::Result<()> {
     eprintln!(
         "[{:>6.1}s] confirmed: the profile measured again on {label}: KLD {:.6}",
         start.elapsed().as_secs_f64(),
-        tuned.choice.confirmed_kld
+        tuned.choice.confirmed_kld()
     );
     tuned.sensitivity.save(&sens_path)?;
     let _ = std::fs::remove_file(&partial);
