@@ -271,10 +271,22 @@ where
     T: Send,
     R: Send,
 {
+    par_rows_with(items, || (), |_, t| f(t))
+}
+
+/// [`par_rows`] with a scratch value per thread (`init()`), e.g. a row buffer that one thread
+/// reuses instead of allocating a vocabulary's worth of floats per row.
+fn par_rows_with<I, T, R, S>(items: I, init: impl Fn() -> S + Sync, f: impl Fn(&mut S, T) -> R + Sync) -> Vec<R>
+where
+    I: Iterator<Item = T>,
+    T: Send,
+    R: Send,
+{
     let items: Vec<T> = items.collect();
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(items.len().max(1));
     if threads <= 1 {
-        return items.into_iter().map(f).collect();
+        let mut scratch = init();
+        return items.into_iter().map(|t| f(&mut scratch, t)).collect();
     }
     let per = items.len().div_ceil(threads);
     let mut parts: Vec<Vec<T>> = Vec::with_capacity(threads);
@@ -286,10 +298,17 @@ where
         }
         parts.push(part);
     }
-    let f = &f;
+    let (f, init) = (&f, &init);
     std::thread::scope(|s| {
-        let handles: Vec<_> =
-            parts.into_iter().map(|p| s.spawn(move || p.into_iter().map(f).collect::<Vec<R>>())).collect();
+        let handles: Vec<_> = parts
+            .into_iter()
+            .map(|p| {
+                s.spawn(move || {
+                    let mut scratch = init();
+                    p.into_iter().map(|t| f(&mut scratch, t)).collect::<Vec<R>>()
+                })
+            })
+            .collect();
         handles.into_iter().flat_map(|h| h.join().expect("a scoring thread panicked")).collect()
     })
 }
@@ -591,14 +610,17 @@ impl<'m> Evaluator<'m> {
                 let mut nll = Vec::new();
                 let mut all: Vec<&mut Context<'_>> = std::iter::once(&mut base_ctx).chain(ctxs.iter_mut()).collect();
                 self.forward(&mut all, chunk, stride, |ks, rows| {
-                    let per_row = par_rows(rows.iter().zip(ks), |(logits, &k)| {
-                        let next = chunk[scored.start + k + 1] as usize;
-                        let mut row = vec![0f32; n_vocab];
-                        let (top1, negent, lse) = softmax_into(logits[0], &mut row);
-                        let config_rows: Vec<RowScore> =
-                            logits[1..].iter().map(|l| score_row(&row, negent, top1, l, next)).collect();
-                        (lse - logits[0][next] as f64, config_rows)
-                    });
+                    let per_row = par_rows_with(
+                        rows.iter().zip(ks),
+                        || vec![0f32; n_vocab],
+                        |row, (logits, &k)| {
+                            let next = chunk[scored.start + k + 1] as usize;
+                            let (top1, negent, lse) = softmax_into(logits[0], row);
+                            let config_rows: Vec<RowScore> =
+                                logits[1..].iter().map(|l| score_row(row, negent, top1, l, next)).collect();
+                            (lse - logits[0][next] as f64, config_rows)
+                        },
+                    );
                     for (n, config_rows) in per_row {
                         nll.push(n);
                         for (s, r) in scores.iter_mut().zip(config_rows) {
