@@ -228,12 +228,17 @@ pub fn held_out_on(
     Ok(checks)
 }
 
+/// Each layer's cache device as the runtime places it for `model` (empty for a layer without a
+/// cache), read back from a small context.
+pub fn layer_devices(model: &Model) -> Result<Vec<String>, CreateContextError> {
+    let ctx = Context::new(model, &ContextParams { n_ctx: 256, no_kv_profile: true, ..Default::default() })?;
+    Ok(ctx.layers().iter().map(|i| i.map_or_else(String::new, |i| i.device.to_string())).collect())
+}
+
 /// Devices, `-ngl` and flash attention as measured: `CUDA0 (-ngl 99 -fa on)`, `CPU`.
 pub fn measured_on(model: &Model, devices: &Devices, n_gpu_layers: i32) -> Result<String, CreateContextError> {
-    let ctx = Context::new(model, &ContextParams { n_ctx: 256, no_kv_profile: true, ..Default::default() })?;
     let mut names: Vec<String> = Vec::new();
-    for info in ctx.layers().iter().flatten() {
-        let d = info.device.to_string();
+    for d in layer_devices(model)?.into_iter().filter(|d| !d.is_empty()) {
         if !names.contains(&d) {
             names.push(d);
         }

@@ -7,7 +7,6 @@ use crate::cli::SearchArgs;
 use kvtuner::cache_type::CacheType;
 use kvtuner::eval::Evaluator;
 use kvtuner::kv_layout::{runtime_cells, RUNTIME_UBATCH};
-use kvtuner::llama::ContextParams;
 use kvtuner::pipeline::{self, profile_for, Chosen, ProfileMeta};
 use kvtuner::runtime::load_text;
 use kvtuner::runtime::Devices;
@@ -48,10 +47,7 @@ pub fn run(args: SearchArgs) -> anyhow::Result<()> {
     if let (Some(spec), Some(m)) = (&args.cpu_pairs, &model) {
         // each layer's device, read back from a context of the model at this -ngl
         let cpu_pairs = search::parse_pairs(spec, &sens.types, search::CUDA_FA_PAIRS).context("--cpu-pairs")?;
-        let ctx =
-            kvtuner::llama::Context::new(m, &ContextParams { n_ctx: 256, no_kv_profile: true, ..Default::default() })?;
-        let devices: Vec<String> =
-            ctx.layers().iter().map(|i| i.map_or_else(String::new, |i| i.device.to_string())).collect();
+        let devices = pipeline::layer_devices(m)?;
         let mut on_cpu = 0;
         for (_, p) in problems.by_estimator.iter_mut() {
             on_cpu = kvtuner::placement::restrict_cpu_layers(p, &devices, &cpu_pairs);
