@@ -1,6 +1,7 @@
 //! Builds the pinned llama.cpp with kvtuner's patch series and generates its bindings.
 //!
-//! resolve source (vendor pin, checksum) → copy + apply `patches/series` → cmake → bindgen → link.
+//! resolve source (vendor pin, checksum) → copy + apply `patches/series` → cmake → the C shim over
+//! `common/` (chat templates, tool-call parsers, schema grammars, sampling) → bindgen → link.
 //!
 //! The patched tree and its build live in `target/kvtuner-llama/<key>/`, where the key hashes
 //! the source checksum, the patches and the cmake options. Debug and release builds of kvtuner
@@ -24,6 +25,7 @@ fn main() {
     println!("cargo:rerun-if-changed=patches");
     println!("cargo:rerun-if-changed=vendor");
     println!("cargo:rerun-if-changed=src/cuda_fa_pairs.txt");
+    println!("cargo:rerun-if-changed=shim");
 
     let source = resolve_source(&root);
     let options = cmake_options(&root);
@@ -33,9 +35,10 @@ fn main() {
     let _lock = lock(&work);
     let tree = prepare_tree(&source, &root, &work);
     let install = build_with_cmake(&tree, &work, &options);
+    build_shim(&root, &tree);
     // Rebuild if someone deletes the cached build.
     println!("cargo:rerun-if-changed={}", work.join("built.stamp").display());
-    generate_bindings(&tree);
+    generate_bindings(&root, &tree);
     link(&install);
 }
 
@@ -180,7 +183,9 @@ fn cmake_options(root: &Path) -> BTreeMap<String, String> {
         o.insert(k.to_string(), v.to_string());
     };
     set("CMAKE_BUILD_TYPE", "Release");
-    set("LLAMA_BUILD_COMMON", "OFF");
+    // common/: Jinja chat templates, tool-call parsers, JSON schema → grammar, the sampler chain
+    // llama-server uses; the shim (`shim/`) exposes the parts `serve` and `chat` need
+    set("LLAMA_BUILD_COMMON", "ON");
     set("LLAMA_BUILD_TESTS", "OFF");
     set("LLAMA_BUILD_EXAMPLES", "OFF");
     set("LLAMA_BUILD_TOOLS", "OFF");
@@ -341,18 +346,41 @@ fn build_with_cmake(tree: &Path, work: &Path, options: &BTreeMap<String, String>
     install
 }
 
-fn generate_bindings(tree: &Path) {
+/// `shim/kvtuner_common.cpp`: a C interface over the C++ of `common/`, compiled against the
+/// patched tree (static, linked before llama-common).
+fn build_shim(root: &Path, tree: &Path) {
+    cc::Build::new()
+        .cpp(true)
+        .std("c++17")
+        .file(root.join("shim/kvtuner_common.cpp"))
+        .include(root.join("shim"))
+        .include(tree.join("common"))
+        .include(tree.join("include"))
+        .include(tree.join("ggml/include"))
+        .include(tree.join("vendor"))
+        .flag_if_supported("-Wno-unused-parameter")
+        .flag_if_supported("-Wno-unused-function")
+        .compile("kvtuner_shim");
+}
+
+fn generate_bindings(root: &Path, tree: &Path) {
     let out = PathBuf::from(env::var("OUT_DIR").unwrap()).join("bindings.rs");
     let header = tree.join("include/llama.h");
     let gguf = tree.join("ggml/include/gguf.h");
     let rpc = tree.join("ggml/include/ggml-rpc.h");
-    let wrapper =
-        format!("#include \"{}\"\n#include \"{}\"\n#include \"{}\"\n", header.display(), gguf.display(), rpc.display());
+    let shim = root.join("shim/kvtuner_common.h");
+    let wrapper = format!(
+        "#include \"{}\"\n#include \"{}\"\n#include \"{}\"\n#include \"{}\"\n",
+        header.display(),
+        gguf.display(),
+        rpc.display(),
+        shim.display()
+    );
     let bindings = bindgen::Builder::default()
         .header_contents("kvtuner_wrapper.h", &wrapper)
         .clang_arg(format!("-I{}", tree.join("include").display()))
         .clang_arg(format!("-I{}", tree.join("ggml/include").display()))
-        .allowlist_function("llama_.*")
+        .allowlist_function("llama_.*|kvt_.*")
         .allowlist_function("gguf_.*")
         .allowlist_function(
             "ggml_type_name|ggml_type_size|ggml_blck_size|ggml_row_size|ggml_is_quantized|ggml_quantize_chunk",
@@ -362,7 +390,7 @@ fn generate_bindings(tree: &Path) {
         .allowlist_function("ggml_backend_reg_dev_count|ggml_backend_reg_dev_get|ggml_backend_dev_by_type")
         .allowlist_function("ggml_backend_dev_name|ggml_backend_dev_description|ggml_backend_dev_type")
         .allowlist_function("ggml_backend_dev_count|ggml_backend_dev_get")
-        .allowlist_type("llama_.*|gguf_.*|ggml_type|ggml_log_level|ggml_backend_dev_type")
+        .allowlist_type("llama_.*|gguf_.*|kvt_.*|ggml_type|ggml_log_level|ggml_backend_dev_type")
         .allowlist_var("LLAMA_.*|GGUF_.*")
         .prepend_enum_name(false)
         .derive_default(true)
@@ -380,7 +408,15 @@ fn link(install: &Path) {
         println!("cargo:rustc-link-search=native={}", d.display());
     }
     let kind = if feature("dynamic-link") { "dylib" } else { "static" };
-    let mut libs = vec!["llama", "ggml", "ggml-cpu", "ggml-rpc"];
+    // common/ before what it uses; as shared libraries, llama-common carries its static parts
+    let mut libs = vec!["llama-common"];
+    if !feature("dynamic-link") {
+        for dir in ["build/common", "build/vendor/cpp-httplib"] {
+            println!("cargo:rustc-link-search=native={}", install.join(dir).display());
+        }
+        libs.extend(["cpp-httplib", "llama-common-base"]);
+    }
+    libs.extend(["llama", "ggml", "ggml-cpu", "ggml-rpc"]);
     if feature("cuda") {
         libs.push("ggml-cuda");
     }

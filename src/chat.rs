@@ -3,13 +3,14 @@
 
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 
 use crate::llama::{
-    Batch, ChatMessage, Context, DecodeError, Model, Sampler, SamplingParams, StateError, TemplateError, Token,
-    TokenizeError,
+    builtin_templates, Batch, ChatMessage, ChatTemplates, Context, DecodeError, Model, Sampler, SamplingParams,
+    StateError, TemplateError, TemplateSource, Token, TokenizeError,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -57,67 +58,94 @@ impl ReplyStats {
 #[derive(Debug, Serialize, Deserialize)]
 struct SavedConversation {
     messages: Vec<ChatMessage>,
-    template: Template,
+    /// What the prompt was made with ([`Template::describe`]); a load under another template is
+    /// refused (the cached tokens would not be the conversation's rendering).
+    template: String,
 }
 
 /// How a conversation becomes a prompt.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone)]
 pub enum Template {
-    /// llama.cpp's template support: the model's `tokenizer.chat_template` (None) or a built-in name.
-    Llama(Option<String>),
+    /// llama.cpp's `common/chat.cpp`: the model's Jinja template (with tools and its default
+    /// system prompt), a Jinja file, or a template llama.cpp implements in C++.
+    Chat { templates: Arc<ChatTemplates>, origin: String },
     /// A plain transcript (`User: …\nAssistant: …`) for base models without a chat template;
     /// generation stops where the model starts the next `User:` line.
     Plain,
 }
 
 impl Template {
+    /// The template for `model`: `plain` (a transcript), a Jinja file, a llama.cpp built-in name,
+    /// else the model's own; a model without one gets a plain transcript (base models have no
+    /// template; an instruction template serves them worse).
+    pub fn for_model(model: &Model, name: Option<&str>) -> Result<Template, TemplateError> {
+        let (source, origin) = match (name, model.chat_template()) {
+            (Some("plain"), _) | (None, None) => return Ok(Template::Plain),
+            (Some(t), _) if Path::new(t).is_file() => {
+                let text = std::fs::read_to_string(t)
+                    .map_err(|e| TemplateError::File { path: t.to_string(), message: e.to_string() })?;
+                (TemplateSource::Jinja(text), format!("Jinja template {t}"))
+            }
+            (Some(t), _) if builtin_templates().iter().any(|b| b == t) => {
+                (TemplateSource::Builtin(t.to_string()), format!("llama.cpp built-in `{t}`"))
+            }
+            (Some(t), _) => {
+                return Err(TemplateError::Unknown { name: t.to_string(), known: builtin_templates().join(", ") })
+            }
+            (None, Some(_)) => (TemplateSource::Model, "the model's chat template".to_string()),
+        };
+        let templates = ChatTemplates::new(model, &source)
+            .map_err(|e| TemplateError::Invalid { origin: origin.clone(), message: e.to_string() })?;
+        Ok(Template::Chat { templates: Arc::new(templates), origin })
+    }
+
     /// What the prompt is made with, for banners and `--json`.
     pub fn describe(&self) -> String {
         match self {
-            Template::Llama(None) => "the model's chat template".into(),
-            Template::Llama(Some(name)) => format!("llama.cpp built-in `{name}`"),
+            Template::Chat { origin, .. } => origin.clone(),
             Template::Plain => "plain User:/Assistant: transcript".into(),
         }
+    }
+
+    pub fn is_plain(&self) -> bool {
+        matches!(self, Template::Plain)
     }
 
     /// Strings that end a reply (not part of it).
     pub fn stop(&self) -> &'static [&'static str] {
         match self {
-            Template::Llama(_) => &[],
-            Template::Plain => &["\nUser:", "\nuser:"],
+            Template::Chat { .. } => &[],
+            Template::Plain => PLAIN_STOPS,
         }
     }
 
     /// `messages` as this template renders them, ending where the assistant's reply begins.
-    pub fn render(&self, model: &Model, messages: &[ChatMessage]) -> Result<String, TemplateError> {
+    pub fn render(&self, messages: &[ChatMessage]) -> Result<String, TemplateError> {
         match self {
-            Template::Llama(name) => model.apply_chat_template(name.as_deref(), messages, true),
-            Template::Plain => {
-                let mut text = String::new();
-                for m in messages {
-                    match m.role.as_str() {
-                        "system" => text.push_str(&format!("{}\n\n", m.content)),
-                        "user" => text.push_str(&format!("User: {}\n", m.content)),
-                        _ => text.push_str(&format!("Assistant: {}\n", m.content)),
-                    }
-                }
-                text.push_str("Assistant:");
-                Ok(text)
+            Template::Chat { templates, .. } => {
+                let inputs = serde_json::json!({ "messages": messages, "add_generation_prompt": true });
+                Ok(templates.apply(&inputs).map_err(|e| TemplateError::Render(e.to_string()))?.prompt)
             }
+            Template::Plain => Ok(plain_transcript(messages)),
         }
     }
+}
 
-    /// The template for `model`: the built-in `name` (`plain` for a transcript), else the model's
-    /// own, else a plain transcript (base models have no template; an instruction template
-    /// serves them worse).
-    pub fn for_model(model: &Model, name: Option<&str>) -> Template {
-        match (name, model.chat_template()) {
-            (Some("plain"), _) => Template::Plain,
-            (Some(t), _) => Template::Llama(Some(t.to_string())),
-            (None, Some(_)) => Template::Llama(None),
-            (None, None) => Template::Plain,
+/// Where a base model starts the next turn of a plain transcript.
+pub const PLAIN_STOPS: &[&str] = &["\nUser:", "\nuser:"];
+
+/// `System\n\nUser: …\nAssistant: …\nAssistant:`: a base model continues the last line.
+pub fn plain_transcript(messages: &[ChatMessage]) -> String {
+    let mut text = String::new();
+    for m in messages {
+        match m.role.as_str() {
+            "system" => text.push_str(&format!("{}\n\n", m.content)),
+            "user" => text.push_str(&format!("User: {}\n", m.content)),
+            _ => text.push_str(&format!("Assistant: {}\n", m.content)),
         }
     }
+    text.push_str("Assistant:");
+    text
 }
 
 /// Tokens of a rendered conversation: the template writes BOS itself when the model wants one,
@@ -188,7 +216,7 @@ impl<'m> ChatSession<'m> {
 
     /// The conversation as the template renders it (what the model reads next turn).
     pub fn prompt_text(&self) -> Result<String, ChatError> {
-        Ok(self.template.render(self.model(), &self.messages)?)
+        Ok(self.template.render(&self.messages)?)
     }
 
     fn prompt_tokens(&self) -> Result<Vec<Token>, ChatError> {
@@ -334,7 +362,7 @@ impl<'m> ChatSession<'m> {
     /// Saves the KV state to `path` and the conversation to `path` + `.json`.
     pub fn save(&mut self, path: &Path) -> Result<(), ChatError> {
         self.ctx.save_state(path, &self.cached)?;
-        let conv = SavedConversation { messages: self.messages.clone(), template: self.template.clone() };
+        let conv = SavedConversation { messages: self.messages.clone(), template: self.template.describe() };
         let json_path = conversation_path(path);
         crate::atomic_write(&json_path, serde_json::to_string_pretty(&conv).expect("serialisable").as_bytes())
             .map_err(|e| ChatError::Conversation { path: json_path.display().to_string(), message: e.to_string() })
@@ -347,12 +375,21 @@ impl<'m> ChatSession<'m> {
             .map_err(|e| ChatError::Conversation { path: json_path.display().to_string(), message: e.to_string() })?;
         let conv: SavedConversation = serde_json::from_str(&text)
             .map_err(|e| ChatError::Conversation { path: json_path.display().to_string(), message: e.to_string() })?;
+        if conv.template != self.template.describe() {
+            return Err(ChatError::Conversation {
+                path: json_path.display().to_string(),
+                message: format!(
+                    "saved with {}, but this session uses {} (choose it with --chat-template)",
+                    conv.template,
+                    self.template.describe()
+                ),
+            });
+        }
         self.ctx.clear();
         self.cached.clear();
         let tokens = self.ctx.load_state(path)?;
         self.cached = tokens;
         self.messages = conv.messages;
-        self.template = conv.template;
         Ok(())
     }
 }

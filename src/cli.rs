@@ -101,9 +101,9 @@ pub struct ChatArgs {
     /// One-shot: answer this prompt and exit.
     #[arg(short = 'p', long)]
     pub prompt: Option<String>,
-    /// Chat template: a llama.cpp built-in name (e.g. `gemma`, `chatml`), or `plain` for a
-    /// `User:`/`Assistant:` transcript (the default for models without a template).
-    #[arg(long)]
+    /// Chat template: a Jinja file, a llama.cpp built-in name (e.g. `gemma`, `chatml`), or
+    /// `plain` for a `User:`/`Assistant:` transcript. Default: the model's own (Jinja), else plain.
+    #[arg(long = "chat-template", visible_alias = "template")]
     pub template: Option<String>,
     /// Longest reply in tokens.
     #[arg(short = 'n', long = "n-predict", default_value_t = 1024)]
@@ -718,8 +718,9 @@ pub struct ServeArgs {
     /// Seconds in-flight requests may take to finish after SIGINT/SIGTERM.
     #[arg(long, default_value_t = 30)]
     pub drain_timeout: u64,
-    /// Chat template: a llama.cpp built-in name, or `plain` (the default for models without one).
-    #[arg(long)]
+    /// Chat template: a Jinja file, a llama.cpp built-in name (e.g. `chatml`), or `plain` for a
+    /// `User:`/`Assistant:` transcript. Default: the model's own (Jinja), else plain.
+    #[arg(long = "chat-template", visible_alias = "template")]
     pub template: Option<String>,
 }
 

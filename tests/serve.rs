@@ -5,10 +5,11 @@
 
 mod common;
 
+use common::server::Server;
+
 use std::io::{BufRead as _, BufReader, Read as _, Write as _};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 const BIN: &str = env!("CARGO_BIN_EXE_kvtuner");
@@ -27,122 +28,6 @@ fn annotated(dir: &Path) -> PathBuf {
     out
 }
 
-/// A running `kvtuner serve`; killed when dropped.
-struct Server {
-    child: Child,
-    addr: String,
-    log: Arc<Mutex<String>>,
-    /// `--api-key`, sent by [`Server::curl`].
-    key: Option<String>,
-}
-
-impl Server {
-    fn start(model: &Path, extra: &[&str]) -> Server {
-        let ctx = CTX.to_string();
-        // one thread per server: several servers share CI's 2 cores, and llama.cpp's spinning
-        // thread pool slows down many times when oversubscribed
-        let mut child = Command::new(BIN)
-            .args(["serve", "-m", model.to_str().unwrap(), "-c", &ctx, "--port", "0", "-t", "1"])
-            .args(extra)
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let log = Arc::new(Mutex::new(String::new()));
-        let (tx, rx) = std::sync::mpsc::channel();
-        {
-            let log = log.clone();
-            let stderr = child.stderr.take().unwrap();
-            std::thread::spawn(move || {
-                for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                    if let Some(addr) = line.split("listening on http://").nth(1) {
-                        let _ = tx.send(addr.trim().to_string());
-                    }
-                    let mut log = log.lock().unwrap();
-                    log.push_str(&line);
-                    log.push('\n');
-                }
-            });
-        }
-        let addr = rx
-            .recv_timeout(Duration::from_secs(120))
-            .unwrap_or_else(|_| panic!("the server did not start:\n{}", log.lock().unwrap()));
-        let key = extra.iter().position(|a| *a == "--api-key").map(|i| extra[i + 1].to_string());
-        Server { child, addr, log, key }
-    }
-
-    fn url(&self, path: &str) -> String {
-        format!("http://{}{path}", self.addr)
-    }
-
-    fn log(&self) -> String {
-        self.log.lock().unwrap().clone()
-    }
-
-    /// `curl` with `args` (and the server's key) against `path`; returns (status, headers + body).
-    fn curl(&self, path: &str, args: &[&str]) -> (u16, String) {
-        let auth = self.key.as_ref().map(|k| format!("authorization: Bearer {k}"));
-        let mut with_key: Vec<&str> = args.to_vec();
-        if let Some(auth) = &auth {
-            with_key.extend(["-H", auth.as_str()]);
-        }
-        self.curl_without_key(path, &with_key)
-    }
-
-    fn curl_without_key(&self, path: &str, args: &[&str]) -> (u16, String) {
-        let out = Command::new("curl")
-            // no `Expect: 100-continue`: the status line read is the final one
-            .args(["-s", "-i", "--max-time", "120", "-H", "Expect:"])
-            .args(args)
-            .arg(self.url(path))
-            .output()
-            .expect("running curl");
-        let text = String::from_utf8_lossy(&out.stdout).into_owned();
-        let status = text.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
-        (status, text)
-    }
-
-    fn post(&self, path: &str, body: &str) -> (u16, serde_json::Value) {
-        let (status, text) = self.curl(path, &["-H", "content-type: application/json", "--data-binary", body]);
-        let body = text.split("\r\n\r\n").nth(1).unwrap_or_default();
-        (status, serde_json::from_str(body).unwrap_or(serde_json::Value::Null))
-    }
-
-    fn get_json(&self, path: &str) -> serde_json::Value {
-        let (status, text) = self.curl(path, &[]);
-        assert_eq!(status, 200, "{text}");
-        serde_json::from_str(text.split("\r\n\r\n").nth(1).unwrap()).unwrap()
-    }
-
-    fn metric(&self, name: &str) -> f64 {
-        let (_, text) = self.curl("/metrics", &[]);
-        text.lines()
-            .find_map(|l| l.strip_prefix(name).and_then(|r| r.strip_prefix(' ')).and_then(|v| v.parse().ok()))
-            .unwrap_or_else(|| panic!("no metric {name} in\n{text}"))
-    }
-
-    fn assert_healthy(&self, after: &str) {
-        let (status, text) = self.curl("/health", &[]);
-        assert_eq!(status, 200, "not healthy after {after}: {text}\n{}", self.log());
-    }
-
-    /// Waits until `metric` reaches `value`.
-    fn wait_metric(&self, name: &str, value: f64) {
-        let t = Instant::now();
-        while self.metric(name) != value {
-            assert!(t.elapsed() < Duration::from_secs(60), "{name} never reached {value}");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 fn model_id(server: &Server) -> String {
     server.get_json("/v1/models")["data"][0]["id"].as_str().unwrap().to_string()
 }
@@ -159,7 +44,7 @@ fn chat_body(model: &str, question: &str, extra: &str) -> String {
 #[test]
 fn openai_client_chat_completions_streaming_errors_and_8_concurrent_streams() {
     let dir = tempfile::tempdir().unwrap();
-    let server = Server::start(&annotated(dir.path()), &["-np", "4"]);
+    let server = Server::start(&annotated(dir.path()), CTX, &["-np", "4"]);
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/serve/openai_client.py");
     let out = Command::new("python3")
         .args([script, &server.url("/v1"), &model_id(&server), &CTX.to_string()])
@@ -182,7 +67,7 @@ fn openai_client_chat_completions_streaming_errors_and_8_concurrent_streams() {
 #[test]
 fn props_models_and_log_show_the_applied_profile() {
     let dir = tempfile::tempdir().unwrap();
-    let server = Server::start(&annotated(dir.path()), &["-np", "2"]);
+    let server = Server::start(&annotated(dir.path()), CTX, &["-np", "2"]);
     let profile = kvtuner::profile::Profile::load(PROFILE).unwrap();
     let props = server.get_json("/props");
     let p = &props["profile"];
@@ -210,7 +95,7 @@ fn props_models_and_log_show_the_applied_profile() {
     assert!(log.contains(&format!("K/V types per layer: {}/{}", k[0], v[0])), "{log}");
 
     // --kv-profile off: f16 everywhere, and the bytes say so
-    let off = Server::start(&annotated(dir.path()), &["-np", "2", "--kv-profile", "off"]);
+    let off = Server::start(&annotated(dir.path()), CTX, &["-np", "2", "--kv-profile", "off"]);
     let p = &off.get_json("/props")["profile"];
     assert!(p["type_k"].as_array().unwrap().iter().all(|t| t == "f16"), "{p}");
     assert_eq!(p["kv_bytes_full_load"], p["kv_bytes_f16"]);
@@ -221,7 +106,7 @@ fn props_models_and_log_show_the_applied_profile() {
 #[test]
 fn curl_raw_sse_stream_matches_the_plain_answer() {
     let dir = tempfile::tempdir().unwrap();
-    let server = Server::start(&annotated(dir.path()), &["-np", "2"]);
+    let server = Server::start(&annotated(dir.path()), CTX, &["-np", "2"]);
     let model = model_id(&server);
     let (status, plain) = server.post("/v1/chat/completions", &chat_body(&model, "What is the capital of France?", ""));
     assert_eq!(status, 200, "{plain}");
@@ -257,6 +142,7 @@ fn bad_input_matrix_gets_4xx_and_the_server_keeps_serving() {
     let model_path = annotated(dir.path());
     let server = Server::start(
         &model_path,
+        CTX,
         &["-np", "1", "--queue", "1", "--body-limit", "65536", "--body-timeout", "2", "--api-key", "sesame"],
     );
     let post = |body: &str| -> (u16, serde_json::Value) {
@@ -286,7 +172,6 @@ fn bad_input_matrix_gets_4xx_and_the_server_keeps_serving() {
             "invalid_value",
         ),
         ("model of wrong type", r#"{"model": 5, "messages": []}"#.into(), 400, Some("model"), "invalid_value"),
-        ("unknown model", chat_body("gpt-17", "hi", ""), 404, Some("model"), "model_not_found"),
         (
             "messages not an array",
             format!(r#"{{"model": "{model}", "messages": "hi"}}"#),
@@ -332,6 +217,78 @@ fn bad_input_matrix_gets_4xx_and_the_server_keeps_serving() {
         ),
         ("top_p out of range", chat_body(model, "hi", r#", "top_p": 3"#), 400, Some("top_p"), "invalid_value"),
         ("stop of wrong type", chat_body(model, "hi", r#", "stop": 7"#), 400, Some("stop"), "invalid_value"),
+        (
+            "a tool without a function",
+            chat_body(model, "hi", r#", "tools": [{"type": "function"}]"#),
+            400,
+            Some("tools[0].function"),
+            "invalid_value",
+        ),
+        (
+            "a tool whose parameters are not a schema",
+            chat_body(
+                model,
+                "hi",
+                r#", "tools": [{"type": "function", "function": {"name": "f", "parameters": [1]}}]"#,
+            ),
+            400,
+            Some("tools[0].function.parameters"),
+            "invalid_value",
+        ),
+        (
+            "a tool_choice naming no tool",
+            chat_body(
+                model,
+                "hi",
+                r#", "tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": {"type": "function", "function": {"name": "g"}}"#,
+            ),
+            400,
+            Some("tool_choice.function.name"),
+            "invalid_value",
+        ),
+        (
+            "tools for a template without tool calls",
+            chat_body(model, "hi", r#", "tools": [{"type": "function", "function": {"name": "f"}}]"#),
+            400,
+            Some("tools"),
+            "invalid_value",
+        ),
+        (
+            "a response_format schema that is not an object",
+            chat_body(
+                model,
+                "hi",
+                r#", "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": "y"}}"#,
+            ),
+            400,
+            Some("response_format.json_schema.schema"),
+            "invalid_value",
+        ),
+        (
+            "a schema the grammar converter refuses",
+            chat_body(
+                model,
+                "hi",
+                r##", "json_schema": {"type": "object", "properties": {"a": {"$ref": "#/nowhere"}}}"##,
+            ),
+            400,
+            Some("json_schema"),
+            "invalid_value",
+        ),
+        (
+            "a grammar that does not parse",
+            chat_body(model, "hi", r#", "grammar": "root ::= (((""#),
+            400,
+            Some("grammar"),
+            "invalid_value",
+        ),
+        (
+            "a field this server does not implement",
+            chat_body(model, "hi", r#", "audio": {"voice": "alloy", "format": "wav"}"#),
+            400,
+            Some("audio"),
+            "invalid_value",
+        ),
         (
             "prompt longer than the slot",
             chat_body(model, &long_prompt, ""),
@@ -467,7 +424,7 @@ fn bad_input_matrix_gets_4xx_and_the_server_keeps_serving() {
 #[test]
 fn sigterm_drains_in_flight_requests_and_exits_cleanly() {
     let dir = tempfile::tempdir().unwrap();
-    let mut server = Server::start(&annotated(dir.path()), &["-np", "2"]);
+    let mut server = Server::start(&annotated(dir.path()), CTX, &["-np", "2"]);
     let model = model_id(&server);
     // 48 tokens whatever the model says: the reply cannot end on its own before the signal
     let body = format!(
@@ -494,6 +451,36 @@ fn sigterm_drains_in_flight_requests_and_exits_cleanly() {
     assert!(std::net::TcpStream::connect(&server.addr).is_err());
     let log = server.log();
     assert!(log.contains("shutting down") && log.contains("stopped"), "{log}");
+    let _ = stream.wait();
+}
+
+/// A drain timeout that cuts a reply: the stream ends with an error event (not a silent close)
+/// and the process exits non-zero, naming how many replies it cut.
+#[test]
+fn a_drain_timeout_that_cuts_a_stream_sends_an_error_and_exits_nonzero() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = Server::start(&annotated(dir.path()), CTX, &["-np", "1", "--drain-timeout", "1"]);
+    let model = model_id(&server);
+    let body = format!(
+        r#"{{"model": "{model}", "prompt": "Once upon a time", "stream": true, "max_tokens": 400, "ignore_eos": true}}"#
+    );
+    let mut stream = Command::new("curl")
+        .args(["-s", "-N", "-H", "content-type: application/json", "--data-binary", &body])
+        .arg(server.url("/v1/completions"))
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut reader = BufReader::new(stream.stdout.take().unwrap());
+    let mut first = String::new();
+    reader.read_line(&mut first).unwrap();
+    let st = Command::new("kill").args(["-TERM", &server.child.id().to_string()]).status().unwrap();
+    assert!(st.success());
+    let mut rest = String::new();
+    reader.read_to_string(&mut rest).unwrap();
+    assert!(rest.contains("shutting_down") && !rest.contains("[DONE]"), "{rest}");
+    let status = server.child.wait().unwrap();
+    assert!(!status.success(), "{status:?}\n{}", server.log());
+    assert!(server.log().contains("cut 1 replies"), "{}", server.log());
     let _ = stream.wait();
 }
 
@@ -524,7 +511,7 @@ fn chromium(user_data: &Path, args: &[&str]) -> std::process::Output {
 #[test]
 fn chat_page_streams_an_answer_and_shows_the_profile_in_headless_chromium() {
     let dir = tempfile::tempdir().unwrap();
-    let server = Server::start(&annotated(dir.path()), &["-np", "1"]);
+    let server = Server::start(&annotated(dir.path()), CTX, &["-np", "1"]);
     let profile = kvtuner::profile::Profile::load(PROFILE).unwrap();
     let page = server.url("/?ask=What%20is%20the%20capital%20of%20France%3F&temperature=0");
 
@@ -570,7 +557,7 @@ fn chat_page_streams_an_answer_and_shows_the_profile_in_headless_chromium() {
 /// checked, as browsers send none with it) and allowed; other origins get no allowance.
 #[test]
 fn cors_allows_the_listed_origins_only() {
-    let server = Server::start(&common::gemma_path(), &["--cors", "http://app.example", "--api-key", "k1"]);
+    let server = Server::start(&common::gemma_path(), CTX, &["--cors", "http://app.example", "--api-key", "k1"]);
     let preflight = |origin: &str| {
         server.curl_without_key(
             "/v1/chat/completions",

@@ -42,9 +42,9 @@ pub fn run(args: ChatArgs) -> anyhow::Result<()> {
         min_p: args.min_p,
         seed: args.seed,
     };
-    let template = Template::for_model(model, args.template.as_deref());
-    if template == Template::Plain && args.template.is_none() {
-        eprintln!("note: the model has no chat template; using a plain `User:`/`Assistant:` transcript (choose one with --template NAME)");
+    let template = Template::for_model(model, args.template.as_deref())?;
+    if template.is_plain() && args.template.is_none() {
+        eprintln!("note: the model has no chat template; using a plain `User:`/`Assistant:` transcript (choose one with --chat-template NAME|FILE)");
     }
     let mut session = ChatSession::new(ctx, sampling, template, args.system.clone());
     session.max_reply_tokens = args.n_predict;

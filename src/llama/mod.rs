@@ -3,6 +3,7 @@
 
 mod backend;
 mod batch;
+mod common;
 mod context;
 mod gguf_c;
 mod model;
@@ -12,6 +13,10 @@ pub(crate) mod sys;
 
 pub use backend::Backend;
 pub use batch::{Batch, BatchFull};
+pub use common::{
+    json_schema_to_grammar, AppliedTemplate, ChatParser, ChatTemplates, CommonError, CommonSampler, GrammarKind,
+    GrammarTrigger, ParsedReply, SamplerSpec, TemplateCaps, TemplateSource, ToolCall,
+};
 pub use context::{
     BufferMemory, Context, ContextParams, CreateContextError, DecodeError, DeviceName, FlashAttn, KvLayerInfo,
     LayerCacheTypes, Perf, StateError,

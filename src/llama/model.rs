@@ -32,12 +32,14 @@ pub enum TokenizeError {
 
 #[derive(Debug, thiserror::Error)]
 pub enum TemplateError {
-    #[error("the model has no chat template (tokenizer.chat_template); choose one with --template NAME (known: {0})")]
-    Missing(String),
-    #[error("chat template `{name}` is not one llama.cpp knows; choose one with --template NAME (known: {known})")]
+    #[error("chat template `{name}` is neither a file nor one llama.cpp knows (known: {known}, or `plain`)")]
     Unknown { name: String, known: String },
-    #[error("a chat message contains a NUL byte")]
-    Nul,
+    #[error("reading the chat template {path}: {message}")]
+    File { path: String, message: String },
+    #[error("{origin} cannot be used: {message}")]
+    Invalid { origin: String, message: String },
+    #[error("rendering the chat template: {0}")]
+    Render(String),
 }
 
 pub(crate) fn log_suffix(log: &str) -> String {
@@ -322,51 +324,6 @@ impl Model {
         }
         // Safety: non-NULL, NUL-terminated, lives as long as the model.
         Some(unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned())
-    }
-
-    /// Formats a conversation with `template` (a built-in name like `gemma`, or the model's
-    /// Jinja template, which llama.cpp matches to a built-in) or the model's template.
-    pub fn apply_chat_template(
-        &self,
-        template: Option<&str>,
-        messages: &[ChatMessage],
-        add_assistant: bool,
-    ) -> Result<String, TemplateError> {
-        let tmpl = match template {
-            Some(t) => t.to_string(),
-            None => self.chat_template().ok_or_else(|| TemplateError::Missing(builtin_templates().join(", ")))?,
-        };
-        let c_tmpl = CString::new(tmpl.clone()).map_err(|_| TemplateError::Nul)?;
-        let owned: Vec<(CString, CString)> = messages
-            .iter()
-            .map(|m| Ok((CString::new(m.role.as_str())?, CString::new(m.content.as_str())?)))
-            .collect::<Result<_, std::ffi::NulError>>()
-            .map_err(|_| TemplateError::Nul)?;
-        let msgs: Vec<sys::llama_chat_message> =
-            owned.iter().map(|(r, c)| sys::llama_chat_message { role: r.as_ptr(), content: c.as_ptr() }).collect();
-        let mut buf = vec![0u8; 2 * messages.iter().map(|m| m.content.len() + m.role.len()).sum::<usize>() + 256];
-        loop {
-            // Safety: template, messages and buf are valid for the call; strings stay alive in `owned`.
-            let n = unsafe {
-                sys::llama_chat_apply_template(
-                    c_tmpl.as_ptr(),
-                    msgs.as_ptr(),
-                    msgs.len(),
-                    add_assistant,
-                    buf.as_mut_ptr() as *mut c_char,
-                    buf.len() as i32,
-                )
-            };
-            if n < 0 {
-                let name = if tmpl.len() > 40 { "(the model's template)".to_string() } else { tmpl };
-                return Err(TemplateError::Unknown { name, known: builtin_templates().join(", ") });
-            }
-            if (n as usize) <= buf.len() {
-                buf.truncate(n as usize);
-                return Ok(String::from_utf8_lossy(&buf).into_owned());
-            }
-            buf.resize(n as usize, 0);
-        }
     }
 }
 

@@ -11,15 +11,19 @@ use std::time::Instant;
 
 use tokio::sync::mpsc::UnboundedSender;
 
-use crate::chat::{find, partial_suffix, prompt_tokens, Template};
-use crate::llama::{Batch, ChatMessage, Context, DecodeError, Sampler, SamplingParams, Token};
+use crate::chat::{find, partial_suffix, prompt_tokens, PLAIN_STOPS};
+use crate::llama::{Batch, CommonSampler, Context, DecodeError, Model, SamplerSpec, Token};
 
 use super::metrics::{KvAccounting, Metrics};
 
-/// What to continue: a conversation (rendered with the model's chat template) or raw text.
+/// What to continue.
 #[derive(Debug, Clone)]
 pub enum Prompt {
-    Chat(Vec<ChatMessage>),
+    /// A conversation rendered by the chat template (its control tokens are parsed).
+    Template(String),
+    /// A plain `User:`/`Assistant:` transcript (a base model's): the reply ends at the next turn.
+    Transcript(String),
+    /// Raw text (`/v1/completions`).
     Text(String),
 }
 
@@ -29,12 +33,29 @@ pub struct GenRequest {
     pub prompt: Prompt,
     /// Longest reply; `None` = what is left of the slot's context.
     pub max_tokens: Option<u32>,
-    pub sampling: SamplingParams,
+    pub sampler: SamplerSpec,
+    /// Control tokens (as text) the reply may contain and shows as text, e.g. `<tool_call>`.
+    pub preserved_tokens: Vec<String>,
+    /// The request field a bad grammar is reported against.
+    pub grammar_field: &'static str,
     pub stop: Vec<String>,
     /// End-of-generation tokens (and a transcript template's end-of-turn stop strings) do not end
     /// the reply; EOG tokens are decoded like any other.
     pub ignore_eos: bool,
+    /// Send each token's log-probability with this many alternatives.
+    pub logprobs: Option<usize>,
+    /// Reuse the longest cached prefix of a free slot (false: decode the whole prompt).
+    pub cache_prompt: bool,
     pub events: UnboundedSender<Event>,
+}
+
+/// One reply token's log-probability and the most likely alternatives at its position.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenLogprob {
+    pub token: String,
+    pub bytes: Vec<u8>,
+    pub logprob: f32,
+    pub top: Vec<TokenLogprob>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -43,6 +64,8 @@ pub enum FinishReason {
     Stop,
     /// `max_tokens` or the slot's context reached.
     Length,
+    /// The reply is tool calls (decided by the handler that parses the reply).
+    ToolCalls,
 }
 
 impl FinishReason {
@@ -50,6 +73,7 @@ impl FinishReason {
         match self {
             FinishReason::Stop => "stop",
             FinishReason::Length => "length",
+            FinishReason::ToolCalls => "tool_calls",
         }
     }
 }
@@ -65,6 +89,8 @@ pub enum Event {
     /// The request cannot run (before `Started`): the message names the request field.
     Rejected(Rejection),
     Text(String),
+    /// A reply token's log-probabilities (when asked), before its text.
+    Logprob(TokenLogprob),
     Done {
         finish_reason: FinishReason,
         prompt_tokens: usize,
@@ -80,6 +106,8 @@ pub enum Rejection {
     PromptTooLong { field: &'static str, tokens: usize, n_ctx_seq: u32 },
     #[error("`{field}`: {message}")]
     BadPrompt { field: &'static str, message: String },
+    #[error("`{field}`: the grammar cannot be used: {message}")]
+    BadGrammar { field: &'static str, message: String },
 }
 
 /// A request being answered in a slot.
@@ -88,7 +116,9 @@ struct Job {
     prompt: Vec<Token>,
     /// Prompt tokens decoded so far (the cached prefix counts).
     prefilled: usize,
-    sampler: Sampler,
+    sampler: CommonSampler,
+    /// Token ids of the request's preserved tokens (rendered as text).
+    preserved: Vec<Token>,
     max_tokens: usize,
     generated: usize,
     /// Sampled but not yet decoded.
@@ -111,7 +141,6 @@ struct Slot {
 
 /// The engine's configuration.
 pub struct EngineConfig {
-    pub template: Template,
     /// Tokens per decode call.
     pub n_batch: usize,
 }
@@ -120,7 +149,6 @@ pub struct Engine<'m> {
     ctx: Context<'m>,
     slots: Vec<Slot>,
     batch: Batch,
-    template: Template,
     n_ctx_seq: usize,
     n_swa: usize,
     metrics: Arc<Metrics>,
@@ -141,7 +169,6 @@ impl<'m> Engine<'m> {
             batch: Batch::new(config.n_batch.max(slots.len())),
             ctx,
             slots,
-            template: config.template,
             metrics,
             kv,
             step: 0,
@@ -230,13 +257,20 @@ impl<'m> Engine<'m> {
             let _ = request.events.send(Event::Rejected(rejection));
             return;
         }
+        let (sampler, preserved) = match build_sampler(self.ctx.model(), &request) {
+            Ok(s) => s,
+            Err(rejection) => {
+                let _ = request.events.send(Event::Rejected(rejection));
+                return;
+            }
+        };
         // the free slot sharing the longest prefix with the prompt, else the least recently used
         let (index, common) = self
             .slots
             .iter()
             .enumerate()
             .filter(|(_, s)| s.job.is_none())
-            .map(|(i, s)| (i, common_prefix(&s.cached, &tokens)))
+            .map(|(i, s)| (i, if request.cache_prompt { common_prefix(&s.cached, &tokens) } else { 0 }))
             .max_by_key(|&(i, common)| (common, std::cmp::Reverse(self.slots[i].last_used)))
             .expect("admit is called with a free slot");
         let seq = self.slots[index].seq;
@@ -257,17 +291,19 @@ impl<'m> Engine<'m> {
         slot.cached.truncate(keep);
         let room = self.n_ctx_seq - tokens.len();
         let max_tokens = request.max_tokens.map_or(room, |m| (m as usize).min(room));
-        let trim_start = matches!(request.prompt, Prompt::Chat(_));
+        let transcript = matches!(request.prompt, Prompt::Transcript(_));
+        let trim_start = !matches!(request.prompt, Prompt::Text(_));
         let mut stops: Vec<String> = request.stop.clone();
-        // a transcript template's stop strings are its end of turn: ignore_eos ignores them too
-        if trim_start && !request.ignore_eos {
-            stops.extend(self.template.stop().iter().map(|s| s.to_string()));
+        // a transcript's stop strings are its end of turn: ignore_eos ignores them too
+        if transcript && !request.ignore_eos {
+            stops.extend(PLAIN_STOPS.iter().map(|s| s.to_string()));
         }
         self.metrics.prompt_tokens.fetch_add(tokens.len() as u64, Ordering::Relaxed);
         self.metrics.prompt_tokens_cached.fetch_add(keep as u64, Ordering::Relaxed);
         let _ = request.events.send(Event::Started { prompt_tokens: tokens.len(), cached_tokens: keep });
         slot.job = Some(Job {
-            sampler: Sampler::new(&request.sampling),
+            sampler,
+            preserved,
             request,
             prompt: tokens,
             prefilled: keep,
@@ -284,12 +320,8 @@ impl<'m> Engine<'m> {
     fn tokenize(&self, prompt: &Prompt) -> Result<(&'static str, Vec<Token>), Rejection> {
         let model = self.ctx.model();
         match prompt {
-            Prompt::Chat(messages) => {
-                let text = self
-                    .template
-                    .render(model, messages)
-                    .map_err(|e| Rejection::BadPrompt { field: "messages", message: e.to_string() })?;
-                let tokens = prompt_tokens(model, &text)
+            Prompt::Template(text) | Prompt::Transcript(text) => {
+                let tokens = prompt_tokens(model, text)
                     .map_err(|e| Rejection::BadPrompt { field: "messages", message: e.to_string() })?;
                 Ok(("messages", tokens))
             }
@@ -367,14 +399,29 @@ impl<'m> Engine<'m> {
         for slot in &mut self.slots {
             let Some(job) = slot.job.as_mut() else { continue };
             let Some(at) = job.logits_at else { continue };
-            let tok = job.sampler.sample(&mut self.ctx, at);
+            let tok = match job.sampler.sample(&mut self.ctx, at) {
+                Ok(t) => t,
+                Err(e) => {
+                    // e.g. a grammar no token can continue: the reply ends with the error
+                    let _ = job.request.events.send(Event::Failed(format!("sampling failed: {e}")));
+                    slot.job = None;
+                    slot.last_used = self.step;
+                    continue;
+                }
+            };
+            if let Some(n) = job.request.logprobs {
+                if let Some(logits) = self.ctx.logits(at) {
+                    let _ = job.request.events.send(Event::Logprob(token_logprob(model, logits, tok, n)));
+                }
+            }
             let mut finish = None;
             if model.is_eog(tok) && !job.request.ignore_eos {
                 finish = Some(FinishReason::Stop);
             } else {
                 job.generated += 1;
                 self.metrics.generated_tokens.fetch_add(1, Ordering::Relaxed);
-                let (text, stopped) = job.reply.push(&model.token_piece_bytes(tok, false));
+                let special = job.preserved.contains(&tok);
+                let (text, stopped) = job.reply.push(&model.token_piece_bytes(tok, special));
                 if !text.is_empty() && job.request.events.send(Event::Text(text)).is_err() {
                     // the client went away: free the slot now
                     slot.job = None;
@@ -432,6 +479,56 @@ impl<'m> Engine<'m> {
         let cells: Vec<usize> = self.slots.iter().map(|s| s.cached.len()).collect();
         self.metrics.set_kv_in_use(self.kv.in_use(&cells));
     }
+}
+
+/// The request's sampler and its preserved tokens' ids. As llama-server does, a trigger word
+/// that is one preserved token triggers on that token.
+fn build_sampler(model: &Model, request: &GenRequest) -> Result<(CommonSampler, Vec<Token>), Rejection> {
+    let single = |text: &str| match model.tokenize(text, false, true) {
+        Ok(t) if t.len() == 1 => Some(t[0]),
+        _ => None,
+    };
+    let preserved: Vec<Token> = request.preserved_tokens.iter().filter_map(|t| single(t)).collect();
+    let mut spec = request.sampler.clone();
+    for trigger in &mut spec.grammar_triggers {
+        if trigger.kind == "word" {
+            if let Some(tok) = single(&trigger.value).filter(|t| preserved.contains(t)) {
+                trigger.kind = "token".into();
+                trigger.token = Some(tok);
+            }
+        }
+    }
+    spec.preserved_tokens = preserved.clone();
+    let sampler = CommonSampler::new(model, &spec)
+        .map_err(|e| Rejection::BadGrammar { field: request.grammar_field, message: e.to_string() })?;
+    Ok((sampler, preserved))
+}
+
+/// `token`'s log-probability under `logits` and the `top` most likely tokens'.
+fn token_logprob(model: &Model, logits: &[f32], token: Token, top: usize) -> TokenLogprob {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let log_sum = logits.iter().map(|&l| ((l - max) as f64).exp()).sum::<f64>().ln() as f32 + max;
+    let entry = |t: Token| {
+        let bytes = model.token_piece_bytes(t, true);
+        TokenLogprob {
+            token: String::from_utf8_lossy(&bytes).into_owned(),
+            bytes,
+            logprob: logits[t as usize] - log_sum,
+            top: Vec::new(),
+        }
+    };
+    let mut best: Vec<Token> = Vec::with_capacity(top + 1);
+    if top > 0 {
+        // one pass keeping the `top` largest (top ≤ 20)
+        for (t, &l) in logits.iter().enumerate() {
+            if best.len() < top || l > logits[best[best.len() - 1] as usize] {
+                let at = best.partition_point(|&b| logits[b as usize] >= l);
+                best.insert(at, t as Token);
+                best.truncate(top);
+            }
+        }
+    }
+    TokenLogprob { top: best.into_iter().map(entry).collect(), ..entry(token) }
 }
 
 /// Length of the common prefix.

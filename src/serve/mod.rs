@@ -7,9 +7,12 @@ pub mod api;
 pub mod engine;
 pub mod http;
 pub mod metrics;
+pub mod ollama;
+pub mod prepare;
+pub mod reply;
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -35,6 +38,10 @@ pub enum ServeError {
     Io(#[from] std::io::Error),
     #[error("the engine thread panicked")]
     EnginePanicked,
+    #[error(transparent)]
+    Template(#[from] crate::llama::TemplateError),
+    #[error("the drain timeout cut {0} replies short")]
+    DrainCut(usize),
 }
 
 /// How to serve.
@@ -114,12 +121,14 @@ pub fn serve(model: &Model, params: &ContextParams, options: &ServeOptions) -> R
     log_startup(&props);
     let metrics = Arc::new(Metrics::default());
     metrics.set_kv_allocated(KvAccounting::of(&ctx).allocated(ctx.n_seq_max() as usize));
-    let template = Template::for_model(model, options.template.as_deref());
-    if template == Template::Plain && options.template.is_none() {
+    let template = Template::for_model(model, options.template.as_deref())?;
+    if template.is_plain() && options.template.is_none() {
         tracing::info!("the model has no chat template: chat requests get a plain `User:`/`Assistant:` transcript");
+    } else {
+        tracing::info!("chat template: {}", template.describe());
     }
     let n_batch = params.n_batch.max(1) as usize;
-    let engine = Engine::new(ctx, EngineConfig { template, n_batch }, metrics.clone());
+    let engine = Engine::new(ctx, EngineConfig { n_batch }, metrics.clone());
     let (queue_tx, queue_rx) = std::sync::mpsc::sync_channel(options.queue);
 
     let addr = format!("{}:{}", options.host, options.port);
@@ -128,10 +137,13 @@ pub fn serve(model: &Model, params: &ContextParams, options: &ServeOptions) -> R
     listener.set_nonblocking(true)?;
     let local: SocketAddr = listener.local_addr()?;
 
+    let ollama = ollama_model(model, &template);
     let state = Arc::new(http::AppState {
         queue: queue_tx,
         metrics,
         model_id: model_id(model),
+        template,
+        ollama,
         props,
         api_key: options.api_key.clone(),
         body_limit: options.body_limit,
@@ -139,6 +151,8 @@ pub fn serve(model: &Model, params: &ContextParams, options: &ServeOptions) -> R
         serial: AtomicU64::new(1),
         engine_alive: Arc::new(AtomicBool::new(true)),
         cors: options.cors.clone(),
+        in_flight: AtomicUsize::new(0),
+        cut: tokio::sync::watch::channel(false).0,
     });
     let alive = EngineAlive(state.engine_alive.clone());
     std::thread::scope(|scope| {
@@ -150,17 +164,57 @@ pub fn serve(model: &Model, params: &ContextParams, options: &ServeOptions) -> R
         let served = runtime.block_on(async {
             let listener = tokio::net::TcpListener::from_std(listener)?;
             tracing::info!("listening on http://{local}");
-            http::serve_until_signal(listener, http::router(state), options, shutdown_signal()).await;
-            Ok::<(), std::io::Error>(())
+            Ok::<usize, std::io::Error>(http::serve_until_signal(listener, state, options, shutdown_signal()).await)
         });
         // dropping the runtime drops every handler, its channel and the queue's sender: the
         // engine frees their slots and stops
         drop(runtime);
         engine_thread.join().map_err(|_| ServeError::EnginePanicked)?;
-        served.map_err(ServeError::Io)?;
+        let cut = served.map_err(ServeError::Io)?;
+        if cut > 0 {
+            return Err(ServeError::DrainCut(cut));
+        }
         tracing::info!("stopped");
         Ok(())
     })
+}
+
+/// The model as Ollama's `/api/tags` and `/api/show` describe one.
+fn ollama_model(model: &Model, template: &Template) -> ollama::OllamaModel {
+    let arch = model.meta("general.architecture").unwrap_or_default();
+    let description = model.description();
+    // llama.cpp's description: "<arch> <size> <file type>", e.g. "qwen2 1B Q4_K - Medium"
+    let mut words = description.splitn(3, ' ');
+    let (_, size_label, quantization) = (words.next(), words.next().unwrap_or(""), words.next().unwrap_or(""));
+    let parameter_size = model.meta("general.size_label").unwrap_or_else(|| size_label.to_string());
+    let (source, tools) = match template {
+        Template::Chat { templates, .. } => (templates.source().to_string(), templates.caps().supports_tool_calls),
+        Template::Plain => (String::new(), false),
+    };
+    let mut capabilities = vec!["completion"];
+    if tools {
+        capabilities.push("tools");
+    }
+    ollama::OllamaModel {
+        details: json!({
+            "parent_model": "",
+            "format": "gguf",
+            "family": arch,
+            "families": [arch],
+            "parameter_size": parameter_size,
+            "quantization_level": quantization,
+        }),
+        size: std::fs::metadata(model.path()).map_or(0, |m| m.len()),
+        template: source,
+        capabilities,
+        model_info: json!({
+            "general.architecture": arch,
+            format!("{arch}.context_length"): model.n_ctx_train(),
+            format!("{arch}.block_count"): model.n_layer(),
+            format!("{arch}.embedding_length"): model.n_embd(),
+        }),
+        warned: Default::default(),
+    }
 }
 
 /// Marks the engine stopped when its thread ends, by return or by panic.

@@ -2,6 +2,8 @@
 //! into the kvtuner cache) and small synthetic llama models written at test time.
 #![allow(dead_code)]
 
+pub mod server;
+
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
