@@ -1,0 +1,94 @@
+//! `kvtuner serve` on Qwen2.5-Coder-0.5B-Instruct (its own Jinja template, with tool calls)
+//! driven by the client libraries agent users run: OpenAI's, LangChain's and Ollama's
+//! (tests/serve/agent_clients.py), plus what those clients cannot see: that a logit bias bans a
+//! token, that the template's default system prompt is rendered, and that malformed tool
+//! results and schemas get 400s naming the field.
+
+mod common;
+
+use std::process::Command;
+
+use common::server::Server;
+use kvtuner::llama::{Backend, Model, ModelParams};
+
+fn qwen() -> std::path::PathBuf {
+    kvtuner::assets::ensure(&kvtuner::assets::cache_dir(), &kvtuner::assets::QWEN_CODER_MODEL)
+        .expect("fetching Qwen2.5-Coder-0.5B-Instruct (kvtuner fetch --model qwen2.5-coder-0.5b)")
+}
+
+#[test]
+fn openai_langchain_and_ollama_clients_call_tools_parse_schemas_and_stream() {
+    let server = Server::start(&qwen(), 4096, &["-np", "2"]);
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/serve/agent_clients.py");
+    let out = Command::new("python3").args([script, &server.url("")]).output().expect("running python3");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.contains("ALL OK"),
+        "{stdout}\n{}\n--- server log ---\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        server.log()
+    );
+    // Ollama's per-request context option is reported once, not applied silently
+    assert_eq!(server.log().matches("`num_ctx` is ignored").count(), 1, "{}", server.log());
+}
+
+#[test]
+fn template_system_prompt_logit_bias_and_malformed_agent_input() {
+    let path = qwen();
+    let server = Server::start(&path, 2048, &["-np", "1"]);
+    let chat = |extra: &str| {
+        server.post(
+            "/v1/chat/completions",
+            &format!(
+                r#"{{"model": "m", "messages": [{{"role": "user", "content": "What is the capital of France? One word."}}], "temperature": 0, "max_tokens": 8{extra}}}"#
+            ),
+        )
+    };
+    let (status, plain) = chat("");
+    assert_eq!(status, 200, "{plain}");
+    let answer = plain["choices"][0]["message"]["content"].as_str().unwrap().to_string();
+    assert!(answer.contains("Paris"), "{plain}");
+    // the template's default system prompt ("You are Qwen, created by Alibaba Cloud…") is in
+    // the prompt: 20 tokens of the user's question and chat markers alone
+    assert!(plain["usage"]["prompt_tokens"].as_u64().unwrap() > 28, "{plain}");
+
+    // a logit bias of -100 on the answer's first token bans it
+    let model = Model::load(Backend::init(), &path, &ModelParams::default()).unwrap();
+    let first = model.tokenize(&answer, false, false).unwrap()[0];
+    let (status, biased) = chat(&format!(r#", "logit_bias": {{"{first}": -100}}"#));
+    assert_eq!(status, 200, "{biased}");
+    let other = biased["choices"][0]["message"]["content"].as_str().unwrap();
+    assert!(!other.starts_with(&answer[..answer.len().min(3)]), "banned token still first: {other}");
+    // penalties are taken (and a reply comes)
+    let (status, penalised) = chat(r#", "presence_penalty": 1.5, "frequency_penalty": 1.0, "repeat_penalty": 1.2"#);
+    assert_eq!(status, 200, "{penalised}");
+
+    let cases = [
+        (
+            r#", "messages": [{"role": "assistant", "tool_calls": [{"id": "c", "type": "function", "function": {"name": "f", "arguments": "{not json"}}]}]"#,
+            "messages[0].tool_calls[0].function.arguments",
+        ),
+        (r#", "tools": [{"type": "function", "function": {"name": ""}}]"#, "tools[0].function.name"),
+        (r#", "tools": [{"type": "retrieval"}]"#, "tools[0].type"),
+        (r#", "tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "sometimes""#, "tool_choice"),
+        (
+            r#", "response_format": {"type": "json_schema", "json_schema": {"schema": 5}}"#,
+            "response_format.json_schema.schema",
+        ),
+        (r#", "logprobs": true, "top_logprobs": 50"#, "top_logprobs"),
+    ];
+    for (extra, param) in cases {
+        // later keys win in serde_json: `messages` here replaces the default one
+        let (status, json) = chat(extra);
+        assert_eq!(status, 400, "{extra}: {json}");
+        assert_eq!(json["error"]["param"], param, "{extra}: {json}");
+        server.assert_healthy(extra);
+    }
+    // Ollama errors come in Ollama's shape, naming Ollama's field
+    let (status, json) = server.post(
+        "/api/chat",
+        r#"{"model": "m", "messages": [{"role": "user", "content": "hi"}], "options": {"temperature": "hot"}}"#,
+    );
+    assert_eq!(status, 400, "{json}");
+    assert!(json["error"].as_str().unwrap().starts_with("options.temperature"), "{json}");
+}
