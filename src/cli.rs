@@ -214,7 +214,7 @@ pub struct FitArgs {
     /// Chunks of the calibration context per text measured.
     #[arg(long, default_value_t = 4)]
     pub chunks: usize,
-    /// Threads for the measurements (0 = all cores).
+    /// Threads for the measurements (0 = the physical cores).
     #[arg(short = 't', long = "threads", default_value_t = 0)]
     pub threads: i32,
     /// Profile name (default: from the model and the bits per value).
@@ -239,7 +239,7 @@ pub struct DeviceArgs {
     /// layers after this machine's GPUs; each layer's cache lives with the layer, in its type.
     #[arg(long, value_delimiter = ',')]
     pub rpc: Vec<String>,
-    /// Threads (0 = all cores).
+    /// Threads (0 = the physical cores).
     #[arg(short = 't', long = "threads", default_value_t = 0)]
     pub threads: i32,
     /// Flash attention: auto, on or off.

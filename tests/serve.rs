@@ -551,6 +551,34 @@ fn chat_page_streams_an_answer_and_shows_the_profile_in_headless_chromium() {
     // the header bar (#1d2430) spans the top
     let at = |x: usize, y: usize| &pixels[(y * info.width as usize + x) * channels..][..3];
     assert_eq!(at(600, 5), [0x1d, 0x24, 0x30], "the header is not at the top");
+
+    // answers render as Markdown, and a model's own markup stays text: the page's renderer,
+    // taken from the served page, on a sample
+    let (_, served) = server.curl("/", &[]);
+    let start = served.find("function escapeHtml").expect("the page has its Markdown renderer");
+    let end = served.find("function add(").unwrap();
+    let sample = "# Title\n**bold** and `code` <b>raw</b>\n- one\n- two\n```py\nprint(1)\n```";
+    let probe = dir.path().join("markdown.html");
+    std::fs::write(
+        &probe,
+        format!(
+            "<html><body><div id=out></div><script>{}\ndocument.getElementById('out').innerHTML = markdown({sample:?});</script></body></html>",
+            &served[start..end]
+        ),
+    )
+    .unwrap();
+    let out = chromium(&dir.path().join("chromium-md"), &["--dump-dom", &format!("file://{}", probe.display())]);
+    let dom = String::from_utf8_lossy(&out.stdout);
+    for want in [
+        "<h3>Title</h3>",
+        "<strong>bold</strong>",
+        "<code>code</code>",
+        "&lt;b&gt;raw&lt;/b&gt;",
+        "<ul><li>one</li><li>two</li></ul>",
+        "<pre><code>print(1)\n</code></pre>",
+    ] {
+        assert!(dom.contains(want), "no {want} in {dom}");
+    }
 }
 
 /// `--cors ORIGIN`: a browser's preflight from that origin is answered (before the API key is

@@ -228,6 +228,26 @@ impl Drop for Context<'_> {
     }
 }
 
+/// Physical cores (as llama.cpp's `cpu_get_num_math`): hyperthread siblings share a core's
+/// arithmetic units, and a spinning thread pool that also occupies them waits at every barrier
+/// on threads other work has descheduled. Falls back to the logical CPUs this process may use.
+pub fn physical_cores() -> usize {
+    let logical = std::thread::available_parallelism().map_or(4, |n| n.get());
+    let mut cores = std::collections::BTreeSet::new();
+    for cpu in 0..logical.max(1) * 4 {
+        let topology = format!("/sys/devices/system/cpu/cpu{cpu}/topology");
+        let read = |f: &str| std::fs::read_to_string(format!("{topology}/{f}")).ok();
+        if let (Some(package), Some(core)) = (read("physical_package_id"), read("core_id")) {
+            cores.insert((package.trim().to_string(), core.trim().to_string()));
+        }
+    }
+    if cores.is_empty() {
+        logical
+    } else {
+        cores.len().min(logical)
+    }
+}
+
 impl<'m> Context<'m> {
     pub fn new(model: &'m Model, params: &ContextParams) -> Result<Context<'m>, CreateContextError> {
         match &params.layer_types {
@@ -257,12 +277,8 @@ impl<'m> Context<'m> {
         cp.n_batch = params.n_batch;
         cp.n_ubatch = params.n_ubatch.min(params.n_batch);
         // llama.cpp's default (4) oversubscribes small machines, and its spinning thread pool
-        // then runs many times slower; default to the cores we have.
-        let threads = if params.n_threads > 0 {
-            params.n_threads
-        } else {
-            std::thread::available_parallelism().map_or(4, |n| n.get() as i32)
-        };
+        // then runs many times slower; default to the physical cores we have.
+        let threads = if params.n_threads > 0 { params.n_threads } else { physical_cores() as i32 };
         cp.n_threads = threads;
         cp.n_threads_batch = threads;
         cp.flash_attn_type = match params.flash_attn {

@@ -274,6 +274,28 @@ impl<'m> Engine<'m> {
             .max_by_key(|&(i, common)| (common, std::cmp::Reverse(self.slots[i].last_used)))
             .expect("admit is called with a free slot");
         let seq = self.slots[index].seq;
+        let mut common = common;
+        // another slot, busy or not, may hold more of the prompt (agents resend one system prompt
+        // and tool list): its sequence is copied (at the next decode, before any new token is
+        // written) and cut to the shared part
+        if request.cache_prompt {
+            let donor = self
+                .slots
+                .iter()
+                .enumerate()
+                .filter(|&(i, _)| i != index)
+                .map(|(i, s)| (i, common_prefix(&s.cached, &tokens)))
+                .max_by_key(|&(_, c)| c);
+            if let Some((donor, shared)) = donor.filter(|&(_, c)| c >= common + MIN_COPIED_PREFIX) {
+                let donor_seq = self.slots[donor].seq;
+                self.ctx.copy_sequence(donor_seq, seq);
+                self.ctx.remove_range(seq, shared as i32, -1);
+                let prefix = self.slots[donor].cached[..shared].to_vec();
+                self.slots[index].cached = prefix;
+                common = shared;
+                self.metrics.prefix_copies.fetch_add(1, Ordering::Relaxed);
+            }
+        }
         // keep at least one prompt token to decode: its logits start the reply
         let mut keep = common.min(tokens.len() - 1);
         let slot_len = self.slots[index].cached.len();
@@ -530,6 +552,10 @@ fn token_logprob(model: &Model, logits: &[f32], token: Token, top: usize) -> Tok
     }
     TokenLogprob { top: best.into_iter().map(entry).collect(), ..entry(token) }
 }
+
+/// Shortest gain in cached prompt tokens worth copying another slot's sequence for (a copy moves
+/// the slot's whole cache stream).
+const MIN_COPIED_PREFIX: usize = 64;
 
 /// Length of the common prefix.
 fn common_prefix(a: &[Token], b: &[Token]) -> usize {

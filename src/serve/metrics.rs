@@ -16,6 +16,8 @@ pub struct Metrics {
     /// Prompt tokens found in a slot's cache (prefix reuse), not decoded again.
     pub prompt_tokens_cached: AtomicU64,
     pub prompt_tokens_decoded: AtomicU64,
+    /// Prompt prefixes taken from another slot's sequence (copied, not decoded).
+    pub prefix_copies: AtomicU64,
     pub generated_tokens: AtomicU64,
     /// Time spent in decode calls.
     pub decode_micros: AtomicU64,
@@ -62,6 +64,11 @@ impl Metrics {
                 get(&self.prompt_tokens_cached),
             ),
             ("kvtuner_prompt_tokens_decoded_total", "Prompt tokens decoded.", get(&self.prompt_tokens_decoded)),
+            (
+                "kvtuner_prefix_copies_total",
+                "Cached prompt prefixes copied from another slot's sequence.",
+                get(&self.prefix_copies),
+            ),
             ("kvtuner_generated_tokens_total", "Tokens generated.", get(&self.generated_tokens)),
             ("kvtuner_completions_total", "Replies finished.", get(&self.completed)),
             ("kvtuner_cancelled_total", "Replies abandoned by their client.", get(&self.cancelled)),
