@@ -8,8 +8,14 @@ Measures per request: time to first token (TTFT) and the gaps between streamed c
 requests, and the server's resident memory (RSS) sampled through the run (flat = no growth
 between the first and the last request).
 
+With --system-chars N every request starts with one shared system prompt (the first N characters
+of --system-file, the Lee corpus by default) and is a fresh conversation (agents resend a long
+system prompt and tool list with every request); --no-cache-prompt sends llama-server's
+`cache_prompt: false`, the same run without prefix reuse.
+
 usage: serve-load.py --bin target/release/kvtuner -m MODEL [--label L] [--clients 8]
-       [--requests 6] [--max-tokens 64] [--stop-at-eos] [-- extra serve flags, e.g. -ctk q8_0 -ctv q8_0]
+       [--requests 6] [--max-tokens 64] [--stop-at-eos] [--seeds] [--system-chars N]
+       [--no-cache-prompt] [-- extra serve flags, e.g. -ctk q8_0 -ctv q8_0]
 """
 
 import argparse
@@ -65,10 +71,17 @@ def main():
     ap.add_argument("--stop-at-eos", action="store_true",
                     help="let replies end at the model's end-of-generation token (default: every reply is "
                          "--max-tokens long, so configurations generate the same work)")
+    ap.add_argument("--seeds", action="store_true",
+                    help="a seed per request (a seeded request decodes its whole prompt: no prefix reuse)")
+    ap.add_argument("--slots", type=int, default=0, help="-np (default: one per client)")
+    ap.add_argument("--system-chars", type=int, default=0)
+    ap.add_argument("--system-file", default=os.path.expanduser("~/.cache/kvtuner/lee_background.cor"))
+    ap.add_argument("--no-cache-prompt", action="store_true")
     ap.add_argument("extra", nargs="*")
     args = ap.parse_args()
 
-    cmd = [args.bin, "serve", "-m", args.model, "-c", str(args.ctx), "-np", str(args.clients),
+    system = open(args.system_file).read()[: args.system_chars] if args.system_chars else None
+    cmd = [args.bin, "serve", "-m", args.model, "-c", str(args.ctx), "-np", str(args.slots or args.clients),
            "-t", str(args.threads), "--port", "0", *args.extra]
     server = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
     addr, log = None, []
@@ -91,7 +104,7 @@ def main():
     props = get("/props")
     model = props["model"]
 
-    ttft, gaps, failures, tokens = [], [], [], [0]
+    ttft, gaps, failures, tokens, prompt_tokens = [], [], [], [0], []
     lock = threading.Lock()
     rss = []
     done = threading.Event()
@@ -104,12 +117,19 @@ def main():
     def client(i):
         messages = []
         for j in range(args.requests):
+            if system is not None:
+                messages = [{"role": "system", "content": system}]
             messages.append({"role": "user", "content": QUESTIONS[(i + j) % len(QUESTIONS)]})
-            body = json.dumps({
+            request = {
                 "model": model, "messages": messages, "max_tokens": args.max_tokens,
-                "temperature": 0.8, "seed": 1000 * i + j, "stream": True, "ignore_eos": not args.stop_at_eos,
+                "temperature": 0.8, "stream": True, "ignore_eos": not args.stop_at_eos,
                 "stream_options": {"include_usage": True},
-            })
+            }
+            if args.seeds:
+                request["seed"] = 1000 * i + j
+            if args.no_cache_prompt:
+                request["cache_prompt"] = False
+            body = json.dumps(request)
             try:
                 c = http.client.HTTPConnection(host, int(port), timeout=300)
                 t0 = time.perf_counter()
@@ -138,6 +158,7 @@ def main():
                     raise RuntimeError("no usage chunk or no text")
                 with lock:
                     ttft.append(first)
+                    prompt_tokens.append(usage["prompt_tokens"])
                     gaps.extend(my_gaps)
                     tokens[0] += usage["completion_tokens"]
                 messages.append({"role": "assistant", "content": text})
@@ -162,6 +183,7 @@ def main():
     server.wait(timeout=60)
 
     cached = re.search(r"^kvtuner_prompt_tokens_cached_total (\d+)", metrics_text, re.M)
+    copies = re.search(r"^kvtuner_prefix_copies_total (\d+)", metrics_text, re.M)
     prompt = re.search(r"^kvtuner_prompt_tokens_total (\d+)", metrics_text, re.M)
     mem = [k for _, k in rss]
     quarter = max(1, len(mem) // 4)
@@ -175,6 +197,9 @@ def main():
           f"| {tokens[0] / wall:.1f} | {wall:.1f} "
           f"| {int(cached.group(1)) if cached else 0}/{int(prompt.group(1)) if prompt else 0} "
           f"| {early / 1024:.0f} → {late / 1024:.0f} |")
+    if system is not None:
+        print(f"  prompt tokens per request: {min(prompt_tokens)}–{max(prompt_tokens)}; "
+              f"prefixes copied between slots: {int(copies.group(1)) if copies else 0}", file=sys.stderr)
     for f in failures:
         print("  failed:", f, file=sys.stderr)
     sys.exit(1 if failures else 0)

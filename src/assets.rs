@@ -107,6 +107,40 @@ pub const CORPUS: Asset = Asset {
     members: &["gensim/test/test_data/lee_background.cor"],
 };
 
+/// Human-written English conversations (chatterbot-corpus 1.2.0, 19 topic files, 566
+/// conversations), concatenated in name order: what calibration sees when it is rendered with a
+/// model's own chat template (`chat-calibration`, `chat-evaluation`).
+pub const CHAT_CORPUS: Asset = Asset {
+    file_name: "chatterbot-corpus-1.2.0-english.yml",
+    size: 57_381,
+    sha256: "3db780f9a808f81732e7c95d7f48f36313d1b2ad7df1b400ed64872d19673cf7",
+    requirements: &["chatterbot-corpus==1.2.0"],
+    members: &[
+        "chatterbot_corpus/data/english/ai.yml",
+        "chatterbot_corpus/data/english/botprofile.yml",
+        "chatterbot_corpus/data/english/computers.yml",
+        "chatterbot_corpus/data/english/conversations.yml",
+        "chatterbot_corpus/data/english/emotion.yml",
+        "chatterbot_corpus/data/english/food.yml",
+        "chatterbot_corpus/data/english/gossip.yml",
+        "chatterbot_corpus/data/english/greetings.yml",
+        "chatterbot_corpus/data/english/health.yml",
+        "chatterbot_corpus/data/english/history.yml",
+        "chatterbot_corpus/data/english/humor.yml",
+        "chatterbot_corpus/data/english/literature.yml",
+        "chatterbot_corpus/data/english/money.yml",
+        "chatterbot_corpus/data/english/movies.yml",
+        "chatterbot_corpus/data/english/politics.yml",
+        "chatterbot_corpus/data/english/psychology.yml",
+        "chatterbot_corpus/data/english/science.yml",
+        "chatterbot_corpus/data/english/sports.yml",
+        "chatterbot_corpus/data/english/trivia.yml",
+    ],
+};
+
+/// The chat corpus's files up to here calibrate; the rest are held out.
+const CHAT_SPLIT_FILE: &str = "health";
+
 /// click 8.1.7's Python source, its files concatenated in name order.
 pub const CODE_CORPUS: Asset = Asset {
     file_name: "click-8.1.7-source.py",
@@ -160,6 +194,8 @@ pub enum FetchError {
     ChecksumMismatch { file: PathBuf, expected: String, actual: String },
     #[error("{} is not UTF-8 text: {source}", file.display())]
     NotUtf8 { file: PathBuf, source: std::string::FromUtf8Error },
+    #[error("{}: {message}", file.display())]
+    Corpus { file: PathBuf, message: String },
 }
 
 fn io_err<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> FetchError + 'a {
@@ -199,11 +235,20 @@ pub enum NamedText {
     LeeEvaluation,
     CodeCalibration,
     CodeEvaluation,
+    /// Conversations, rendered with the model's own chat template ([`NamedText::conversations`]).
+    ChatCalibration,
+    ChatEvaluation,
 }
 
 impl NamedText {
-    pub const ALL: [NamedText; 4] =
-        [NamedText::LeeCalibration, NamedText::LeeEvaluation, NamedText::CodeCalibration, NamedText::CodeEvaluation];
+    pub const ALL: [NamedText; 6] = [
+        NamedText::LeeCalibration,
+        NamedText::LeeEvaluation,
+        NamedText::CodeCalibration,
+        NamedText::CodeEvaluation,
+        NamedText::ChatCalibration,
+        NamedText::ChatEvaluation,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -211,7 +256,14 @@ impl NamedText {
             NamedText::LeeEvaluation => "lee-evaluation",
             NamedText::CodeCalibration => "code-calibration",
             NamedText::CodeEvaluation => "code-evaluation",
+            NamedText::ChatCalibration => "chat-calibration",
+            NamedText::ChatEvaluation => "chat-evaluation",
         }
+    }
+
+    /// The text is conversations that a chat template renders (not plain text).
+    pub fn is_chat(self) -> bool {
+        matches!(self, NamedText::ChatCalibration | NamedText::ChatEvaluation)
     }
 
     pub fn parse(name: &str) -> Option<NamedText> {
@@ -225,20 +277,92 @@ impl NamedText {
             NamedText::LeeEvaluation => NamedText::LeeCalibration,
             NamedText::CodeCalibration => NamedText::CodeEvaluation,
             NamedText::CodeEvaluation => NamedText::CodeCalibration,
+            NamedText::ChatCalibration => NamedText::ChatEvaluation,
+            NamedText::ChatEvaluation => NamedText::ChatCalibration,
         }
     }
 
-    /// Fetches the corpus if needed; returns the text and a label for reports.
+    /// Fetches the corpus if needed; returns the text and a label for reports. A chat corpus
+    /// comes back as YAML (render it with [`NamedText::conversations`] instead).
     pub fn load(self, cache: &Path) -> Result<(String, String), FetchError> {
         let split = match self {
             NamedText::LeeCalibration | NamedText::LeeEvaluation => load_split(cache)?,
             NamedText::CodeCalibration | NamedText::CodeEvaluation => load_code_split(cache)?,
+            NamedText::ChatCalibration | NamedText::ChatEvaluation => {
+                let path = ensure(cache, &CHAT_CORPUS)?;
+                let text = read_text(&path)?;
+                return Ok((text, format!("{} ({})", CHAT_CORPUS.file_name, self.name())));
+            }
         };
         Ok(match self {
             NamedText::LeeCalibration | NamedText::CodeCalibration => (split.calibration, split.calibration_label),
-            NamedText::LeeEvaluation | NamedText::CodeEvaluation => (split.evaluation, split.evaluation_label),
+            _ => (split.evaluation, split.evaluation_label),
         })
     }
+
+    /// The conversations of a chat corpus half, each a list of turns (alternately the user's
+    /// and the assistant's), and a label for reports; `None` for plain texts.
+    pub fn conversations(self, cache: &Path) -> Option<Result<(Vec<Vec<String>>, String), FetchError>> {
+        if !self.is_chat() {
+            return None;
+        }
+        Some((|| {
+            let path = ensure(cache, &CHAT_CORPUS)?;
+            let files = split_chat_files(&read_text(&path)?)
+                .map_err(|message| FetchError::Corpus { file: path.clone(), message })?;
+            let at = CHAT_CORPUS
+                .members
+                .iter()
+                .position(|m| m.ends_with(&format!("/{CHAT_SPLIT_FILE}.yml")))
+                .expect("listed member");
+            let (range, which) = match self {
+                NamedText::ChatCalibration => (0..at, "calibration"),
+                _ => (at..files.len(), "held out"),
+            };
+            let conversations: Vec<Vec<String>> = files[range.clone()].iter().flatten().cloned().collect();
+            let label = format!(
+                "{} files {}-{} of {} ({which}, {} conversations)",
+                CHAT_CORPUS.file_name,
+                range.start + 1,
+                range.end,
+                files.len(),
+                conversations.len()
+            );
+            Ok((conversations, label))
+        })())
+    }
+}
+
+/// The chat corpus's files and each file's conversations.
+fn split_chat_files(text: &str) -> Result<Vec<Vec<Vec<String>>>, String> {
+    #[derive(Deserialize)]
+    struct ChatFile {
+        #[serde(default)]
+        conversations: Vec<Vec<serde_norway::Value>>,
+    }
+    // every file opens with this key; one (sports.yml) ends without a newline, so the next
+    // file's key may follow its last line directly
+    let mut starts: Vec<usize> = text.match_indices("categories:\n").map(|(i, _)| i).collect();
+    starts.push(text.len());
+    starts
+        .windows(2)
+        .map(|w| {
+            let file: ChatFile = serde_norway::from_str(&text[w[0]..w[1]]).map_err(|e| e.to_string())?;
+            // a turn that YAML reads as a number or a boolean is still what was said
+            Ok(file
+                .conversations
+                .into_iter()
+                .map(|c| {
+                    c.into_iter()
+                        .map(|t| match t {
+                            serde_norway::Value::String(s) => s,
+                            other => serde_norway::to_string(&other).unwrap_or_default().trim().to_string(),
+                        })
+                        .collect()
+                })
+                .collect())
+        })
+        .collect()
 }
 
 /// The python used to run pip: `$KVTUNER_PYTHON` or `python3`.

@@ -131,6 +131,22 @@ impl Template {
     }
 }
 
+impl Template {
+    /// A whole conversation (no assistant turn opened after it), as a served model reads it.
+    pub fn render_conversation(&self, messages: &[ChatMessage]) -> Result<String, TemplateError> {
+        match self {
+            Template::Chat { templates, .. } => {
+                let inputs = serde_json::json!({ "messages": messages, "add_generation_prompt": false });
+                Ok(templates.apply(&inputs).map_err(|e| TemplateError::Render(e.to_string()))?.prompt)
+            }
+            Template::Plain => {
+                let text = plain_transcript(messages);
+                Ok(text.strip_suffix("Assistant:").unwrap_or(&text).to_string())
+            }
+        }
+    }
+}
+
 /// Where a base model starts the next turn of a plain transcript.
 pub const PLAIN_STOPS: &[&str] = &["\nUser:", "\nuser:"];
 

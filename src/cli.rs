@@ -313,7 +313,9 @@ pub struct TuneArgs {
     /// Model (default: the fetched Gemma 3 270M): a file or a known model's name.
     #[arg(short = 'm', long = "model", value_parser = model_arg)]
     pub model: Option<PathBuf>,
-    /// Calibration text: profiles are measured and chosen on it.
+    /// Calibration text: profiles are measured and chosen on it. A file or a named text:
+    /// lee-calibration, code-calibration, or chat-calibration (conversations rendered with the
+    /// model's own chat template: what a served instruct model reads).
     #[arg(long, default_value = "lee-calibration")]
     pub text: String,
     /// Held-out texts (comma-separated), only reported (default: the other half of each named
@@ -443,10 +445,12 @@ pub struct SearchArgs {
     pub json: bool,
 }
 
-/// Text to run on: a file, or the Lee corpus halves (`lee-calibration`, `lee-evaluation`).
+/// Text to run on: a file, or a named text.
 #[derive(Debug, Clone, Args)]
 pub struct TextArgs {
-    /// Text file, or `lee-calibration` / `lee-evaluation` (halves of the fetched Lee corpus).
+    /// Text file, or a named text: `lee-calibration` / `lee-evaluation` (halves of the Lee news
+    /// corpus), `code-*` (click's source), `chat-*` (conversations rendered with the model's own
+    /// chat template).
     #[arg(long)]
     pub text: String,
 }

@@ -350,7 +350,10 @@ impl<'m> Evaluator<'m> {
         if n_ctx < 16 {
             return Err(EvalError::ContextTooSmall(n_ctx));
         }
-        let tokens = model.tokenize(text, false, false)?;
+        // control tokens are parsed: a chat-formatted text (`chat-calibration`) carries its
+        // template's (e.g. `<|im_start|>`) as a served prompt does; plain corpora have none, so
+        // they tokenize the same either way (test: plain_corpora_have_no_control_tokens)
+        let tokens = model.tokenize(text, false, true)?;
         let per_chunk = n_ctx as usize;
         let n_chunks = (tokens.len() / per_chunk).min(max_chunks.max(1));
         if n_chunks == 0 {

@@ -9,7 +9,7 @@ use anyhow::{bail, Context as _};
 use crate::assets::NamedText;
 use crate::cache_type::CacheType;
 use crate::gguf::{self, GgufHeader};
-use crate::llama::{Backend, Context, ContextParams, FlashAttn, LayerCacheTypes, Model, ModelParams};
+use crate::llama::{Backend, ChatMessage, Context, ContextParams, FlashAttn, LayerCacheTypes, Model, ModelParams};
 use crate::profile::{EmbeddedProfile, ModelIdentity, Profile};
 
 /// Where a model runs: layers offloaded to this machine's GPUs and then to RPC servers, threads,
@@ -305,12 +305,44 @@ pub fn open(args: &RuntimeOptions) -> anyhow::Result<Opened> {
 }
 
 /// Reads the text to run on; returns it with a label for reports.
-pub fn load_text(spec: &str) -> anyhow::Result<(String, String)> {
+pub fn load_text(spec: &str, model: &Path) -> anyhow::Result<(String, String)> {
+    let cache = crate::assets::cache_dir();
     match NamedText::parse(spec) {
-        Some(named) => named.load(&crate::assets::cache_dir()).with_context(|| format!("fetching the text of {spec}")),
+        Some(named) if named.is_chat() => {
+            let (conversations, label) = named
+                .conversations(&cache)
+                .expect("a chat text")
+                .with_context(|| format!("fetching the conversations of {spec}"))?;
+            let text = render_conversations(model, &conversations).with_context(|| format!("rendering {spec}"))?;
+            Ok((text, format!("{label}, rendered with the model's chat template")))
+        }
+        Some(named) => named.load(&cache).with_context(|| format!("fetching the text of {spec}")),
         None => {
             let text = std::fs::read_to_string(spec).with_context(|| format!("reading text file {spec}"))?;
             Ok((text, spec.to_string()))
         }
     }
+}
+
+/// Conversations as the model sees them when served: each rendered by its own chat template
+/// (turns alternately the user's and the assistant's), one after another.
+fn render_conversations(model: &Path, conversations: &[Vec<String>]) -> anyhow::Result<String> {
+    let vocab = Model::load(Backend::init(), model, &ModelParams { metadata_only: true, ..ModelParams::default() })?;
+    if vocab.chat_template().is_none() {
+        bail!("{} has no chat template to render conversations with (use a plain text)", model.display());
+    }
+    let template = crate::chat::Template::for_model(&vocab, None)?;
+    let mut out = String::new();
+    for turns in conversations {
+        let messages: Vec<ChatMessage> = turns
+            .iter()
+            .enumerate()
+            .map(|(i, t)| ChatMessage {
+                role: if i % 2 == 0 { "user" } else { "assistant" }.into(),
+                content: t.clone(),
+            })
+            .collect();
+        out.push_str(&template.render_conversation(&messages)?);
+    }
+    Ok(out)
 }

@@ -92,3 +92,57 @@ fn template_system_prompt_logit_bias_and_malformed_agent_input() {
     assert_eq!(status, 400, "{json}");
     assert!(json["error"].as_str().unwrap().starts_with("options.temperature"), "{json}");
 }
+
+/// Agents resend one long system prompt: a request arriving while the slot that holds it is busy
+/// takes the prefix from that slot (its sequence copied into the free one) instead of decoding it
+/// again, and answers as it does without any reuse.
+#[test]
+fn a_new_request_takes_a_shared_prefix_from_a_busy_slot() {
+    let server = Server::start(&qwen(), 2048, &["-np", "2"]);
+    let system: String = common::eval_text().chars().take(3000).collect();
+    let body = |question: &str, extra: &str| {
+        serde_json::json!({
+            "model": "m",
+            "messages": [{"role": "system", "content": system}, {"role": "user", "content": question}],
+            "temperature": 0,
+            "max_tokens": 12,
+        })
+        .to_string()
+        .replace("\"max_tokens\":12", &format!("\"max_tokens\":12{extra}"))
+    };
+    // a long streamed reply keeps the first slot busy
+    let long = body("Retell the text above in detail.", r#","max_tokens":400,"ignore_eos":true,"stream":true"#);
+    let mut streaming = std::process::Command::new("curl")
+        .args(["-s", "-N", "-H", "content-type: application/json", "--data-binary", &long])
+        .arg(server.url("/v1/chat/completions"))
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // its second event is its first token: by then its whole prompt is in its slot's cache
+    let mut reader = std::io::BufReader::new(streaming.stdout.take().unwrap());
+    let mut events = 0;
+    while events < 2 {
+        let mut line = String::new();
+        assert!(std::io::BufRead::read_line(&mut reader, &mut line).unwrap() > 0, "the stream ended");
+        events += usize::from(line.starts_with("data: "));
+    }
+    server.wait_metric("kvtuner_slots_active", 1.0);
+
+    let (status, reused) = server.post("/v1/chat/completions", &body("What is 2+3? Reply with the number only.", ""));
+    assert_eq!(status, 200, "{reused}");
+    let prompt = reused["usage"]["prompt_tokens"].as_u64().unwrap();
+    let cached = reused["usage"]["prompt_tokens_details"]["cached_tokens"].as_u64().unwrap();
+    assert!(prompt > 500 && cached + 40 > prompt, "the system prompt was decoded again: {reused}");
+    assert_eq!(server.metric("kvtuner_prefix_copies_total"), 1.0);
+    let _ = streaming.kill();
+    let _ = streaming.wait();
+    server.wait_metric("kvtuner_slots_active", 0.0);
+
+    let (status, fresh) = server
+        .post("/v1/chat/completions", &body("What is 2+3? Reply with the number only.", r#","cache_prompt":false"#));
+    assert_eq!(status, 200, "{fresh}");
+    assert_eq!(fresh["usage"]["prompt_tokens_details"]["cached_tokens"], 0, "{fresh}");
+    let text = |v: &serde_json::Value| v["choices"][0]["message"]["content"].as_str().unwrap().to_string();
+    assert!(text(&reused).contains('5'), "{reused}");
+    assert_eq!(text(&reused), text(&fresh), "the copied prefix answers as a decoded one");
+}

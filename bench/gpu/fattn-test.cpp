@@ -302,7 +302,7 @@ int main(int argc, char ** argv) {
     const auto pairs = parse_pairs(argv[1]);
     // FA_BUILT_PAIRS (the build's GGML_CUDA_FA_QUANTS list, the carry's fa_pairs.txt): a pair outside
     // it has no decode kernel, so the layer checks' expectations (folded rotations) cannot hold;
-    // refuse it rather than report a failure that is the caller's (bench/gpu-h200.md, call 43)
+    // refuse it rather than report a failure that is the caller's (bench/gpu-kernel-correctness.md, call 43)
     if (const char * built = getenv("FA_BUILT_PAIRS")) {
         const auto known = parse_pairs(built);
         for (auto p : pairs) {

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Before/after tables for bench/gpu-h200.md from `kvtuner ab` runs on the device.
+"""Before/after tables for bench/gpu-long-depths.md from `kvtuner ab` runs on the device.
 
     summarize-ab.py DIR MODEL_BYTES [BEFORE_MODE AFTER_MODE]
 

@@ -38,7 +38,7 @@ if [ ! -f "$out/build/CMakeCache.txt" ]; then
         -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON \
         -DGGML_CCACHE=ON
 fi
-cmake --build "$out/build" --target llama -j"$(nproc)"
+cmake --build "$out/build" --target llama llama-common -j"$(nproc)"
 # The stub gets the driver functions libggml-cuda calls, so that a static link here resolves too
 # (`cargo build --features cuda` with CUDA_PATH=$cuda); they are never called on this machine.
 nm -D --undefined-only "$out/build/bin/libggml-cuda.so" | awk '$2 ~ /^cu[A-Z]/ {sub(/@.*/, "", $2); print $2}' | sort -u |

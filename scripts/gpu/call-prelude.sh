@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Sourced by a device call script (bench/gpu-h200/callNN/callNN.sh) on the lent GPU machine, from
+# Sourced by a device study script (scripts/gpu/*-study.sh, or an earlier bench/gpu-h200/callNN/callNN.sh) on the lent GPU machine, from
 # the repository root there:
 #
 #   NAME=call32 BUILD_DEADLINE=120 source .device-carry/call-prelude.sh

@@ -118,8 +118,8 @@ build_patched() { # resumable: a call that runs out of time leaves the build fol
         log "configure patched"
         cmake_configure "$src" > "$R/cmake-patched.log" 2>&1 || { tail -30 "$R/cmake-patched.log"; return 1; }
     fi
-    log "build patched (target llama, -j$(nproc), $(left) s left)"
-    timeout "$(limit 20)" cmake --build "$src/build" --target llama -j"$(nproc)" >> "$R/build-patched.log" 2>&1 \
+    log "build patched (targets llama and llama-common, -j$(nproc), $(left) s left)"
+    timeout "$(limit 20)" cmake --build "$src/build" --target llama llama-common -j"$(nproc)" >> "$R/build-patched.log" 2>&1 \
         || { log "patched build stopped or failed"; tail -30 "$R/build-patched.log"; return 1; }
     rm -rf "$LIBP" && mkdir -p "$LIBP" && cp -a "$src"/build/bin/lib*.so* "$LIBP"/
     echo "build patched (llama + ggml + ggml-cuda, this call): $((SECONDS - t0)) s" | tee -a "$R/build-times.txt"
@@ -138,7 +138,7 @@ build_stock() { # the unpatched libllama, rebuilt in the patched build folder (g
         # patches of ours touch ggml (0003, 0004: ggml-cuda): the unpatched tree needs its own build
         log "ggml differs between the trees: full unpatched build ($(left) s left)"
         cmake_configure "$B/stock" > "$R/cmake-stock.log" 2>&1 || { tail -30 "$R/cmake-stock.log"; return 1; }
-        timeout "$(limit 20)" cmake --build "$B/stock/build" --target llama -j"$(nproc)" > "$R/build-stock.log" 2>&1 \
+        timeout "$(limit 20)" cmake --build "$B/stock/build" --target llama llama-common -j"$(nproc)" > "$R/build-stock.log" 2>&1 \
             || { log "unpatched build stopped or failed"; tail -30 "$R/build-stock.log"; return 1; }
         rm -rf "$LIBS" && mkdir -p "$LIBS" && cp -a "$B/stock"/build/bin/lib*.so* "$LIBS"/
         echo "build unpatched (whole tree): $((SECONDS - t0)) s" | tee -a "$R/build-times.txt"
@@ -147,7 +147,7 @@ build_stock() { # the unpatched libllama, rebuilt in the patched build folder (g
     fi
     for f in "${changed[@]}"; do cp "$B/stock/$f" "$src/$f"; done # new mtimes: ninja rebuilds these
     log "build unpatched libllama"
-    cmake --build "$src/build" --target llama -j"$(nproc)" > "$R/build-stock.log" 2>&1 || { tail -30 "$R/build-stock.log"; return 1; }
+    cmake --build "$src/build" --target llama llama-common -j"$(nproc)" > "$R/build-stock.log" 2>&1 || { tail -30 "$R/build-stock.log"; return 1; }
     rm -rf "$LIBS" && mkdir -p "$LIBS" && cp -a "$src"/build/bin/lib*.so* "$LIBS"/
     # put the patched sources back (touched, so a later rebuild redoes them) and the patched libllama
     tar xzf "$C/patched.tgz" -C "$src" "${changed[@]}" && touch "${changed[@]/#/$src/}"

@@ -70,7 +70,7 @@ struct Row {
 pub fn run(args: AbArgs) -> anyhow::Result<()> {
     let start = std::time::Instant::now();
     let (text, label) = match (&args.text, args.no_quality) {
-        (Some(t), _) => load_text(t)?,
+        (Some(t), _) => load_text(t, &args.model)?,
         (None, true) => (String::new(), String::from("(no text: --no-quality)")),
         (None, false) => bail!("--text is required unless --no-quality"),
     };

@@ -28,7 +28,7 @@ pub fn calibrate_options(
 
 pub fn run(args: CalibrateArgs) -> anyhow::Result<()> {
     let start = Instant::now();
-    let (text, label) = load_text(&args.text.text)?;
+    let (text, label) = load_text(&args.text.text, &args.runtime.model)?;
     let mut runtime = args.runtime.options();
     runtime.kv_profile = "off".into();
     let opened = open(&runtime)?;

@@ -167,14 +167,14 @@ fn measure(
     let devices = Devices { n_gpu_layers: chosen.ngl, threads: args.threads, ..Default::default() };
     meta.measured_on = pipeline::measured_on(&model, &devices, chosen.ngl)?;
     let base = devices.measuring_params();
-    let (text, label) = load_text(spec)?;
+    let (text, label) = load_text(spec, &args.model)?;
     let mut ev = Evaluator::new(&model, &text, sens.context, args.chunks, &base)?;
     let mut cal = Measurer::new(&mut ev, base.clone(), meta.target_ctx, label);
     let mut choice =
         pipeline::choose(&mut cal, sens, cands, chosen.kv_budget.unwrap_or(0), SelectOptions::default(), &meta)?;
     let mut texts = Vec::new();
     for spec in &args.verify {
-        texts.push(load_text(spec)?);
+        texts.push(load_text(spec, &args.model)?);
     }
     let target_ctx = meta.target_ctx;
     let held = pipeline::held_out(

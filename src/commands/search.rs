@@ -104,7 +104,7 @@ pub fn run(args: SearchArgs) -> anyhow::Result<()> {
     let devices =
         Devices { n_gpu_layers: args.n_gpu_layers, rpc: args.rpc.clone(), threads: args.threads, ..Default::default() };
     let base = devices.measuring_params();
-    let (text, label) = load_text(&args.text)?;
+    let (text, label) = load_text(&args.text, model.path())?;
     let mut cal_ev = Evaluator::new(&model, &text, sens.context, args.chunks, &base)?;
     let mut cal = Measurer::new(&mut cal_ev, base.clone(), n_ctx, label.clone());
     let opts = SelectOptions { neighbours: args.neighbours, screen_chunks: args.screen_chunks, ..Default::default() };
@@ -132,7 +132,7 @@ pub fn run(args: SearchArgs) -> anyhow::Result<()> {
 
     let mut held_texts = Vec::new();
     for spec in &args.verify {
-        held_texts.push(load_text(spec)?);
+        held_texts.push(load_text(spec, model.path())?);
     }
     let mut held_evs = Vec::new();
     for (text, _) in &held_texts {

@@ -32,7 +32,7 @@ pub fn run(args: TuneArgs) -> anyhow::Result<()> {
     let profile_path = work.join(format!("{stem}.profile.yaml"));
     let report_path = work.join(format!("{stem}.report.md"));
 
-    let (text, label) = load_text(&args.text)?;
+    let (text, label) = load_text(&args.text, &model_path)?;
     // Held out by default: the other half of a named text (never the calibration text itself).
     let eval_specs: Vec<String> = if args.eval_text.is_empty() {
         let other = NamedText::parse(&args.text).map_or(NamedText::LeeEvaluation, NamedText::held_out);
@@ -47,7 +47,7 @@ pub fn run(args: TuneArgs) -> anyhow::Result<()> {
                 "--eval-text {spec} is the calibration text: quality must be reported on text the choice never saw"
             );
         }
-        held.push(load_text(spec)?);
+        held.push(load_text(spec, &model_path)?);
     }
 
     let header = read_model_header(&model_path)?;
