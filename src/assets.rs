@@ -229,6 +229,9 @@ pub fn ensure_corpus(cache: &Path) -> Result<PathBuf, FetchError> {
 }
 
 /// A named half of a fetched corpus, as `--text` takes it.
+/// Conversations, each a list of turns (alternately the user's and the assistant's).
+pub type Conversations = Vec<Vec<String>>;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum NamedText {
     LeeCalibration,
@@ -302,7 +305,7 @@ impl NamedText {
 
     /// The conversations of a chat corpus half, each a list of turns (alternately the user's
     /// and the assistant's), and a label for reports; `None` for plain texts.
-    pub fn conversations(self, cache: &Path) -> Option<Result<(Vec<Vec<String>>, String), FetchError>> {
+    pub fn conversations(self, cache: &Path) -> Option<Result<(Conversations, String), FetchError>> {
         if !self.is_chat() {
             return None;
         }

@@ -7,7 +7,7 @@ mod common;
 
 use common::server::Server;
 
-use std::io::{BufRead as _, BufReader, Read as _, Write as _};
+use std::io::{Read as _, Write as _};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -46,17 +46,7 @@ fn openai_client_chat_completions_streaming_errors_and_8_concurrent_streams() {
     let dir = tempfile::tempdir().unwrap();
     let server = Server::start(&annotated(dir.path()), CTX, &["-np", "4"]);
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/serve/openai_client.py");
-    let out = Command::new("python3")
-        .args([script, &server.url("/v1"), &model_id(&server), &CTX.to_string()])
-        .output()
-        .expect("running python3");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success() && stdout.contains("ALL OK"),
-        "{stdout}\n{}\n--- server log ---\n{}",
-        String::from_utf8_lossy(&out.stderr),
-        server.log()
-    );
+    server.run_client_script(script, &[&server.url("/v1"), &model_id(&server), &CTX.to_string()]);
     // the queue never overflowed and every request ended
     assert_eq!(server.metric("kvtuner_slots_active"), 0.0);
     assert!(server.metric("kvtuner_prompt_tokens_cached_total") > 0.0);
@@ -430,18 +420,9 @@ fn sigterm_drains_in_flight_requests_and_exits_cleanly() {
     let body = format!(
         r#"{{"model": "{model}", "prompt": "Once upon a time", "stream": true, "max_tokens": 48, "ignore_eos": true, "stream_options": {{"include_usage": true}}}}"#
     );
-    let mut stream = Command::new("curl")
-        .args(["-s", "-N", "-H", "content-type: application/json", "--data-binary", &body])
-        .arg(server.url("/v1/completions"))
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut reader = BufReader::new(stream.stdout.take().unwrap());
-    let mut first = String::new();
-    reader.read_line(&mut first).unwrap();
+    let (mut stream, mut reader, first) = server.stream("/v1/completions", &body);
     assert!(first.starts_with("data: "), "{first}");
-    let st = Command::new("kill").args(["-TERM", &server.child.id().to_string()]).status().unwrap();
-    assert!(st.success());
+    server.terminate();
     let mut rest = String::new();
     reader.read_to_string(&mut rest).unwrap();
     assert!(rest.trim_end().ends_with("data: [DONE]"), "{rest}");
@@ -464,17 +445,8 @@ fn a_drain_timeout_that_cuts_a_stream_sends_an_error_and_exits_nonzero() {
     let body = format!(
         r#"{{"model": "{model}", "prompt": "Once upon a time", "stream": true, "max_tokens": 400, "ignore_eos": true}}"#
     );
-    let mut stream = Command::new("curl")
-        .args(["-s", "-N", "-H", "content-type: application/json", "--data-binary", &body])
-        .arg(server.url("/v1/completions"))
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut reader = BufReader::new(stream.stdout.take().unwrap());
-    let mut first = String::new();
-    reader.read_line(&mut first).unwrap();
-    let st = Command::new("kill").args(["-TERM", &server.child.id().to_string()]).status().unwrap();
-    assert!(st.success());
+    let (mut stream, mut reader, _) = server.stream("/v1/completions", &body);
+    server.terminate();
     let mut rest = String::new();
     reader.read_to_string(&mut rest).unwrap();
     assert!(rest.contains("shutting_down") && !rest.contains("[DONE]"), "{rest}");

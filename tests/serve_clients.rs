@@ -6,8 +6,6 @@
 
 mod common;
 
-use std::process::Command;
-
 use common::server::Server;
 use kvtuner::llama::{Backend, Model, ModelParams};
 
@@ -20,14 +18,7 @@ fn qwen() -> std::path::PathBuf {
 fn openai_langchain_and_ollama_clients_call_tools_parse_schemas_and_stream() {
     let server = Server::start(&qwen(), 4096, &["-np", "2"]);
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/serve/agent_clients.py");
-    let out = Command::new("python3").args([script, &server.url("")]).output().expect("running python3");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success() && stdout.contains("ALL OK"),
-        "{stdout}\n{}\n--- server log ---\n{}",
-        String::from_utf8_lossy(&out.stderr),
-        server.log()
-    );
+    server.run_client_script(script, &[&server.url("")]);
     // Ollama's per-request context option is reported once, not applied silently
     assert_eq!(server.log().matches("`num_ctx` is ignored").count(), 1, "{}", server.log());
 }
@@ -112,19 +103,12 @@ fn a_new_request_takes_a_shared_prefix_from_a_busy_slot() {
     };
     // a long streamed reply keeps the first slot busy
     let long = body("Retell the text above in detail.", r#","max_tokens":400,"ignore_eos":true,"stream":true"#);
-    let mut streaming = std::process::Command::new("curl")
-        .args(["-s", "-N", "-H", "content-type: application/json", "--data-binary", &long])
-        .arg(server.url("/v1/chat/completions"))
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
     // its second event is its first token: by then its whole prompt is in its slot's cache
-    let mut reader = std::io::BufReader::new(streaming.stdout.take().unwrap());
-    let mut events = 0;
-    while events < 2 {
-        let mut line = String::new();
+    let (mut streaming, mut reader, _) = server.stream("/v1/chat/completions", &long);
+    let mut line = String::new();
+    while !line.starts_with("data: ") {
+        line.clear();
         assert!(std::io::BufRead::read_line(&mut reader, &mut line).unwrap() > 0, "the stream ended");
-        events += usize::from(line.starts_with("data: "));
     }
     server.wait_metric("kvtuner_slots_active", 1.0);
 

@@ -3,6 +3,7 @@
 
 use std::io::{BufRead as _, BufReader};
 use std::path::Path;
+use std::process::ChildStdout;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -116,6 +117,41 @@ impl Server {
             assert!(t.elapsed() < Duration::from_secs(60), "{name} never reached {value}");
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+}
+
+impl Server {
+    /// `path` streamed by `curl -N` with `body`: the process and its output, after its first line.
+    pub fn stream(&self, path: &str, body: &str) -> (Child, BufReader<ChildStdout>, String) {
+        let mut child = Command::new("curl")
+            .args(["-s", "-N", "-H", "content-type: application/json", "--data-binary", body])
+            .arg(self.url(path))
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("running curl");
+        let mut reader = BufReader::new(child.stdout.take().unwrap());
+        let mut first = String::new();
+        reader.read_line(&mut first).unwrap();
+        (child, reader, first)
+    }
+
+    /// SIGTERM to the server.
+    pub fn terminate(&self) {
+        let st = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status().unwrap();
+        assert!(st.success());
+    }
+
+    /// Runs a Python client script (`ALL OK` on success) with `args`; fails with its output and
+    /// the server's log.
+    pub fn run_client_script(&self, script: &str, args: &[&str]) {
+        let out = Command::new("python3").arg(script).args(args).output().expect("running python3");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success() && stdout.contains("ALL OK"),
+            "{stdout}\n{}\n--- server log ---\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            self.log()
+        );
     }
 }
 
