@@ -106,7 +106,7 @@ pub async fn serve_until_signal(
             let _ = state.cut.send(true);
             // let the handlers send their error and close
             let _ = tokio::time::timeout(Duration::from_secs(2), &mut shutdown).await;
-            cut.max(1)
+            cut
         }
     }
 }

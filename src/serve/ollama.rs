@@ -19,7 +19,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::{json, Map, Value};
 
-use super::api::{json_object, ApiError, CompletionRequest, Endpoint, ToolChoice};
+use super::api::{json_object, ApiError, CompletionRequest, Endpoint};
 use super::engine::{Event, FinishReason};
 use super::http::{cut_error, finish_with_calls, next_event, read_body, submit, AppState, Step};
 use super::reply::ReplyAssembler;
@@ -198,6 +198,17 @@ fn translate(state: &AppState, obj: &Map<String, Value>, chat: bool) -> Result<(
         if obj.get("images").is_some_and(|v| !v.is_null()) {
             return Err(ApiError::invalid("images", "this server reads text only"));
         }
+        for field in ["context", "suffix"] {
+            let given = obj.get(field).is_some_and(|v| match v {
+                Value::Null => false,
+                Value::String(s) => !s.is_empty(),
+                Value::Array(a) => !a.is_empty(),
+                _ => true,
+            });
+            if given {
+                return Err(ApiError::invalid(field, format!("`{field}` is not supported (send the whole prompt)")));
+            }
+        }
         if obj.get("template").is_some_and(|v| v.as_str().is_some_and(|t| !t.is_empty())) {
             return Err(ApiError::invalid("template", "a per-request template is not supported"));
         }
@@ -217,6 +228,14 @@ fn translate(state: &AppState, obj: &Map<String, Value>, chat: bool) -> Result<(
             messages.push(json!({ "role": "user", "content": prompt }));
             openai.insert("messages".into(), Value::Array(messages));
         }
+    }
+    // a thinking model's template switch (the templates read `enable_thinking`)
+    match obj.get("think") {
+        None | Some(Value::Null) => {}
+        Some(Value::Bool(b)) => {
+            openai.insert("chat_template_kwargs".into(), json!({ "enable_thinking": b }));
+        }
+        Some(_) => return Err(ApiError::invalid("think", "`think` must be true or false")),
     }
     match obj.get("format") {
         None | Some(Value::Null) => {}
@@ -313,9 +332,6 @@ async fn run(state: Arc<AppState>, body: Body, chat: bool) -> Response {
         Ok(r) => r,
         Err(e) => return from_api(e),
     };
-    if request.tool_choice != ToolChoice::Auto {
-        return ollama_error(400, "tool_choice is not an Ollama field");
-    }
     let submitted = match submit(&state, &request).await {
         Ok(s) => s,
         Err(response) => return reshape(response).await,

@@ -185,4 +185,12 @@ try:
 except ollama.ResponseError as e:
     check("ollama.unknown_option", e.status_code == 400 and "mirostat_eta" in e.error, e.error)
 
+try:
+    oc.generate(model=names[0], prompt="def add(a, b):", suffix="    return c")
+    raise SystemExit("FAIL ollama.suffix: accepted")
+except ollama.ResponseError as e:
+    check("ollama.suffix_refused", e.status_code == 400 and "suffix" in e.error, e.error)
+r = oc.chat(model=names[0], messages=[{"role": "user", "content": "Say yes."}], think=False, options={"temperature": 0, "num_predict": 4})
+check("ollama.think_false", r.done and r.message.content, r)
+
 print("ALL OK")
