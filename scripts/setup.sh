@@ -3,7 +3,8 @@
 # Rust: the build's toolchain (cmake, clang and libclang for bindgen, ccache, git), Python with pip
 # (the real models and texts come from PyPI), and what the tests drive kvtuner with (tmux for the
 # interactive chat, curl and headless chromium for the server, and the clients agent users run:
-# openai, langchain-openai, ollama). Run as root or as a user with sudo; does nothing already done.
+# openai, langchain-openai, ollama; numpy for the CUDA kernels' host models). Run as root or as a
+# user with sudo; does nothing already done.
 set -euo pipefail
 sudo=$([ "$(id -u)" -eq 0 ] || echo sudo)
 
@@ -23,7 +24,7 @@ if [ ${#need[@]} -gt 0 ]; then
     $sudo apt-get install -y -qq "${need[@]}"
 fi
 
-pydeps=(openai langchain-openai ollama pydantic)
-python3 -c "import openai, langchain_openai, ollama, pydantic" 2> /dev/null \
+pydeps=(openai langchain-openai ollama pydantic numpy)
+python3 -c "import openai, langchain_openai, ollama, pydantic, numpy" 2> /dev/null \
     || python3 -m pip install -q "${pydeps[@]}" 2> /dev/null \
     || python3 -m pip install -q --break-system-packages "${pydeps[@]}"

@@ -1,0 +1,38 @@
+//! The host-side models of the CUDA kernels, run without a GPU (issue 36: the kernels'
+//! correctness as tests, not only as device calls): the tensor-core fragment layouts of patch
+//! 0003's V path and 0014's K path against plain dequantization, in Python with numpy, and the
+//! warp-register FWHT of patch 0003 against ggml-cuda's own, bit for bit. Each model exits non-zero
+//! on a wrong lane, row, slot or order. The op test against the CPU (`bench/gpu/fattn-test.cpp`)
+//! needs a GPU and runs on the device (`scripts/gpu/device-run.sh`).
+
+use std::process::Command;
+
+const GPU_SOURCES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/bench/gpu");
+
+fn run(program: &str, args: &[&str]) -> String {
+    let out = Command::new(program).args(args).output().unwrap_or_else(|e| panic!("running {program}: {e}"));
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{program} {args:?} failed:\n{text}");
+    text
+}
+
+#[test]
+fn tensor_core_fragment_models_match_plain_dequantization() {
+    for typ in ["q4_0", "q5_0", "q8_0"] {
+        for d in ["64", "128", "256"] {
+            run("python3", &[&format!("{GPU_SOURCES}/kfrag-model.py"), typ, d]);
+            for g in ["2", "4", "8"] {
+                run("python3", &[&format!("{GPU_SOURCES}/vfrag-model.py"), typ, d, g]);
+            }
+        }
+    }
+}
+
+#[test]
+fn warp_register_fwht_matches_ggml_cudas_bit_for_bit() {
+    let dir = tempfile::tempdir().unwrap();
+    let exe = dir.path().join("fwht-order-check");
+    run("g++", &["-O1", "-std=c++17", &format!("{GPU_SOURCES}/fwht-order-check.cpp"), "-o", exe.to_str().unwrap()]);
+    let out = run(exe.to_str().unwrap(), &[]);
+    assert!(out.contains("bit-identical"), "{out}");
+}
