@@ -38,6 +38,8 @@ fn main() {
     build_shim(&root, &tree);
     // Rebuild if someone deletes the cached build.
     println!("cargo:rerun-if-changed={}", work.join("built.stamp").display());
+    // The patched tree and its libraries, for tests that build host-side kernel models against ggml.
+    println!("cargo:rustc-env=KVTUNER_LLAMA_BUILD={}", work.display());
     generate_bindings(&root, &tree);
     link(&install);
 }

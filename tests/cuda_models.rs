@@ -1,7 +1,9 @@
 //! The host-side models of the CUDA kernels, run without a GPU (issue 36: the kernels'
 //! correctness as tests, not only as device calls): the tensor-core fragment layouts of patch
 //! 0003's V path and 0014's K path against plain dequantization, in Python with numpy, and the
-//! warp-register FWHT of patch 0003 against ggml-cuda's own, bit for bit. Each model exits non-zero
+//! warp-register FWHT of patch 0003 against ggml-cuda's own, bit for bit, and the RoPE index
+//! mapping of patches 0017/0018 against ggml's CPU RoPE (built against the patched tree's ggml).
+//! Each model exits non-zero
 //! on a wrong lane, row, slot or order. The op test against the CPU (`bench/gpu/fattn-test.cpp`)
 //! needs a GPU and runs on the device (`scripts/gpu/device-run.sh`).
 
@@ -35,4 +37,30 @@ fn warp_register_fwht_matches_ggml_cudas_bit_for_bit() {
     run("g++", &["-O1", "-std=c++17", &format!("{GPU_SOURCES}/fwht-order-check.cpp"), "-o", exe.to_str().unwrap()]);
     let out = run(exe.to_str().unwrap(), &[]);
     assert!(out.contains("bit-identical"), "{out}");
+}
+
+#[test]
+fn rope_index_mapping_matches_ggmls_cpu_rope() {
+    let build = std::path::Path::new(env!("KVTUNER_LLAMA_BUILD"));
+    let lib = build.join("lib");
+    let dir = tempfile::tempdir().unwrap();
+    let exe = dir.path().join("rope-k-model");
+    let include = format!("-I{}", build.join("src/ggml/include").display());
+    let source = format!("{GPU_SOURCES}/rope-k-model.cpp");
+    let mut args: Vec<String> = vec!["-O2".into(), "-std=c++17".into(), include, source];
+    if lib.join("libggml-cpu.a").exists() {
+        args.extend([lib.join("libggml-cpu.a"), lib.join("libggml-base.a")].map(|p| p.display().to_string()));
+    } else {
+        // the dynamic-link feature's shared libraries
+        args.extend([
+            format!("-L{}", lib.display()),
+            "-lggml-cpu".into(),
+            "-lggml-base".into(),
+            format!("-Wl,-rpath,{}", lib.display()),
+        ]);
+    }
+    args.extend(["-lpthread".into(), "-o".into(), exe.display().to_string()]);
+    run("g++", &args.iter().map(String::as_str).collect::<Vec<_>>());
+    let out = run(exe.to_str().unwrap(), &[]);
+    assert!(out.contains(" 0 failed"), "{out}");
 }
