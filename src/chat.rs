@@ -122,10 +122,7 @@ impl Template {
     /// `messages` as this template renders them, ending where the assistant's reply begins.
     pub fn render(&self, messages: &[ChatMessage]) -> Result<String, TemplateError> {
         match self {
-            Template::Chat { templates, .. } => {
-                let inputs = serde_json::json!({ "messages": messages, "add_generation_prompt": true });
-                Ok(templates.apply(&inputs).map_err(|e| TemplateError::Render(e.to_string()))?.prompt)
-            }
+            Template::Chat { templates, .. } => apply_messages(templates, messages, true),
             Template::Plain => Ok(plain_transcript(messages)),
         }
     }
@@ -135,16 +132,23 @@ impl Template {
     /// A whole conversation (no assistant turn opened after it), as a served model reads it.
     pub fn render_conversation(&self, messages: &[ChatMessage]) -> Result<String, TemplateError> {
         match self {
-            Template::Chat { templates, .. } => {
-                let inputs = serde_json::json!({ "messages": messages, "add_generation_prompt": false });
-                Ok(templates.apply(&inputs).map_err(|e| TemplateError::Render(e.to_string()))?.prompt)
-            }
+            Template::Chat { templates, .. } => apply_messages(templates, messages, false),
             Template::Plain => {
                 let text = plain_transcript(messages);
                 Ok(text.strip_suffix("Assistant:").unwrap_or(&text).to_string())
             }
         }
     }
+}
+
+/// `messages` through a chat template, opening the assistant's turn after them or not.
+fn apply_messages(
+    templates: &ChatTemplates,
+    messages: &[ChatMessage],
+    add_generation_prompt: bool,
+) -> Result<String, TemplateError> {
+    let inputs = serde_json::json!({ "messages": messages, "add_generation_prompt": add_generation_prompt });
+    Ok(templates.apply(&inputs).map_err(|e| TemplateError::Render(e.to_string()))?.prompt)
 }
 
 /// Where a base model starts the next turn of a plain transcript.

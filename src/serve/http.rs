@@ -167,7 +167,11 @@ fn cors_layer(origins: &[String]) -> tower_http::cors::CorsLayer {
 
 fn error(e: ApiError) -> Response {
     let status = StatusCode::from_u16(e.status).unwrap_or(StatusCode::BAD_REQUEST);
-    (status, Json(e.body())).into_response()
+    let mut response = (status, Json(e.body())).into_response();
+    if e.code == Some("overloaded") {
+        response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    }
+    response
 }
 
 /// Every route but the health check and the page (which asks for the key itself) needs
@@ -314,9 +318,9 @@ pub struct Submitted {
 }
 
 /// Renders, queues and waits for the engine to start `request` (shared by OpenAI's and
-/// Ollama's routes). Errors are OpenAI-shaped; a full queue is 503 with Retry-After.
-pub async fn submit(state: &Arc<AppState>, request: &CompletionRequest) -> Result<Submitted, Response> {
-    let prepared = prepare(&state.template, request).map_err(error)?;
+/// Ollama's routes). A full queue is 503 `overloaded` (sent with Retry-After).
+pub async fn submit(state: &Arc<AppState>, request: &CompletionRequest) -> Result<Submitted, ApiError> {
+    let prepared = prepare(&state.template, request)?;
     let (tx, mut rx) = unbounded_channel();
     let job = GenRequest {
         prompt: prepared.prompt,
@@ -338,9 +342,7 @@ pub async fn submit(state: &Arc<AppState>, request: &CompletionRequest) -> Resul
             TrySendError::Full(_) => "all slots are busy and the queue is full; retry shortly",
             TrySendError::Disconnected(_) => "the server is shutting down",
         };
-        let mut response = error(ApiError::new(503, "server_error", Some("overloaded"), message));
-        response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
-        return Err(response);
+        return Err(ApiError::new(503, "server_error", Some("overloaded"), message));
     }
     match rx.recv().await {
         Some(Event::Started { prompt_tokens, cached_tokens }) => {
@@ -351,15 +353,15 @@ pub async fn submit(state: &Arc<AppState>, request: &CompletionRequest) -> Resul
                 Rejection::PromptTooLong { field, .. } => ("context_length_exceeded", *field),
                 Rejection::BadPrompt { field, .. } | Rejection::BadGrammar { field, .. } => ("invalid_value", *field),
             };
-            Err(error(ApiError {
+            Err(ApiError {
                 status: 400,
                 message: r.to_string(),
                 kind: "invalid_request_error",
                 code: Some(code),
                 param: Some(param.into()),
-            }))
+            })
         }
-        _ => Err(error(ApiError::new(503, "server_error", None, "the engine stopped"))),
+        _ => Err(ApiError::new(503, "server_error", None, "the engine stopped")),
     }
 }
 
@@ -368,10 +370,7 @@ async fn generate(state: Arc<AppState>, endpoint: Endpoint, body: Body) -> Resul
     // any model name is accepted while one model is served (as llama-server does); replies
     // name the served one
     let request = CompletionRequest::parse(&bytes, endpoint)?;
-    let submitted = match submit(&state, &request).await {
-        Ok(s) => s,
-        Err(response) => return Ok(response),
-    };
+    let submitted = submit(&state, &request).await?;
     let responder = Responder::new(endpoint, &state.model_id, state.serial.fetch_add(1, Ordering::Relaxed));
     let usage =
         Usage { prompt_tokens: submitted.prompt_tokens, cached_tokens: submitted.cached_tokens, completion_tokens: 0 };

@@ -91,21 +91,6 @@ fn from_api(e: ApiError) -> Response {
     ollama_error(e.status, message)
 }
 
-/// An OpenAI error response (from `submit`) in Ollama's shape.
-async fn reshape(response: Response) -> Response {
-    let status = response.status().as_u16();
-    let bytes = axum::body::to_bytes(response.into_body(), 1 << 20).await.unwrap_or_default();
-    let body: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
-    let e = &body["error"];
-    from_api(ApiError {
-        status,
-        message: e["message"].as_str().unwrap_or("the request failed").to_string(),
-        kind: "invalid_request_error",
-        code: None,
-        param: e["param"].as_str().map(str::to_string),
-    })
-}
-
 fn now_rfc3339() -> String {
     let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs()) as i64;
     let (days, rem) = (secs.div_euclid(86400), secs.rem_euclid(86400));
@@ -334,7 +319,7 @@ async fn run(state: Arc<AppState>, body: Body, chat: bool) -> Response {
     };
     let submitted = match submit(&state, &request).await {
         Ok(s) => s,
-        Err(response) => return reshape(response).await,
+        Err(e) => return from_api(e),
     };
     let model = state.model_id.clone();
     let prompt_tokens = submitted.prompt_tokens;
@@ -364,12 +349,10 @@ async fn run(state: Arc<AppState>, body: Body, chat: bool) -> Response {
         cut: tokio::sync::watch::Receiver<bool>,
         assembler: ReplyAssembler,
         line: F,
-        stream: bool,
         done: bool,
         _guard: super::http::InFlight,
     }
-    let mut s =
-        S { rx, cut, assembler: ReplyAssembler::new(parser), line, stream: request.stream, done: false, _guard: guard };
+    let mut s = S { rx, cut, assembler: ReplyAssembler::new(parser), line, done: false, _guard: guard };
     if !request.stream {
         loop {
             match next_event(&mut s.rx, &mut s.cut).await {
@@ -424,7 +407,6 @@ async fn run(state: Arc<AppState>, body: Body, chat: bool) -> Response {
                 }
                 Step::Event(_) => continue,
             };
-            debug_assert!(s.stream);
             let mut text = out.to_string();
             text.push('\n');
             return Some((Ok::<_, std::convert::Infallible>(text), s));
