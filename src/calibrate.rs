@@ -33,6 +33,11 @@ pub struct CalibrateOptions {
     pub chunks: usize,
     /// Chunks for the single-layer runs (the first ones; at most `chunks`).
     pub layer_chunks: usize,
+    /// Tokens per chunk of the single-layer runs (at most `n_ctx`; each is the start of one of
+    /// the calibration chunks). A shorter chunk costs that fraction of a pass: the
+    /// single-layer runs are `2·L` of a calibration's passes, and a layer's *share* of the
+    /// error (all they give) ranks the same at half the context (bench/tune-cpu.md).
+    pub layer_ctx: u32,
     /// The single-layer runs score every `layer_stride`-th position of those chunks (1: all);
     /// the others compute no logits, which is a large share of a pass for big vocabularies.
     pub layer_stride: usize,
@@ -125,6 +130,8 @@ struct ResumeKey {
     #[serde(default = "one")]
     layer_stride: usize,
     #[serde(default)]
+    layer_ctx: u32,
+    #[serde(default)]
     background: Option<CacheType>,
     text_label: String,
     text_tokens: usize,
@@ -166,17 +173,29 @@ fn narrowest(types: &[CacheType]) -> CacheType {
         .expect("checked")
 }
 
-/// Forward passes a calibration costs (baseline included, one per chunk), for the up-front
-/// estimate.
+/// Forward passes a calibration costs (baselines included, one per chunk), for the up-front
+/// estimate; single-layer runs on shorter chunks (`layer_ctx`) count one each, with their
+/// baseline.
 pub fn cost(n_layers_with_kv: usize, types: &[CacheType], opts: &CalibrateOptions) -> u64 {
     let quantized = types.iter().filter(|t| t.is_quantized()).count();
     let background = usize::from(opts.background != CacheType::F16);
     let layer_chunks = opts.layer_chunks.clamp(1, opts.chunks.max(1));
-    ((1 + 2 * quantized + background) * opts.chunks.max(1) + 2 * n_layers_with_kv * layer_chunks) as u64
+    let short_baseline = if layer_ctx(opts, opts.n_ctx) < opts.n_ctx { layer_chunks } else { 0 };
+    ((1 + 2 * quantized + background) * opts.chunks.max(1) + 2 * n_layers_with_kv * layer_chunks + short_baseline)
+        as u64
 }
 
-/// Runs the calibration. `progress(done, total, label)` is called before each trial, in forward
-/// passes (a trial on n chunks is n passes), so that time per pass gives an honest ETA.
+/// The single-layer runs' chunk length for calibration chunks of `n_ctx` tokens.
+fn layer_ctx(opts: &CalibrateOptions, n_ctx: u32) -> u32 {
+    match opts.layer_ctx {
+        0 => n_ctx,
+        n => n.clamp(16.min(n_ctx), n_ctx),
+    }
+}
+
+/// Runs the calibration. `progress(done, total, label)` is called before each trial, in tokens
+/// run through the model (a trial on n chunks of c tokens is n·c), so that time per token gives
+/// an honest ETA.
 pub fn calibrate(
     model: &Model,
     identity: &ModelIdentity,
@@ -219,6 +238,7 @@ pub fn calibrate_with(
     let with_kv: Vec<usize> = layout.layers.iter().enumerate().filter(|(_, l)| l.is_some()).map(|(i, _)| i).collect();
     let trials = plan(&with_kv, &types, bg);
     let layer_chunks = opts.layer_chunks.clamp(1, ev.chunks());
+    let layer_ctx = layer_ctx(opts, ev.n_ctx());
 
     // Resume: reuse lines of a previous run with identical settings.
     let key = ResumeKey {
@@ -227,6 +247,7 @@ pub fn calibrate_with(
         chunks: ev.chunks(),
         layer_chunks,
         layer_stride: opts.layer_stride.max(1),
+        layer_ctx,
         background: Some(bg),
         text_label: opts.text_label.clone(),
         text_tokens: ev.positions(),
@@ -239,19 +260,33 @@ pub fn calibrate_with(
 
     let n_layer = layout.layers.len();
     let all_chunks = ev.chunks();
-    let passes = |t: &Trial| if t.is_layer() { layer_chunks } else { all_chunks };
-    let total: usize = trials.iter().map(passes).sum();
+    // the single-layer runs' own chunks (and baseline) when they are shorter, made when first
+    // needed (a resumed run may need none)
+    let mut short: Option<Evaluator<'_>> = None;
+    let n_ctx = ev.n_ctx();
+    let tokens = |t: &Trial| if t.is_layer() { layer_chunks * layer_ctx as usize } else { all_chunks * n_ctx as usize };
+    let total: usize = trials.iter().map(tokens).sum();
     let mut passed = 0;
     for trial in &trials {
-        let n_chunks = passes(trial);
-        passed += n_chunks;
+        let n_tokens = tokens(trial);
+        passed += n_tokens;
         if done.contains_key(trial) {
             continue;
         }
-        progress(passed - n_chunks, total, &trial.key());
+        progress(passed - n_tokens, total, &trial.key());
         let config = ContextParams { layer_types: Some(trial.types(n_layer, bg)), ..opts.base.clone() };
-        let stride = if trial.is_layer() { opts.layer_stride } else { 1 };
-        let quality = ev.score_sampled(std::slice::from_ref(&config), n_chunks, stride)?[0].quality();
+        let one = std::slice::from_ref(&config);
+        let quality = if trial.is_layer() && layer_ctx < n_ctx {
+            let short = match &mut short {
+                Some(s) => s,
+                None => short.insert(ev.rechunked(layer_ctx, layer_chunks)?),
+            };
+            short.score_sampled(one, layer_chunks, opts.layer_stride)?[0].quality()
+        } else if trial.is_layer() {
+            ev.score_sampled(one, layer_chunks, opts.layer_stride)?[0].quality()
+        } else {
+            ev.score(&config)?.quality()
+        };
         if let (Some(f), Some(path)) = (journal.as_mut(), resume) {
             let line = serde_json::to_string(&ResumeLine { trial: trial.clone(), quality }).expect("serialisable");
             writeln!(f, "{line}")
@@ -261,8 +296,14 @@ pub fn calibrate_with(
         done.insert(trial.clone(), quality);
     }
     progress(total, total, "done");
+    if let Some(short) = &short {
+        // one calibration: the short chunks' passes and time are part of it
+        ev.forward_passes += short.forward_passes;
+        ev.forward_seconds += short.forward_seconds;
+        ev.decode_seconds += short.decode_seconds;
+    }
 
-    let opts = CalibrateOptions { chunks: ev.chunks(), layer_chunks, ..opts.clone() };
+    let opts = CalibrateOptions { chunks: ev.chunks(), layer_chunks, layer_ctx, ..opts.clone() };
     let mut table = assemble(
         identity,
         layout,
@@ -270,7 +311,7 @@ pub fn calibrate_with(
         &types,
         &with_kv,
         &done,
-        // the evaluator's baseline included (it is made for the calibration)
+        // the evaluators' baselines included (they are made for the calibration)
         ev.forward_passes,
         start.elapsed().as_secs_f64(),
     );
@@ -363,9 +404,10 @@ fn assemble(
         forward_passes,
         seconds,
         method: format!(
-            "each layer's share of the error from single-layer runs at {narrow} (one K or V at a time, rest {}; {} of {} chunks{}), scaled per type and per K/V by uniform runs on every chunk",
+            "each layer's share of the error from single-layer runs at {narrow} (one K or V at a time, rest {}; {}{} of {} chunks{}), scaled per type and per K/V by uniform runs on every chunk",
             opts.background,
             opts.layer_chunks,
+            if opts.layer_ctx < opts.n_ctx { format!(" chunk(s) of {} tokens, each the start of one", opts.layer_ctx) } else { String::new() },
             opts.chunks,
             match opts.layer_stride {
                 0 | 1 => String::new(),

@@ -478,9 +478,14 @@ pub struct CalibrationPlan {
     /// Of those, chunks for the single-layer runs (2 per layer: the bulk of the cost).
     #[arg(long, default_value_t = 1)]
     pub layer_chunks: usize,
+    /// Tokens per chunk of the single-layer runs, each the start of one calibration chunk (0 or
+    /// the calibration context: whole chunks). They only rank layers within K or V; a chunk of
+    /// 512 costs less than half a pass of 1024 (bench/tune-cpu.md).
+    #[arg(long, default_value_t = 512)]
+    pub layer_ctx: u32,
     /// The single-layer runs score every Nth position of their chunks (1: every position); the
     /// others compute no logits, which saves much of a pass on models with large vocabularies.
-    #[arg(long, default_value_t = 2)]
+    #[arg(long, default_value_t = 1)]
     pub layer_stride: usize,
     /// What the other layers hold during a single-layer run: f16, or q8_0 (layers then measure
     /// their change from an all-q8_0 cache, where profiles near 7 bits per value live).

@@ -91,6 +91,15 @@ impl Scores {
         Quality { kld_mean: s.kld_mean, kld_p99: s.kld_p99, top1: s.top1 }
     }
 
+    /// `later`'s positions after these: scores of chunks `a..b` then of `b..c` are the scores
+    /// of `a..c` (each chunk runs from an empty cache, so the split changes no number).
+    pub fn append(&mut self, later: Scores) {
+        self.kld.extend(later.kld);
+        self.top1_same.extend(later.top1_same);
+        self.nll.extend(later.nll);
+        self.chunk_sizes.extend(later.chunk_sizes);
+    }
+
     fn push(&mut self, row: RowScore) {
         self.kld.push(row.kld);
         self.top1_same.push(row.top1_same);
@@ -166,6 +175,16 @@ pub struct Evaluator<'m> {
     pub forward_seconds: f64,
     /// Of those, seconds in the decodes and reading the logits back.
     pub decode_seconds: f64,
+}
+
+/// A chunk of text as the model sees it: BOS in place of its first token where the model's
+/// texts start with one.
+fn chunk_with_bos(tokens: &[Token], bos: Option<Token>) -> Vec<Token> {
+    let mut chunk = tokens.to_vec();
+    if let Some(bos) = bos {
+        chunk[0] = bos;
+    }
+    chunk
 }
 
 /// Lanes of the vectorised loops below (AVX-512 holds 16 f32 or 8 f64).
@@ -362,15 +381,19 @@ impl<'m> Evaluator<'m> {
         // Like llama-perplexity: a chunk starts with BOS only for models whose texts do (Qwen2.5
         // does not, and an <|endoftext|> there is a document boundary it would never see).
         let bos = model.add_bos().then(|| model.token_bos());
-        let chunks: Vec<Vec<Token>> = (0..n_chunks)
-            .map(|c| {
-                let mut chunk = tokens[c * per_chunk..(c + 1) * per_chunk].to_vec();
-                if let Some(bos) = bos {
-                    chunk[0] = bos;
-                }
-                chunk
-            })
-            .collect();
+        let chunks = tokens.chunks_exact(per_chunk).take(n_chunks).map(|c| chunk_with_bos(c, bos)).collect();
+        Self::from_chunks(model, n_ctx, base, chunks, stored_limit)
+    }
+
+    /// The evaluator of `chunks` (each `n_ctx` tokens, BOS in place): the baseline stored when it
+    /// fits `stored_limit` bytes.
+    fn from_chunks(
+        model: &'m Model,
+        n_ctx: u32,
+        base: &ContextParams,
+        chunks: Vec<Vec<Token>>,
+        stored_limit: u64,
+    ) -> Result<Evaluator<'m>, EvalError> {
         let n_vocab = model.n_vocab();
         let n_ubatch = base.n_ubatch.min(n_ctx).max(1);
         // The reference is `base`'s uniform type (f16 unless the caller asks for f32).
@@ -389,11 +412,35 @@ impl<'m> Evaluator<'m> {
             forward_seconds: 0.0,
             decode_seconds: 0.0,
         };
-        let stored_bytes = (n_chunks * ev.scored_len()) as u64 * n_vocab as u64 * 4;
+        let stored_bytes = (ev.chunks.len() * ev.scored_len()) as u64 * n_vocab as u64 * 4;
         if stored_bytes <= stored_limit {
             ev.store_baseline()?;
         }
         Ok(ev)
+    }
+
+    /// An evaluator over the same text in shorter chunks of `n_ctx` tokens (at most
+    /// `max_chunks`: the start of each of this one's chunks first), with its own baseline: cheap
+    /// runs (e.g. calibration's single-layer runs) then cost a fraction of a pass at this one's
+    /// context.
+    pub fn rechunked(&self, n_ctx: u32, max_chunks: usize) -> Result<Evaluator<'m>, EvalError> {
+        if n_ctx < 16 {
+            return Err(EvalError::ContextTooSmall(n_ctx));
+        }
+        let per_chunk = n_ctx as usize;
+        let bos = self.model.add_bos().then(|| self.model.token_bos());
+        // the first piece of every chunk, then the second of every chunk, ...: a few short chunks
+        // spread over the text, not over its first chunk
+        let per_parent = self.n_ctx as usize / per_chunk;
+        let chunks: Vec<Vec<Token>> = (0..per_parent)
+            .flat_map(|i| self.chunks.iter().map(move |c| &c[i * per_chunk..(i + 1) * per_chunk]))
+            .take(max_chunks.max(1))
+            .map(|piece| chunk_with_bos(piece, bos))
+            .collect();
+        if chunks.is_empty() {
+            return Err(EvalError::TextTooShort { tokens: self.chunks.iter().map(Vec::len).sum(), n_ctx });
+        }
+        Self::from_chunks(self.model, n_ctx, &self.base, chunks, DEFAULT_STORED_BASELINE_LIMIT)
     }
 
     fn store_baseline(&mut self) -> Result<(), EvalError> {
@@ -547,23 +594,40 @@ impl<'m> Evaluator<'m> {
         stride: usize,
     ) -> Result<Vec<Scores>, EvalError> {
         let n_chunks = n_chunks.clamp(1, self.chunks.len());
+        self.score_chunks(configs, 0..n_chunks, stride)
+    }
+
+    /// Scores configurations on chunks `range` (e.g. the rest of the text after screening runs
+    /// on its first chunks: [`Scores::append`] joins the two).
+    pub fn score_chunks(
+        &mut self,
+        configs: &[ContextParams],
+        range: std::ops::Range<usize>,
+        stride: usize,
+    ) -> Result<Vec<Scores>, EvalError> {
+        let range = range.start.min(self.chunks.len())..range.end.min(self.chunks.len());
         let stride = stride.max(1);
         let mut out = Vec::with_capacity(configs.len());
         if matches!(self.baseline, Baseline::Stored(_)) {
             for config in configs {
-                out.push(self.score_stored(config, n_chunks, stride)?);
+                out.push(self.score_stored(config, range.clone(), stride)?);
             }
         } else {
             let per_context = self.n_ubatch as u64 * self.n_vocab as u64 * 4;
             let group = ((STREAM_LOGITS_BYTES / per_context.max(1)) as usize).saturating_sub(1).clamp(1, STREAM_GROUP);
             for group in configs.chunks(group) {
-                out.extend(self.score_streamed(group, n_chunks, stride)?);
+                out.extend(self.score_streamed(group, range.clone(), stride)?);
             }
         }
         Ok(out)
     }
 
-    fn score_stored(&mut self, config: &ContextParams, n_chunks: usize, stride: usize) -> Result<Scores, EvalError> {
+    fn score_stored(
+        &mut self,
+        config: &ContextParams,
+        range: std::ops::Range<usize>,
+        stride: usize,
+    ) -> Result<Scores, EvalError> {
         let mut ctx = Context::new(self.model, &self.params(config))?;
         let mut scores = Scores { kv_bytes: ctx.kv_buffer_bytes(), ..Scores::default() };
         let chunks = std::mem::take(&mut self.chunks);
@@ -572,7 +636,7 @@ impl<'m> Evaluator<'m> {
         };
         let n_vocab = self.n_vocab;
         let result = (|| {
-            for (chunk, base) in chunks.iter().zip(&stored).take(n_chunks) {
+            for (chunk, base) in chunks[range.clone()].iter().zip(&stored[range]) {
                 let scored = self.scored(chunk);
                 self.forward(&mut [&mut ctx], chunk, stride, |ks, rows| {
                     let rows = par_rows(rows.iter().zip(ks), |(r, &k)| {
@@ -593,7 +657,7 @@ impl<'m> Evaluator<'m> {
     fn score_streamed(
         &mut self,
         configs: &[ContextParams],
-        n_chunks: usize,
+        range: std::ops::Range<usize>,
         stride: usize,
     ) -> Result<Vec<Scores>, EvalError> {
         let mut base_ctx = Context::new(self.model, &self.params(&self.base.clone()))?;
@@ -605,10 +669,10 @@ impl<'m> Evaluator<'m> {
             ctxs.iter().map(|c| Scores { kv_bytes: c.kv_buffer_bytes(), ..Scores::default() }).collect();
         let n_vocab = self.n_vocab;
         let chunks = std::mem::take(&mut self.chunks);
-        let record_nll = self.baseline_nll.is_empty() && n_chunks == chunks.len() && stride <= 1;
+        let record_nll = self.baseline_nll.is_empty() && range == (0..chunks.len()) && stride <= 1;
         let mut nlls = Vec::new();
         let result = (|| {
-            for chunk in chunks.iter().take(n_chunks) {
+            for chunk in &chunks[range] {
                 let scored = self.scored(chunk);
                 let mut nll = Vec::new();
                 let mut all: Vec<&mut Context<'_>> = std::iter::once(&mut base_ctx).chain(ctxs.iter_mut()).collect();

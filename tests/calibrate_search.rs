@@ -4,14 +4,15 @@ mod common;
 
 use kvtuner::cache_type::CacheType;
 use kvtuner::calibrate::{self, CalibrateOptions};
+use kvtuner::eval::Evaluator;
 use kvtuner::gguf;
 use kvtuner::kv_layout::{runtime_cells, RUNTIME_UBATCH};
-use kvtuner::llama::{Backend, ContextParams, Model, ModelParams};
+use kvtuner::llama::{Backend, ContextParams, LayerCacheTypes, Model, ModelParams};
 use kvtuner::pipeline::{self, Budget, TuneOptions};
 use kvtuner::profile::{ModelIdentity, Profile};
 use kvtuner::runtime::Devices;
 use kvtuner::search;
-use kvtuner::select::{Problems, SelectOptions};
+use kvtuner::select::{Measurer, Problems, SelectOptions};
 use kvtuner::sensitivity::Sensitivity;
 
 use common::kvtuner;
@@ -30,6 +31,7 @@ fn options(types: &[CacheType], chunks: usize, background: CacheType) -> Calibra
         chunks,
         layer_chunks: 1,
         layer_stride: 1,
+        layer_ctx: 0,
         background,
         types: types.to_vec(),
         base: ContextParams { n_threads: 2, no_kv_profile: true, ..Default::default() },
@@ -131,6 +133,44 @@ fn calibrate_yields_a_complete_table_and_search_a_verified_profile() {
     assert!(m.bits_per_value <= 7.0 && m.kld_mean.is_some() && m.predicted_kld.is_some());
     assert_eq!(m.kld_calibration, Some(chosen));
     assert!(m.compared_uniform.is_some());
+}
+
+#[test]
+fn single_layer_runs_on_shorter_chunks_measure_those_chunks() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, identity, model) = synthetic(dir.path(), 4, "synthetic-short");
+    let text = common::eval_text();
+    let types = vec![CacheType::F16, CacheType::Q8_0, CacheType::Q4_0];
+    let opts = CalibrateOptions { layer_ctx: 32, layer_chunks: 2, ..options(&types, 2, CacheType::F16) };
+    let mut last = (0, 0);
+    let table = calibrate::calibrate(&model, &identity, &text, &opts, None, &mut |d, t, _| last = (d, t)).unwrap();
+    // 2 baseline passes, 4 uniform runs on 2 chunks of 64, 8 single-layer runs on 2 chunks of 32
+    // and those chunks' own baseline
+    assert_eq!(calibrate::cost(4, &types, &opts), 2 + 8 + 16 + 2);
+    assert_eq!(table.forward_passes, calibrate::cost(4, &types, &opts), "stated cost = passes run");
+    assert_eq!(last, (4 * 2 * 64 + 8 * 2 * 32, 4 * 2 * 64 + 8 * 2 * 32), "progress is counted in tokens");
+    assert!(table.method.contains("2 chunk(s) of 32 tokens, each the start of one of 2 chunks"), "{}", table.method);
+    // the same runs made by hand on the first 32 tokens of each 64-token chunk (tokens 0-31 and
+    // 64-95: chunks 0 and 2 of 32) give the table's single-layer numbers
+    let mut ev = Evaluator::new(&model, &text, 32, 3, &opts.base).unwrap();
+    for layer in [0, 3] {
+        let mut k = vec![CacheType::F16; 4];
+        k[layer] = CacheType::Q4_0;
+        let config =
+            ContextParams { layer_types: Some(LayerCacheTypes { k, v: vec![CacheType::F16; 4] }), ..opts.base.clone() };
+        let one = std::slice::from_ref(&config);
+        let mut by_hand = ev.score_chunks(one, 0..1, 1).unwrap().remove(0);
+        by_hand.append(ev.score_chunks(one, 2..3, 1).unwrap().remove(0));
+        let in_table = table.layers[layer].measured["k:q4_0"].kld_mean;
+        assert_eq!(by_hand.quality().kld_mean, in_table, "layer {layer}");
+    }
+    // the uniform runs still measure whole chunks
+    let full = CalibrateOptions { layer_ctx: 0, ..opts.clone() };
+    let whole = calibrate::calibrate(&model, &identity, &text, &full, None, &mut |_, _, _| {}).unwrap();
+    assert_eq!(whole.anchors.len(), table.anchors.len());
+    for (a, b) in whole.anchors.iter().zip(&table.anchors) {
+        assert_eq!(a.quality.kld_mean, b.quality.kld_mean, "{}/{}", a.k, a.v);
+    }
 }
 
 #[test]
@@ -237,4 +277,30 @@ fn search_rejects_bad_input() {
     let res = kvtuner(&["search", bad.to_str().unwrap()]);
     assert!(!res.status.success());
     assert!(String::from_utf8_lossy(&res.stderr).contains("bad.yaml"));
+}
+
+#[test]
+fn a_screened_candidate_completed_later_measures_as_one_measured_whole() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, identity, model) = synthetic(dir.path(), 3, "synthetic-screen");
+    let text = common::eval_text();
+    let types = vec![CacheType::F16, CacheType::Q8_0, CacheType::Q4_0];
+    let opts = options(&types, 1, CacheType::F16);
+    let table = calibrate::calibrate(&model, &identity, &text, &opts, None, &mut |_, _, _| {}).unwrap();
+    let pairs = search::parse_pairs("cpu", &table.types, "").unwrap();
+    let problems = Problems::new(&table, &table.cells, &pairs).unwrap();
+    let cand = problems.uniform(CacheType::Q8_0, CacheType::Q4_0).unwrap();
+    let mut ev = Evaluator::new(&model, &text, 64, 3, &opts.base).unwrap();
+    assert_eq!(ev.chunks(), 3);
+    let whole = {
+        let mut m = Measurer::new(&mut ev, opts.base.clone(), 64, "whole");
+        m.measure(std::slice::from_ref(&cand)).unwrap()[0].summary.clone()
+    };
+    let before = ev.forward_passes;
+    let mut m = Measurer::new(&mut ev, opts.base.clone(), 64, "screened");
+    let screened = m.screen(&[&cand], 1).unwrap()[0];
+    assert_eq!(screened, whole.kld_chunk_means[0]);
+    let completed = m.measure(std::slice::from_ref(&cand)).unwrap()[0].summary.clone();
+    assert_eq!(completed, whole, "screening chunk + the rest = the whole text");
+    assert_eq!(m.evaluator().forward_passes - before, 3, "the screened chunk is not run again");
 }

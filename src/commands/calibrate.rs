@@ -19,6 +19,7 @@ pub fn calibrate_options(
         chunks: plan.chunks,
         layer_chunks: plan.layer_chunks.min(plan.chunks),
         layer_stride: plan.layer_stride,
+        layer_ctx: plan.layer_ctx,
         background: plan.background,
         types: plan.types.clone(),
         base,
@@ -36,12 +37,12 @@ pub fn run(args: CalibrateArgs) -> anyhow::Result<()> {
     let opts = calibrate_options(&args.plan, args.runtime.ctx_size, opened.params.clone(), label.clone());
     let passes = calibrate::cost(n_layer, &args.plan.types, &opts);
     eprintln!(
-        "calibrating {} layers × K/V on {label}: {} chunks of {} tokens ({} for single-layer runs), about {passes} forward passes",
-        n_layer, args.plan.chunks, args.runtime.ctx_size, opts.layer_chunks
+        "calibrating {} layers × K/V on {label}: {} chunks of {} tokens ({} of at most {} tokens for single-layer runs), about {passes} forward passes",
+        n_layer, args.plan.chunks, args.runtime.ctx_size, opts.layer_chunks, opts.layer_ctx
     );
     let bar = ProgressBar::new(0);
     bar.set_style(
-        ProgressStyle::with_template("{bar:30} {pos}/{len} passes, {elapsed} elapsed, eta {eta}  {msg}").unwrap(),
+        ProgressStyle::with_template("{bar:30} {pos}/{len} tokens, {elapsed} elapsed, eta {eta}  {msg}").unwrap(),
     );
     let partial = args.output.with_extension("partial");
     // Without a terminal (CI logs), print one line per trial instead of a bar.

@@ -99,7 +99,7 @@ pub fn run(args: TuneArgs) -> anyhow::Result<()> {
                     let t = start.elapsed().as_secs_f64();
                     if plain || t - last_shown > 5.0 || done == total {
                         let eta = eta.map_or(String::new(), |e| format!(", about {e:.0} s left"));
-                        eprintln!("[{t:>6.1}s] calibrate: {done}/{total} passes{eta}; {what}");
+                        eprintln!("[{t:>6.1}s] calibrate: {done}/{total} tokens{eta}; {what}");
                         last_shown = t;
                     }
                 }

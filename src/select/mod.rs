@@ -17,7 +17,7 @@ use std::collections::HashMap;
 use serde::Serialize;
 
 use crate::cache_type::CacheType;
-use crate::eval::{EvalError, Evaluator, Summary};
+use crate::eval::{EvalError, Evaluator, Scores, Summary};
 use crate::kv_layout::{RuntimeKv, RUNTIME_UBATCH};
 use crate::llama::{Context, ContextParams, CreateContextError, LayerCacheTypes};
 use crate::search::{self, Problem, SearchError};
@@ -99,6 +99,8 @@ pub struct Measurer<'e, 'm> {
     target_ctx: u32,
     label: String,
     done: HashMap<Vec<(CacheType, CacheType)>, (RuntimeKv, Summary)>,
+    /// Scores of screening runs on the first chunks, which [`Measurer::measure`] completes.
+    screened: HashMap<Vec<(CacheType, CacheType)>, Scores>,
 }
 
 impl<'e, 'm> Measurer<'e, 'm> {
@@ -110,7 +112,7 @@ impl<'e, 'm> Measurer<'e, 'm> {
         target_ctx: u32,
         label: impl Into<String>,
     ) -> Measurer<'e, 'm> {
-        Measurer { ev, base, target_ctx, label: label.into(), done: HashMap::new() }
+        Measurer { ev, base, target_ctx, label: label.into(), done: HashMap::new(), screened: HashMap::new() }
     }
 
     pub fn label(&self) -> &str {
@@ -140,8 +142,35 @@ impl<'e, 'm> Measurer<'e, 'm> {
         Ok(RuntimeKv::of(&Context::new(self.ev.model(), &params)?))
     }
 
-    /// Measures the candidates not measured yet (together, so a streamed baseline runs once) and
-    /// returns all of them in order.
+    /// Measures `candidates` on the first `n_chunks` chunks only and returns their mean KLD
+    /// there; the scores are kept, so a later [`Measurer::measure`] of the same types runs only
+    /// the rest of the text.
+    pub fn screen(&mut self, candidates: &[&Candidate], n_chunks: usize) -> Result<Vec<f64>, SelectError> {
+        let todo: Vec<&Candidate> = candidates
+            .iter()
+            .copied()
+            .filter(|c| !self.done.contains_key(&c.types) && !self.screened.contains_key(&c.types))
+            .collect();
+        let params: Vec<ContextParams> = todo.iter().map(|c| self.params(&c.types)).collect();
+        for (c, s) in todo.iter().zip(self.ev.score_many_first(&params, n_chunks)?) {
+            self.screened.insert(c.types.clone(), s);
+        }
+        Ok(candidates
+            .iter()
+            .map(|c| {
+                let first = |s: &Summary| s.kld_chunk_means.iter().take(n_chunks).sum::<f64>();
+                match (self.done.get(&c.types), self.screened.get(&c.types)) {
+                    (Some((_, summary)), _) => first(summary) / n_chunks as f64,
+                    (None, Some(s)) => s.summary().kld_mean,
+                    (None, None) => unreachable!("screened above"),
+                }
+            })
+            .collect())
+    }
+
+    /// Measures the candidates not measured yet on the whole text (together, so a streamed
+    /// baseline runs once; a screened one only on the chunks its screening left) and returns all
+    /// of them in order.
     pub fn measure(&mut self, candidates: &[Candidate]) -> Result<Vec<Measured>, SelectError> {
         let mut todo: Vec<&Candidate> = Vec::new();
         for c in candidates {
@@ -149,10 +178,23 @@ impl<'e, 'm> Measurer<'e, 'm> {
                 todo.push(c);
             }
         }
-        if !todo.is_empty() {
-            let params: Vec<ContextParams> = todo.iter().map(|c| self.params(&c.types)).collect();
-            let scores = self.ev.score_many(&params)?;
-            for (c, s) in todo.iter().zip(scores) {
+        let all = self.ev.chunks();
+        let start = |m: &Self, c: &Candidate| m.screened.get(&c.types).map_or(0, |s| s.chunk_sizes.len());
+        let mut starts: Vec<usize> = todo.iter().map(|c| start(self, c)).collect();
+        starts.sort_unstable();
+        starts.dedup();
+        for from in starts {
+            let group: Vec<&Candidate> = todo.iter().copied().filter(|c| start(self, c) == from).collect();
+            let params: Vec<ContextParams> = group.iter().map(|c| self.params(&c.types)).collect();
+            let rest = if from < all {
+                self.ev.score_chunks(&params, from..all, 1)?
+            } else {
+                vec![Scores::default(); group.len()]
+            };
+            for (c, rest) in group.iter().zip(rest) {
+                let mut scores = self.screened.remove(&c.types).unwrap_or_default();
+                scores.kv_bytes = rest.kv_bytes.max(scores.kv_bytes);
+                scores.append(rest);
                 let kv = self.runtime_kv(&c.types)?;
                 if kv.tensor_bytes != c.expected_bytes {
                     return Err(SelectError::SizeMismatch {
@@ -162,7 +204,7 @@ impl<'e, 'm> Measurer<'e, 'm> {
                         n_ctx: self.target_ctx,
                     });
                 }
-                self.done.insert(c.types.clone(), (kv, s.summary()));
+                self.done.insert(c.types.clone(), (kv, scores.summary()));
             }
         }
         Ok(candidates
@@ -249,13 +291,23 @@ impl Problems {
 pub struct SelectOptions {
     /// Cheaper Pareto neighbours of the main estimator's pick to measure too.
     pub neighbours: usize,
-    /// Profiles are first measured on this many chunks (0: none, every candidate is measured on
-    /// the whole text); only the best `finalists` are then measured on the whole text, beside
-    /// every uniform cache. The choice is made on the whole text alone, so screening only decides
-    /// which profiles compete, as predictions do.
+    /// Candidates are first measured on this many chunks (0: none, every candidate is measured on
+    /// the whole text); only the best `finalists` profiles are then measured on the whole text,
+    /// beside every uniform cache that can compete ([`UNIFORM_SCREEN_FACTOR`]). The choice is
+    /// made on the whole text alone, so screening only decides which candidates compete, as
+    /// predictions do.
     pub screen_chunks: usize,
     pub finalists: usize,
 }
+
+/// A uniform cache whose KLD on the screening chunks is more than this many times the best
+/// uniform cache's there is not measured further, and is listed as screened out: to end below
+/// it on the whole text, the ratio of the two would have to move by more than this factor from
+/// the first chunk to the whole text. Over every pair of uniform caches in
+/// bench/search-gemma3-270m.json and bench/search-qwen2.5-coder-0.5b.json it moved by at most
+/// 1.05× (Gemma) and 3.4× (Qwen, whose chunks differ up to 9× for one cache). The uniform caches
+/// that can compete, the budget's own among them, are always measured whole.
+pub const UNIFORM_SCREEN_FACTOR: f64 = 8.0;
 
 impl Default for SelectOptions {
     fn default() -> Self {
@@ -263,7 +315,7 @@ impl Default for SelectOptions {
     }
 }
 
-/// A profile that did not reach the final measurement, with its KLD on the screening chunks.
+/// A candidate that did not reach the final measurement, with its KLD on the screening chunks.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Screened {
     pub label: String,
@@ -321,7 +373,8 @@ pub struct Selection {
     pub profile_wins: bool,
     /// Every configuration measured for this budget, on the whole calibration text.
     pub considered: Vec<Measured>,
-    /// Profiles screened out on the first chunks (never chosen from).
+    /// Candidates screened out on the first chunks (never chosen from): profiles beyond the
+    /// finalists, uniform caches far worse than the best uniform one.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub screened_out: Vec<Screened>,
     /// The text the choice was made on.
@@ -373,32 +426,24 @@ pub fn select(
 
 /// Measures `candidates` (not empty) on the measurer's text and picks as [`select`] does: the
 /// lowest measured KLD, a profile only if it beats every uniform cache among them. With
-/// screening, profiles beyond `opts.finalists` are measured on the first chunks first and only
-/// the best go on to the whole text; uniform caches are always measured whole.
+/// screening, every candidate is first measured on the first chunks; the best `opts.finalists`
+/// profiles, and every uniform cache within [`UNIFORM_SCREEN_FACTOR`] of the best uniform one
+/// there, go on to the rest of the text (their first chunks are not run again). The choice is
+/// made on the whole text alone.
 pub fn select_among(
     m: &mut Measurer<'_, '_>,
     candidates: &[Candidate],
     max_bytes: u64,
     opts: SelectOptions,
 ) -> Result<Selection, SelectError> {
-    let profiles: Vec<&Candidate> = candidates.iter().filter(|c| c.origin != Origin::Uniform).collect();
-    let screen = opts.screen_chunks > 0 && opts.screen_chunks < m.ev.chunks() && profiles.len() > opts.finalists.max(1);
+    let screen = opts.screen_chunks > 0 && opts.screen_chunks < m.ev.chunks() && candidates.len() > 1;
     let mut screened_out = Vec::new();
     let finals: Vec<Candidate> = if screen {
-        let params: Vec<ContextParams> = profiles.iter().map(|c| m.params(&c.types)).collect();
-        let scores = m.ev.score_many_first(&params, opts.screen_chunks)?;
-        let mut ranked: Vec<(f64, &Candidate)> =
-            scores.iter().map(|s| s.summary().kld_mean).zip(profiles.iter().copied()).collect();
-        ranked.sort_by(|a, b| a.0.total_cmp(&b.0));
-        let keep: Vec<&Candidate> = ranked.iter().take(opts.finalists.max(1)).map(|r| r.1).collect();
-        for (kld, c) in &ranked[keep.len()..] {
-            screened_out.push(Screened { label: c.label.clone(), kld_screen: *kld, chunks: opts.screen_chunks });
-        }
-        candidates
-            .iter()
-            .filter(|c| c.origin == Origin::Uniform || keep.iter().any(|k| k.types == c.types))
-            .cloned()
-            .collect()
+        let all: Vec<&Candidate> = candidates.iter().collect();
+        let klds = m.screen(&all, opts.screen_chunks)?;
+        let (keep, out) = finalists(&all, &klds, opts);
+        screened_out = out;
+        keep
     } else {
         candidates.to_vec()
     };
@@ -406,6 +451,33 @@ pub fn select_among(
     let mut selection = choose(considered, max_bytes, m.label());
     selection.screened_out = screened_out;
     Ok(selection)
+}
+
+/// Which screened candidates go on to the whole text (`klds`: their KLD on the screening
+/// chunks): the best `opts.finalists` profiles and every uniform cache within
+/// [`UNIFORM_SCREEN_FACTOR`] of the best uniform one; the rest, best first, as screened out.
+fn finalists(all: &[&Candidate], klds: &[f64], opts: SelectOptions) -> (Vec<Candidate>, Vec<Screened>) {
+    let best_uniform =
+        all.iter().zip(klds).filter(|(c, _)| c.origin == Origin::Uniform).map(|(_, &k)| k).min_by(f64::total_cmp);
+    let mut profiles: Vec<(f64, &Candidate)> =
+        klds.iter().copied().zip(all.iter().copied()).filter(|(_, c)| c.origin != Origin::Uniform).collect();
+    profiles.sort_by(|a, b| a.0.total_cmp(&b.0));
+    profiles.truncate(opts.finalists.max(1));
+    let (mut keep, mut out) = (Vec::new(), Vec::new());
+    for (c, &kld) in all.iter().zip(klds) {
+        let kept = if c.origin == Origin::Uniform {
+            best_uniform.is_none_or(|best| kld <= best * UNIFORM_SCREEN_FACTOR)
+        } else {
+            profiles.iter().any(|p| p.1.types == c.types)
+        };
+        if kept {
+            keep.push((*c).clone());
+        } else {
+            out.push(Screened { label: c.label.clone(), kld_screen: kld, chunks: opts.screen_chunks });
+        }
+    }
+    out.sort_by(|a, b| a.kld_screen.total_cmp(&b.kld_screen));
+    (keep, out)
 }
 
 /// The decision itself: the lowest measured KLD, then fewer bytes, then a uniform cache before a
@@ -600,6 +672,30 @@ mod tests {
     fn profile(rank: usize, bytes: u64, kld: f64) -> Measured {
         let origin = Origin::Frontier { estimator: Estimator::Share, rank };
         measured(&format!("p{rank}"), origin, vec![(Q8_0, Q4_0), (Q4_0, Q8_0)], bytes, kld)
+    }
+
+    #[test]
+    fn screening_keeps_the_best_profiles_and_every_uniform_cache_that_can_compete() {
+        let u = |label: &str, t| measured(label, Origin::Uniform, vec![t; 2], 100, 0.0).candidate;
+        let p = |rank| profile(rank, 100, 0.0).candidate;
+        let (budget, narrow, far) = (
+            u("uniform q8_0/q4_0", (Q8_0, Q4_0)),
+            u("uniform q5_0", (CacheType::Q5_0, CacheType::Q5_0)),
+            u("uniform q4_0", (Q4_0, Q4_0)),
+        );
+        let (mut p0, mut p1, mut p2) = (p(0), p(1), p(2));
+        p1.types = vec![(Q8_0, Q8_0), (Q4_0, Q4_0)];
+        p2.types = vec![(Q4_0, Q4_0), (Q8_0, Q8_0)];
+        p0.label = "p0".into();
+        let all = [&budget, &narrow, &far, &p0, &p1, &p2];
+        // the uniform q5_0 is 7.9× the best uniform cache on the first chunk, q4_0 8.1×
+        let klds = [0.010, 0.079, 0.081, 0.012, 0.009, 0.011];
+        let opts = SelectOptions { finalists: 2, ..SelectOptions::default() };
+        let (keep, out) = finalists(&all, &klds, opts);
+        let kept: Vec<&str> = keep.iter().map(|c| c.label.as_str()).collect();
+        assert_eq!(kept, ["uniform q8_0/q4_0", "uniform q5_0", "p1", "p2"]);
+        let dropped: Vec<(&str, f64)> = out.iter().map(|s| (s.label.as_str(), s.kld_screen)).collect();
+        assert_eq!(dropped, [("p0", 0.012), ("uniform q4_0", 0.081)]);
     }
 
     #[test]

@@ -40,8 +40,9 @@ pub fn selection(sel: &Selection) -> String {
         let list: Vec<String> = sel.screened_out.iter().map(|s| format!("{} {:.5}", s.label, s.kld_screen)).collect();
         let _ = writeln!(
             r,
-            "\nScreened out on the first {} chunk(s) (the finalists' KLD there was lower): {}",
+            "\nScreened out on the first {} chunk(s) (KLD there: profiles behind the finalists, uniform caches over {}× the best uniform one): {}",
             sel.screened_out[0].chunks,
+            crate::select::UNIFORM_SCREEN_FACTOR,
             list.join(", ")
         );
     }

@@ -143,6 +143,7 @@ pub fn calibrated_tiny(dir: &Path, n_layer: u32, name: &str) -> (PathBuf, kvtune
         chunks: 1,
         layer_chunks: 1,
         layer_stride: 1,
+        layer_ctx: 0,
         background: CacheType::F16,
         types: vec![CacheType::F16, CacheType::Q8_0, CacheType::Q4_0],
         base: kvtuner::llama::ContextParams { n_threads: 1, no_kv_profile: true, ..Default::default() },
