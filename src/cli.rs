@@ -164,6 +164,17 @@ pub struct AbArgs {
     /// Skip the quality runs (speed and memory only; e.g. random-weight models).
     #[arg(long)]
     pub no_quality: bool,
+    /// Passkey retrieval at these context sizes (comma-separated, e.g. 4096,16384,32768): a
+    /// 5-digit key hidden in a haystack of real text at each `--passkey-depths`, answered
+    /// greedily under every configuration and checked exactly.
+    #[arg(long, value_delimiter = ',')]
+    pub passkey: Vec<u32>,
+    /// Where the key sits in the haystack (0 = start, 1 = end), comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "0.1,0.5,0.9")]
+    pub passkey_depths: Vec<f64>,
+    /// The haystack: a file or a named text (repeated as needed).
+    #[arg(long, default_value = "lee-evaluation")]
+    pub passkey_text: String,
     #[command(flatten)]
     pub devices: DeviceArgs,
     /// Write one JSON object per configuration here.

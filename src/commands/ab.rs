@@ -65,6 +65,8 @@ struct Row {
     gpu_pairs_without_kernel: Vec<usize>,
     /// Memory per buffer type of the speed runs' context (weights, KV, compute), read back.
     speed_memory: Vec<BufferMemory>,
+    /// Passkey retrievals (`--passkey`), one per context × depth.
+    passkey: Vec<kvtuner::passkey::Outcome>,
 }
 
 pub fn run(args: AbArgs) -> anyhow::Result<()> {
@@ -144,7 +146,36 @@ pub fn run(args: AbArgs) -> anyhow::Result<()> {
             speed: Vec::new(),
             gpu_pairs_without_kernel: missing,
             speed_memory: Vec::new(),
+            passkey: Vec::new(),
         });
+    }
+
+    if !args.passkey.is_empty() {
+        let (hay_text, hay_label) = load_text(&args.passkey_text, &args.model)?;
+        let haystack = model.tokenize(&hay_text, false, false)?;
+        let cases = kvtuner::passkey::cases(&args.passkey, &args.passkey_depths, 42);
+        eprintln!(
+            "passkey: {} case(s) (contexts {:?}, depths {:?}) in {hay_label}",
+            cases.len(),
+            args.passkey,
+            args.passkey_depths
+        );
+        for case in &cases {
+            for (row, c) in rows.iter_mut().zip(&configs) {
+                let o = kvtuner::passkey::answer(&model, &haystack, (&c.name, &c.params), case)?;
+                eprintln!(
+                    "  {} @ {} depth {:.2}: key {} answer {:?} {} ({:.1} s)",
+                    c.name,
+                    case.n_ctx,
+                    case.depth,
+                    case.key,
+                    o.answer,
+                    if o.correct { "ok" } else { "WRONG" },
+                    o.seconds
+                );
+                row.passkey.push(o);
+            }
+        }
     }
 
     // Speed, configurations interleaved within each repetition.
@@ -244,6 +275,9 @@ pub fn run(args: AbArgs) -> anyhow::Result<()> {
     }
 
     print_table(&rows, &args, base_ppl, &label);
+    if !args.passkey.is_empty() {
+        print_passkey(&rows, &args);
+    }
     if let Some(path) = &args.json {
         let json = serde_json::to_string_pretty(&rows)?;
         kvtuner::atomic_write(path, json.as_bytes()).with_context(|| format!("writing {}", path.display()))?;
@@ -266,6 +300,25 @@ pub fn run(args: AbArgs) -> anyhow::Result<()> {
     }
     eprintln!("ab finished in {:.1} s", start.elapsed().as_secs_f64());
     Ok(())
+}
+
+/// Keys retrieved per configuration and context, out of the depths tried.
+fn print_passkey(rows: &[Row], args: &AbArgs) {
+    let mut table = Table::new();
+    table.load_preset(comfy_table::presets::ASCII_MARKDOWN);
+    let mut header = vec!["config".to_string()];
+    header.extend(args.passkey.iter().map(|c| format!("passkey @ {c}")));
+    table.set_header(header);
+    for r in rows {
+        let mut cells = vec![r.name.clone()];
+        for &n_ctx in &args.passkey {
+            let at: Vec<_> = r.passkey.iter().filter(|o| o.case.n_ctx == n_ctx).collect();
+            cells.push(format!("{}/{}", at.iter().filter(|o| o.correct).count(), at.len()));
+        }
+        table.add_row(cells);
+    }
+    println!("\nPasskey retrieval (keys found / depths {:?}, greedy, {}):", args.passkey_depths, args.passkey_text);
+    println!("{table}");
 }
 
 fn print_table(rows: &[Row], args: &AbArgs, base_ppl: f64, label: &str) {
