@@ -72,11 +72,15 @@ mkdir -p "$fake/scripts/ci" "$fake/patches" "$fake/src"
 cp "$root/scripts/ci/cuda-compile.sh" "$fake/scripts/ci/"
 ln -s "$root/scripts/gpu" "$fake/scripts/gpu"
 ln -s "$root/scripts/sync-tree.py" "$fake/scripts/sync-tree.py"
-if [ -n "${CHECK_CUDA_PAIRS:-}" ]; then
-    tr ';' '\n' <<< "$CHECK_CUDA_PAIRS" > "$fake/src/cuda_fa_pairs.txt"
-else
-    ln -s "$root/src/cuda_fa_pairs.txt" "$fake/src/cuda_fa_pairs.txt"
-fi
+# the pairs the CUDA check compiles at a step: CHECK_CUDA_PAIRS or src/cuda_fa_pairs.txt, less
+# those of types the tree does not know yet (GGML_CUDA_FA_QUANTS takes kv2/kv3 from patch 0008 on)
+pairs_for_step() {
+    local types
+    types=$(sed -n 's/^ *set(FA_TYPES \([^)]*\)).*/\1/p' "$tmp/t/ggml/cmake/common.cmake")
+    if [ -n "${CHECK_CUDA_PAIRS:-}" ]; then tr ';' '\n' <<< "$CHECK_CUDA_PAIRS"; else grep -v '^#' "$root/src/cuda_fa_pairs.txt"; fi |
+        awk -v types="$types" 'BEGIN { n = split(types, t, " "); for (i = 1; i <= n; i++) ok[t[i]] = 1 }
+            NF == 2 && ($1 in ok) && ($2 in ok)' > "$fake/src/cuda_fa_pairs.txt"
+}
 printf '#!/bin/sh\necho %q\n' "$upstream" > "$fake/scripts/pinned-tree.sh" && chmod +x "$fake/scripts/pinned-tree.sh"
 for p in "${series[@]}"; do ln -s "$root/patches/$p" "$fake/patches/$p"; done
 # cuda-compile.sh installs nvcc into its target folder unless one is there: use CUDA_HOME's (default
@@ -110,6 +114,7 @@ for i in "${!series[@]}"; do
         if (cd "$root/patches" && cat "${series[@]:0:$n}") | grep -q '^+++ b/ggml/src/ggml-cuda/'; then
             t0=$(date +%s)
             printf '%s\n' "${series[@]:0:$n}" > "$fake/patches/series"
+            pairs_for_step
             CARGO_TARGET_DIR=$dir/cuda "$fake/scripts/ci/cuda-compile.sh" > "$dir/cuda-$n.log" 2>&1 ||
                 { tail -60 "$dir/cuda-$n.log"; echo "check-series: $p: CUDA compile check failed" >&2; exit 1; }
             tus=$(grep -o '[0-9]* translation units OK' "$dir/cuda-$n.log" | cut -d' ' -f1)
