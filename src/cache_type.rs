@@ -23,9 +23,9 @@ pub enum CacheType {
     /// ggml's 2-bit weight type (64 values, levels {-1, 0, 1, 2} × the block's max): a baseline
     /// for the narrow cache types.
     Q2_0 = 42,
-    /// kvtuner's 2-bit type for rotated caches (patch 0008): 64 values, 4 Gaussian levels, one scale.
+    /// kvtuner's 2-bit type for rotated caches (patch 0006): 64 values, 4 Gaussian levels, one scale.
     Kv2 = 64,
-    /// kvtuner's 3-bit type for rotated caches (patch 0008): 64 values, 8 Gaussian levels, one scale.
+    /// kvtuner's 3-bit type for rotated caches (patch 0006): 64 values, 8 Gaussian levels, one scale.
     Kv3 = 65,
 }
 
@@ -168,7 +168,7 @@ impl CacheType {
 }
 
 /// kv2's and kv3's levels: the Lloyd-Max levels of a unit Gaussian times 84.08 / 58, rounded
-/// (ggml's kvalues_kv2/kv3, patch 0008).
+/// (ggml's kvalues_kv2/kv3, patch 0006).
 const KV2_LEVELS: [i8; 4] = [-127, -38, 38, 127];
 const KV3_LEVELS: [i8; 8] = [-125, -78, -44, -14, 14, 44, 78, 125];
 
@@ -184,7 +184,7 @@ impl fmt::Display for CacheType {
 impl FromStr for CacheType {
     type Err = UnknownCacheType;
 
-    /// ggml's type name, ASCII case-insensitive, nothing trimmed: the rule patch 0002 applies to
+    /// ggml's type name, ASCII case-insensitive, nothing trimmed: the rule patch 0003 applies to
     /// the names in a model's embedded profile (`llama_kv_type_from_name`), so that kvtuner and
     /// the runtime accept and refuse the same names. Callers that split lists trim the items.
     fn from_str(s: &str) -> Result<Self, Self::Err> {

@@ -6,7 +6,7 @@
 //! what it needs besides the KV cache (weights, compute buffers) are read back from the runtime: a
 //! metadata-only model (`no_alloc`) with that `ngl` and a context of the target size report each
 //! layer's device and, per buffer type, the bytes they would allocate ([`Context::memory`], patch
-//! 0012). What is left of a device's budget is the KV budget of its layers, whose types come from
+//! 0002). What is left of a device's budget is the KV budget of its layers, whose types come from
 //! the exact search ([`search::best_within_bytes`]) over the pairs the GPU has kernels for; layers
 //! left on the CPU take their most accurate CPU pair (host memory is not budgeted).
 

@@ -527,7 +527,7 @@ fn map_bits(bits: i64) -> Option<(CacheType, bool)> {
         // q5_0 stores 5.5 bits/value; llama.cpp has no 6-bit cache type.
         6 | 5 => Some((CacheType::Q5_0, false)),
         4 => Some((CacheType::Q4_0, false)),
-        // kvtuner's narrow types for rotated caches (patch 0008)
+        // kvtuner's narrow types for rotated caches (patch 0006)
         3 => Some((CacheType::Kv3, false)),
         2 => Some((CacheType::Kv2, false)),
         1 => Some((CacheType::Kv2, true)),
@@ -728,7 +728,7 @@ mod tests {
 }
 
 // ---------------------------------------------------------------------------------------------
-// GGUF metadata: where a profile lives inside a model file (read by patch 0002 at run time).
+// GGUF metadata: where a profile lives inside a model file (read by patch 0003 at run time).
 // ---------------------------------------------------------------------------------------------
 
 /// Prefix of every key kvtuner writes (the GGUF spec asks tools to use their own namespace).
@@ -878,7 +878,7 @@ impl EmbeddedProfile {
         };
         let k = read(META_TYPE_K);
         let v = read(META_TYPE_V);
-        // the same verdict as patch 0002 (llama_model_base::load_hparams)
+        // the same verdict as patch 0003 (llama_model_base::load_hparams)
         match header.get(META_SCHEMA) {
             None => problems.push(format!("{META_SCHEMA} is missing")),
             Some(value) => match value.as_u64() {

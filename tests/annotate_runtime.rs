@@ -1,5 +1,5 @@
 //! Profiles in GGUF metadata: byte-exact annotate/strip through the `kvtuner` binary, readers
-//! that agree, and the patched runtime applying the embedded profile by itself (patch 0002).
+//! that agree, and the patched runtime applying the embedded profile by itself (patch 0003).
 
 mod common;
 
@@ -167,7 +167,7 @@ fn runtime_applies_the_embedded_profile_by_itself() {
     );
 }
 
-/// kvtuner's reader and the runtime (patch 0002) accept and refuse the same type names and
+/// kvtuner's reader and the runtime (patch 0003) accept and refuse the same type names and
 /// schema versions: one rule on both sides.
 #[test]
 fn type_names_and_schema_versions_get_the_same_verdict_in_rust_and_the_runtime() {

@@ -1,8 +1,8 @@
 //! The host-side models of the CUDA kernels, run without a GPU (issue 36: the kernels'
 //! correctness as tests, not only as device calls): the tensor-core fragment layouts of patch
-//! 0003's V path and 0014's K path against plain dequantization, in Python with numpy, and the
-//! warp-register FWHT of patch 0003 against ggml-cuda's own, bit for bit, and the RoPE index
-//! mapping of patches 0017/0018 against ggml's CPU RoPE (built against the patched tree's ggml).
+//! 0009's V and K paths against plain dequantization, in Python with numpy, and the
+//! warp-register FWHT of patch 0010 against ggml-cuda's own, bit for bit, and the RoPE index
+//! mapping of patch 0010 against ggml's CPU RoPE (built against the patched tree's ggml).
 //! Each model exits non-zero
 //! on a wrong lane, row, slot or order. The op test against the CPU (`bench/gpu/fattn-test.cpp`)
 //! needs a GPU and runs on the device (`scripts/gpu/device-run.sh`).

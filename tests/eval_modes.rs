@@ -46,7 +46,7 @@ fn streamed_and_stored_baselines_give_identical_scores() {
     assert_eq!(streamed.forward_passes, 12);
 }
 
-/// Patch 0005: quantized and mixed K/V caches take the CPU's tiled flash-attention path
+/// Patch 0004: quantized and mixed K/V caches take the CPU's tiled flash-attention path
 /// (`GGML_CPU_FA_TILED_QUANT=0` keeps the one-row path). f16 caches run exactly the code they ran
 /// before; quantized ones differ only by the one-row path's rounding of Q to q8_0.
 #[test]
@@ -73,7 +73,7 @@ fn tiled_cpu_flash_attention_keeps_f16_exact_and_quantized_close() {
     let (tiled, one_row) = (run("1"), run("0"));
     // 128-token ubatches: the prefill runs on 64-row tiles; f16 took the tiled path before too.
     assert_eq!(tiled[0]["ppl"], one_row[0]["ppl"], "f16 baseline must be bit-identical");
-    // kv3 and kv2 (patch 0008): the one-row path's dot product of kv keys with q8_0 queries
+    // kv3 and kv2 (patch 0006): the one-row path's dot product of kv keys with q8_0 queries
     // against the tiled path's dequantized keys
     for i in 1..6 {
         let (a, b) = (tiled[i]["kld_mean"].as_f64().unwrap(), one_row[i]["kld_mean"].as_f64().unwrap());

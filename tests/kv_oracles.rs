@@ -138,7 +138,7 @@ fn last_layer_only(model: &Model, q: CacheType) {
         let err_plain = rms(got, f);
         // relative rms error of each type on near-Gaussian (rotated) values: q8_0's step is
         // max|x|/127 per 32 values (well under 1%), q4_0's max|x|/8 (about 8%); kv3's and kv2's
-        // Lloyd-Max levels leave 19% and 34% (patch 0008)
+        // Lloyd-Max levels leave 19% and 34% (patch 0006)
         let bound = match q {
             CacheType::Q8_0 => 0.01,
             CacheType::Q4_0 => 0.12,

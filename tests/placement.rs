@@ -1,4 +1,4 @@
-//! Issue 24: memory per device read back from the runtime (patch 0012), and `kvtuner fit`, with
+//! Issue 24: memory per device read back from the runtime (patch 0002), and `kvtuner fit`, with
 //! an `rpc-server` on 127.0.0.1 as the offload device (this machine has no GPU).
 
 mod common;

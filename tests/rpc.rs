@@ -247,7 +247,7 @@ fn rpc_server_serves_named_devices_only() {
     assert_eq!(devices.unwrap(), 1, "one served device");
 }
 
-/// ggml's RPC sockets are close-on-exec (patch 0019): a child spawned while this process holds a
+/// ggml's RPC sockets are close-on-exec (patch 0011): a child spawned while this process holds a
 /// connection to an `rpc-server` does not get a copy of it. An inherited copy keeps the
 /// connection open after the client closes its own, and the server, which serves one client at a
 /// time, then never answers this process's next connection (that hung CI once: a test spawned

@@ -188,7 +188,7 @@ fn bad_per_layer_input_is_a_clear_error() {
     assert!(e.contains("layer 2") && e.contains("block size") && e.contains("48"), "{e}");
 }
 
-/// kv3/kv2 keys and values (patch 0008) between q8_0 and f16 layers.
+/// kv3/kv2 keys and values (patch 0006) between q8_0 and f16 layers.
 fn narrow_mixed(model: &Model) -> LayerCacheTypes {
     let cycle = [(CacheType::Kv3, CacheType::Kv2), (CacheType::F16, CacheType::F16), (CacheType::Q8_0, CacheType::Kv3)];
     let pairs = (0..model.n_layer() as usize).map(|i| cycle[i % 3]);
@@ -461,7 +461,7 @@ fn context_shift_without_a_rotation_child() {
 }
 
 /// A quantized K in a cache without a rotation (LLAMA_ATTN_ROT_DISABLE=1) used to dereference
-/// the null rotation in the K-shift (patch 0006 fixes it).
+/// the null rotation in the K-shift (patch 0005 fixes it).
 #[test]
 fn context_shift_without_a_rotation_does_not_crash() {
     let out = std::process::Command::new(std::env::current_exe().unwrap())

@@ -6,7 +6,7 @@
 # Which TUs: every .cu under ggml/src/ggml-cuda that a patch in patches/series adds or changes,
 # plus every .cu that includes (transitively, by its quoted #includes) a file a patch adds or
 # changes, among the TUs that CMake would build. Computed from the patches on every run, so a
-# patch that starts touching another kernel brings its TUs in. With today's series (0003, 0004)
+# patch that starts touching another kernel brings its TUs in. With today's series (0007-0010)
 # that is fattn.cu, fattn-gqa-fuse.cu, ggml-cuda.cu and the fattn-vec template instance of every
 # pair in src/cuda_fa_pairs.txt (they include fattn-vec.cuh -> fattn-vec-gqa.cuh, and each
 # instantiates the GQA decode kernel for its K/V types); CMake builds only those instances, as

@@ -31,7 +31,7 @@
 #   FT_PAIRS     default every pair built (fa_pairs.txt): the K-V pairs fattn-test checks
 #   GQA_MODES    default "1": the settings of GGML_CUDA_FA_VEC_GQA that `ab`, the op benchmark and
 #                the quality stage run under; "0 2" measures upstream's decode kernels and patches
-#                0003-0004's in the same call, on the same machine and build (files *-gqa0, *-gqa2)
+#                0009-0010's in the same call, on the same machine and build (files *-gqa0, *-gqa2)
 # fattn-bench (the decode op alone, FB_PAIRS/FB_DEPTHS/FB_REPS) and ncu (hardware counters,
 # Firecracker machines only) run once per call.
 # DEADLINE (seconds, default 560) bounds this call: stages that would not fit are left for the
@@ -135,7 +135,7 @@ build_stock() { # the unpatched libllama, rebuilt in the patched build folder (g
     log "unpatched files: ${changed[*]}"
     [ ${#changed[@]} -gt 0 ]
     if ! diff -rq "$B/stock/ggml" "$src/ggml" --exclude=build > /dev/null 2>&1; then
-        # patches of ours touch ggml (0003, 0004: ggml-cuda): the unpatched tree needs its own build
+        # patches of ours touch ggml (0006-0010: ggml-cpu, ggml-cuda): the unpatched tree needs its own build
         log "ggml differs between the trees: full unpatched build ($(left) s left)"
         cmake_configure "$B/stock" > "$R/cmake-stock.log" 2>&1 || { tail -30 "$R/cmake-stock.log"; return 1; }
         timeout "$(limit 20)" cmake --build "$B/stock/build" --target llama llama-common -j"$(nproc)" > "$R/build-stock.log" 2>&1 \

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Patches 0017 (K's RoPE in the cache write) and 0018 (Q's RoPE in the decode kernel) apart, on a
+# Patch 0010's two RoPE folds (K's RoPE in the cache write, Q's RoPE in the decode kernel) apart, on a
 # lent GPU (issue 34; bench/gpu-rope-fusion.md): decode speed with neither, K's alone and both, at
 # depths 0 and 4096, balanced order (00 10 11 11 10 00), on a launch-bound small model and a 7B
 # shape (f16 weights), and the Llama-3.1-8B shape with q8_0 weights. Libraries built on the

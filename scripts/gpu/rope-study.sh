@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# Patches 0017 and 0018 on a lent GPU (issue 34, item 1; bench/gpu-rope-fusion.md). Run from the
+# Patch 0010's RoPE folds on a lent GPU (issue 34, item 1; bench/gpu-rope-fusion.md). Run from the
 # repository root there after `scripts/gpu/pack.sh` here, once the CUDA libraries are built on the
 # machine (`STEP=build bash scripts/gpu/tune-study.sh`, or PREBUILT):
-#  1. patches 0017 and 0018 (K's RoPE done by the cache write, Q's by the decode kernel; opt-in):
+#  1. patch 0010's RoPE folds (K's RoPE done by the cache write, Q's by the decode kernel; opt-in):
 #     fattn-test with GGML_CUDA_FA_VEC_GQA_ROPE_K=1 and GGML_CUDA_FA_VEC_GQA_ROPE_Q=1; its layer
 #     cases rope Q and K (NeoX at head 128, adjacent pairs with YaRN at 256) and must show both
 #     RoPEs skipped ("ropeQ1 ropeK1") with outputs and caches equal to the unfused run's bit for

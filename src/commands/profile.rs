@@ -26,7 +26,7 @@ pub fn run(cmd: ProfileCommand) -> anyhow::Result<()> {
                     if m.raised {
                         "  raised: no KV cache type is this narrow"
                     } else if matches!(m.to_type, CacheType::Kv2 | CacheType::Kv3) {
-                        "  kvtuner's narrow type for rotated caches (patch 0008), no longer raised to q4_0"
+                        "  kvtuner's narrow type for rotated caches (patch 0006), no longer raised to q4_0"
                     } else {
                         ""
                     }

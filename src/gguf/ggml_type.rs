@@ -46,7 +46,7 @@ const TABLE: &[(u32, &str, u64, u64)] = &[
     (40, "nvfp4", 64, 36),
     (41, "q1_0", 128, 18),
     (42, "q2_0", 64, 18),
-    // kvtuner's KV cache types (patch 0008), ids far above upstream's
+    // kvtuner's KV cache types (patch 0006), ids far above upstream's
     (64, "kv2", 64, 18),
     (65, "kv3", 64, 26),
 ];

@@ -417,7 +417,7 @@ impl<'m> Context<'m> {
         (0..self.model.n_layer()).map(|il| self.layer_info(il)).collect()
     }
 
-    /// Memory of this context and its model per buffer type (patch 0012): weights, KV cache and
+    /// Memory of this context and its model per buffer type (patch 0002): weights, KV cache and
     /// compute buffers, as the runtime allocates them (with a metadata-only model: would).
     pub fn memory(&self) -> Vec<BufferMemory> {
         // Safety: counting call (out = NULL); valid context.
