@@ -34,9 +34,10 @@ pub struct CalibrateOptions {
     /// Chunks for the single-layer runs (the first ones; at most `chunks`).
     pub layer_chunks: usize,
     /// Tokens per chunk of the single-layer runs (at most `n_ctx`; each is the start of one of
-    /// the calibration chunks). A shorter chunk costs that fraction of a pass: the
-    /// single-layer runs are `2·L` of a calibration's passes, and a layer's *share* of the
-    /// error (all they give) ranks the same at half the context (bench/tune-cpu.md).
+    /// the calibration chunks). A shorter chunk costs that fraction of a pass, and the
+    /// single-layer runs are `2·L` of a calibration's passes. They only give each layer's
+    /// *share* of the error; at half the context that ranking moved a little (bench/tune-cpu.md:
+    /// Gemma's held-out choice better, Qwen's 7-15% worse than at the whole context).
     pub layer_ctx: u32,
     /// The single-layer runs score every `layer_stride`-th position of those chunks (1: all);
     /// the others compute no logits, which is a large share of a pass for big vocabularies.
