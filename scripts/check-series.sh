@@ -111,7 +111,8 @@ for i in "${!series[@]}"; do
         line+=" CPU ok ($(($(date +%s) - t0)) s)"
     fi
     if [ "$cuda" = 1 ]; then
-        if (cd "$root/patches" && cat "${series[@]:0:$n}") | grep -q '^+++ b/ggml/src/ggml-cuda/'; then
+        # (grep reads the files itself: `cat | grep -q` fails under pipefail when grep stops early)
+        if (cd "$root/patches" && grep -q '^+++ b/ggml/src/ggml-cuda/' "${series[@]:0:$n}"); then
             t0=$(date +%s)
             printf '%s\n' "${series[@]:0:$n}" > "$fake/patches/series"
             pairs_for_step

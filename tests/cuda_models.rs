@@ -1,15 +1,14 @@
-//! The host-side models of the CUDA kernels, run without a GPU (issue 36: the kernels'
-//! correctness as tests, not only as device calls): the tensor-core fragment layouts of patch
-//! 0009's V and K paths against plain dequantization, in Python with numpy, and the
-//! warp-register FWHT of patch 0010 against ggml-cuda's own, bit for bit, and the RoPE index
-//! mapping of patch 0010 against ggml's CPU RoPE (built against the patched tree's ggml).
-//! Each model exits non-zero
-//! on a wrong lane, row, slot or order. The op test against the CPU (`bench/gpu/fattn-test.cpp`)
-//! needs a GPU and runs on the device (`scripts/gpu/device-run.sh`).
+//! The host-side models of the CUDA kernels (tests/cuda/), run without a GPU: the tensor-core
+//! fragment layouts of patch 0009's V and K paths against plain dequantization (Python with
+//! numpy), the warp-register FWHT of patch 0010 against ggml-cuda's own, bit for bit, and the
+//! RoPE index mapping of patch 0010 against ggml's CPU RoPE (built against the patched tree's
+//! ggml). Each model exits non-zero on a wrong lane, row, slot or order. The op test against the
+//! CPU (`tests/cuda/fattn-test.cpp`) needs a GPU: `tests/cuda/run.sh` runs it, on a developer's
+//! machine or a lent device (`scripts/gpu/fattn-study.sh`).
 
 use std::process::Command;
 
-const GPU_SOURCES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/bench/gpu");
+const GPU_SOURCES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/cuda");
 
 fn run(program: &str, args: &[&str]) -> String {
     let out = Command::new(program).args(args).output().unwrap_or_else(|e| panic!("running {program}: {e}"));

@@ -69,7 +69,7 @@ pack_out() { # $1 = exit status (or "running"): summary.txt + results.tgz in $OU
         echo "== $(date -u +%FT%TZ) call '$MODE', rc $rc"
         # `|| true` and `if`: under set -e a missing file would end the EXIT trap before the tar
         cat "$R/gpu.txt" "$R/build-times.txt" "$R/speed-summary.txt" "$R/logits.txt" 2>/dev/null || true
-        for f in "$R"/fattn-test-*.txt; do if [ -f "$f" ]; then echo "-- $(basename "$f")"; tail -3 "$f"; fi; done
+        if [ -f "$R/fattn-test.txt" ]; then echo "-- fattn-test.txt"; tail -3 "$R/fattn-test.txt"; fi
         for f in "$R"/quality-*.md "$R"/ab-d*.md; do if [ -f "$f" ]; then echo "-- $(basename "$f")"; cat "$f"; fi; done
         echo "-- progress"; cat "$R/progress.log"
     } > "$OUT/summary.txt" 2>&1
@@ -218,16 +218,10 @@ speed_stock_vs_patched() { # patched (no profile) vs unpatched, same tree, both 
 }
 
 fattn_test() { # the flash-attention op and a layer's decode step, GPU against CPU, upstream's kernels and ours
-    g++ -O2 -std=c++17 -I"$B/patched/ggml/include" "$C/fattn-test.cpp" -o "$B/fattn-test" \
-        -L"$LIBP" -lggml -lggml-base -lggml-cpu -Wl,-rpath,"$LIBP"
-    local m
-    for m in ${FT_MODES:-0 $GQA_MODES}; do
-        [ -f "$R/fattn-test-gqa$m.txt" ] && continue # "0" twice
-        log "fattn-test GGML_CUDA_FA_VEC_GQA=$m"
-        GGML_CUDA_FA_VEC_GQA=$m GGML_CUDA_FA_VEC_GQA_MIN_KV=0 timeout "$(limit 5)" "$B/fattn-test" "${FT_PAIRS:-$(cat "$C/fa_pairs.txt")}" > "$R/fattn-test-gqa$m.txt" 2>&1 \
-            || log "fattn-test gqa $m: failures (see fattn-test-gqa$m.txt)"
-        tail -1 "$R/fattn-test-gqa$m.txt"
-    done
+    log "fattn-test (tests/cuda/run.sh), GGML_CUDA_FA_VEC_GQA=${FT_MODES:-0 $GQA_MODES}"
+    MODES="${FT_MODES:-0 $GQA_MODES}" BUDGET=$(limit 5) RESULTS=$R/fattn-test GGML_LIBS=$LIBP GGML_INCLUDE=$B/patched/ggml/include \
+        bash tests/cuda/run.sh "${FT_PAIRS:-}" > "$R/fattn-test.txt" 2>&1 || log "fattn-test: failures or cut short (see fattn-test.txt)"
+    tail -1 "$R/fattn-test.txt"
     mark fattn
 }
 

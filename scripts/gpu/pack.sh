@@ -2,7 +2,7 @@
 # Packs what the lent H200 machine needs into .device-carry/ (ignored by git, carried by the
 # device tool): the dynamically linked kvtuner built here (xz-compressed), the pinned llama.cpp tree with our
 # patch series applied and as it is (both trimmed to what a CUDA build needs), the CUDA
-# flash-attention pair list, the speed and op-test sources and the Lee corpus.
+# flash-attention pair list, the op-speed sources and the Lee corpus.
 #
 #   scripts/gpu/pack.sh        (after: CARGO_TARGET_DIR=target/dyn cargo build --release --features dynamic-link)
 set -euo pipefail
@@ -42,9 +42,10 @@ grep -v '^#' "$root/src/cuda_fa_pairs.txt" | awk 'NF==2 {printf "%s%s-%s", (n++ 
 # stripped and xz-compressed (6.5 -> 2 MB; symbols stay here: the carry is capped at 64 MiB);
 # call-prelude.sh and device-run.sh measure unpack it
 [ -x "$bin" ] && strip -o "$tmp/kvtuner" "$bin" && xz -T0 -9 -c "$tmp/kvtuner" > "$carry/kvtuner.xz"
-cp "$root/bench/stock-vs-patched/step.c" "$root/bench/stock-vs-patched/interleave.c" "$root/bench/gpu/fattn-test.cpp" \
-    "$root/bench/gpu/fattn-bench.cpp" "$root/bench/gpu/fattn-common.h" "$root/bench/gpu/decode-kernels.cpp" \
-    "$root/bench/gpu/ncu-kernels.py" "$carry/"
+# (the kernel tests, tests/cuda/, travel with the repository and run from it: tests/cuda/run.sh)
+cp "$root/bench/stock-vs-patched/step.c" "$root/bench/stock-vs-patched/interleave.c" \
+    "$root/scripts/gpu/fattn-bench.cpp" "$root/tests/cuda/fattn-common.h" "$root/scripts/gpu/decode-kernels.cpp" \
+    "$root/scripts/gpu/ncu-kernels.py" "$carry/"
 # PREBUILT=DIR: CUDA libraries of this same patched tree, built here (scripts/gpu/build-cuda-here.sh),
 # so the device only measures
 if [ -n "${PREBUILT:-}" ]; then

@@ -2,7 +2,7 @@
 # cache configuration, each over the same decode steps of decode-kernels.cpp), side by side: which
 # kernels a configuration adds, drops or slows against the first.
 #
-#   python3 bench/gpu/ncu-kernels.py NAME=FILE.csv NAME=FILE.csv ...
+#   python3 scripts/gpu/ncu-kernels.py NAME=FILE.csv NAME=FILE.csv ...
 import csv, re, sys
 from collections import defaultdict
 

@@ -6,7 +6,7 @@
 # layouts of mma.m16n8k32 (coded here from the PTX ISA, not from ggml's tile types), so a wrong
 # lane, row, int, column or slot fails it.
 #
-#   python3 bench/gpu/kfrag-model.py q4_0|q5_0|q8_0 [D=64|128|256]     (needs numpy)
+#   python3 tests/cuda/kfrag-model.py q4_0|q5_0|q8_0 [D=64|128|256]     (needs numpy)
 import numpy as np, struct, sys
 rng = np.random.default_rng(2)
 typ = sys.argv[1]

@@ -4,7 +4,7 @@
 # kernel's bit operations (byte-permutes, masks, half2 arithmetic in float16) and PTX's fragment
 # layouts of mma.m16n8k16, so a wrong lane, row, dim or head mapping fails it.
 #
-#   python3 bench/gpu/vfrag-model.py q4_0|q5_0|q8_0 [D=64|128|256] [G=2|4|8]     (needs numpy)
+#   python3 tests/cuda/vfrag-model.py q4_0|q5_0|q8_0 [D=64|128|256] [G=2|4|8]     (needs numpy)
 # (q8_0: fattn_gqa_V_frag_q8_0, GGML_CUDA_FA_VEC_GQA_Q8_MMA)
 import numpy as np, struct, sys
 rng = np.random.default_rng(1)

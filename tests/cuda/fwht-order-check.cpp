@@ -4,7 +4,7 @@
 // kernels changes no bit. Both are emulated lane by lane (32 lanes, value 32*r + lane in register
 // r); results must match bit for bit and equal a plain Sylvester-Hadamard product.
 //
-//   g++ -O1 -std=c++17 bench/gpu/fwht-order-check.cpp -o /tmp/fwht-order-check && /tmp/fwht-order-check
+//   g++ -O1 -std=c++17 tests/cuda/fwht-order-check.cpp -o /tmp/fwht-order-check && /tmp/fwht-order-check
 #include <cmath>
 #include <cstdio>
 #include <cstring>
