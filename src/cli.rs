@@ -175,6 +175,17 @@ pub struct AbArgs {
     /// The haystack: a file or a named text (repeated as needed).
     #[arg(long, default_value = "lee-evaluation")]
     pub passkey_text: String,
+    /// Next-line exact match on code at these context sizes (comma-separated): the model reads
+    /// the source text and writes the next line greedily at `--next-line-cases` cuts spread over
+    /// the second half of each context; a case counts when the line is exactly the source's.
+    #[arg(long, value_delimiter = ',')]
+    pub next_line: Vec<u32>,
+    /// Cuts per context for `--next-line`.
+    #[arg(long, default_value_t = 16)]
+    pub next_line_cases: usize,
+    /// The source text for `--next-line`: a file or a named text (held-out code by default).
+    #[arg(long, default_value = "code-evaluation")]
+    pub next_line_text: String,
     #[command(flatten)]
     pub devices: DeviceArgs,
     /// Write one JSON object per configuration here.

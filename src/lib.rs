@@ -1,7 +1,7 @@
 //! kvtuner: layer-wise mixed-precision KV cache for llama.cpp.
 //!
 //! Layers, top to bottom (each uses only those below it):
-//! `serve` (OpenAI-compatible server), `pipeline` (tune), `select`, `placement`, `capacity`, `runtime`, `calibrate`, `search`, `eval`, `passkey`, `bench`, `profile`, `report` → `llama` (safe wrapper over the
+//! `serve` (OpenAI-compatible server), `pipeline` (tune), `select`, `placement`, `capacity`, `runtime`, `calibrate`, `search`, `eval`, `passkey`, `next_line`, `bench`, `profile`, `report` → `llama` (safe wrapper over the
 //! patched runtime), `gguf` (read/write), `synth` (random-weight models), `assets` (real data).
 
 pub mod assets;
@@ -14,6 +14,7 @@ pub mod eval;
 pub mod gguf;
 pub mod kv_layout;
 pub mod llama;
+pub mod next_line;
 pub mod passkey;
 pub mod pipeline;
 pub mod placement;

@@ -67,6 +67,8 @@ struct Row {
     speed_memory: Vec<BufferMemory>,
     /// Passkey retrievals (`--passkey`), one per context × depth.
     passkey: Vec<kvtuner::passkey::Outcome>,
+    /// Next lines of code written at long context (`--next-line`), one per cut.
+    next_line: Vec<kvtuner::next_line::Outcome>,
 }
 
 pub fn run(args: AbArgs) -> anyhow::Result<()> {
@@ -147,6 +149,7 @@ pub fn run(args: AbArgs) -> anyhow::Result<()> {
             gpu_pairs_without_kernel: missing,
             speed_memory: Vec::new(),
             passkey: Vec::new(),
+            next_line: Vec::new(),
         });
     }
 
@@ -174,6 +177,36 @@ pub fn run(args: AbArgs) -> anyhow::Result<()> {
                     o.seconds
                 );
                 row.passkey.push(o);
+            }
+        }
+    }
+
+    if !args.next_line.is_empty() {
+        let (source, source_label) = load_text(&args.next_line_text, &args.model)?;
+        let tokens = model.tokenize(&source, false, false)?;
+        for &n_ctx in &args.next_line {
+            let cases = kvtuner::next_line::cases(&model, &tokens, n_ctx, args.next_line_cases)
+                .with_context(|| format!("next-line cases in {source_label}"))?;
+            eprintln!("next line: {} cut(s) in tokens {}..{} of {source_label}", cases.len(), cases[0].at, n_ctx);
+            for (row, c) in rows.iter_mut().zip(&configs) {
+                let t0 = std::time::Instant::now();
+                let outcomes = kvtuner::next_line::answer_all(&model, &tokens, (&c.name, &c.params), &cases)?;
+                let right = outcomes.iter().filter(|o| o.correct).count();
+                eprintln!(
+                    "  {} @ {n_ctx}: {right}/{} lines exact ({:.1} s)",
+                    c.name,
+                    outcomes.len(),
+                    t0.elapsed().as_secs_f64()
+                );
+                row.next_line.extend(outcomes);
+            }
+            // the first configuration's lines are the reference each other's are compared with
+            let reference: Vec<String> =
+                rows[0].next_line.iter().filter(|o| o.case.n_ctx == n_ctx).map(|o| o.answer.clone()).collect();
+            for row in &mut rows {
+                for (o, r) in row.next_line.iter_mut().filter(|o| o.case.n_ctx == n_ctx).zip(&reference) {
+                    o.same_as_reference = &o.answer == r;
+                }
             }
         }
     }
@@ -278,6 +311,9 @@ pub fn run(args: AbArgs) -> anyhow::Result<()> {
     if !args.passkey.is_empty() {
         print_passkey(&rows, &args);
     }
+    if !args.next_line.is_empty() {
+        print_next_line(&rows, &args);
+    }
     if let Some(path) = &args.json {
         let json = serde_json::to_string_pretty(&rows)?;
         kvtuner::atomic_write(path, json.as_bytes()).with_context(|| format!("writing {}", path.display()))?;
@@ -318,6 +354,34 @@ fn print_passkey(rows: &[Row], args: &AbArgs) {
         table.add_row(cells);
     }
     println!("\nPasskey retrieval (keys found / depths {:?}, greedy, {}):", args.passkey_depths, args.passkey_text);
+    println!("{table}");
+}
+
+/// Lines written exactly per configuration and context, out of the cuts.
+fn print_next_line(rows: &[Row], args: &AbArgs) {
+    let mut table = Table::new();
+    table.load_preset(comfy_table::presets::ASCII_MARKDOWN);
+    let mut header = vec!["config".to_string()];
+    header.extend(args.next_line.iter().map(|c| format!("next line @ {c}")));
+    table.set_header(header);
+    for r in rows {
+        let mut cells = vec![r.name.clone()];
+        for &n_ctx in &args.next_line {
+            let at: Vec<_> = r.next_line.iter().filter(|o| o.case.n_ctx == n_ctx).collect();
+            let same = at.iter().filter(|o| o.same_as_reference).count();
+            cells.push(format!(
+                "{}/{} ({same} as {})",
+                at.iter().filter(|o| o.correct).count(),
+                at.len(),
+                rows[0].name
+            ));
+        }
+        table.add_row(cells);
+    }
+    println!(
+        "\nNext line of code (lines written exactly / cuts in the second half of each context, each line seen before in it; in brackets: answers equal to the first configuration's; greedy, {}):",
+        args.next_line_text
+    );
     println!("{table}");
 }
 
