@@ -42,8 +42,9 @@ grep -v '^#' "$root/src/cuda_fa_pairs.txt" | awk 'NF==2 {printf "%s%s-%s", (n++ 
 # stripped and xz-compressed (6.5 -> 2 MB; symbols stay here: the carry is capped at 64 MiB);
 # call-prelude.sh and device-run.sh measure unpack it
 [ -x "$bin" ] && strip -o "$tmp/kvtuner" "$bin" && xz -T0 -9 -c "$tmp/kvtuner" > "$carry/kvtuner.xz"
-# (the kernel tests, tests/cuda/, travel with the repository and run from it: tests/cuda/run.sh)
-cp "$root/bench/stock-vs-patched/step.c" "$root/bench/stock-vs-patched/interleave.c" \
+# (the kernel tests, tests/cuda/, travel with the repository and run from it: tests/cuda/run.sh;
+# fattn-test.cpp is in the carry too for the call scripts of bench/gpu-h200/, which build it there)
+cp "$root/bench/stock-vs-patched/step.c" "$root/bench/stock-vs-patched/interleave.c" "$root/tests/cuda/fattn-test.cpp" \
     "$root/scripts/gpu/fattn-bench.cpp" "$root/tests/cuda/fattn-common.h" "$root/scripts/gpu/decode-kernels.cpp" \
     "$root/scripts/gpu/ncu-kernels.py" "$carry/"
 # PREBUILT=DIR: CUDA libraries of this same patched tree, built here (scripts/gpu/build-cuda-here.sh),
