@@ -22,7 +22,7 @@
 set -uo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
 : "${GGML_LIBS:?set GGML_LIBS to the folder of libggml*.so of a CUDA build of the patched tree}"
-: "${GGML_INCLUDE:?set GGML_INCLUDE to that tree's ggml/include}"
+: "${GGML_INCLUDE:?set GGML_INCLUDE to the ggml/include folder of that tree}"
 built=$(grep -v '^#' "$root/src/cuda_fa_pairs.txt" | awk 'NF==2 {printf "%s%s-%s", (n++ ? ";" : ""), $1, $2}')
 IFS=';' read -r -a pairs <<< "${1:-$built}"
 read -r -a modes <<< "${MODES:-0 1}"
