@@ -127,9 +127,7 @@ pub fn answer(
     }
     let mut answer = Vec::new();
     for pos in (tokens.len() as i32..).take(ANSWER_TOKENS) {
-        let logits = ctx.logits(-1).expect("the last token's logits were asked for");
-        let next =
-            logits.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map(|(i, _)| i as Token).expect("a vocabulary");
+        let next = ctx.greedy_token(-1).expect("the last token's logits were asked for");
         if model.is_eog(next) {
             break;
         }

@@ -375,6 +375,11 @@ impl<'m> Context<'m> {
         Some(unsafe { std::slice::from_raw_parts(p, self.n_vocab) })
     }
 
+    /// The most likely token after output `i` (greedy decoding), if its logits were asked for.
+    pub fn greedy_token(&self, i: i32) -> Option<Token> {
+        self.logits(i)?.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map(|(t, _)| t as Token)
+    }
+
     /// What layer `il`'s KV cache really holds; `None` if the layer has no cache here.
     pub fn layer_info(&self, il: u32) -> Option<KvLayerInfo> {
         let mut info = sys::llama_kv_layer_info::default();
