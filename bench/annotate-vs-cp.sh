@@ -9,7 +9,7 @@ set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 rounds=${1:-7}
 kvtuner=$root/target/release/kvtuner
-model=$("$kvtuner" fetch --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["model"])')
+model=$("$kvtuner" fetch --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["models"]["gemma3-270m"])')
 profile=$root/profiles/gemma3-270m-6.5bpv.yaml
 [ -f "$profile" ] || { echo "missing $profile" >&2; exit 1; }
 work=$(mktemp -d "$root/target/annotate-bench.XXXX")

@@ -11,7 +11,7 @@ root=$(cd "$(dirname "$0")/../.." && pwd)
 kvtuner=$root/target/release/kvtuner
 out=${1:-$root/target/floor-path}
 mkdir -p "$out"
-model=$("$kvtuner" fetch --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["model"])')
+model=$("$kvtuner" fetch --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["models"]["gemma3-270m"])')
 fingerprint=$(grep fingerprint "$root/profiles/gemma3-270m-5.5bpv.yaml" | awk '{print $2}')
 profile() { # name, layer-0 K type, layer-0 V type (the other 17 layers f16)
     {

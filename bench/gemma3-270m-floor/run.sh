@@ -10,7 +10,7 @@ root=$(cd "$(dirname "$0")/../.." && pwd)
 kvtuner=$root/target/release/kvtuner
 out=${1:-$root/target/floor}
 mkdir -p "$out/profiles"
-model=$("$kvtuner" fetch --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["model"])')
+model=$("$kvtuner" fetch --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["models"]["gemma3-270m"])')
 layers=$("$kvtuner" inspect --json "$model" | python3 -c 'import json,sys; print(json.load(sys.stdin)["layers"])')
 args=()
 for h in K V; do
