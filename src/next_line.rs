@@ -13,7 +13,7 @@
 
 use serde::Serialize;
 
-use crate::llama::{Batch, Context, ContextParams, CreateContextError, DecodeError, Model, Token, TokenizeError};
+use crate::llama::{Context, ContextParams, CreateContextError, DecodeError, Model, Token, TokenizeError};
 
 /// Tokens generated for a line at most; a target line is at most `MAX_LINE_CHARS` long.
 const ANSWER_TOKENS: usize = 64;
@@ -147,41 +147,22 @@ pub fn answer_all(
     let params = ContextParams { n_ctx, n_batch: 512, n_ubatch: 512, n_seq_max: 1, ..config.1.clone() };
     let mut ctx = Context::new(model, &params).map_err(|source| NextLineError::Context { n_ctx, source })?;
     let bos: Vec<Token> = if model.add_bos() { vec![model.token_bos()] } else { Vec::new() };
-    let mut batch = Batch::new(512);
     // position in the context of text token i: i + bos.len()
     let off = bos.len();
+    ctx.decode_prompt(&bos, 0, 512).map_err(|source| NextLineError::Decode { n_ctx, pos: 0, source })?;
     let mut fed = 0; // text tokens in the cache
-    if !bos.is_empty() {
-        batch.add_sequence(&bos, 0, 0, |_| false).expect("one token fits the batch");
-        ctx.decode(&batch).map_err(|source| NextLineError::Decode { n_ctx, pos: 0, source })?;
-    }
     let mut out = Vec::with_capacity(cases.len());
     for case in cases {
         // read on to the cut, the last token's logits kept
-        while fed < case.at {
-            let end = (fed + 512).min(case.at);
-            batch.clear();
-            let last = end == case.at;
-            batch
-                .add_sequence(&text[fed..end], (fed + off) as i32, 0, |j| last && fed + j == end - 1)
-                .expect("a part fits the batch");
-            ctx.decode(&batch).map_err(|source| NextLineError::Decode { n_ctx, pos: fed + off, source })?;
-            fed = end;
-        }
-        let mut answer = Vec::new();
-        for pos in (case.at + off..).take(ANSWER_TOKENS) {
-            let next = ctx.greedy_token(-1).expect("the last token's logits were asked for");
-            if model.is_eog(next) {
-                break;
-            }
-            answer.extend(model.token_piece_bytes(next, false));
-            if answer.contains(&b'\n') {
-                break;
-            }
-            batch.clear();
-            batch.add(next, pos as i32, 0, true).expect("one token fits the batch");
-            ctx.decode(&batch).map_err(|source| NextLineError::Decode { n_ctx, pos, source })?;
-        }
+        ctx.decode_prompt(&text[fed..case.at], (fed + off) as i32, 512).map_err(|source| NextLineError::Decode {
+            n_ctx,
+            pos: fed + off,
+            source,
+        })?;
+        fed = case.at;
+        let answer = ctx
+            .generate_greedy((case.at + off) as i32, ANSWER_TOKENS, |b| b.contains(&b'\n'))
+            .map_err(|source| NextLineError::Decode { n_ctx, pos: case.at + off, source })?;
         // the answer's tokens out of the cache, so the text goes on from the cut
         if !ctx.remove_range(0, (case.at + off) as i32, -1) {
             return Err(NextLineError::CannotRewind { config: config.0.to_string(), from: case.at + off });

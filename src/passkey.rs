@@ -10,7 +10,7 @@
 
 use serde::Serialize;
 
-use crate::llama::{Batch, Context, ContextParams, CreateContextError, DecodeError, Model, Token, TokenizeError};
+use crate::llama::{Context, ContextParams, CreateContextError, DecodeError, Model, Token, TokenizeError};
 
 pub const INTRO: &str = "There is an important piece of information hidden inside a lot of irrelevant text. \
 Find it and memorize it. I will quiz you about it.\n\n";
@@ -118,24 +118,8 @@ pub fn answer(
     let params = ContextParams { n_ctx, n_batch: 512, n_ubatch: 512, n_seq_max: 1, ..config.1.clone() };
     let mut ctx = Context::new(model, &params).map_err(|source| PasskeyError::Context { n_ctx, source })?;
     let decode_err = |source| PasskeyError::Decode { n_ctx, source };
-    let mut batch = Batch::new(512);
-    for (i, part) in tokens.chunks(512).enumerate() {
-        batch.clear();
-        let last = (i + 1) * 512 >= tokens.len();
-        batch.add_sequence(part, (i * 512) as i32, 0, |j| last && j == part.len() - 1).expect("a part fits the batch");
-        ctx.decode(&batch).map_err(decode_err)?;
-    }
-    let mut answer = Vec::new();
-    for pos in (tokens.len() as i32..).take(ANSWER_TOKENS) {
-        let next = ctx.greedy_token(-1).expect("the last token's logits were asked for");
-        if model.is_eog(next) {
-            break;
-        }
-        answer.extend(model.token_piece_bytes(next, false));
-        batch.clear();
-        batch.add(next, pos, 0, true).expect("one token fits the batch");
-        ctx.decode(&batch).map_err(decode_err)?;
-    }
+    ctx.decode_prompt(&tokens, 0, 512).map_err(decode_err)?;
+    let answer = ctx.generate_greedy(tokens.len() as i32, ANSWER_TOKENS, |_| false).map_err(decode_err)?;
     let answer = String::from_utf8_lossy(&answer).into_owned();
     Ok(Outcome {
         config: config.0.to_string(),

@@ -340,49 +340,41 @@ pub fn run(args: AbArgs) -> anyhow::Result<()> {
 
 /// Keys retrieved per configuration and context, out of the depths tried.
 fn print_passkey(rows: &[Row], args: &AbArgs) {
-    let mut table = Table::new();
-    table.load_preset(comfy_table::presets::ASCII_MARKDOWN);
-    let mut header = vec!["config".to_string()];
-    header.extend(args.passkey.iter().map(|c| format!("passkey @ {c}")));
-    table.set_header(header);
-    for r in rows {
-        let mut cells = vec![r.name.clone()];
-        for &n_ctx in &args.passkey {
-            let at: Vec<_> = r.passkey.iter().filter(|o| o.case.n_ctx == n_ctx).collect();
-            cells.push(format!("{}/{}", at.iter().filter(|o| o.correct).count(), at.len()));
-        }
-        table.add_row(cells);
-    }
+    let table = task_table(rows, &args.passkey, "passkey", |r, n_ctx| {
+        let at: Vec<_> = r.passkey.iter().filter(|o| o.case.n_ctx == n_ctx).collect();
+        format!("{}/{}", at.iter().filter(|o| o.correct).count(), at.len())
+    });
     println!("\nPasskey retrieval (keys found / depths {:?}, greedy, {}):", args.passkey_depths, args.passkey_text);
     println!("{table}");
 }
 
 /// Lines written exactly per configuration and context, out of the cuts.
 fn print_next_line(rows: &[Row], args: &AbArgs) {
-    let mut table = Table::new();
-    table.load_preset(comfy_table::presets::ASCII_MARKDOWN);
-    let mut header = vec!["config".to_string()];
-    header.extend(args.next_line.iter().map(|c| format!("next line @ {c}")));
-    table.set_header(header);
-    for r in rows {
-        let mut cells = vec![r.name.clone()];
-        for &n_ctx in &args.next_line {
-            let at: Vec<_> = r.next_line.iter().filter(|o| o.case.n_ctx == n_ctx).collect();
-            let same = at.iter().filter(|o| o.same_as_reference).count();
-            cells.push(format!(
-                "{}/{} ({same} as {})",
-                at.iter().filter(|o| o.correct).count(),
-                at.len(),
-                rows[0].name
-            ));
-        }
-        table.add_row(cells);
-    }
+    let table = task_table(rows, &args.next_line, "next line", |r, n_ctx| {
+        let at: Vec<_> = r.next_line.iter().filter(|o| o.case.n_ctx == n_ctx).collect();
+        let same = at.iter().filter(|o| o.same_as_reference).count();
+        format!("{}/{} ({same} as {})", at.iter().filter(|o| o.correct).count(), at.len(), rows[0].name)
+    });
     println!(
         "\nNext line of code (lines written exactly / cuts in the second half of each context, each line seen before in it; in brackets: answers equal to the first configuration's; greedy, {}):",
         args.next_line_text
     );
     println!("{table}");
+}
+
+/// A long-context task's table: a row per configuration, a column per context (`TASK @ N`).
+fn task_table(rows: &[Row], contexts: &[u32], task: &str, cell: impl Fn(&Row, u32) -> String) -> Table {
+    let mut table = Table::new();
+    table.load_preset(comfy_table::presets::ASCII_MARKDOWN);
+    let mut header = vec!["config".to_string()];
+    header.extend(contexts.iter().map(|c| format!("{task} @ {c}")));
+    table.set_header(header);
+    for r in rows {
+        let mut cells = vec![r.name.clone()];
+        cells.extend(contexts.iter().map(|&n_ctx| cell(r, n_ctx)));
+        table.add_row(cells);
+    }
+    table
 }
 
 fn print_table(rows: &[Row], args: &AbArgs, base_ppl: f64, label: &str) {

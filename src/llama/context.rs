@@ -380,6 +380,49 @@ impl<'m> Context<'m> {
         self.logits(i)?.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map(|(t, _)| t as Token)
     }
 
+    /// Decodes `tokens` into sequence 0 at positions `pos..`, in batches of `n_batch`, with logits
+    /// for the last token only (a prompt before generating).
+    pub fn decode_prompt(&mut self, tokens: &[Token], pos: i32, n_batch: usize) -> Result<(), DecodeError> {
+        let mut batch = Batch::new(n_batch);
+        for (i, part) in tokens.chunks(n_batch).enumerate() {
+            let last = (i + 1) * n_batch >= tokens.len();
+            batch.clear();
+            batch
+                .add_sequence(part, pos + (i * n_batch) as i32, 0, |j| last && j == part.len() - 1)
+                .expect("a part fits its batch");
+            self.decode(&batch)?;
+        }
+        Ok(())
+    }
+
+    /// Greedy continuation of sequence 0 after the last decode (whose last token kept its
+    /// logits): up to `max` tokens from position `pos`, ending early at an end-of-generation token
+    /// or once `stop` holds for the bytes so far. Returns the continuation's bytes.
+    pub fn generate_greedy(
+        &mut self,
+        pos: i32,
+        max: usize,
+        stop: impl Fn(&[u8]) -> bool,
+    ) -> Result<Vec<u8>, DecodeError> {
+        let model = self.model;
+        let mut out = Vec::new();
+        let mut batch = Batch::new(1);
+        for (n, p) in (pos..).take(max).enumerate() {
+            let next = self.greedy_token(-1).expect("the last decoded token kept its logits");
+            if model.is_eog(next) {
+                break;
+            }
+            out.extend(model.token_piece_bytes(next, false));
+            if stop(&out) || n + 1 == max {
+                break;
+            }
+            batch.clear();
+            batch.add(next, p, 0, true).expect("one token fits the batch");
+            self.decode(&batch)?;
+        }
+        Ok(out)
+    }
+
     /// What layer `il`'s KV cache really holds; `None` if the layer has no cache here.
     pub fn layer_info(&self, il: u32) -> Option<KvLayerInfo> {
         let mut info = sys::llama_kv_layer_info::default();
