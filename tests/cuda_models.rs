@@ -6,16 +6,11 @@
 //! CPU (`tests/cuda/fattn-test.cpp`) needs a GPU: `tests/cuda/run.sh` runs it, on a developer's
 //! machine or a lent device (`scripts/gpu/fattn-study.sh`).
 
-use std::process::Command;
+mod common;
+
+use common::ggml_program::{build_and_run, run};
 
 const GPU_SOURCES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/cuda");
-
-fn run(program: &str, args: &[&str]) -> String {
-    let out = Command::new(program).args(args).output().unwrap_or_else(|e| panic!("running {program}: {e}"));
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    assert!(out.status.success(), "{program} {args:?} failed:\n{text}");
-    text
-}
 
 #[test]
 fn tensor_core_fragment_models_match_plain_dequantization() {
@@ -40,26 +35,6 @@ fn warp_register_fwht_matches_ggml_cudas_bit_for_bit() {
 
 #[test]
 fn rope_index_mapping_matches_ggmls_cpu_rope() {
-    let build = std::path::Path::new(env!("KVTUNER_LLAMA_BUILD"));
-    let lib = build.join("lib");
-    let dir = tempfile::tempdir().unwrap();
-    let exe = dir.path().join("rope-k-model");
-    let include = format!("-I{}", build.join("src/ggml/include").display());
-    let source = format!("{GPU_SOURCES}/rope-k-model.cpp");
-    let mut args: Vec<String> = vec!["-O2".into(), "-std=c++17".into(), include, source];
-    if lib.join("libggml-cpu.a").exists() {
-        args.extend([lib.join("libggml-cpu.a"), lib.join("libggml-base.a")].map(|p| p.display().to_string()));
-    } else {
-        // the dynamic-link feature's shared libraries
-        args.extend([
-            format!("-L{}", lib.display()),
-            "-lggml-cpu".into(),
-            "-lggml-base".into(),
-            format!("-Wl,-rpath,{}", lib.display()),
-        ]);
-    }
-    args.extend(["-lpthread".into(), "-o".into(), exe.display().to_string()]);
-    run("g++", &args.iter().map(String::as_str).collect::<Vec<_>>());
-    let out = run(exe.to_str().unwrap(), &[]);
+    let out = build_and_run(std::path::Path::new(&format!("{GPU_SOURCES}/rope-k-model.cpp")));
     assert!(out.contains(" 0 failed"), "{out}");
 }

@@ -2,6 +2,7 @@
 //! into the kvtuner cache) and small synthetic llama models written at test time.
 #![allow(dead_code)]
 
+pub mod ggml_program;
 pub mod server;
 
 use std::path::{Path, PathBuf};
