@@ -502,8 +502,8 @@ pub struct CalibrationPlan {
     pub layer_chunks: usize,
     /// Tokens per chunk of the single-layer runs, each the start of one calibration chunk (0 or
     /// the calibration context: whole chunks). They only rank layers within K or V; a chunk of
-    /// 512 costs less than half a pass of 1024 (bench/tune-cpu.md).
-    #[arg(long, default_value_t = 512)]
+    /// 768 costs about 70% of a pass of 1024 and ranked as well on both models (bench/tune-cpu.md).
+    #[arg(long, default_value_t = 768)]
     pub layer_ctx: u32,
     /// The single-layer runs score every Nth position of their chunks (1: every position); the
     /// others compute no logits, which saves much of a pass on models with large vocabularies.
