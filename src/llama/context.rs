@@ -51,6 +51,24 @@ impl LayerCacheTypes {
     }
 }
 
+/// A recent window per layer (patch 0014): layer `il` keeps the last `layers[il]` positions of
+/// each sequence also in `type_k`/`type_v` (f16 or q8_0) and attends to them there, to older
+/// positions in its cache type. Every nonzero size must be the same; needs flash attention.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RecentWindow {
+    /// Positions per layer (0: no window; index = layer, one entry per layer).
+    pub layers: Vec<u32>,
+    pub type_k: CacheType,
+    pub type_v: CacheType,
+}
+
+impl RecentWindow {
+    /// The same window of `size` positions in `ty` on every one of `n_layer` layers.
+    pub fn uniform(n_layer: usize, size: u32, ty: CacheType) -> RecentWindow {
+        RecentWindow { layers: vec![size; n_layer], type_k: ty, type_v: ty }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct ContextParams {
     pub n_ctx: u32,
@@ -63,6 +81,8 @@ pub struct ContextParams {
     pub type_v: CacheType,
     /// Per-layer types; `None` = `type_k`/`type_v` everywhere (or the model's embedded profile).
     pub layer_types: Option<LayerCacheTypes>,
+    /// A recent window per layer in a wider type; `None` = none.
+    pub window: Option<RecentWindow>,
     /// Ignore the profile embedded in the model's metadata.
     pub no_kv_profile: bool,
     /// Full-size sliding-window cache (llama.cpp's default); kvtuner defaults to the window.
@@ -84,6 +104,7 @@ impl Default for ContextParams {
             type_k: CacheType::F16,
             type_v: CacheType::F16,
             layer_types: None,
+            window: None,
             no_kv_profile: false,
             swa_full: false,
             offload_kqv: true,
@@ -96,6 +117,8 @@ impl Default for ContextParams {
 pub enum CreateContextError {
     #[error("per-layer cache types: K has {k} entries and V has {v}, but the model has {layers} layers")]
     LayerCount { k: usize, v: usize, layers: u32 },
+    #[error("the recent window has {got} per-layer entries, but the cache types have {want}")]
+    WindowLayers { got: usize, want: usize },
     #[error("llama.cpp could not create a context for {model}{}", log_suffix(.log))]
     Failed { model: String, log: String },
 }
@@ -138,6 +161,11 @@ pub struct KvLayerInfo {
     /// ggml's name of the device holding the layer's K cache (`CPU`, `CUDA0`,
     /// `RPC0[host:port]`); empty when nothing is allocated (metadata-only models).
     pub device: DeviceName,
+    /// Recent-window positions (0: none), its K and V types and the bytes of both.
+    pub window: u32,
+    pub type_k_window: Option<CacheType>,
+    pub type_v_window: Option<CacheType>,
+    pub bytes_window: u64,
 }
 
 /// Memory on one buffer type ([`Context::memory`]).
@@ -306,6 +334,19 @@ impl<'m> Context<'m> {
             cp.type_v_layers = v.as_ptr();
             cp.n_type_layers = k.len() as u32;
         }
+        if let Some(window) = &params.window {
+            // one length for every per-layer array (the runtime checks it against the model)
+            if layer_ids.is_some() && window.layers.len() != cp.n_type_layers as usize {
+                return Err(CreateContextError::WindowLayers {
+                    got: window.layers.len(),
+                    want: cp.n_type_layers as usize,
+                });
+            }
+            cp.kv_window_layers = window.layers.as_ptr();
+            cp.n_type_layers = window.layers.len() as u32;
+            cp.type_k_window = window.type_k.ggml_id();
+            cp.type_v_window = window.type_v.ggml_id();
+        }
 
         take_recent_log();
         // Safety: the model outlives the context ('m); the per-layer arrays are borrowed for the
@@ -440,6 +481,10 @@ impl<'m> Context<'m> {
             is_swa: info.is_swa,
             attn_fallback: info.attn_fallback,
             device: DeviceName::from_c(&info.device),
+            window: info.window,
+            type_k_window: (info.window > 0).then(|| CacheType::from_ggml_id(info.type_k_window)).flatten(),
+            type_v_window: (info.window > 0).then(|| CacheType::from_ggml_id(info.type_v_window)).flatten(),
+            bytes_window: info.bytes_window as u64,
         })
     }
 

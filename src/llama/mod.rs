@@ -19,7 +19,7 @@ pub use common::{
 };
 pub use context::{
     BufferMemory, Context, ContextParams, CreateContextError, DecodeError, DeviceName, FlashAttn, KvLayerInfo,
-    LayerCacheTypes, Perf, StateError,
+    LayerCacheTypes, Perf, RecentWindow, StateError,
 };
 pub use gguf_c::{GgufCError, GgufCSummary, GgufCTensor};
 pub use model::{

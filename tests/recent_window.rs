@@ -1,0 +1,200 @@
+//! The recent window per layer (patch 0014; issue 35): each layer keeps its last W positions
+//! also in a wider type and attends to them there. Oracles: a window over the whole context is the
+//! wide cache; a window brings a narrow cache closer to f16 without reaching it; generating and
+//! removing a token leaves the window as it was; sizes and refusals are what the runtime reports.
+
+mod common;
+
+use kvtuner::cache_type::CacheType;
+use kvtuner::llama::{Batch, Context, ContextParams, FlashAttn, Model, RecentWindow};
+
+fn params(model: &Model, ty: CacheType, window: Option<(u32, CacheType)>, n_ubatch: u32) -> ContextParams {
+    ContextParams {
+        n_ctx: 512,
+        n_batch: 512,
+        n_ubatch,
+        n_threads: 2,
+        flash_attn: FlashAttn::On,
+        type_k: ty,
+        type_v: ty,
+        no_kv_profile: true,
+        window: window.map(|(w, t)| RecentWindow::uniform(model.n_layer() as usize, w, t)),
+        ..Default::default()
+    }
+}
+
+fn prompt(model: &Model, n: usize) -> Vec<i32> {
+    if model.n_vocab() > 10_000 {
+        let mut t = model.tokenize(&common::eval_text()[..8000], true, false).unwrap();
+        t.truncate(n);
+        t
+    } else {
+        (0..n as i32).map(|i| (i * 37 % (model.n_vocab() as i32 - 3)) + 3).collect()
+    }
+}
+
+/// Log-probabilities at every position of `tokens`, decoded in ubatches of `p.n_ubatch`.
+fn logprobs(model: &Model, p: &ContextParams, tokens: &[i32]) -> Vec<Vec<f32>> {
+    let mut ctx = Context::new(model, p).unwrap();
+    let mut out = Vec::new();
+    for (c, chunk) in tokens.chunks(p.n_ubatch as usize).enumerate() {
+        let start = c * p.n_ubatch as usize;
+        let mut batch = Batch::new(chunk.len());
+        batch.add_sequence(chunk, start as i32, 0, |_| true).unwrap();
+        ctx.decode(&batch).unwrap();
+        for i in 0..chunk.len() {
+            out.push(log_softmax(ctx.logits(i as i32).unwrap()));
+        }
+    }
+    out
+}
+
+fn log_softmax(x: &[f32]) -> Vec<f32> {
+    let m = x.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+    let lse = m + x.iter().map(|v| (v - m).exp()).sum::<f32>().ln();
+    x.iter().map(|v| v - lse).collect()
+}
+
+/// Mean KL(reference ‖ other) over positions `from..`.
+fn mean_kld(reference: &[Vec<f32>], other: &[Vec<f32>], from: usize) -> f64 {
+    let n = reference.len() - from;
+    (from..reference.len())
+        .map(|i| reference[i].iter().zip(&other[i]).map(|(p, q)| (p.exp() * (p - q)) as f64).sum::<f64>().max(0.0))
+        .sum::<f64>()
+        / n as f64
+}
+
+fn window_oracles(model: &Model, n_tokens: usize) {
+    let tokens = prompt(model, n_tokens);
+    let f16 = logprobs(model, &params(model, CacheType::F16, None, 64), &tokens);
+    let q4 = logprobs(model, &params(model, CacheType::Q4_0, None, 64), &tokens);
+    // a window as long as the context: every position is read from its f16 copy, never from the
+    // cache, so the cache's type cannot matter (bit for bit); what is left against the f16 cache
+    // is the Hadamard rotation of quantized layers, stored in f16 (tiny on a random llama; on Gemma
+    // 3 270M, whose uniform q8_0 cache costs KLD 0.007, about 0.006)
+    let whole = logprobs(model, &params(model, CacheType::Q4_0, Some((512, CacheType::F16)), 64), &tokens);
+    let whole_q8 = logprobs(model, &params(model, CacheType::Q8_0, Some((512, CacheType::F16)), 64), &tokens);
+    assert!(whole == whole_q8, "a whole-context window must make the cache's own type irrelevant");
+    let (kld_q4, kld_whole) = (mean_kld(&f16, &q4, 0), mean_kld(&f16, &whole, 0));
+    assert!(kld_q4 > 1e-4, "q4_0 must differ from f16 for the oracle to mean anything: {kld_q4}");
+    assert!(
+        kld_whole < kld_q4 / 10.0,
+        "a whole-context f16 window is (up to the rotation) the f16 cache: KLD {kld_whole} (q4_0 {kld_q4})"
+    );
+    // a 32-position window decoded a token at a time: every query sees exactly its last 32
+    // positions wide; past position 32 the older ones are q4_0, so it lies between the two
+    let w = 32;
+    let windowed = logprobs(model, &params(model, CacheType::Q4_0, Some((w, CacheType::F16)), 1), &tokens);
+    let q4_steps = logprobs(model, &params(model, CacheType::Q4_0, None, 1), &tokens);
+    let (kld_win, kld_q4s) = (mean_kld(&f16, &windowed, w as usize), mean_kld(&f16, &q4_steps, w as usize));
+    assert!(kld_win < kld_q4s * 0.8, "a {w}-position window must bring q4_0 closer to f16: {kld_win} vs {kld_q4s}");
+    assert!(
+        kld_win > kld_whole * 2.0,
+        "older positions are q4_0: the window is not the f16 cache ({kld_win} vs {kld_whole})"
+    );
+    // the first w positions never left the window: bit for bit what a whole-context window gives
+    // on the same path (one token at a time)
+    let whole_steps =
+        logprobs(model, &params(model, CacheType::Q4_0, Some((512, CacheType::F16)), 1), &tokens[..w as usize]);
+    assert!(whole_steps[..] == windowed[..w as usize], "positions inside the window must not depend on its size");
+}
+
+#[test]
+fn a_window_on_a_llama_model_reads_recent_positions_wide_and_older_ones_narrow() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = common::synth_llama(dir.path());
+    window_oracles(&model, 160);
+}
+
+#[test]
+fn a_window_on_gemmas_sliding_window_cache_reads_recent_positions_wide() {
+    window_oracles(&common::gemma(), 112);
+}
+
+#[test]
+fn generating_and_removing_a_token_leaves_the_window_as_it_was() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = common::synth_llama(dir.path());
+    let tokens = prompt(&model, 100);
+    let p = params(&model, CacheType::Q4_0, Some((16, CacheType::F16)), 1);
+    let mut ctx = Context::new(&model, &p).unwrap();
+    ctx.decode_prompt(&tokens[..99], 0, 1).unwrap();
+    let probe = |ctx: &mut Context| {
+        let mut b = Batch::new(1);
+        b.add(tokens[99], 99, 0, true).unwrap();
+        ctx.decode(&b).unwrap();
+        let l = ctx.logits(0).unwrap().to_vec();
+        assert!(ctx.remove_range(0, 99, -1));
+        l
+    };
+    let first = probe(&mut ctx);
+    // a detour: three more tokens enter the window (evicting three older copies), then leave it
+    ctx.generate_greedy(99, 4, |_| false).unwrap();
+    assert!(ctx.remove_range(0, 99, -1));
+    let second = probe(&mut ctx);
+    let diff = first.iter().zip(&second).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+    // the evicted positions' cache copies are read now (their window copies are gone): the
+    // logits move, but only as far as three positions read in q4_0 move them
+    let q4_only = {
+        let mut c = Context::new(&model, &params(&model, CacheType::Q4_0, None, 1)).unwrap();
+        c.decode_prompt(&tokens[..99], 0, 1).unwrap();
+        probe(&mut c)
+    };
+    let to_q4 = first.iter().zip(&q4_only).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+    assert!(diff <= to_q4, "removal left the window inconsistent: moved {diff}, q4_0 alone differs by {to_q4}");
+}
+
+#[test]
+fn the_runtime_reports_each_layers_window_and_its_bytes() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = common::synth_llama(dir.path());
+    let n_layer = model.n_layer() as usize;
+    let mut window = RecentWindow::uniform(n_layer, 64, CacheType::Q8_0);
+    window.type_k = CacheType::F16;
+    window.layers[1] = 0;
+    let p = ContextParams { window: Some(window), ..params(&model, CacheType::Q4_0, None, 64) };
+    let ctx = Context::new(&model, &p).unwrap();
+    for (il, info) in ctx.layers().into_iter().enumerate() {
+        let info = info.unwrap();
+        if il == 1 {
+            assert_eq!((info.window, info.bytes_window, info.type_k_window), (0, 0, None));
+            continue;
+        }
+        assert_eq!(info.window, 64, "layer {il}");
+        assert_eq!((info.type_k_window, info.type_v_window), (Some(CacheType::F16), Some(CacheType::Q8_0)));
+        // rows of n_embd_gqa values for 64 slots and the discard row, one stream: K f16, V q8_0
+        let n_embd = info.bytes_k / info.n_cells as u64 / 18 * 32; // q4_0: 18 bytes per 32 values
+        let expect = 65 * (n_embd * 2 + n_embd / 32 * 34);
+        assert_eq!(info.bytes_window, expect, "layer {il}");
+    }
+}
+
+#[test]
+fn windows_the_runtime_cannot_honour_are_refused_with_the_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = common::synth_llama(dir.path());
+    let n_layer = model.n_layer() as usize;
+    let mut mixed = RecentWindow::uniform(n_layer, 32, CacheType::F16);
+    mixed.layers[2] = 64;
+    let cases = [
+        (ContextParams { window: Some(mixed), ..params(&model, CacheType::Q4_0, None, 64) }, "same size"),
+        (
+            ContextParams {
+                window: Some(RecentWindow::uniform(n_layer, 32, CacheType::Q4_0)),
+                ..params(&model, CacheType::Q4_0, None, 64)
+            },
+            "f16 or q8_0",
+        ),
+        (
+            ContextParams {
+                flash_attn: FlashAttn::Off,
+                ..params(&model, CacheType::F16, Some((32, CacheType::F16)), 64)
+            },
+            "flash attention",
+        ),
+    ];
+    for (p, reason) in cases {
+        let err = Context::new(&model, &p).err().expect("the context must be refused").to_string();
+        assert!(err.contains(reason), "expected the reason '{reason}' in: {err}");
+    }
+}
