@@ -194,7 +194,7 @@ fn windows_the_runtime_cannot_honour_are_refused_with_the_reason() {
         ),
     ];
     for (p, reason) in cases {
-        let err = Context::new(&model, &p).err().expect("the context must be refused").to_string();
+        let err = Context::new(&model, &p).expect_err("the context must be refused").to_string();
         assert!(err.contains(reason), "expected the reason '{reason}' in: {err}");
     }
 }
