@@ -124,7 +124,8 @@ pub struct AbArgs {
     /// Profiles to test: `auto` (the one embedded in the model) or YAML files; repeatable.
     #[arg(long = "profile", default_value = "auto")]
     pub profiles: Vec<String>,
-    /// Uniform configurations to compare against: `T` (K and V) or `K/V`.
+    /// Uniform configurations to compare against: `T` (K and V) or `K/V`, optionally with a recent
+    /// window on every layer: `+wN` (its last N positions also in f16) or `+wN:q8_0`.
     #[arg(long, value_delimiter = ',', default_value = "f16,q8_0,q4_0,q8_0/q4_0")]
     pub against: Vec<String>,
     /// Context of each scored chunk.

@@ -55,7 +55,7 @@ impl KvLayout {
 /// runtime's sizing rules (sliding-window caches hold window + ubatch cells, for example).
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
 pub struct RuntimeKv {
-    /// Σ K and V tensor bytes over the layers.
+    /// Σ K and V tensor bytes over the layers, recent windows included.
     pub tensor_bytes: u64,
     /// Bytes of the backend buffers holding the cache (what `llama_kv_buffer_size` reports).
     pub buffer_bytes: u64,
@@ -67,7 +67,7 @@ impl RuntimeKv {
     pub fn of(ctx: &Context<'_>) -> RuntimeKv {
         let mut kv = RuntimeKv { tensor_bytes: 0, buffer_bytes: ctx.kv_buffer_bytes(), values: 0 };
         for info in ctx.layers().into_iter().flatten() {
-            kv.tensor_bytes += info.bytes_k + info.bytes_v;
+            kv.tensor_bytes += info.bytes_k + info.bytes_v + info.bytes_window;
             kv.values += values_in(info.type_k, info.bytes_k) + values_in(info.type_v, info.bytes_v);
         }
         kv

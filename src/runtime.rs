@@ -9,7 +9,7 @@ use anyhow::{bail, Context as _};
 use crate::assets::NamedText;
 use crate::cache_type::CacheType;
 use crate::gguf::{self, GgufHeader};
-use crate::llama::{Backend, ChatMessage, Context, ContextParams, FlashAttn, LayerCacheTypes, Model, ModelParams};
+use crate::llama::{Backend, ChatMessage, Context, ContextParams, FlashAttn, LayerCacheTypes, Model, ModelParams, RecentWindow};
 use crate::profile::{EmbeddedProfile, ModelIdentity, Profile};
 
 /// Where a model runs: layers offloaded to this machine's GPUs and then to RPC servers, threads,
@@ -139,12 +139,24 @@ pub struct CacheConfig {
     pub params: ContextParams,
 }
 
-/// `T` (K and V) or `K/V`, as `--against` takes them.
-fn parse_uniform(spec: &str) -> anyhow::Result<(CacheType, CacheType)> {
-    let (k, v) = spec.split_once('/').unwrap_or((spec, spec));
+/// `T` (K and V) or `K/V`, as `--against` takes them, optionally with `+wN` (every layer keeps its
+/// last N positions also in f16) or `+wN:q8_0` (in q8_0): a recent window (patch 0014).
+fn parse_uniform(spec: &str, n_layer: usize) -> anyhow::Result<(CacheType, CacheType, Option<RecentWindow>)> {
+    let (types, window) = match spec.split_once("+w") {
+        Some((types, w)) => {
+            let (size, ty) = w.split_once(':').unwrap_or((w, "f16"));
+            let size: u32 = size.parse().with_context(|| format!("--against `{spec}`: window size `{size}`"))?;
+            let ty: CacheType = ty.parse().with_context(|| format!("--against `{spec}`: window type"))?;
+            anyhow::ensure!(size > 0, "--against `{spec}`: a window of 0 positions is no window");
+            (types, Some(RecentWindow::uniform(n_layer, size, ty)))
+        }
+        None => (spec, None),
+    };
+    let (k, v) = types.split_once('/').unwrap_or((types, types));
     Ok((
         k.parse().with_context(|| format!("--against `{spec}`"))?,
         v.parse().with_context(|| format!("--against `{spec}`"))?,
+        window,
     ))
 }
 
@@ -161,12 +173,16 @@ pub fn cache_configs(
 ) -> anyhow::Result<Vec<CacheConfig>> {
     let mut configs = Vec::new();
     for spec in against {
-        let (k, v) = parse_uniform(spec)?;
-        let name = if k == v { k.to_string() } else { format!("{k}/{v}") };
+        let (k, v, window) = parse_uniform(spec, identity.layers)?;
+        let mut name = if k == v { k.to_string() } else { format!("{k}/{v}") };
+        if let Some(w) = &window {
+            let size = w.layers[0];
+            name += &if w.type_k == CacheType::F16 { format!("+w{size}") } else { format!("+w{size}:{}", w.type_k) };
+        }
         configs.push(CacheConfig {
             name,
             is_profile: false,
-            params: ContextParams { type_k: k, type_v: v, ..base.clone() },
+            params: ContextParams { type_k: k, type_v: v, window, ..base.clone() },
         });
     }
     for spec in profiles {
@@ -345,4 +361,23 @@ fn render_conversations(model: &Path, conversations: &[Vec<String>]) -> anyhow::
         out.push_str(&template.render_conversation(&messages)?);
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn against_specs_take_a_recent_window() {
+        let (k, v, w) = parse_uniform("q8_0/kv3+w128", 4).unwrap();
+        assert_eq!((k, v), (CacheType::Q8_0, CacheType::Kv3));
+        let w = w.unwrap();
+        assert_eq!((w.layers, w.type_k, w.type_v), (vec![128; 4], CacheType::F16, CacheType::F16));
+        let (_, _, w) = parse_uniform("q4_0+w64:q8_0", 2).unwrap();
+        assert_eq!(w.unwrap().type_v, CacheType::Q8_0);
+        assert!(parse_uniform("q4_0", 2).unwrap().2.is_none());
+        for bad in ["q4_0+w", "q4_0+w0", "q4_0+wx", "q4_0+w8:nope"] {
+            assert!(parse_uniform(bad, 2).is_err(), "{bad} must be refused");
+        }
+    }
 }
