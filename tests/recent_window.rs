@@ -198,3 +198,29 @@ fn windows_the_runtime_cannot_honour_are_refused_with_the_reason() {
         assert!(err.contains(reason), "expected the reason '{reason}' in: {err}");
     }
 }
+
+#[test]
+fn a_saved_state_restores_the_window_with_the_cache() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = common::synth_llama(dir.path());
+    let tokens = prompt(&model, 100);
+    let p = params(&model, CacheType::Q4_0, Some((16, CacheType::F16)), 1);
+    let next = |ctx: &mut Context| {
+        let mut b = Batch::new(1);
+        b.add(tokens[99], 99, 0, true).unwrap();
+        ctx.decode(&b).unwrap();
+        ctx.logits(0).unwrap().to_vec()
+    };
+    let state = dir.path().join("state.bin");
+    let mut ctx = Context::new(&model, &p).unwrap();
+    ctx.decode_prompt(&tokens[..99], 0, 1).unwrap();
+    ctx.save_state(&state, &tokens[..99]).unwrap();
+    let expected = next(&mut ctx);
+    drop(ctx);
+    let mut restored = Context::new(&model, &p).unwrap();
+    assert_eq!(restored.load_state(&state).unwrap(), &tokens[..99]);
+    assert!(next(&mut restored) == expected, "the restored cache and window must give the same logits bit for bit");
+    // a context with another window size cannot read the state
+    let other = params(&model, CacheType::Q4_0, Some((32, CacheType::F16)), 1);
+    assert!(Context::new(&model, &other).unwrap().load_state(&state).is_err());
+}
