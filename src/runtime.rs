@@ -9,7 +9,9 @@ use anyhow::{bail, Context as _};
 use crate::assets::NamedText;
 use crate::cache_type::CacheType;
 use crate::gguf::{self, GgufHeader};
-use crate::llama::{Backend, ChatMessage, Context, ContextParams, FlashAttn, LayerCacheTypes, Model, ModelParams, RecentWindow};
+use crate::llama::{
+    Backend, ChatMessage, Context, ContextParams, FlashAttn, LayerCacheTypes, Model, ModelParams, RecentWindow,
+};
 use crate::profile::{EmbeddedProfile, ModelIdentity, Profile};
 
 /// Where a model runs: layers offloaded to this machine's GPUs and then to RPC servers, threads,
