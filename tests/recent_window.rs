@@ -33,7 +33,7 @@ fn prompt(model: &Model, n: usize) -> Vec<i32> {
     }
 }
 
-/// Log-probabilities at every position of `tokens`, decoded in ubatches of `p.n_ubatch`.
+/// Logits at every position of `tokens`, decoded in ubatches of `p.n_ubatch`.
 fn logprobs(model: &Model, p: &ContextParams, tokens: &[i32]) -> Vec<Vec<f32>> {
     let mut ctx = Context::new(model, p).unwrap();
     let mut out = Vec::new();
@@ -43,25 +43,24 @@ fn logprobs(model: &Model, p: &ContextParams, tokens: &[i32]) -> Vec<Vec<f32>> {
         batch.add_sequence(chunk, start as i32, 0, |_| true).unwrap();
         ctx.decode(&batch).unwrap();
         for i in 0..chunk.len() {
-            out.push(log_softmax(ctx.logits(i as i32).unwrap()));
+            out.push(ctx.logits(i as i32).unwrap().to_vec());
         }
     }
     out
 }
 
-fn log_softmax(x: &[f32]) -> Vec<f32> {
-    let m = x.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
-    let lse = m + x.iter().map(|v| (v - m).exp()).sum::<f32>().ln();
-    x.iter().map(|v| v - lse).collect()
+/// Logits after decoding `token` at `pos` of sequence 0.
+fn logits_after(ctx: &mut Context, token: i32, pos: i32) -> Vec<f32> {
+    let mut b = Batch::new(1);
+    b.add(token, pos, 0, true).unwrap();
+    ctx.decode(&b).unwrap();
+    ctx.logits(0).unwrap().to_vec()
 }
 
 /// Mean KL(reference ‖ other) over positions `from..`.
 fn mean_kld(reference: &[Vec<f32>], other: &[Vec<f32>], from: usize) -> f64 {
     let n = reference.len() - from;
-    (from..reference.len())
-        .map(|i| reference[i].iter().zip(&other[i]).map(|(p, q)| (p.exp() * (p - q)) as f64).sum::<f64>().max(0.0))
-        .sum::<f64>()
-        / n as f64
+    (from..reference.len()).map(|i| common::kld(&reference[i], &other[i]).max(0.0)).sum::<f64>() / n as f64
 }
 
 fn window_oracles(model: &Model, n_tokens: usize) {
@@ -120,10 +119,7 @@ fn generating_and_removing_a_token_leaves_the_window_as_it_was() {
     let mut ctx = Context::new(&model, &p).unwrap();
     ctx.decode_prompt(&tokens[..99], 0, 1).unwrap();
     let probe = |ctx: &mut Context| {
-        let mut b = Batch::new(1);
-        b.add(tokens[99], 99, 0, true).unwrap();
-        ctx.decode(&b).unwrap();
-        let l = ctx.logits(0).unwrap().to_vec();
+        let l = logits_after(ctx, tokens[99], 99);
         assert!(ctx.remove_range(0, 99, -1));
         l
     };
@@ -205,12 +201,7 @@ fn a_saved_state_restores_the_window_with_the_cache() {
     let model = common::synth_llama(dir.path());
     let tokens = prompt(&model, 100);
     let p = params(&model, CacheType::Q4_0, Some((16, CacheType::F16)), 1);
-    let next = |ctx: &mut Context| {
-        let mut b = Batch::new(1);
-        b.add(tokens[99], 99, 0, true).unwrap();
-        ctx.decode(&b).unwrap();
-        ctx.logits(0).unwrap().to_vec()
-    };
+    let next = |ctx: &mut Context| logits_after(ctx, tokens[99], 99);
     let state = dir.path().join("state.bin");
     let mut ctx = Context::new(&model, &p).unwrap();
     ctx.decode_prompt(&tokens[..99], 0, 1).unwrap();

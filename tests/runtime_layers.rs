@@ -281,17 +281,6 @@ fn concurrent_failures_keep_their_own_log_lines() {
     }
 }
 
-/// KL divergence of softmax(b) from softmax(a).
-fn kld(a: &[f32], b: &[f32]) -> f64 {
-    let logp = |x: &[f32]| {
-        let m = x.iter().copied().fold(f32::MIN, f32::max) as f64;
-        let z = x.iter().map(|&v| (v as f64 - m).exp()).sum::<f64>().ln() + m;
-        x.iter().map(|&v| v as f64 - z).collect::<Vec<f64>>()
-    };
-    let (pa, pb) = (logp(a), logp(b));
-    pa.iter().zip(&pb).map(|(x, y)| x.exp() * (x - y)).sum()
-}
-
 /// f16, q8_0 and q4_0 layers in turn (K and V alike): quantized layers next to unrotated ones.
 fn f16_q8_q4(model: &Model) -> LayerCacheTypes {
     let cycle = [CacheType::F16, CacheType::Q8_0, CacheType::Q4_0];
@@ -345,7 +334,7 @@ fn shift_matches_fresh_prefill(model: &Model, layers: LayerCacheTypes) -> Vec<f6
             batch.add(next, n + step as i32, 0, true).unwrap();
             shifted.decode(&batch).unwrap();
             fresh.decode(&batch).unwrap();
-            kld(fresh.logits(0).unwrap(), shifted.logits(0).unwrap())
+            common::kld(fresh.logits(0).unwrap(), shifted.logits(0).unwrap())
         })
         .collect()
 }

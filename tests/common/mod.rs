@@ -155,3 +155,14 @@ pub fn calibrated_tiny(dir: &Path, n_layer: u32, name: &str) -> (PathBuf, kvtune
     table.save(&sens).unwrap();
     (path, identity, sens)
 }
+
+/// KL divergence of softmax(b) from softmax(a).
+pub fn kld(a: &[f32], b: &[f32]) -> f64 {
+    let logp = |x: &[f32]| {
+        let m = x.iter().copied().fold(f32::MIN, f32::max) as f64;
+        let z = x.iter().map(|&v| (v as f64 - m).exp()).sum::<f64>().ln() + m;
+        x.iter().map(|&v| v as f64 - z).collect::<Vec<f64>>()
+    };
+    let (pa, pb) = (logp(a), logp(b));
+    pa.iter().zip(&pb).map(|(x, y)| x.exp() * (x - y)).sum()
+}
