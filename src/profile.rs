@@ -15,6 +15,11 @@
 //!   name: gemma-3-270m-it          # general.name, informational (optional)
 //! layers:                          # exactly `model.layers` entries, index = layer
 //! - { k: q8_0, v: q4_0 }  # 0
+//! window:                          # optional: a recent window (patch 0014)
+//!   size: 128                      # the last 128 positions of each sequence, also kept in
+//!   k: f16                         # these K and V types (f16 or q8_0)
+//!   v: f16
+//!   layers: [0, 1, 5]              # optional: the layers that keep one (default: every layer)
 //! measured:                        # optional
 //!   bits_per_value: 6.52
 //!   kv_bytes: 12345678
@@ -60,6 +65,8 @@ pub struct Profile {
     pub model: ModelIdentity,
     /// One entry per layer; the index is the layer number.
     pub layers: Vec<LayerTypes>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub window: Option<ProfileWindow>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub measured: Option<Measured>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -108,6 +115,63 @@ fn de_k<'de, D: Deserializer<'de>>(d: D) -> Result<CacheType, D::Error> {
 
 fn de_v<'de, D: Deserializer<'de>>(d: D) -> Result<CacheType, D::Error> {
     de_cache_type(d, "v")
+}
+
+/// A profile's recent window (patch 0014): the layers listed keep the last `size` positions of
+/// each sequence also in `k` / `v` and attend to them there, to older positions in their own types.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProfileWindow {
+    pub size: u32,
+    #[serde(deserialize_with = "de_k")]
+    pub k: CacheType,
+    #[serde(deserialize_with = "de_v")]
+    pub v: CacheType,
+    /// The layers that keep a window, ascending; `None`: every layer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub layers: Option<Vec<usize>>,
+}
+
+impl ProfileWindow {
+    /// Types a window can have (what the runtime takes).
+    pub const TYPES: [CacheType; 2] = [CacheType::F16, CacheType::Q8_0];
+
+    /// Positions per layer (0: no window) for a model of `n_layer` layers, as the runtime and the
+    /// GGUF key take them.
+    pub fn per_layer(&self, n_layer: usize) -> Vec<u32> {
+        match &self.layers {
+            None => vec![self.size; n_layer],
+            Some(ls) => (0..n_layer).map(|il| if ls.contains(&il) { self.size } else { 0 }).collect(),
+        }
+    }
+
+    /// `w128 f16/f16`, `w128 q8_0 on 12 layers`: for summaries and tables.
+    pub fn describe(&self, n_layer: usize) -> String {
+        let ty = if self.k == self.v { self.k.to_string() } else { format!("{}/{}", self.k, self.v) };
+        match &self.layers {
+            Some(ls) if ls.len() != n_layer => format!("w{} {ty} on {} of {n_layer} layers", self.size, ls.len()),
+            _ => format!("w{} {ty}", self.size),
+        }
+    }
+
+    fn validate(&self, n_layer: usize) -> Result<(), ProfileInvalid> {
+        if self.size == 0 {
+            return Err(ProfileInvalid::WindowSize);
+        }
+        for (which, t) in [("k", self.k), ("v", self.v)] {
+            if !Self::TYPES.contains(&t) {
+                return Err(ProfileInvalid::WindowType { which, found: t });
+            }
+        }
+        if let Some(ls) = &self.layers {
+            for (i, &l) in ls.iter().enumerate() {
+                if l >= n_layer || (i > 0 && l <= ls[i - 1]) {
+                    return Err(ProfileInvalid::WindowLayers { layer: l, n_layer });
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Numbers measured for this profile.
@@ -186,6 +250,12 @@ pub enum ProfileInvalid {
     EmptyArchitecture,
     #[error("`model.fingerprint` `{0}` is not a hex digest")]
     BadFingerprint(String),
+    #[error("`window.size` is 0 (leave `window` out for no window)")]
+    WindowSize,
+    #[error("`window.{which}` is {found}: a window is f16 or q8_0")]
+    WindowType { which: &'static str, found: CacheType },
+    #[error("`window.layers`: {layer} is out of order, repeated or not below the model's {n_layer} layers")]
+    WindowLayers { layer: usize, n_layer: usize },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -293,6 +363,7 @@ impl Profile {
             description: None,
             model: model.clone(),
             layers: vec![LayerTypes { k, v }; model.layers],
+            window: None,
             measured: None,
             calibration: None,
             tool_version: Some(env!("CARGO_PKG_VERSION").to_string()),
@@ -318,6 +389,9 @@ impl Profile {
         }
         if self.layers.len() != self.model.layers {
             return Err(ProfileInvalid::LayerCount { declared: self.model.layers, found: self.layers.len() });
+        }
+        if let Some(w) = &self.window {
+            w.validate(self.layers.len())?;
         }
         Ok(())
     }
@@ -379,6 +453,8 @@ impl Profile {
         #[derive(Serialize)]
         struct Tail<'a> {
             #[serde(skip_serializing_if = "Option::is_none")]
+            window: &'a Option<ProfileWindow>,
+            #[serde(skip_serializing_if = "Option::is_none")]
             measured: &'a Option<Measured>,
             #[serde(skip_serializing_if = "Option::is_none")]
             calibration: &'a Option<Calibration>,
@@ -400,8 +476,10 @@ impl Profile {
             let k = format!("{},", l.k);
             out.push_str(&format!("- {{ k: {k:<7} v: {:<6} }}  # {i}\n", l.v.name()));
         }
-        if self.measured.is_some() || self.calibration.is_some() || self.tool_version.is_some() {
+        if self.window.is_some() || self.measured.is_some() || self.calibration.is_some() || self.tool_version.is_some()
+        {
             out.push_str(&serde_norway::to_string(&Tail {
+                window: &self.window,
                 measured: &self.measured,
                 calibration: &self.calibration,
                 tool_version: &self.tool_version,
@@ -653,6 +731,7 @@ pub fn import_kvtuner(
         description: Some(description),
         model: identity,
         layers,
+        window: None,
         measured: None,
         calibration: None,
         tool_version: Some(env!("CARGO_PKG_VERSION").to_string()),
@@ -747,6 +826,11 @@ pub const META_SCHEMA: &str = "kvtuner.schema_version";
 pub const META_NAME: &str = "kvtuner.profile.name";
 /// f32: measured average bits per cached value.
 pub const META_BITS: &str = "kvtuner.profile.bits_per_value";
+/// u32 array, one entry per layer: recent-window positions (0: none), patch 0014.
+pub const META_WINDOW: &str = "kvtuner.cache.window";
+/// Strings: the recent window's K and V types (f16 or q8_0).
+pub const META_WINDOW_K: &str = "kvtuner.cache.window_type_k";
+pub const META_WINDOW_V: &str = "kvtuner.cache.window_type_v";
 /// u64: measured KV bytes at `kvtuner.profile.context`.
 pub const META_KV_BYTES: &str = "kvtuner.profile.kv_bytes";
 /// u32: context the numbers were measured at.
@@ -810,6 +894,11 @@ impl Profile {
             (META_TYPE_K.to_string(), Value::str_array(self.layers.iter().map(|l| l.k.name()))),
             (META_TYPE_V.to_string(), Value::str_array(self.layers.iter().map(|l| l.v.name()))),
         ];
+        if let Some(w) = &self.window {
+            kv.push((META_WINDOW.to_string(), Value::u32_array(w.per_layer(self.layers.len()))));
+            kv.push((META_WINDOW_K.to_string(), Value::String(w.k.name().to_string())));
+            kv.push((META_WINDOW_V.to_string(), Value::String(w.v.name().to_string())));
+        }
         if let Some(m) = &self.measured {
             kv.push((META_BITS.to_string(), Value::F32(m.bits_per_value as f32)));
             kv.push((META_KV_BYTES.to_string(), Value::U64(m.kv_bytes)));
@@ -838,16 +927,37 @@ pub struct EmbeddedProfile {
     pub name: Option<String>,
     /// Per-layer types as far as they could be read (None where a name is unknown).
     pub layers: Vec<(Option<CacheType>, Option<CacheType>)>,
+    /// Its recent window (`kvtuner.cache.window…`), if it has one.
+    pub window: Option<EmbeddedWindow>,
     pub bits_per_value: Option<f64>,
     pub kld_mean: Option<f64>,
     /// Everything that would make the runtime ignore it (it then uses uniform types).
     pub problems: Vec<String>,
 }
 
+/// The recent window of a profile found in a model's metadata, as far as it reads.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct EmbeddedWindow {
+    /// Positions per layer (0: none); empty when the key does not read.
+    pub layers: Vec<u32>,
+    pub k: Option<CacheType>,
+    pub v: Option<CacheType>,
+}
+
+impl EmbeddedWindow {
+    /// `w128 f16/f16 on 24 of 24 layers`.
+    pub fn describe(&self) -> String {
+        let size = self.layers.iter().copied().max().unwrap_or(0);
+        let on = self.layers.iter().filter(|&&w| w > 0).count();
+        let name = |t: Option<CacheType>| t.map_or("?", CacheType::name);
+        format!("w{size} {}/{} on {on} of {} layers", name(self.k), name(self.v), self.layers.len())
+    }
+}
+
 impl EmbeddedProfile {
     /// Reads `kvtuner.*` keys; `None` when the model carries no per-layer types.
     pub fn from_header(header: &crate::gguf::GgufHeader) -> Option<EmbeddedProfile> {
-        if header.get(META_TYPE_K).is_none() && header.get(META_TYPE_V).is_none() {
+        if header.get(META_TYPE_K).is_none() && header.get(META_TYPE_V).is_none() && header.get(META_WINDOW).is_none() {
             return None;
         }
         let mut problems = Vec::new();
@@ -878,6 +988,44 @@ impl EmbeddedProfile {
         };
         let k = read(META_TYPE_K);
         let v = read(META_TYPE_V);
+        // the window: the same verdict as patch 0017 (llama_kv_profile_apply) and 0014's validation
+        let window = header.get(META_WINDOW).map(|_| {
+            let layers = match header.get_u32_array(META_WINDOW) {
+                None => {
+                    problems.push(format!("{META_WINDOW} is not an array of non-negative 32-bit integers"));
+                    Vec::new()
+                }
+                Some(ls) => {
+                    if ls.len() != n_layer {
+                        problems
+                            .push(format!("{META_WINDOW} has {} entries, the model has {n_layer} layers", ls.len()));
+                    }
+                    let sizes: std::collections::BTreeSet<u32> = ls.iter().copied().filter(|&w| w > 0).collect();
+                    if sizes.len() > 1 {
+                        problems.push(format!(
+                            "{META_WINDOW} holds windows of several sizes ({sizes:?}): the runtime takes one"
+                        ));
+                    }
+                    ls
+                }
+            };
+            let mut window_type = |key: &str| match header.get_str(key) {
+                None => {
+                    problems.push(format!("{key} is missing ({META_WINDOW} is set)"));
+                    None
+                }
+                Some(n) => match n.parse::<CacheType>() {
+                    Ok(t) if ProfileWindow::TYPES.contains(&t) => Some(t),
+                    _ => {
+                        problems.push(format!("{key} = \"{n}\" is not a window type (f16 or q8_0)"));
+                        None
+                    }
+                },
+            };
+            let k = window_type(META_WINDOW_K);
+            let v = window_type(META_WINDOW_V);
+            EmbeddedWindow { layers, k, v }
+        });
         // the same verdict as patch 0003 (llama_model_base::load_hparams)
         match header.get(META_SCHEMA) {
             None => problems.push(format!("{META_SCHEMA} is missing")),
@@ -894,6 +1042,7 @@ impl EmbeddedProfile {
         Some(EmbeddedProfile {
             name: header.get_str(META_NAME).map(str::to_string),
             layers,
+            window,
             bits_per_value: header.get_f64(META_BITS),
             kld_mean: header.get_f64(META_KLD),
             problems,

@@ -113,6 +113,15 @@ pub fn profile_layer_types(profile: &Profile) -> LayerCacheTypes {
     LayerCacheTypes::from_pairs(profile.layers.iter().map(|l| (l.k, l.v)))
 }
 
+/// A profile's recent window, as the context takes it.
+pub fn profile_window(profile: &Profile) -> Option<RecentWindow> {
+    profile.window.as_ref().map(|w| RecentWindow {
+        layers: w.per_layer(profile.layers.len()),
+        type_k: w.k,
+        type_v: w.v,
+    })
+}
+
 /// A model to compare cache configurations on (`ab`, `capacity`): its header and identity, the
 /// model loaded on the devices of `devices`, and the context parameters every configuration starts
 /// from (no embedded profile: each configuration names its types).
@@ -206,7 +215,11 @@ pub fn cache_configs(
             configs.push(CacheConfig {
                 name: format!("profile {}", profile.name),
                 is_profile: true,
-                params: ContextParams { layer_types: Some(profile_layer_types(&profile)), ..base.clone() },
+                params: ContextParams {
+                    layer_types: Some(profile_layer_types(&profile)),
+                    window: profile_window(&profile),
+                    ..base.clone()
+                },
             });
         }
     }
@@ -251,16 +264,16 @@ pub struct Opened {
 impl Opened {
     /// What the runtime applied, for banners and `--json`, read back from `ctx`: the choice's
     /// description, unless the embedded profile was asked for and the runtime's per-layer types
-    /// differ from it (it fell back to uniform types); that is then said once on stderr.
+    /// or recent window differ from it (it fell back to uniform types); that is then said once on
+    /// stderr.
     pub fn applied_profile(&self, ctx: &Context<'_>) -> String {
         if let (ProfileChoice::Auto { embedded: Some(name) }, Some(e)) = (&self.choice, &self.embedded) {
-            let differs = ctx.layers().iter().zip(e.layers.iter().map(Some).chain(std::iter::repeat(None))).any(
-                |(applied, wanted)| match (applied, wanted) {
-                    (Some(a), Some(&(k, v))) => (Some(a.type_k), Some(a.type_v)) != (k, v),
-                    (Some(_), None) => true,
-                    (None, _) => false,
-                },
-            );
+            let wanted_window = |il: usize| e.window.as_ref().and_then(|w| w.layers.get(il).copied()).unwrap_or(0);
+            let differs = ctx.layers().iter().enumerate().any(|(il, applied)| match (applied, e.layers.get(il)) {
+                (Some(a), Some(&(k, v))) => (Some(a.type_k), Some(a.type_v)) != (k, v) || a.window != wanted_window(il),
+                (Some(_), None) => true,
+                (None, _) => false,
+            });
             if differs {
                 let why =
                     if e.problems.is_empty() { "the runtime refused it".to_string() } else { e.problems.join("; ") };
@@ -317,6 +330,7 @@ pub fn open(args: &RuntimeOptions) -> anyhow::Result<Opened> {
                 bail!("profile {} has {} layers, the model has {}", p.name, p.layers.len(), model.n_layer());
             }
             params.layer_types = Some(profile_layer_types(p));
+            params.window = profile_window(p);
         }
     }
     Ok(Opened { model, params, choice, identity, embedded: embedded_profile })

@@ -281,3 +281,94 @@ fn a_profile_for_another_model_is_refused_unless_forced() {
     assert!(!res.status.success());
     assert!(String::from_utf8_lossy(&res.stderr).contains("4 layers but the model has 3"));
 }
+
+/// Each layer's recent window as the runtime reports it: (positions, K type, V type).
+fn applied_windows(model: &Model, params: &ContextParams) -> Vec<(u32, Option<CacheType>, Option<CacheType>)> {
+    let ctx = Context::new(model, params).unwrap();
+    ctx.layers().into_iter().map(|i| i.map(|i| (i.window, i.type_k_window, i.type_v_window)).unwrap()).collect()
+}
+
+/// A profile's recent window travels in the GGUF (kvtuner.cache.window…) and the runtime applies it
+/// with the types (patch 0017); a window of the caller's wins; a malformed or unusable one makes the
+/// runtime ignore the whole profile, with the verdict kvtuner's reader gives too.
+#[test]
+fn an_embedded_recent_window_is_applied_with_the_profile() {
+    let dir = tempfile::tempdir().unwrap();
+    let model_path = common::tiny_model(dir.path(), 6, "synthetic-window");
+    let (_, mut profile) = mixed_profile(&model_path, dir.path());
+    profile.window = Some(kvtuner::profile::ProfileWindow {
+        size: 32,
+        k: CacheType::F16,
+        v: CacheType::Q8_0,
+        layers: Some(vec![0, 2, 3]),
+    });
+    let profile_path = dir.path().join("window.yaml");
+    profile.save(&profile_path).unwrap();
+    assert_eq!(Profile::load(&profile_path).unwrap(), profile, "the window survives the YAML");
+    let annotated = dir.path().join("annotated.gguf");
+    ok(&["annotate", p(&model_path), "--profile", p(&profile_path), "-o", p(&annotated)]);
+
+    let header = gguf::read_header(&annotated).unwrap();
+    let embedded = kvtuner::profile::EmbeddedProfile::from_header(&header).unwrap();
+    assert!(embedded.problems.is_empty(), "{:?}", embedded.problems);
+    let window = embedded.window.as_ref().expect("the reader sees the window");
+    assert_eq!(
+        (window.layers.as_slice(), window.k, window.v),
+        (&[32, 0, 32, 32, 0, 0][..], Some(CacheType::F16), Some(CacheType::Q8_0))
+    );
+
+    let model = Model::load(Backend::init(), &annotated, &ModelParams::default()).unwrap();
+    let base = ContextParams { n_ctx: 256, n_batch: 64, n_ubatch: 64, ..Default::default() };
+    let want: Vec<_> = profile.layers.iter().map(|l| (l.k, l.v)).collect();
+    assert_eq!(applied(&model, &base), want, "the profile's types");
+    let with = (32, Some(CacheType::F16), Some(CacheType::Q8_0));
+    assert_eq!(
+        applied_windows(&model, &base),
+        vec![with, (0, None, None), with, with, (0, None, None), (0, None, None)]
+    );
+    // a window of the caller's wins over the profile's (its types stay)
+    let own =
+        ContextParams { window: Some(kvtuner::llama::RecentWindow::uniform(6, 16, CacheType::F16)), ..base.clone() };
+    assert_eq!(applied(&model, &own), want);
+    assert!(applied_windows(&model, &own).iter().all(|w| *w == (16, Some(CacheType::F16), Some(CacheType::F16))));
+    // flash attention off: the window cannot be honoured, so the profile is not applied at all
+    let fa_off = ContextParams { flash_attn: kvtuner::llama::FlashAttn::Off, ..base.clone() };
+    assert_eq!(applied(&model, &fa_off), vec![(CacheType::F16, CacheType::F16); 6]);
+    assert!(applied_windows(&model, &fa_off).iter().all(|w| w.0 == 0));
+
+    // the binary reports it: per layer (layers), as the profile's (inspect), with its bytes
+    let json: serde_json::Value =
+        serde_json::from_str(&ok(&["layers", "-m", p(&annotated), "-c", "256", "--json"])).unwrap();
+    assert_eq!(json["layers"][2]["window"], 32);
+    assert_eq!(json["layers"][1]["window"], 0);
+    assert!(json["layers"][0]["bytes_window"].as_u64().unwrap() > 0);
+    let text = ok(&["inspect", p(&annotated)]);
+    assert!(text.contains("recent window  w32 f16/q8_0 on 3 of 6 layers"), "{text}");
+
+    // malformed windows: kvtuner's reader and the runtime give the same verdict
+    let cases = [
+        ("short", "kvtuner.cache.window", Value::u32_array([32, 32]), "has 2 entries"),
+        ("negative", "kvtuner.cache.window", Value::i32_array([32, -1, 0, 0, 0, 0]), "non-negative"),
+        ("two sizes", "kvtuner.cache.window", Value::u32_array([32, 64, 0, 0, 0, 0]), "several sizes"),
+        ("narrow", "kvtuner.cache.window_type_k", Value::String("q4_0".into()), "not a window type"),
+        ("unknown", "kvtuner.cache.window_type_v", Value::String("f8".into()), "not a window type"),
+    ];
+    for (name, key, value, problem) in cases {
+        let bad = dir.path().join(format!("bad-{name}.gguf"));
+        let edits = MetadataEdits::new().set(key, value);
+        gguf::rewrite(&annotated, &bad, &edits, &mut |_, _| {}).unwrap();
+        let embedded = kvtuner::profile::EmbeddedProfile::from_header(&gguf::read_header(&bad).unwrap()).unwrap();
+        assert!(embedded.problems.iter().any(|e| e.contains(problem)), "{name}: {:?}", embedded.problems);
+        let model = Model::load(Backend::init(), &bad, &ModelParams::default()).unwrap();
+        assert_eq!(applied(&model, &base), vec![(CacheType::F16, CacheType::F16); 6], "{name}: uniform fallback");
+        assert!(applied_windows(&model, &base).iter().all(|w| w.0 == 0), "{name}: no window");
+    }
+    // a type key removed
+    let bad = dir.path().join("bad-missing.gguf");
+    gguf::rewrite(&annotated, &bad, &MetadataEdits::new().remove_key("kvtuner.cache.window_type_v"), &mut |_, _| {})
+        .unwrap();
+    let embedded = kvtuner::profile::EmbeddedProfile::from_header(&gguf::read_header(&bad).unwrap()).unwrap();
+    assert!(embedded.problems.iter().any(|e| e.contains("window_type_v is missing")), "{:?}", embedded.problems);
+    let model = Model::load(Backend::init(), &bad, &ModelParams::default()).unwrap();
+    assert_eq!(applied(&model, &base), vec![(CacheType::F16, CacheType::F16); 6], "missing type: uniform fallback");
+}

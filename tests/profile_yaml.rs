@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use kvtuner::cache_type::CacheType;
 use kvtuner::profile::{
     import_kvtuner, Calibration, ComparedUniform, ImportError, LayerTypes, Measured, ModelIdentity, Profile,
-    ProfileInvalid, ProfileLoadError,
+    ProfileInvalid, ProfileLoadError, ProfileWindow,
 };
 use proptest::prelude::*;
 
@@ -23,6 +23,7 @@ fn sample() -> Profile {
     p.description = Some("Two f16 layers where the KLD probe said so.".into());
     p.layers[0] = LayerTypes { k: CacheType::F16, v: CacheType::F16 };
     p.layers[3] = p.layers[0];
+    p.window = Some(ProfileWindow { size: 128, k: CacheType::F16, v: CacheType::Q8_0, layers: Some(vec![1, 2]) });
     p.measured = Some(Measured {
         bits_per_value: 6.52,
         kv_bytes: 12_345_678,
@@ -172,6 +173,31 @@ fn save_refuses_invalid_profile() {
     assert!(!path.exists());
 }
 
+#[test]
+fn windows_the_runtime_cannot_take_are_invalid_profiles() {
+    let with = |w: ProfileWindow| Profile { window: Some(w), ..sample() };
+    let base = ProfileWindow { size: 128, k: CacheType::F16, v: CacheType::F16, layers: None };
+    let cases = [
+        (ProfileWindow { size: 0, ..base.clone() }, "`window.size` is 0"),
+        (ProfileWindow { k: CacheType::Q4_0, ..base.clone() }, "`window.k` is q4_0"),
+        (ProfileWindow { v: CacheType::Kv3, ..base.clone() }, "`window.v` is kv3"),
+        (ProfileWindow { layers: Some(vec![1, 4]), ..base.clone() }, "4 is out of order"),
+        (ProfileWindow { layers: Some(vec![2, 1]), ..base.clone() }, "1 is out of order"),
+        (ProfileWindow { layers: Some(vec![1, 1]), ..base.clone() }, "1 is out of order"),
+    ];
+    for (w, message) in cases {
+        let err = with(w.clone()).validate().unwrap_err().to_string();
+        assert!(err.contains(message), "{w:?}: {err}");
+    }
+    assert_eq!(with(base.clone()).validate(), Ok(()));
+    assert_eq!(base.per_layer(3), vec![128; 3]);
+    assert_eq!(ProfileWindow { layers: Some(vec![0, 2]), ..base }.per_layer(4), vec![128, 0, 128, 0]);
+    // a typo in a window field is an error, not a window without it
+    let text = sample().to_yaml_string().unwrap().replace("  size: 128", "  sise: 128");
+    let (_, msg) = load_err(&text);
+    assert!(msg.contains("sise"), "{msg}");
+}
+
 // --- KVTuner presets ------------------------------------------------------------------------
 
 fn import(
@@ -311,13 +337,21 @@ prop_compose! {
         calibration in proptest::option::of((text(), any::<u32>(), any::<u32>(),
             proptest::collection::vec(cache_type(), 0..5), proptest::option::of(text()))),
         tool_version in proptest::option::of("[0-9]\\.[0-9]\\.[0-9]"),
+        window in proptest::option::of((1u32..1_000_000, proptest::sample::select(ProfileWindow::TYPES.to_vec()),
+            proptest::sample::select(ProfileWindow::TYPES.to_vec()),
+            proptest::option::of(proptest::collection::btree_set(0usize..40, 0..6)))),
     ) -> Profile {
+        let n_layer = layers.len();
         Profile {
             schema: 1,
             name,
             description,
             model: ModelIdentity { architecture: arch, layers: layers.len(), fingerprint, name: model_name },
             layers: layers.into_iter().map(|(k, v)| LayerTypes { k, v }).collect(),
+            // layers listed ascending and within the model (what validate asks)
+            window: window.map(|(size, k, v, ls)| ProfileWindow {
+                size, k, v, layers: ls.map(|s| s.into_iter().filter(|&l| l < n_layer).collect()),
+            }),
             measured: measured.map(|(bits_per_value, kv_bytes, context, kld_mean, kld_eval_text, predicted_kld, kld_calibration, uniform, uniform_cal, kld_confirmed, measured_on)| Measured {
                 bits_per_value, kv_bytes, context, kld_mean, kld_eval_text, predicted_kld, kld_calibration,
                 compared_uniform: uniform.map(|(types, kld_mean)| ComparedUniform { types, kld_mean }),

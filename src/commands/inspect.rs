@@ -5,7 +5,7 @@ use crate::cli::InspectArgs;
 use kvtuner::cache_type::CacheType;
 use kvtuner::gguf::GgufHeader;
 use kvtuner::kv_layout::{KvLayout, RuntimeKv, Sizer};
-use kvtuner::llama::{Backend, Model, ModelParams};
+use kvtuner::llama::{Backend, ContextParams, FlashAttn, LayerCacheTypes, Model, ModelParams};
 use kvtuner::profile::EmbeddedProfile;
 use kvtuner::runtime::read_model_header;
 
@@ -52,25 +52,32 @@ pub fn run(args: InspectArgs) -> anyhow::Result<()> {
     let layout = KvLayout::probe(&model)?;
     let embedded = EmbeddedProfile::from_header(&header);
 
-    let mut configs: Vec<(String, Vec<(CacheType, CacheType)>)> = [
+    let sized = |types: Vec<(CacheType, CacheType)>, profile: bool| ContextParams {
+        flash_attn: FlashAttn::On,
+        no_kv_profile: !profile,
+        layer_types: (!profile).then(|| LayerCacheTypes::from_pairs(types)),
+        ..Default::default()
+    };
+    let mut configs: Vec<(String, ContextParams)> = [
         ("f16", CacheType::F16, CacheType::F16),
         ("q8_0", CacheType::Q8_0, CacheType::Q8_0),
         ("q8_0/q4_0", CacheType::Q8_0, CacheType::Q4_0),
         ("q4_0", CacheType::Q4_0, CacheType::Q4_0),
     ]
     .into_iter()
-    .map(|(n, k, v)| (n.to_string(), layout.uniform(k, v)))
+    .map(|(n, k, v)| (n.to_string(), sized(layout.uniform(k, v), false)))
     .collect();
     if let Some(p) = embedded.as_ref().filter(|p| p.problems.is_empty()) {
-        let types = p.layers.iter().map(|(k, v)| (k.unwrap_or(CacheType::F16), v.unwrap_or(CacheType::F16))).collect();
-        configs.push((format!("profile {}", p.name.as_deref().unwrap_or("unnamed")), types));
+        // the runtime applies it (types and recent window) as it would for a user
+        let window = p.window.as_ref().map_or(String::new(), |w| format!(" ({})", w.describe()));
+        configs.push((format!("profile {}{window}", p.name.as_deref().unwrap_or("unnamed")), sized(Vec::new(), true)));
     }
-    // sizes as the runtime allocates them (its cell padding, sliding windows of window + ubatch),
-    // read from contexts it sizes without allocating
+    // sizes as the runtime allocates them (its cell padding, sliding windows of window + ubatch,
+    // recent windows), read from contexts it sizes without allocating
     let sizer = Sizer::new(&args.model)?;
     let mut kv = Vec::new();
-    for (name, types) in &configs {
-        let at: Vec<RuntimeKv> = CONTEXTS.iter().map(|&c| sizer.kv(types, c)).collect::<Result<_, _>>()?;
+    for (name, params) in &configs {
+        let at: Vec<RuntimeKv> = CONTEXTS.iter().map(|&c| sizer.kv_with(params, c, 1)).collect::<Result<_, _>>()?;
         kv.push(KvRow {
             config: name.clone(),
             bits_per_value: at[0].bits_per_value(),
@@ -159,6 +166,9 @@ fn print_text(r: &Inspection, header: &GgufHeader) {
                 p.bits_per_value.map_or(String::new(), |b| format!(", {b:.2} bits/value")),
                 p.kld_mean.map_or(String::new(), |k| format!(", KLD {k:.4}"))
             );
+            if let Some(w) = &p.window {
+                println!("  recent window  {}", w.describe());
+            }
             for problem in &p.problems {
                 println!("    problem: {problem} — the runtime ignores this profile and uses uniform types");
             }

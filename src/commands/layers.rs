@@ -21,10 +21,16 @@ pub fn run(args: LayersArgs) -> anyhow::Result<()> {
     }
     let mut table = Table::new();
     table.load_preset(comfy_table::presets::ASCII_MARKDOWN);
-    table.set_header(["layer", "device", "window", "cells", "K", "V", "K MiB", "V MiB"]);
+    // the recent window's column only when a layer has one (patch 0014)
+    let any_recent = layers.iter().flatten().any(|i| i.window > 0);
+    let mut head = vec!["layer", "device", "window", "cells", "K", "V", "K MiB", "V MiB"];
+    if any_recent {
+        head.push("recent window");
+    }
+    table.set_header(head);
     for (il, info) in layers.iter().enumerate() {
-        match info {
-            Some(i) => table.add_row([
+        let mut row: Vec<String> = match info {
+            Some(i) => vec![
                 il.to_string(),
                 i.device.to_string(),
                 if i.is_swa { "sliding".into() } else { "global".into() },
@@ -33,18 +39,23 @@ pub fn run(args: LayersArgs) -> anyhow::Result<()> {
                 i.type_v.to_string(),
                 format!("{:.2}", i.bytes_k as f64 / 1048576.0),
                 format!("{:.2}", i.bytes_v as f64 / 1048576.0),
-            ]),
-            None => table.add_row([
-                il.to_string(),
-                "-".into(),
-                "-".into(),
-                "-".into(),
-                "(no KV cache)".into(),
-                "".into(),
-                "".into(),
-                "".into(),
-            ]),
+            ],
+            None => vec![il.to_string(), "-".into(), "-".into(), "-".into(), "(no KV cache)".into()],
         };
+        row.resize(8, String::new());
+        if any_recent {
+            row.push(match info {
+                Some(i) if i.window > 0 => format!(
+                    "{} in {}/{}, {:.2} MiB",
+                    i.window,
+                    i.type_k_window.map_or("?", |t| t.name()),
+                    i.type_v_window.map_or("?", |t| t.name()),
+                    i.bytes_window as f64 / 1048576.0
+                ),
+                _ => String::new(),
+            });
+        }
+        table.add_row(row);
     }
     println!("{table}");
     let fallback: Vec<String> = layers
@@ -66,9 +77,9 @@ pub fn run(args: LayersArgs) -> anyhow::Result<()> {
         match per_device.iter_mut().find(|(d, _, _)| *d == name) {
             Some((_, n, b)) => {
                 *n += 1;
-                *b += i.bytes_k + i.bytes_v;
+                *b += i.bytes_k + i.bytes_v + i.bytes_window;
             }
-            None => per_device.push((name, 1, i.bytes_k + i.bytes_v)),
+            None => per_device.push((name, 1, i.bytes_k + i.bytes_v + i.bytes_window)),
         }
     }
     if per_device.len() > 1 {

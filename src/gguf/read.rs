@@ -125,6 +125,20 @@ impl GgufHeader {
         }
     }
 
+    /// An array of 32-bit integers as u32 (`None` if absent, of another type, or holding a negative
+    /// value): what llama.cpp reads as u32 or i32 arrays.
+    pub fn get_u32_array(&self, key: &str) -> Option<Vec<u32>> {
+        match self.get(key)? {
+            Value::Array(ValueType::U32, items) => {
+                items.iter().map(|v| if let Value::U32(x) = v { Some(*x) } else { None }).collect()
+            }
+            Value::Array(ValueType::I32, items) => {
+                items.iter().map(|v| if let Value::I32(x) = v { u32::try_from(*x).ok() } else { None }).collect()
+            }
+            _ => None,
+        }
+    }
+
     /// `general.architecture`.
     pub fn architecture(&self) -> Option<&str> {
         self.get_str("general.architecture")

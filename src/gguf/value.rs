@@ -144,6 +144,10 @@ impl Value {
         Value::Array(ValueType::I32, items.into_iter().map(Value::I32).collect())
     }
 
+    pub fn u32_array(items: impl IntoIterator<Item = u32>) -> Value {
+        Value::Array(ValueType::U32, items.into_iter().map(Value::U32).collect())
+    }
+
     pub fn value_type(&self) -> ValueType {
         match self {
             Value::U8(_) => ValueType::U8,

@@ -89,7 +89,11 @@ pub fn describe(ctx: &Context<'_>, profile: &str, queue: usize) -> Result<Value,
         .iter()
         .enumerate()
         .map(|(il, info)| match info {
-            Some(i) => json!({ "layer": il, "k": i.type_k, "v": i.type_v, "sliding": i.is_swa, "cells": i.n_cells }),
+            Some(i) => json!({
+                "layer": il, "k": i.type_k, "v": i.type_v, "sliding": i.is_swa, "cells": i.n_cells,
+                // the recent window (patch 0014): positions kept also in the wider types, 0 = none
+                "window": i.window, "window_k": i.type_k_window, "window_v": i.type_v_window,
+            }),
             None => json!({ "layer": il, "k": null, "v": null }),
         })
         .collect();
@@ -102,6 +106,7 @@ pub fn describe(ctx: &Context<'_>, profile: &str, queue: usize) -> Result<Value,
         "profile": {
             "name": profile,
             "bits_per_value": runtime.bits_per_value(),
+            "recent_window": recent_window(&infos),
             "type_k": types.iter().map(|t| t.0).collect::<Vec<_>>(),
             "type_v": types.iter().map(|t| t.1).collect::<Vec<_>>(),
             "layers": layers,
@@ -111,6 +116,22 @@ pub fn describe(ctx: &Context<'_>, profile: &str, queue: usize) -> Result<Value,
             "ratio_to_f16": runtime.tensor_bytes as f64 / f16.tensor_bytes.max(1) as f64,
         },
     }))
+}
+
+/// The recent window the layers keep (`{"positions", "k", "v", "layers"}`), or null for none.
+fn recent_window(infos: &[Option<crate::llama::KvLayerInfo>]) -> Value {
+    let with: Vec<(usize, &crate::llama::KvLayerInfo)> =
+        infos.iter().enumerate().filter_map(|(il, i)| i.as_ref().filter(|i| i.window > 0).map(|i| (il, i))).collect();
+    match with.first() {
+        None => Value::Null,
+        Some((_, i)) => json!({
+            "positions": i.window,
+            "k": i.type_k_window,
+            "v": i.type_v_window,
+            "layers": with.iter().map(|(il, _)| il).collect::<Vec<_>>(),
+            "bytes": with.iter().map(|(_, i)| i.bytes_window).sum::<u64>(),
+        }),
+    }
 }
 
 /// Serves `model` until SIGINT/SIGTERM, then lets in-flight requests finish (up to the drain
@@ -239,6 +260,17 @@ fn log_startup(props: &Value) {
         mib(&p["kv_bytes_f16"]),
         p["ratio_to_f16"].as_f64().unwrap_or(0.0),
     );
+    let w = &p["recent_window"];
+    if !w.is_null() {
+        tracing::info!(
+            "recent window: the last {} positions of each slot also in {}/{} on {} layers ({:.2} MiB, included above)",
+            w["positions"],
+            w["k"].as_str().unwrap_or("?"),
+            w["v"].as_str().unwrap_or("?"),
+            w["layers"].as_array().map_or(0, Vec::len),
+            mib(&w["bytes"]),
+        );
+    }
     let per_layer: Vec<String> = p["layers"]
         .as_array()
         .map(|ls| {
