@@ -124,10 +124,15 @@ pub struct AbArgs {
     /// Profiles to test: `auto` (the one embedded in the model) or YAML files; repeatable.
     #[arg(long = "profile", default_value = "auto")]
     pub profiles: Vec<String>,
-    /// Uniform configurations to compare against: `T` (K and V) or `K/V`, optionally with a recent
-    /// window on every layer: `+wN` (its last N positions also in f16) or `+wN:q8_0`.
+    /// Uniform configurations to compare against: `T` (K and V) or `K/V`, optionally with `+ks`
+    /// (each layer's mean key, measured on --key-shift-text, subtracted as keys are cached) and a
+    /// recent window on every layer: `+wN` (its last N positions also in f16) or `+wN:q8_0`.
     #[arg(long, value_delimiter = ',', default_value = "f16,q8_0,q4_0,q8_0/q4_0")]
     pub against: Vec<String>,
+    /// Text the key shift of `+ks` configurations is measured on (its first -c tokens, at most
+    /// 8192): lee-calibration, code-calibration, chat-calibration or a file; never the --text.
+    #[arg(long, default_value = "lee-calibration")]
+    pub key_shift_text: String,
     /// Context of each scored chunk.
     #[arg(short = 'c', long = "ctx-size", default_value_t = 1024)]
     pub ctx_size: u32,

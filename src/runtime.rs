@@ -148,27 +148,45 @@ pub struct CacheConfig {
     pub name: String,
     pub is_profile: bool,
     pub params: ContextParams,
+    /// Asks for a key shift (`+ks`): the caller measures one ([`crate::key_shift`]) on its
+    /// calibration text and puts it in `params.key_shift`.
+    pub key_shift: bool,
 }
 
-/// `T` (K and V) or `K/V`, as `--against` takes them, optionally with `+wN` (every layer keeps its
-/// last N positions also in f16) or `+wN:q8_0` (in q8_0): a recent window (patch 0014).
-fn parse_uniform(spec: &str, n_layer: usize) -> anyhow::Result<(CacheType, CacheType, Option<RecentWindow>)> {
-    let (types, window) = match spec.split_once("+w") {
-        Some((types, w)) => {
+/// A uniform configuration of `--against`: `T` (K and V) or `K/V`, then optionally `+ks` (a key
+/// shift, patch 0018) and `+wN` (every layer keeps its last N positions also in f16) or
+/// `+wN:q8_0` (in q8_0): a recent window (patch 0014).
+struct UniformSpec {
+    k: CacheType,
+    v: CacheType,
+    window: Option<RecentWindow>,
+    key_shift: bool,
+}
+
+fn parse_uniform(spec: &str, n_layer: usize) -> anyhow::Result<UniformSpec> {
+    let mut parts = spec.split('+');
+    let types = parts.next().unwrap_or_default();
+    let (k, v) = types.split_once('/').unwrap_or((types, types));
+    let mut out = UniformSpec {
+        k: k.parse().with_context(|| format!("--against `{spec}`"))?,
+        v: v.parse().with_context(|| format!("--against `{spec}`"))?,
+        window: None,
+        key_shift: false,
+    };
+    for part in parts {
+        if part == "ks" && !out.key_shift {
+            out.key_shift = true;
+        } else if let Some(w) = part.strip_prefix('w').filter(|_| out.window.is_none()) {
             let (size, ty) = w.split_once(':').unwrap_or((w, "f16"));
             let size: u32 = size.parse().with_context(|| format!("--against `{spec}`: window size `{size}`"))?;
             let ty: CacheType = ty.parse().with_context(|| format!("--against `{spec}`: window type"))?;
             anyhow::ensure!(size > 0, "--against `{spec}`: a window of 0 positions is no window");
-            (types, Some(RecentWindow::uniform(n_layer, size, ty)))
+            out.window = Some(RecentWindow::uniform(n_layer, size, ty));
+        } else {
+            bail!("--against `{spec}`: `+{part}` is neither `+ks` (a key shift) nor `+wN[:type]` (a recent window), or is repeated");
         }
-        None => (spec, None),
-    };
-    let (k, v) = types.split_once('/').unwrap_or((types, types));
-    Ok((
-        k.parse().with_context(|| format!("--against `{spec}`"))?,
-        v.parse().with_context(|| format!("--against `{spec}`"))?,
-        window,
-    ))
+    }
+    Ok(out)
 }
 
 /// The configurations of `--against` (uniform caches) and `--profile` (`auto`: the profile the
@@ -184,8 +202,11 @@ pub fn cache_configs(
 ) -> anyhow::Result<Vec<CacheConfig>> {
     let mut configs = Vec::new();
     for spec in against {
-        let (k, v, window) = parse_uniform(spec, identity.layers)?;
+        let UniformSpec { k, v, window, key_shift } = parse_uniform(spec, identity.layers)?;
         let mut name = if k == v { k.to_string() } else { format!("{k}/{v}") };
+        if key_shift {
+            name += "+ks";
+        }
         if let Some(w) = &window {
             let size = w.layers[0];
             name += &if w.type_k == CacheType::F16 { format!("+w{size}") } else { format!("+w{size}:{}", w.type_k) };
@@ -194,6 +215,7 @@ pub fn cache_configs(
             name,
             is_profile: false,
             params: ContextParams { type_k: k, type_v: v, window, ..base.clone() },
+            key_shift,
         });
     }
     for spec in profiles {
@@ -203,6 +225,7 @@ pub fn cache_configs(
                     name: format!("profile {}", p.name.as_deref().unwrap_or("embedded")),
                     is_profile: true,
                     params: ContextParams { no_kv_profile: false, ..base.clone() },
+                    key_shift: false,
                 }),
                 Some(p) => bail!("the model's embedded profile is unusable: {}", p.problems.join("; ")),
                 None if profiles.len() == 1 => {
@@ -220,6 +243,7 @@ pub fn cache_configs(
                     window: profile_window(&profile),
                     ..base.clone()
                 },
+                key_shift: false,
             });
         }
     }
@@ -384,15 +408,20 @@ mod tests {
     use super::*;
 
     #[test]
-    fn against_specs_take_a_recent_window() {
-        let (k, v, w) = parse_uniform("q8_0/kv3+w128", 4).unwrap();
-        assert_eq!((k, v), (CacheType::Q8_0, CacheType::Kv3));
-        let w = w.unwrap();
+    fn against_specs_take_a_recent_window_and_a_key_shift() {
+        let s = parse_uniform("q8_0/kv3+w128", 4).unwrap();
+        assert_eq!((s.k, s.v, s.key_shift), (CacheType::Q8_0, CacheType::Kv3, false));
+        let w = s.window.unwrap();
         assert_eq!((w.layers, w.type_k, w.type_v), (vec![128; 4], CacheType::F16, CacheType::F16));
-        let (_, _, w) = parse_uniform("q4_0+w64:q8_0", 2).unwrap();
-        assert_eq!(w.unwrap().type_v, CacheType::Q8_0);
-        assert!(parse_uniform("q4_0", 2).unwrap().2.is_none());
-        for bad in ["q4_0+w", "q4_0+w0", "q4_0+wx", "q4_0+w8:nope"] {
+        let s = parse_uniform("q4_0+w64:q8_0", 2).unwrap();
+        assert_eq!(s.window.unwrap().type_v, CacheType::Q8_0);
+        assert!(parse_uniform("q4_0", 2).unwrap().window.is_none());
+        for spec in ["kv3+ks+w128", "kv3+w128+ks"] {
+            let s = parse_uniform(spec, 2).unwrap();
+            assert!(s.key_shift && s.window.is_some(), "{spec}");
+        }
+        assert!(parse_uniform("q4_0+ks", 2).unwrap().key_shift);
+        for bad in ["q4_0+w", "q4_0+w0", "q4_0+wx", "q4_0+w8:nope", "q4_0+ks+ks", "q4_0+w8+w16", "q4_0+k", "q4_0+"] {
             assert!(parse_uniform(bad, 2).is_err(), "{bad} must be refused");
         }
     }

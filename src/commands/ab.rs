@@ -84,7 +84,22 @@ pub fn run(args: AbArgs) -> anyhow::Result<()> {
     }
     let (header, identity, model, base) = load_for_comparison(&args.model, &args.devices.devices())?;
 
-    let configs = cache_configs(&args.against, &args.profiles, &header, &identity, &args.model, &base)?;
+    let mut configs = cache_configs(&args.against, &args.profiles, &header, &identity, &args.model, &base)?;
+    if configs.iter().any(|c| c.key_shift) {
+        anyhow::ensure!(
+            args.text.as_deref() != Some(args.key_shift_text.as_str()),
+            "--key-shift-text is the evaluated --text: the shift would not be held out"
+        );
+        let (shift_text, shift_label) = load_text(&args.key_shift_text, &args.model)?;
+        let tokens = model.tokenize(&shift_text, true, false)?;
+        let n = tokens.len().min(args.ctx_size.min(8192) as usize);
+        let shift = kvtuner::key_shift::measure(&model, &tokens[..n], &base)
+            .with_context(|| format!("measuring the key shift on {shift_label}"))?;
+        eprintln!("key shift (+ks): each layer's mean key over {n} tokens of {shift_label}");
+        for c in configs.iter_mut().filter(|c| c.key_shift) {
+            c.params.key_shift = Some(shift.clone());
+        }
+    }
 
     let (summaries, base_ppl) = if args.no_quality {
         (vec![None; configs.len()], f64::NAN)

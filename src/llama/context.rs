@@ -83,6 +83,10 @@ pub struct ContextParams {
     pub layer_types: Option<LayerCacheTypes>,
     /// A recent window per layer in a wider type; `None` = none.
     pub window: Option<RecentWindow>,
+    /// A constant subtracted from each layer's keys as they are cached (patch 0018): the layers'
+    /// vectors of `n_embd_k_gqa` values one after another ([`crate::key_shift`] measures them);
+    /// the runtime checks the count. `None` = none.
+    pub key_shift: Option<Vec<f32>>,
     /// Ignore the profile embedded in the model's metadata.
     pub no_kv_profile: bool,
     /// Full-size sliding-window cache (llama.cpp's default); kvtuner defaults to the window.
@@ -105,6 +109,7 @@ impl Default for ContextParams {
             type_v: CacheType::F16,
             layer_types: None,
             window: None,
+            key_shift: None,
             no_kv_profile: false,
             swa_full: false,
             offload_kqv: true,
@@ -166,6 +171,8 @@ pub struct KvLayerInfo {
     pub type_k_window: Option<CacheType>,
     pub type_v_window: Option<CacheType>,
     pub bytes_window: u64,
+    /// The layer caches its keys less a constant (patch 0018, [`ContextParams::key_shift`]).
+    pub k_shifted: bool,
 }
 
 /// Memory on one buffer type ([`Context::memory`]).
@@ -347,6 +354,14 @@ impl<'m> Context<'m> {
             cp.type_k_window = window.type_k.ggml_id();
             cp.type_v_window = window.type_v.ggml_id();
         }
+        if let Some(shift) = &params.key_shift {
+            cp.kv_k_shift = shift.as_ptr();
+            cp.n_kv_k_shift = shift.len();
+            // the per-layer arrays' one length (the runtime checks it against the model)
+            if cp.n_type_layers == 0 {
+                cp.n_type_layers = model.n_layer();
+            }
+        }
 
         take_recent_log();
         // Safety: the model outlives the context ('m); the per-layer arrays are borrowed for the
@@ -485,6 +500,7 @@ impl<'m> Context<'m> {
             type_k_window: (info.window > 0).then(|| CacheType::from_ggml_id(info.type_k_window)).flatten(),
             type_v_window: (info.window > 0).then(|| CacheType::from_ggml_id(info.type_v_window)).flatten(),
             bytes_window: info.bytes_window as u64,
+            k_shifted: info.k_shifted,
         })
     }
 
