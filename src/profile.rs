@@ -550,7 +550,11 @@ impl Profile {
         }
         // Stable sort keeps first-appearance order among equal counts.
         counts.sort_by_key(|c| std::cmp::Reverse(c.1));
-        counts.iter().map(|(t, n)| format!("{n}×{}/{}", t.k, t.v)).collect::<Vec<_>>().join(", ")
+        let types = counts.iter().map(|(t, n)| format!("{n}×{}/{}", t.k, t.v)).collect::<Vec<_>>().join(", ");
+        match &self.window {
+            Some(w) => format!("{types}; recent window {}", w.describe(self.layers.len())),
+            None => types,
+        }
     }
 }
 

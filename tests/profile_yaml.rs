@@ -95,7 +95,7 @@ fn yaml_snapshot() {
 #[test]
 fn summary_of_sample() {
     // Equal counts keep first-appearance order.
-    assert_eq!(sample().summary(), "2×f16/f16, 2×q8_0/q4_0");
+    assert_eq!(sample().summary(), "2×f16/f16, 2×q8_0/q4_0; recent window w128 f16/q8_0 on 2 of 4 layers");
 }
 
 #[test]
