@@ -1,4 +1,4 @@
-use anyhow::Context as _;
+use anyhow::{bail, Context as _};
 use comfy_table::Table;
 use serde::Serialize;
 
@@ -26,6 +26,10 @@ pub fn run(args: CapacityArgs) -> anyhow::Result<()> {
     let sizer = Sizer::new(&args.model)?;
     let configs = cache_configs(&args.against, &args.profiles, &header, &identity, &args.model, &base)?;
     anyhow::ensure!(!configs.is_empty(), "nothing to measure: give --against or --profile");
+    // a key shift (+ks) is measured on text by `ab`; capacity has none to measure it on
+    if let Some(c) = configs.iter().find(|c| c.key_shift) {
+        bail!("--against {}: a key shift (+ks) is measured on text by `kvtuner ab`; capacity compares sizes and speed without one", c.name);
+    }
     eprintln!(
         "capacity: slots of {} tokens within {:.2} GiB of KV cache, decode timed at depth {depth}, {} repetition(s)",
         args.ctx_size,
