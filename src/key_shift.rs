@@ -63,14 +63,12 @@ pub fn measure(model: &Model, tokens: &[Token], base: &ContextParams) -> Result<
 /// The mean of the f16 rows of `n_embd` values in `raw` that were written (a cell never written is
 /// all zeros, which no key is).
 fn mean_of_rows(raw: &[u8], n_embd: usize) -> Vec<f32> {
+    let values = CacheType::F16.dequantize(raw);
     let mut sum = vec![0.0f64; n_embd];
     let mut rows = 0usize;
-    for row in raw.chunks_exact(2 * n_embd) {
-        if row.iter().all(|&b| b == 0) {
-            continue;
-        }
-        for (s, v) in sum.iter_mut().zip(row.chunks_exact(2)) {
-            *s += half::f16::from_le_bytes([v[0], v[1]]).to_f64();
+    for row in values.chunks_exact(n_embd).filter(|row| row.iter().any(|&x| x != 0.0)) {
+        for (s, &v) in sum.iter_mut().zip(row) {
+            *s += f64::from(v);
         }
         rows += 1;
     }

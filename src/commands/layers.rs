@@ -74,12 +74,13 @@ pub fn run(args: LayersArgs) -> anyhow::Result<()> {
     let mut per_device: Vec<(String, usize, u64)> = Vec::new();
     for i in layers.iter().flatten() {
         let name = i.device.to_string();
+        let bytes = i.bytes_k + i.bytes_v + i.bytes_window;
         match per_device.iter_mut().find(|(d, _, _)| *d == name) {
             Some((_, n, b)) => {
                 *n += 1;
-                *b += i.bytes_k + i.bytes_v + i.bytes_window;
+                *b += bytes;
             }
-            None => per_device.push((name, 1, i.bytes_k + i.bytes_v + i.bytes_window)),
+            None => per_device.push((name, 1, bytes)),
         }
     }
     if per_device.len() > 1 {
