@@ -126,10 +126,12 @@ pub struct AbArgs {
     pub profiles: Vec<String>,
     /// Uniform configurations to compare against: `T` (K and V) or `K/V`, optionally with `+ks`
     /// (each layer's mean key, measured on --key-shift-text, subtracted as keys are cached) and a
-    /// recent window on every layer: `+wN` (its last N positions also in f16) or `+wN:q8_0`.
+    /// `+kc` (a key scale: each key channel divided by the square root of its deviation on
+    /// --key-shift-text, queries multiplied; `+kcP`: to the power P) and a recent window on every
+    /// layer: `+wN` (its last N positions also in f16) or `+wN:q8_0`.
     #[arg(long, value_delimiter = ',', default_value = "f16,q8_0,q4_0,q8_0/q4_0")]
     pub against: Vec<String>,
-    /// Text the key shift of `+ks` configurations is measured on (its first -c tokens, at most
+    /// Text the key shift and scale of `+ks`/`+kc` configurations are measured on (its first -c tokens, at most
     /// 8192): lee-calibration, code-calibration, chat-calibration or a file; never the --text.
     #[arg(long, default_value = "lee-calibration")]
     pub key_shift_text: String,

@@ -151,16 +151,21 @@ pub struct CacheConfig {
     /// Asks for a key shift (`+ks`): the caller measures one ([`crate::key_shift`]) on its
     /// calibration text and puts it in `params.key_shift`.
     pub key_shift: bool,
+    /// Asks for a key scale (`+kc`, `+kcP`): the power of each channel's deviation it is made of
+    /// ([`crate::key_shift::KeyMoments::scale`]); the caller measures it as the key shift.
+    pub key_scale: Option<f32>,
 }
 
 /// A uniform configuration of `--against`: `T` (K and V) or `K/V`, then optionally `+ks` (a key
-/// shift, patch 0018) and `+wN` (every layer keeps its last N positions also in f16) or
-/// `+wN:q8_0` (in q8_0): a recent window (patch 0014).
+/// shift, patch 0018), `+kc` or `+kcP` (a key scale of deviations to the power P, default 0.5,
+/// patch 0019) and `+wN` (every layer keeps its last N positions also in f16) or `+wN:q8_0` (in
+/// q8_0): a recent window (patch 0014).
 struct UniformSpec {
     k: CacheType,
     v: CacheType,
     window: Option<RecentWindow>,
     key_shift: bool,
+    key_scale: Option<f32>,
 }
 
 fn parse_uniform(spec: &str, n_layer: usize) -> anyhow::Result<UniformSpec> {
@@ -172,10 +177,19 @@ fn parse_uniform(spec: &str, n_layer: usize) -> anyhow::Result<UniformSpec> {
         v: v.parse().with_context(|| format!("--against `{spec}`"))?,
         window: None,
         key_shift: false,
+        key_scale: None,
     };
     for part in parts {
         if part == "ks" && !out.key_shift {
             out.key_shift = true;
+        } else if let Some(p) = part.strip_prefix("kc").filter(|_| out.key_scale.is_none()) {
+            let power: f32 = if p.is_empty() {
+                0.5
+            } else {
+                p.parse().with_context(|| format!("--against `{spec}`: key-scale power `{p}`"))?
+            };
+            anyhow::ensure!(power > 0.0 && power <= 2.0, "--against `{spec}`: a key-scale power must be in (0, 2]");
+            out.key_scale = Some(power);
         } else if let Some(w) = part.strip_prefix('w').filter(|_| out.window.is_none()) {
             let (size, ty) = w.split_once(':').unwrap_or((w, "f16"));
             let size: u32 = size.parse().with_context(|| format!("--against `{spec}`: window size `{size}`"))?;
@@ -183,7 +197,7 @@ fn parse_uniform(spec: &str, n_layer: usize) -> anyhow::Result<UniformSpec> {
             anyhow::ensure!(size > 0, "--against `{spec}`: a window of 0 positions is no window");
             out.window = Some(RecentWindow::uniform(n_layer, size, ty));
         } else {
-            bail!("--against `{spec}`: `+{part}` is neither `+ks` (a key shift) nor `+wN[:type]` (a recent window), or is repeated");
+            bail!("--against `{spec}`: `+{part}` is none of `+ks` (a key shift), `+kc[P]` (a key scale) and `+wN[:type]` (a recent window), or is repeated");
         }
     }
     Ok(out)
@@ -202,10 +216,15 @@ pub fn cache_configs(
 ) -> anyhow::Result<Vec<CacheConfig>> {
     let mut configs = Vec::new();
     for spec in against {
-        let UniformSpec { k, v, window, key_shift } = parse_uniform(spec, identity.layers)?;
+        let UniformSpec { k, v, window, key_shift, key_scale } = parse_uniform(spec, identity.layers)?;
         let mut name = if k == v { k.to_string() } else { format!("{k}/{v}") };
         if key_shift {
             name += "+ks";
+        }
+        match key_scale {
+            Some(0.5) => name += "+kc",
+            Some(p) => name += &format!("+kc{p}"),
+            None => {}
         }
         if let Some(w) = &window {
             let size = w.layers[0];
@@ -216,6 +235,7 @@ pub fn cache_configs(
             is_profile: false,
             params: ContextParams { type_k: k, type_v: v, window, ..base.clone() },
             key_shift,
+            key_scale,
         });
     }
     for spec in profiles {
@@ -226,6 +246,7 @@ pub fn cache_configs(
                     is_profile: true,
                     params: ContextParams { no_kv_profile: false, ..base.clone() },
                     key_shift: false,
+                    key_scale: None,
                 }),
                 Some(p) => bail!("the model's embedded profile is unusable: {}", p.problems.join("; ")),
                 None if profiles.len() == 1 => {
@@ -244,6 +265,7 @@ pub fn cache_configs(
                     ..base.clone()
                 },
                 key_shift: false,
+                key_scale: None,
             });
         }
     }
@@ -408,7 +430,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn against_specs_take_a_recent_window_and_a_key_shift() {
+    fn against_specs_take_a_recent_window_a_key_shift_and_a_key_scale() {
         let s = parse_uniform("q8_0/kv3+w128", 4).unwrap();
         assert_eq!((s.k, s.v, s.key_shift), (CacheType::Q8_0, CacheType::Kv3, false));
         let w = s.window.unwrap();
@@ -421,7 +443,24 @@ mod tests {
             assert!(s.key_shift && s.window.is_some(), "{spec}");
         }
         assert!(parse_uniform("q4_0+ks", 2).unwrap().key_shift);
-        for bad in ["q4_0+w", "q4_0+w0", "q4_0+wx", "q4_0+w8:nope", "q4_0+ks+ks", "q4_0+w8+w16", "q4_0+k", "q4_0+"] {
+        // a key scale: +kc is the square root of the deviation, +kcP another power
+        assert_eq!(parse_uniform("q4_0+ks+kc", 2).unwrap().key_scale, Some(0.5));
+        assert_eq!(parse_uniform("kv3+kc1+ks", 2).unwrap().key_scale, Some(1.0));
+        assert_eq!(parse_uniform("kv3+ks", 2).unwrap().key_scale, None);
+        for bad in [
+            "q4_0+w",
+            "q4_0+w0",
+            "q4_0+wx",
+            "q4_0+w8:nope",
+            "q4_0+ks+ks",
+            "q4_0+w8+w16",
+            "q4_0+k",
+            "q4_0+",
+            "q4_0+kc0",
+            "q4_0+kc-1",
+            "q4_0+kcx",
+            "q4_0+kc+kc",
+        ] {
             assert!(parse_uniform(bad, 2).is_err(), "{bad} must be refused");
         }
     }

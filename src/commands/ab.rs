@@ -85,19 +85,24 @@ pub fn run(args: AbArgs) -> anyhow::Result<()> {
     let (header, identity, model, base) = load_for_comparison(&args.model, &args.devices.devices())?;
 
     let mut configs = cache_configs(&args.against, &args.profiles, &header, &identity, &args.model, &base)?;
-    if configs.iter().any(|c| c.key_shift) {
+    if configs.iter().any(|c| c.key_shift || c.key_scale.is_some()) {
         anyhow::ensure!(
             args.text.as_deref() != Some(args.key_shift_text.as_str()),
-            "--key-shift-text is the evaluated --text: the shift would not be held out"
+            "--key-shift-text is the evaluated --text: the key shift and scale would not be held out"
         );
         let (shift_text, shift_label) = load_text(&args.key_shift_text, &args.model)?;
         let tokens = model.tokenize(&shift_text, true, false)?;
         let n = tokens.len().min(args.ctx_size.min(8192) as usize);
-        let shift = kvtuner::key_shift::measure(&model, &tokens[..n], &base)
-            .with_context(|| format!("measuring the key shift on {shift_label}"))?;
-        eprintln!("key shift (+ks): each layer's mean key over {n} tokens of {shift_label}");
-        for c in configs.iter_mut().filter(|c| c.key_shift) {
-            c.params.key_shift = Some(shift.clone());
+        let moments = kvtuner::key_shift::measure(&model, &tokens[..n], &base)
+            .with_context(|| format!("measuring the keys on {shift_label}"))?;
+        eprintln!("key shift (+ks) and scale (+kc): each layer's keys per channel over {n} tokens of {shift_label}");
+        for c in &mut configs {
+            if c.key_shift {
+                c.params.key_shift = Some(moments.mean.clone());
+            }
+            if let Some(power) = c.key_scale {
+                c.params.key_scale = Some(moments.scale(power));
+            }
         }
     }
 

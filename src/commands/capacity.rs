@@ -26,9 +26,9 @@ pub fn run(args: CapacityArgs) -> anyhow::Result<()> {
     let sizer = Sizer::new(&args.model)?;
     let configs = cache_configs(&args.against, &args.profiles, &header, &identity, &args.model, &base)?;
     anyhow::ensure!(!configs.is_empty(), "nothing to measure: give --against or --profile");
-    // a key shift (+ks) is measured on text by `ab`; capacity has none to measure it on
-    if let Some(c) = configs.iter().find(|c| c.key_shift) {
-        bail!("--against {}: a key shift (+ks) is measured on text by `kvtuner ab`; capacity compares sizes and speed without one", c.name);
+    // a key shift or scale (+ks, +kc) is measured on text by `ab`; capacity has none to measure it on
+    if let Some(c) = configs.iter().find(|c| c.key_shift || c.key_scale.is_some()) {
+        bail!("--against {}: a key shift or scale (+ks, +kc) is measured on text by `kvtuner ab`; capacity compares sizes and speed without one", c.name);
     }
     eprintln!(
         "capacity: slots of {} tokens within {:.2} GiB of KV cache, decode timed at depth {depth}, {} repetition(s)",

@@ -87,6 +87,10 @@ pub struct ContextParams {
     /// vectors of `n_embd_k_gqa` values one after another ([`crate::key_shift`] measures them);
     /// the runtime checks the count. `None` = none.
     pub key_shift: Option<Vec<f32>>,
+    /// Positive factors per key channel, laid out as `key_shift` (patch 0019): each layer's keys are
+    /// divided by them and its queries multiplied, so scores are unchanged but channels of different
+    /// sizes share a narrow type's range. `None` = none.
+    pub key_scale: Option<Vec<f32>>,
     /// Ignore the profile embedded in the model's metadata.
     pub no_kv_profile: bool,
     /// Full-size sliding-window cache (llama.cpp's default); kvtuner defaults to the window.
@@ -110,6 +114,7 @@ impl Default for ContextParams {
             layer_types: None,
             window: None,
             key_shift: None,
+            key_scale: None,
             no_kv_profile: false,
             swa_full: false,
             offload_kqv: true,
@@ -173,6 +178,8 @@ pub struct KvLayerInfo {
     pub bytes_window: u64,
     /// The layer caches its keys less a constant (patch 0018, [`ContextParams::key_shift`]).
     pub k_shifted: bool,
+    /// The layer caches its keys divided per channel (patch 0019, [`ContextParams::key_scale`]).
+    pub k_scaled: bool,
 }
 
 /// Memory on one buffer type ([`Context::memory`]).
@@ -357,10 +364,14 @@ impl<'m> Context<'m> {
         if let Some(shift) = &params.key_shift {
             cp.kv_k_shift = shift.as_ptr();
             cp.n_kv_k_shift = shift.len();
-            // the per-layer arrays' one length (the runtime checks it against the model)
-            if cp.n_type_layers == 0 {
-                cp.n_type_layers = model.n_layer();
-            }
+        }
+        if let Some(scale) = &params.key_scale {
+            cp.kv_k_scale = scale.as_ptr();
+            cp.n_kv_k_scale = scale.len();
+        }
+        // the per-layer arrays' one length (the runtime checks it against the model)
+        if (params.key_shift.is_some() || params.key_scale.is_some()) && cp.n_type_layers == 0 {
+            cp.n_type_layers = model.n_layer();
         }
 
         take_recent_log();
@@ -501,6 +512,7 @@ impl<'m> Context<'m> {
             type_v_window: (info.window > 0).then(|| CacheType::from_ggml_id(info.type_v_window)).flatten(),
             bytes_window: info.bytes_window as u64,
             k_shifted: info.k_shifted,
+            k_scaled: info.k_scaled,
         })
     }
 
