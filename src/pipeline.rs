@@ -496,6 +496,7 @@ pub fn profile_for(
         description: Some(format!("kvtuner search over pairs `{pairs}` at context {target_ctx}: {}", chosen.label)),
         layers: chosen.types.iter().map(|&(k, v)| LayerTypes { k, v }).collect(),
         window: None,
+        keys: None,
         measured: Some(ProfileMeasured {
             bits_per_value: bits,
             kv_bytes: chosen.kv_bytes,

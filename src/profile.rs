@@ -20,6 +20,10 @@
 //!   k: f16                         # these K and V types (f16 or q8_0)
 //!   v: f16
 //!   layers: [0, 1, 5]              # optional: the layers that keep one (default: every layer)
+//! keys:                            # optional: key treatment (patches 0018/0019), every layer
+//!   shift: true                    # each layer's mean key subtracted as keys are cached
+//!   scale: 0.5                     # key channels divided by their deviation to this power
+//!   text: lee-calibration          # what they are measured on (the GGUF stores the vectors)
 //! measured:                        # optional
 //!   bits_per_value: 6.52
 //!   kv_bytes: 12345678
@@ -67,6 +71,8 @@ pub struct Profile {
     pub layers: Vec<LayerTypes>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub window: Option<ProfileWindow>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keys: Option<ProfileKeys>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub measured: Option<Measured>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -174,6 +180,51 @@ impl ProfileWindow {
     }
 }
 
+/// A profile's key treatment: each layer's mean key subtracted as keys are cached (patch 0018),
+/// each key channel divided by its deviation to a power and the queries multiplied by it (patch
+/// 0019). Both leave attention unchanged in exact arithmetic and give narrow key types their range
+/// back. The vectors are measured per model on `text` ([`crate::key_shift::measure`]) when the
+/// profile is embedded (`annotate`, `tune`) or compared (`ab`); the GGUF carries them.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProfileKeys {
+    #[serde(default)]
+    pub shift: bool,
+    /// The power of each channel's deviation the keys are divided by (0.5: the best measured,
+    /// bench/key-scale.md); `None`: no scale.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scale: Option<f32>,
+    /// Calibration text they are measured on: `lee-calibration`, `code-calibration`,
+    /// `chat-calibration` or a file (never the text a profile's quality is reported on).
+    #[serde(default = "ProfileKeys::default_text")]
+    pub text: String,
+}
+
+impl ProfileKeys {
+    fn default_text() -> String {
+        "lee-calibration".to_string()
+    }
+
+    /// The shift and the scale of the square root of the deviation, measured on `text`.
+    pub fn shift_and_scale(text: &str) -> ProfileKeys {
+        ProfileKeys { shift: true, scale: Some(0.5), text: text.to_string() }
+    }
+
+    /// `shift + scale std^0.5`: for summaries.
+    pub fn describe(&self) -> String {
+        let scale = self.scale.map(|p| format!("scale std^{p}"));
+        [self.shift.then(|| "shift".to_string()), scale].into_iter().flatten().collect::<Vec<_>>().join(" + ")
+    }
+
+    fn validate(&self) -> Result<(), ProfileInvalid> {
+        match self.scale {
+            None if !self.shift => Err(ProfileInvalid::KeysEmpty),
+            Some(p) if !(p > 0.0 && p <= 2.0) => Err(ProfileInvalid::KeyScalePower(p.to_string())),
+            _ => Ok(()),
+        }
+    }
+}
+
 /// Numbers measured for this profile.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -256,6 +307,10 @@ pub enum ProfileInvalid {
     WindowType { which: &'static str, found: CacheType },
     #[error("`window.layers`: {layer} is out of order, repeated or not below the model's {n_layer} layers")]
     WindowLayers { layer: usize, n_layer: usize },
+    #[error("`keys` asks for neither `shift` nor `scale` (leave `keys` out for neither)")]
+    KeysEmpty,
+    #[error("`keys.scale` is {0}: the power of the deviation is above 0 and at most 2")]
+    KeyScalePower(String),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -364,6 +419,7 @@ impl Profile {
             model: model.clone(),
             layers: vec![LayerTypes { k, v }; model.layers],
             window: None,
+            keys: None,
             measured: None,
             calibration: None,
             tool_version: Some(env!("CARGO_PKG_VERSION").to_string()),
@@ -392,6 +448,9 @@ impl Profile {
         }
         if let Some(w) = &self.window {
             w.validate(self.layers.len())?;
+        }
+        if let Some(k) = &self.keys {
+            k.validate()?;
         }
         Ok(())
     }
@@ -455,6 +514,8 @@ impl Profile {
             #[serde(skip_serializing_if = "Option::is_none")]
             window: &'a Option<ProfileWindow>,
             #[serde(skip_serializing_if = "Option::is_none")]
+            keys: &'a Option<ProfileKeys>,
+            #[serde(skip_serializing_if = "Option::is_none")]
             measured: &'a Option<Measured>,
             #[serde(skip_serializing_if = "Option::is_none")]
             calibration: &'a Option<Calibration>,
@@ -476,10 +537,15 @@ impl Profile {
             let k = format!("{},", l.k);
             out.push_str(&format!("- {{ k: {k:<7} v: {:<6} }}  # {i}\n", l.v.name()));
         }
-        if self.window.is_some() || self.measured.is_some() || self.calibration.is_some() || self.tool_version.is_some()
+        if self.window.is_some()
+            || self.keys.is_some()
+            || self.measured.is_some()
+            || self.calibration.is_some()
+            || self.tool_version.is_some()
         {
             out.push_str(&serde_norway::to_string(&Tail {
                 window: &self.window,
+                keys: &self.keys,
                 measured: &self.measured,
                 calibration: &self.calibration,
                 tool_version: &self.tool_version,
@@ -551,10 +617,14 @@ impl Profile {
         // Stable sort keeps first-appearance order among equal counts.
         counts.sort_by_key(|c| std::cmp::Reverse(c.1));
         let types = counts.iter().map(|(t, n)| format!("{n}×{}/{}", t.k, t.v)).collect::<Vec<_>>().join(", ");
-        match &self.window {
-            Some(w) => format!("{types}; recent window {}", w.describe(self.layers.len())),
-            None => types,
+        let mut out = types;
+        if let Some(w) = &self.window {
+            out += &format!("; recent window {}", w.describe(self.layers.len()));
         }
+        if let Some(k) = &self.keys {
+            out += &format!("; keys: {}", k.describe());
+        }
+        out
     }
 }
 
@@ -736,6 +806,7 @@ pub fn import_kvtuner(
         model: identity,
         layers,
         window: None,
+        keys: None,
         measured: None,
         calibration: None,
         tool_version: Some(env!("CARGO_PKG_VERSION").to_string()),
@@ -835,6 +906,12 @@ pub const META_WINDOW: &str = "kvtuner.cache.window";
 /// Strings: the recent window's K and V types (f16 or q8_0).
 pub const META_WINDOW_K: &str = "kvtuner.cache.window_type_k";
 pub const META_WINDOW_V: &str = "kvtuner.cache.window_type_v";
+/// f32 arrays laid out as the runtime's kv_k_shift (each layer's n_embd_k_gqa values in turn):
+/// the key shift and scale (patches 0018/0019, applied from the GGUF by patch 0020).
+pub const META_KEY_SHIFT: &str = "kvtuner.cache.key_shift";
+pub const META_KEY_SCALE: &str = "kvtuner.cache.key_scale";
+/// string: what the key shift and scale were measured on.
+pub const META_KEY_TEXT: &str = "kvtuner.profile.key_text";
 /// u64: measured KV bytes at `kvtuner.profile.context`.
 pub const META_KV_BYTES: &str = "kvtuner.profile.kv_bytes";
 /// u32: context the numbers were measured at.
@@ -889,6 +966,26 @@ pub fn remove_profile_edits() -> crate::gguf::MetadataEdits {
 }
 
 impl Profile {
+    /// The metadata entries of the profile's key treatment ([`Profile::keys`]) from the keys'
+    /// moments measured on the model (`moments_text` names the text); none without `keys`.
+    pub fn key_metadata(
+        &self,
+        moments: &crate::key_shift::KeyMoments,
+        moments_text: &str,
+    ) -> Vec<(String, crate::gguf::Value)> {
+        use crate::gguf::Value;
+        let Some(keys) = &self.keys else { return Vec::new() };
+        let mut kv = Vec::new();
+        if keys.shift {
+            kv.push((META_KEY_SHIFT.to_string(), Value::f32_array(moments.mean.iter().copied())));
+        }
+        if let Some(power) = keys.scale {
+            kv.push((META_KEY_SCALE.to_string(), Value::f32_array(moments.scale(power))));
+        }
+        kv.push((META_KEY_TEXT.to_string(), Value::String(moments_text.to_string())));
+        kv
+    }
+
     /// The metadata entries `kvtuner annotate` writes, in a fixed order.
     pub fn to_metadata(&self) -> Vec<(String, crate::gguf::Value)> {
         use crate::gguf::Value;
@@ -933,6 +1030,8 @@ pub struct EmbeddedProfile {
     pub layers: Vec<(Option<CacheType>, Option<CacheType>)>,
     /// Its recent window (`kvtuner.cache.window…`), if it has one.
     pub window: Option<EmbeddedWindow>,
+    /// Its key treatment (`kvtuner.cache.key_shift` / `key_scale`), if it has one.
+    pub keys: Option<EmbeddedKeys>,
     pub bits_per_value: Option<f64>,
     pub kld_mean: Option<f64>,
     /// Everything that would make the runtime ignore it (it then uses uniform types).
@@ -948,6 +1047,15 @@ pub struct EmbeddedWindow {
     pub v: Option<CacheType>,
 }
 
+/// Which key treatment a profile in a model's metadata carries (the arrays as they read).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct EmbeddedKeys {
+    pub shift: bool,
+    pub scale: bool,
+    /// What they were measured on (`kvtuner.profile.key_text`).
+    pub text: Option<String>,
+}
+
 impl EmbeddedWindow {
     /// `w128 f16/f16 on 24 of 24 layers`.
     pub fn describe(&self) -> String {
@@ -961,7 +1069,10 @@ impl EmbeddedWindow {
 impl EmbeddedProfile {
     /// Reads `kvtuner.*` keys; `None` when the model carries no per-layer types.
     pub fn from_header(header: &crate::gguf::GgufHeader) -> Option<EmbeddedProfile> {
-        if header.get(META_TYPE_K).is_none() && header.get(META_TYPE_V).is_none() && header.get(META_WINDOW).is_none() {
+        if [META_TYPE_K, META_TYPE_V, META_WINDOW, META_KEY_SHIFT, META_KEY_SCALE]
+            .iter()
+            .all(|k| header.get(k).is_none())
+        {
             return None;
         }
         let mut problems = Vec::new();
@@ -1030,6 +1141,29 @@ impl EmbeddedProfile {
             let v = window_type(META_WINDOW_V);
             EmbeddedWindow { layers, k, v }
         });
+        // the key shift and scale: the same verdict as patch 0020 (arrays of 32-bit floats; their
+        // length, finiteness and sign are checked by the runtime against the model's layers)
+        let mut key_array = |key: &str, positive: bool| match header.get(key) {
+            None => false,
+            Some(crate::gguf::Value::Array(crate::gguf::ValueType::F32, items)) => {
+                let ok = |v: &crate::gguf::Value| matches!(v, crate::gguf::Value::F32(x) if x.is_finite() && (!positive || *x > 0.0));
+                if let Some(i) = items.iter().position(|v| !ok(v)) {
+                    let what = if positive { "a finite positive number" } else { "finite" };
+                    problems.push(format!("{key}[{i}] is not {what}"));
+                }
+                true
+            }
+            Some(_) => {
+                problems.push(format!("{key} is not an array of 32-bit floats"));
+                true
+            }
+        };
+        let (shift, scale) = (key_array(META_KEY_SHIFT, false), key_array(META_KEY_SCALE, true));
+        let keys = (shift || scale).then(|| EmbeddedKeys {
+            shift,
+            scale,
+            text: header.get_str(META_KEY_TEXT).map(str::to_string),
+        });
         // the same verdict as patch 0003 (llama_model_base::load_hparams)
         match header.get(META_SCHEMA) {
             None => problems.push(format!("{META_SCHEMA} is missing")),
@@ -1047,6 +1181,7 @@ impl EmbeddedProfile {
             name: header.get_str(META_NAME).map(str::to_string),
             layers,
             window,
+            keys,
             bits_per_value: header.get_f64(META_BITS),
             kld_mean: header.get_f64(META_KLD),
             problems,

@@ -12,7 +12,7 @@ use crate::gguf::{self, GgufHeader};
 use crate::llama::{
     Backend, ChatMessage, Context, ContextParams, FlashAttn, LayerCacheTypes, Model, ModelParams, RecentWindow,
 };
-use crate::profile::{EmbeddedProfile, ModelIdentity, Profile};
+use crate::profile::{EmbeddedProfile, ModelIdentity, Profile, ProfileKeys};
 
 /// Where a model runs: layers offloaded to this machine's GPUs and then to RPC servers, threads,
 /// flash attention.
@@ -154,6 +154,8 @@ pub struct CacheConfig {
     /// Asks for a key scale (`+kc`, `+kcP`): the power of each channel's deviation it is made of
     /// ([`crate::key_shift::KeyMoments::scale`]); the caller measures it as the key shift.
     pub key_scale: Option<f32>,
+    /// The text a profile's keys are measured on (its `keys.text`); `None`: the caller's choice.
+    pub key_text: Option<String>,
 }
 
 /// A uniform configuration of `--against`: `T` (K and V) or `K/V`, then optionally `+ks` (a key
@@ -236,6 +238,7 @@ pub fn cache_configs(
             params: ContextParams { type_k: k, type_v: v, window, ..base.clone() },
             key_shift,
             key_scale,
+            key_text: None,
         });
     }
     for spec in profiles {
@@ -247,6 +250,7 @@ pub fn cache_configs(
                     params: ContextParams { no_kv_profile: false, ..base.clone() },
                     key_shift: false,
                     key_scale: None,
+                    key_text: None,
                 }),
                 Some(p) => bail!("the model's embedded profile is unusable: {}", p.problems.join("; ")),
                 None if profiles.len() == 1 => {
@@ -264,8 +268,9 @@ pub fn cache_configs(
                     window: profile_window(&profile),
                     ..base.clone()
                 },
-                key_shift: false,
-                key_scale: None,
+                key_shift: profile.keys.as_ref().is_some_and(|k| k.shift),
+                key_scale: profile.keys.as_ref().and_then(|k| k.scale),
+                key_text: profile.keys.as_ref().map(|k| k.text.clone()),
             });
         }
     }
@@ -315,8 +320,13 @@ impl Opened {
     pub fn applied_profile(&self, ctx: &Context<'_>) -> String {
         if let (ProfileChoice::Auto { embedded: Some(name) }, Some(e)) = (&self.choice, &self.embedded) {
             let wanted_window = |il: usize| e.window.as_ref().and_then(|w| w.layers.get(il).copied()).unwrap_or(0);
+            let (shift, scale) = e.keys.as_ref().map_or((false, false), |k| (k.shift, k.scale));
             let differs = ctx.layers().iter().enumerate().any(|(il, applied)| match (applied, e.layers.get(il)) {
-                (Some(a), Some(&(k, v))) => (Some(a.type_k), Some(a.type_v)) != (k, v) || a.window != wanted_window(il),
+                (Some(a), Some(&(k, v))) => {
+                    (Some(a.type_k), Some(a.type_v)) != (k, v)
+                        || a.window != wanted_window(il)
+                        || (a.k_shifted, a.k_scaled) != (shift, scale)
+                }
                 (Some(_), None) => true,
                 (None, _) => false,
             });
@@ -377,9 +387,41 @@ pub fn open(args: &RuntimeOptions) -> anyhow::Result<Opened> {
             }
             params.layer_types = Some(profile_layer_types(p));
             params.window = profile_window(p);
+            if let Some(keys) = &p.keys {
+                let (moments, label) = measure_keys(&model, &args.model, &keys.text, KEY_TOKENS, &params)?;
+                eprintln!("profile {}: keys {} measured on {label}", p.name, keys.describe());
+                apply_profile_keys(&mut params, keys, &moments);
+            }
         }
     }
     Ok(Opened { model, params, choice, identity, embedded: embedded_profile })
+}
+
+/// Tokens the keys' moments are measured over (`+ks`/`+kc`, a profile's `keys`): at most this many
+/// of the text's first tokens.
+pub const KEY_TOKENS: usize = 4096;
+
+/// The keys' moments per layer and channel ([`crate::key_shift::measure`]) over the first tokens
+/// (at most `n_max`) of `text` (a named text or a file), with the text's label.
+pub fn measure_keys(
+    model: &Model,
+    model_path: &Path,
+    text: &str,
+    n_max: usize,
+    base: &ContextParams,
+) -> anyhow::Result<(crate::key_shift::KeyMoments, String)> {
+    let (body, label) = load_text(text, model_path)?;
+    let tokens = model.tokenize(&body, true, false)?;
+    let n = tokens.len().min(n_max);
+    let moments = crate::key_shift::measure(model, &tokens[..n], base)
+        .with_context(|| format!("measuring the keys on {label}"))?;
+    Ok((moments, format!("{n} tokens of {label}")))
+}
+
+/// Puts a profile's key treatment, made of `moments`, into `params`.
+pub fn apply_profile_keys(params: &mut ContextParams, keys: &ProfileKeys, moments: &crate::key_shift::KeyMoments) {
+    params.key_shift = keys.shift.then(|| moments.mean.clone());
+    params.key_scale = keys.scale.map(|p| moments.scale(p));
 }
 
 /// Reads the text to run on; returns it with a label for reports.

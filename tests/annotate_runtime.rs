@@ -372,3 +372,75 @@ fn an_embedded_recent_window_is_applied_with_the_profile() {
     let model = Model::load(Backend::init(), &bad, &ModelParams::default()).unwrap();
     assert_eq!(applied(&model, &base), vec![(CacheType::F16, CacheType::F16); 6], "missing type: uniform fallback");
 }
+
+fn applied_keys(model: &Model, params: &ContextParams) -> Vec<(bool, bool)> {
+    let ctx = Context::new(model, params).unwrap();
+    ctx.layers().into_iter().map(|i| i.map(|i| (i.k_shifted, i.k_scaled)).unwrap()).collect()
+}
+
+/// A profile's key treatment: `annotate` measures the keys on the profile's text and writes the
+/// shift and scale (kvtuner.cache.key_shift / key_scale); the runtime applies them with the types
+/// (patch 0020); malformed or unusable arrays make it ignore the whole profile, and `applied_profile`
+/// says so.
+#[test]
+fn an_embedded_key_shift_and_scale_are_applied_with_the_profile() {
+    let dir = tempfile::tempdir().unwrap();
+    let model_path = common::tiny_model(dir.path(), 6, "synthetic-keys");
+    let (_, mut profile) = mixed_profile(&model_path, dir.path());
+    let text = dir.path().join("keys.txt");
+    std::fs::write(&text, "The keys are measured on this text, which is long enough to hold many tokens. ".repeat(40))
+        .unwrap();
+    profile.keys = Some(kvtuner::profile::ProfileKeys::shift_and_scale(p(&text)));
+    let profile_path = dir.path().join("keys.yaml");
+    profile.save(&profile_path).unwrap();
+    assert_eq!(Profile::load(&profile_path).unwrap(), profile, "the keys survive the YAML");
+    assert!(profile.summary().contains("keys: shift + scale std^0.5"), "{}", profile.summary());
+    let annotated = dir.path().join("annotated.gguf");
+    ok(&["annotate", p(&model_path), "--profile", p(&profile_path), "-o", p(&annotated)]);
+
+    let header = gguf::read_header(&annotated).unwrap();
+    let embedded = kvtuner::profile::EmbeddedProfile::from_header(&header).unwrap();
+    assert!(embedded.problems.is_empty(), "{:?}", embedded.problems);
+    let keys = embedded.keys.as_ref().expect("the reader sees the keys");
+    assert!(keys.shift && keys.scale && keys.text.as_deref().is_some_and(|t| t.contains("keys.txt")), "{keys:?}");
+    let Some(Value::Array(_, scale)) = header.get("kvtuner.cache.key_scale") else { panic!("no key scale array") };
+    assert!(scale.iter().all(|v| matches!(v, Value::F32(x) if *x > 0.0)));
+
+    let model = Model::load(Backend::init(), &annotated, &ModelParams::default()).unwrap();
+    let base = ContextParams { n_ctx: 256, n_batch: 64, n_ubatch: 64, ..Default::default() };
+    let want: Vec<_> = profile.layers.iter().map(|l| (l.k, l.v)).collect();
+    assert_eq!(applied(&model, &base), want, "the profile's types");
+    assert_eq!(applied_keys(&model, &base), vec![(true, true); 6], "the profile's shift and scale");
+    let off = ContextParams { no_kv_profile: true, ..base.clone() };
+    assert_eq!(applied_keys(&model, &off), vec![(false, false); 6], "no profile, no keys");
+    // the binary reports them: per layer (layers) and as the profile's (inspect)
+    let json: serde_json::Value =
+        serde_json::from_str(&ok(&["layers", "-m", p(&annotated), "-c", "256", "--json"])).unwrap();
+    assert_eq!((&json["layers"][3]["k_shifted"], &json["layers"][3]["k_scaled"]), (&true.into(), &true.into()));
+    let text = ok(&["inspect", p(&annotated)]);
+    assert!(text.contains("keys           shift + scale per layer (measured on"), "{text}");
+
+    // malformed or unusable arrays: the runtime ignores the whole profile (uniform, no keys); the
+    // reader names the malformed ones, the runtime the ones it cannot use (wrong length)
+    let n = scale.len();
+    let cases = [
+        ("not floats", "kvtuner.cache.key_shift", Value::u32_array(vec![0; n]), Some("not an array of 32-bit floats")),
+        ("zero scale", "kvtuner.cache.key_scale", Value::f32_array(vec![0.0; n]), Some("not a finite positive number")),
+        ("nan shift", "kvtuner.cache.key_shift", Value::f32_array(vec![f32::NAN; n]), Some("is not finite")),
+        ("short", "kvtuner.cache.key_scale", Value::f32_array(vec![1.0; n - 1]), None),
+    ];
+    for (name, key, value, problem) in cases {
+        let bad = dir.path().join(format!("bad-keys-{}.gguf", name.replace(' ', "-")));
+        gguf::rewrite(&annotated, &bad, &MetadataEdits::new().set(key, value), &mut |_, _| {}).unwrap();
+        let embedded = kvtuner::profile::EmbeddedProfile::from_header(&gguf::read_header(&bad).unwrap()).unwrap();
+        match problem {
+            Some(problem) => {
+                assert!(embedded.problems.iter().any(|e| e.contains(problem)), "{name}: {:?}", embedded.problems)
+            }
+            None => assert!(embedded.problems.is_empty(), "{name}: {:?}", embedded.problems),
+        }
+        let model = Model::load(Backend::init(), &bad, &ModelParams::default()).unwrap();
+        assert_eq!(applied(&model, &base), vec![(CacheType::F16, CacheType::F16); 6], "{name}: uniform fallback");
+        assert_eq!(applied_keys(&model, &base), vec![(false, false); 6], "{name}: no keys");
+    }
+}

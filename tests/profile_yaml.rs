@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use kvtuner::cache_type::CacheType;
 use kvtuner::profile::{
     import_kvtuner, Calibration, ComparedUniform, ImportError, LayerTypes, Measured, ModelIdentity, Profile,
-    ProfileInvalid, ProfileLoadError, ProfileWindow,
+    ProfileInvalid, ProfileKeys, ProfileLoadError, ProfileWindow,
 };
 use proptest::prelude::*;
 
@@ -24,6 +24,7 @@ fn sample() -> Profile {
     p.layers[0] = LayerTypes { k: CacheType::F16, v: CacheType::F16 };
     p.layers[3] = p.layers[0];
     p.window = Some(ProfileWindow { size: 128, k: CacheType::F16, v: CacheType::Q8_0, layers: Some(vec![1, 2]) });
+    p.keys = Some(ProfileKeys::shift_and_scale("lee-calibration"));
     p.measured = Some(Measured {
         bits_per_value: 6.52,
         kv_bytes: 12_345_678,
@@ -95,7 +96,10 @@ fn yaml_snapshot() {
 #[test]
 fn summary_of_sample() {
     // Equal counts keep first-appearance order.
-    assert_eq!(sample().summary(), "2×f16/f16, 2×q8_0/q4_0; recent window w128 f16/q8_0 on 2 of 4 layers");
+    assert_eq!(
+        sample().summary(),
+        "2×f16/f16, 2×q8_0/q4_0; recent window w128 f16/q8_0 on 2 of 4 layers; keys: shift + scale std^0.5"
+    );
 }
 
 #[test]
@@ -196,6 +200,27 @@ fn windows_the_runtime_cannot_take_are_invalid_profiles() {
     let text = sample().to_yaml_string().unwrap().replace("  size: 128", "  sise: 128");
     let (_, msg) = load_err(&text);
     assert!(msg.contains("sise"), "{msg}");
+}
+
+#[test]
+fn key_treatments_the_runtime_cannot_take_are_invalid_profiles() {
+    let with = |k: ProfileKeys| Profile { keys: Some(k), ..sample() };
+    let base = ProfileKeys::shift_and_scale("lee-calibration");
+    for (k, message) in [
+        (ProfileKeys { shift: false, scale: None, ..base.clone() }, "neither `shift` nor `scale`"),
+        (ProfileKeys { scale: Some(0.0), ..base.clone() }, "`keys.scale` is 0"),
+        (ProfileKeys { scale: Some(3.0), ..base.clone() }, "`keys.scale` is 3"),
+        (ProfileKeys { scale: Some(f32::NAN), ..base.clone() }, "`keys.scale` is NaN"),
+    ] {
+        let err = with(k.clone()).validate().unwrap_err().to_string();
+        assert!(err.contains(message), "{k:?}: {err}");
+    }
+    assert_eq!(with(ProfileKeys { scale: None, ..base.clone() }).validate(), Ok(()));
+    // the text defaults to the calibration half of the Lee corpus; a typo is an error
+    let text = sample().to_yaml_string().unwrap().replace("  text: lee-calibration\n", "");
+    assert_eq!(Profile::from_yaml_str(&text, Path::new("p.yaml")).unwrap().keys, Some(base));
+    let (_, msg) = load_err(&sample().to_yaml_string().unwrap().replace("  shift: true", "  shfit: true"));
+    assert!(msg.contains("shfit"), "{msg}");
 }
 
 // --- KVTuner presets ------------------------------------------------------------------------
@@ -340,6 +365,7 @@ prop_compose! {
         window in proptest::option::of((1u32..1_000_000, proptest::sample::select(ProfileWindow::TYPES.to_vec()),
             proptest::sample::select(ProfileWindow::TYPES.to_vec()),
             proptest::option::of(proptest::collection::btree_set(0usize..40, 0..6)))),
+        keys in proptest::option::of((any::<bool>(), proptest::option::of(0.01f32..2.0), "[a-z./-]{1,20}")),
     ) -> Profile {
         let n_layer = layers.len();
         Profile {
@@ -352,6 +378,8 @@ prop_compose! {
             window: window.map(|(size, k, v, ls)| ProfileWindow {
                 size, k, v, layers: ls.map(|s| s.into_iter().filter(|&l| l < n_layer).collect()),
             }),
+            // a treatment asks for at least one of the two (what validate asks)
+            keys: keys.map(|(shift, scale, text)| ProfileKeys { shift: shift || scale.is_none(), scale, text }),
             measured: measured.map(|(bits_per_value, kv_bytes, context, kld_mean, kld_eval_text, predicted_kld, kld_calibration, uniform, uniform_cal, kld_confirmed, measured_on)| Measured {
                 bits_per_value, kv_bytes, context, kld_mean, kld_eval_text, predicted_kld, kld_calibration,
                 compared_uniform: uniform.map(|(types, kld_mean)| ComparedUniform { types, kld_mean }),

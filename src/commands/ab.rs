@@ -85,24 +85,28 @@ pub fn run(args: AbArgs) -> anyhow::Result<()> {
     let (header, identity, model, base) = load_for_comparison(&args.model, &args.devices.devices())?;
 
     let mut configs = cache_configs(&args.against, &args.profiles, &header, &identity, &args.model, &base)?;
-    if configs.iter().any(|c| c.key_shift || c.key_scale.is_some()) {
+    // the key shift and scale (+ks, +kc, a profile's `keys`): measured once per text, never the
+    // evaluated one
+    let mut measured: Vec<(String, kvtuner::key_shift::KeyMoments)> = Vec::new();
+    for c in configs.iter_mut().filter(|c| c.key_shift || c.key_scale.is_some()) {
+        let key_text = c.key_text.clone().unwrap_or_else(|| args.key_shift_text.clone());
         anyhow::ensure!(
-            args.text.as_deref() != Some(args.key_shift_text.as_str()),
-            "--key-shift-text is the evaluated --text: the key shift and scale would not be held out"
+            args.text.as_deref() != Some(key_text.as_str()),
+            "{}: the keys would be measured on the evaluated --text {key_text} (not held out); see --key-shift-text",
+            c.name
         );
-        let (shift_text, shift_label) = load_text(&args.key_shift_text, &args.model)?;
-        let tokens = model.tokenize(&shift_text, true, false)?;
-        let n = tokens.len().min(args.ctx_size.min(8192) as usize);
-        let moments = kvtuner::key_shift::measure(&model, &tokens[..n], &base)
-            .with_context(|| format!("measuring the keys on {shift_label}"))?;
-        eprintln!("key shift (+ks) and scale (+kc): each layer's keys per channel over {n} tokens of {shift_label}");
-        for c in &mut configs {
-            if c.key_shift {
-                c.params.key_shift = Some(moments.mean.clone());
-            }
-            if let Some(power) = c.key_scale {
-                c.params.key_scale = Some(moments.scale(power));
-            }
+        if !measured.iter().any(|(t, _)| *t == key_text) {
+            let n = kvtuner::runtime::KEY_TOKENS.min(args.ctx_size as usize).max(kvtuner::key_shift::MIN_TOKENS);
+            let (moments, label) = kvtuner::runtime::measure_keys(&model, &args.model, &key_text, n, &base)?;
+            eprintln!("key shift and scale (+ks, +kc, profile keys): each layer's keys per channel over {label}");
+            measured.push((key_text.clone(), moments));
+        }
+        let moments = &measured.iter().find(|(t, _)| *t == key_text).expect("measured above").1;
+        if c.key_shift {
+            c.params.key_shift = Some(moments.mean.clone());
+        }
+        if let Some(power) = c.key_scale {
+            c.params.key_scale = Some(moments.scale(power));
         }
     }
 

@@ -6,8 +6,9 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::cli::{AnnotateArgs, OutputTarget, StripArgs};
 use kvtuner::gguf;
+use kvtuner::llama::ContextParams;
 use kvtuner::profile::{remove_profile_edits, ModelIdentity, Profile, META_PADDING};
-use kvtuner::runtime::read_model_header;
+use kvtuner::runtime::{load_model, measure_keys, read_model_header, KEY_TOKENS};
 
 pub fn run_annotate(args: AnnotateArgs) -> anyhow::Result<()> {
     let profile = Profile::load(&args.profile)?;
@@ -32,16 +33,32 @@ pub fn run_annotate(args: AnnotateArgs) -> anyhow::Result<()> {
     }
     let out = output_path(&args.model, &args.target)?;
     super::profile::warn_cuda_pairs(&profile);
-    write_annotated(&header, &profile, &out)?;
+    let keys = key_metadata(&profile, &args.model)?;
+    write_annotated(&header, &profile, &keys, &out)?;
     println!("annotated {} with profile {} ({})", out.display(), profile.name, profile.summary());
     Ok(())
 }
 
+/// The metadata of `profile`'s key treatment, measured on the model at `model_path` (on the CPU:
+/// the moments do not depend on the device); none when the profile has no `keys`.
+pub fn key_metadata(profile: &Profile, model_path: &Path) -> anyhow::Result<Vec<(String, gguf::Value)>> {
+    let Some(keys) = &profile.keys else { return Ok(Vec::new()) };
+    let model = load_model(model_path, 0, &[])?;
+    let (moments, label) = measure_keys(&model, model_path, &keys.text, KEY_TOKENS, &ContextParams::default())?;
+    eprintln!("keys: {} measured on {label}", keys.describe());
+    Ok(profile.key_metadata(&moments, &label))
+}
+
 /// Writes the model of `header` with `profile` in its metadata to `out` (any earlier profile
-/// keys removed).
-pub fn write_annotated(header: &gguf::GgufHeader, profile: &Profile, out: &Path) -> anyhow::Result<()> {
+/// keys removed), with its key treatment's arrays (`keys`, [`key_metadata`]).
+pub fn write_annotated(
+    header: &gguf::GgufHeader,
+    profile: &Profile,
+    keys: &[(String, gguf::Value)],
+    out: &Path,
+) -> anyhow::Result<()> {
     let mut edits = remove_profile_edits();
-    for (k, v) in profile.to_metadata() {
+    for (k, v) in profile.to_metadata().into_iter().chain(keys.iter().cloned()) {
         edits = edits.set(k, v);
     }
     rewrite(header, out, &edits, Some(META_PADDING))?;

@@ -169,6 +169,14 @@ fn print_text(r: &Inspection, header: &GgufHeader) {
             if let Some(w) = &p.window {
                 println!("  recent window  {}", w.describe());
             }
+            if let Some(k) = &p.keys {
+                let what = [k.shift.then_some("shift"), k.scale.then_some("scale")].into_iter().flatten();
+                println!(
+                    "  keys           {} per layer (measured on {})",
+                    what.collect::<Vec<_>>().join(" + "),
+                    k.text.as_deref().unwrap_or("unnamed text")
+                );
+            }
             for problem in &p.problems {
                 println!("    problem: {problem} — the runtime ignores this profile and uses uniform types");
             }

@@ -27,6 +27,11 @@ pub fn run(args: LayersArgs) -> anyhow::Result<()> {
     if any_recent {
         head.push("recent window");
     }
+    // the key treatment's column only when a layer has one (patches 0018/0019)
+    let any_keys = layers.iter().flatten().any(|i| i.k_shifted || i.k_scaled);
+    if any_keys {
+        head.push("keys");
+    }
     table.set_header(head);
     for (il, info) in layers.iter().enumerate() {
         let mut row: Vec<String> = match info {
@@ -54,6 +59,10 @@ pub fn run(args: LayersArgs) -> anyhow::Result<()> {
                 ),
                 _ => String::new(),
             });
+        }
+        if any_keys {
+            let keys = info.as_ref().map(|i| [i.k_shifted.then_some("shift"), i.k_scaled.then_some("scale")]);
+            row.push(keys.into_iter().flatten().flatten().collect::<Vec<_>>().join(" + "));
         }
         table.add_row(row);
     }

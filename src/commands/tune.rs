@@ -138,7 +138,7 @@ pub fn run(args: TuneArgs) -> anyhow::Result<()> {
     md += &report::held_out(&tuned.held_out);
     kvtuner::atomic_write(&report_path, md.as_bytes()).with_context(|| format!("writing {}", report_path.display()))?;
     println!("{md}");
-    write_annotated(&header, profile, &args.output)?;
+    write_annotated(&header, profile, &super::annotate::key_metadata(profile, &model_path)?, &args.output)?;
     let run_with = match tuned.n_gpu_layers {
         0 => String::new(),
         n => format!("; run it with -ngl {n}"),

@@ -93,6 +93,8 @@ pub fn describe(ctx: &Context<'_>, profile: &str, queue: usize) -> Result<Value,
                 "layer": il, "k": i.type_k, "v": i.type_v, "sliding": i.is_swa, "cells": i.n_cells,
                 // the recent window (patch 0014): positions kept also in the wider types, 0 = none
                 "window": i.window, "window_k": i.type_k_window, "window_v": i.type_v_window,
+                // the key shift and scale (patches 0018/0019)
+                "k_shifted": i.k_shifted, "k_scaled": i.k_scaled,
             }),
             None => json!({ "layer": il, "k": null, "v": null }),
         })
