@@ -17,7 +17,9 @@ use crate::kv_layout::{runtime_cells, RUNTIME_UBATCH};
 use crate::llama::rpc;
 use crate::llama::{Backend, Context, ContextParams, CreateContextError, LoadModelError, Model, ModelParams};
 use crate::placement::{self, FitPlan, PlacementError};
-use crate::profile::{Calibration, ComparedUniform, LayerTypes, Measured as ProfileMeasured, ModelIdentity, Profile};
+use crate::profile::{
+    Calibration, ComparedUniform, LayerTypes, Measured as ProfileMeasured, ModelIdentity, Profile, ProfileKeys,
+};
 use crate::runtime::Devices;
 use crate::search::{self, SearchError};
 use crate::select::{self, Candidate, HeldOut, Measured, Measurer, Problems, SelectError, SelectOptions, Selection};
@@ -54,6 +56,10 @@ pub struct TuneOptions {
     /// Where the model runs while it is measured (with [`Budget::Vram`], `n_gpu_layers` is where
     /// calibration runs; 0 = the most layers whose weights fit the budget).
     pub devices: Devices,
+    /// A key treatment (patches 0018-0020) measured on the calibration text's first
+    /// [`crate::runtime::KEY_TOKENS`] tokens and used by every measurement of the run (uniform
+    /// caches compared included); the profile carries it.
+    pub keys: Option<ProfileKeys>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -78,6 +84,10 @@ pub enum TuneError {
     NoFit(String),
     #[error("the sensitivity table was measured on {table}, not on this model ({model}) and text ({text})")]
     ForeignTable { table: String, model: String, text: String },
+    #[error("tokenizing the calibration text to measure the keys")]
+    Tokenize(#[from] crate::llama::TokenizeError),
+    #[error("measuring the keys on the calibration text")]
+    Keys(#[from] crate::key_shift::KeyShiftError),
 }
 
 /// Seconds each stage took.
@@ -277,8 +287,7 @@ pub fn tune(
         let params = ModelParams { n_gpu_layers: ngl, rpc: rpc.clone(), ..Default::default() };
         Ok(Model::load(Backend::init(), model_path, &params)?)
     };
-    let copts = CalibrateOptions { text_label: calibration.1.to_string(), ..opts.calibrate.clone() };
-    let base = copts.base.clone();
+    let mut copts = CalibrateOptions { text_label: calibration.1.to_string(), ..opts.calibrate.clone() };
 
     // With a VRAM budget and no -ngl, calibration runs with the most layers whose weights fit.
     let mut ngl = opts.devices.n_gpu_layers;
@@ -294,6 +303,18 @@ pub fn tune(
     }
     let model = load(ngl)?;
     let t_loaded = Instant::now();
+    // the key treatment: in every context of the run; a sensitivity table says it was measured
+    // with it (its text label), so one measured without is not taken for one measured with
+    if let Some(keys) = &opts.keys {
+        let tokens = model.tokenize(calibration.0, true, false)?;
+        let n = tokens.len().min(crate::runtime::KEY_TOKENS);
+        let moments = crate::key_shift::measure(&model, &tokens[..n], &copts.base)?;
+        crate::runtime::apply_profile_keys(&mut copts.base, keys, &moments);
+        copts.text_label = format!("{} (keys: {})", calibration.1, keys.describe());
+        progress(Stage::Note(&format!("keys: {} measured on {n} tokens of {}", keys.describe(), calibration.1)));
+    }
+    let calibration = (calibration.0, copts.text_label.as_str());
+    let base = copts.base.clone();
 
     progress(Stage::Note("baseline (f16 cache) on the calibration text"));
     let mut ev = Evaluator::new(&model, calibration.0, copts.n_ctx, copts.chunks, &base)?;
@@ -336,7 +357,7 @@ pub fn tune(
         measured_on: String::new(),
     };
     let stages = Stages { opts, sens: &sens, label: calibration.1, held_out_texts, n_ctx: copts.n_ctx, base: &base };
-    let (choice, held, n_gpu_layers, fit, t2) = match &opts.budget {
+    let (mut choice, held, n_gpu_layers, fit, t2) = match &opts.budget {
         Budget::Bits(bits) => {
             let max_bytes = select::bytes_at_bits(problems.main(), *bits);
             let candidates = select::candidates(&problems, max_bytes, opts.select)?;
@@ -385,6 +406,7 @@ pub fn tune(
             (picked.0, picked.1, chosen.ngl, Some(plan), picked.2)
         }
     };
+    choice.profile.keys = opts.keys.clone();
     let seconds = Timings {
         load: (t_loaded - t0).as_secs_f64(),
         calibrate: (t1 - t_loaded).as_secs_f64(),

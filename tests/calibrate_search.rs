@@ -210,6 +210,7 @@ fn tune_never_keeps_a_profile_that_measures_worse_than_uniform() {
         name: None,
         sensitivity: None,
         devices: Devices { threads: 2, ..Default::default() },
+        keys: None,
     };
     let held = vec![(split.evaluation.clone(), "held out".to_string())];
     let tuned = pipeline::tune(&path, &identity, (&split.calibration, "cal"), &held, &opts, None, &mut |_| {}).unwrap();
@@ -303,4 +304,38 @@ fn a_screened_candidate_completed_later_measures_as_one_measured_whole() {
     let completed = m.measure(std::slice::from_ref(&cand)).unwrap()[0].summary.clone();
     assert_eq!(completed, whole, "screening chunk + the rest = the whole text");
     assert_eq!(m.evaluator().forward_passes - before, 3, "the screened chunk is not run again");
+}
+
+/// `tune` with a key treatment: every measurement runs with the keys shifted and scaled, the
+/// profile carries the treatment, and a sensitivity table measured without it is not taken for
+/// one measured with it.
+#[test]
+fn tune_with_keys_measures_with_them_and_the_profile_carries_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let (path, identity, _) = synthetic(dir.path(), 4, "synthetic-tune-keys");
+    let split = kvtuner::assets::load_split(&kvtuner::assets::cache_dir()).unwrap();
+    let types = vec![CacheType::F16, CacheType::Q8_0, CacheType::Q4_0];
+    let keys = kvtuner::profile::ProfileKeys::shift_and_scale("lee-calibration");
+    let mut opts = TuneOptions {
+        calibrate: options(&types, 1, CacheType::F16),
+        pairs: "cuda".into(),
+        budget: Budget::Bits(6.5),
+        target_ctx: 64,
+        eval_chunks: 1,
+        select: SelectOptions::default(),
+        name: None,
+        sensitivity: None,
+        devices: Devices { threads: 2, ..Default::default() },
+        keys: Some(keys.clone()),
+    };
+    let held = vec![(split.evaluation.clone(), "held out".to_string())];
+    let tuned = pipeline::tune(&path, &identity, (&split.calibration, "cal"), &held, &opts, None, &mut |_| {}).unwrap();
+    assert_eq!(tuned.choice.profile.keys, Some(keys));
+    assert_eq!(tuned.sensitivity.text, "cal (keys: shift + scale std^0.5)");
+    assert!(tuned.choice.profile.calibration.as_ref().unwrap().text.contains("keys"));
+    // the same table without the treatment is refused: it was measured with it
+    opts.keys = None;
+    opts.sensitivity = Some(tuned.sensitivity.clone());
+    let err = pipeline::tune(&path, &identity, (&split.calibration, "cal"), &held, &opts, None, &mut |_| {});
+    assert!(matches!(err, Err(pipeline::TuneError::ForeignTable { .. })), "{:?}", err.err());
 }

@@ -72,6 +72,7 @@ pub fn run(args: TuneArgs) -> anyhow::Result<()> {
             None => None,
         },
         devices: devices.clone(),
+        keys: args.keys.then(|| kvtuner::profile::ProfileKeys::shift_and_scale(&args.text)),
     };
     let what = match &budget {
         Budget::Bits(b) => format!("≤ {b} bits/value"),
