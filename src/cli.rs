@@ -391,12 +391,12 @@ pub struct TuneArgs {
     /// the GPU any profile allows).
     #[arg(long, requires = "vram")]
     pub max_kld: Option<f64>,
-    /// Profile name (default: from the model and the bits per value).
     /// Subtract each layer's mean key and scale its key channels (patches 0018-0020), measured on
     /// the calibration text, in every measurement; the profile carries them and the annotated
     /// model applies them (bench/key-scale.md: narrow keys 4-11x closer to f16).
     #[arg(long)]
     pub keys: bool,
+    /// Profile name (default: from the model and the bits per value).
     #[arg(long)]
     pub name: Option<String>,
     /// A sensitivity table of this model and calibration text (e.g. a previous tune's): skips
