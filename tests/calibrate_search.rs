@@ -194,14 +194,10 @@ fn q8_0_background_measures_changes_from_uniform_q8_0() {
     assert!(err.to_string().contains("background"), "{err}");
 }
 
-#[test]
-fn tune_never_keeps_a_profile_that_measures_worse_than_uniform() {
-    let dir = tempfile::tempdir().unwrap();
-    let (path, identity, model) = synthetic(dir.path(), 4, "synthetic-tune");
-    let split = kvtuner::assets::load_split(&kvtuner::assets::cache_dir()).unwrap();
-    let types = vec![CacheType::F16, CacheType::Q8_0, CacheType::Q5_0, CacheType::Q4_0];
-    let mut opts = TuneOptions {
-        calibrate: options(&types, 2, CacheType::F16),
+/// `tune`'s options for the synthetic models: 6.5 bits, a 64-token context, two CPU threads.
+fn tune_options(types: &[CacheType], chunks: usize, keys: Option<kvtuner::profile::ProfileKeys>) -> TuneOptions {
+    TuneOptions {
+        calibrate: options(types, chunks, CacheType::F16),
         pairs: "cuda".into(),
         budget: Budget::Bits(6.5),
         target_ctx: 64,
@@ -210,8 +206,17 @@ fn tune_never_keeps_a_profile_that_measures_worse_than_uniform() {
         name: None,
         sensitivity: None,
         devices: Devices { threads: 2, ..Default::default() },
-        keys: None,
-    };
+        keys,
+    }
+}
+
+#[test]
+fn tune_never_keeps_a_profile_that_measures_worse_than_uniform() {
+    let dir = tempfile::tempdir().unwrap();
+    let (path, identity, model) = synthetic(dir.path(), 4, "synthetic-tune");
+    let split = kvtuner::assets::load_split(&kvtuner::assets::cache_dir()).unwrap();
+    let types = vec![CacheType::F16, CacheType::Q8_0, CacheType::Q5_0, CacheType::Q4_0];
+    let mut opts = tune_options(&types, 2, None);
     let held = vec![(split.evaluation.clone(), "held out".to_string())];
     let tuned = pipeline::tune(&path, &identity, (&split.calibration, "cal"), &held, &opts, None, &mut |_| {}).unwrap();
     let sel = &tuned.choice.selection;
@@ -316,18 +321,7 @@ fn tune_with_keys_measures_with_them_and_the_profile_carries_them() {
     let split = kvtuner::assets::load_split(&kvtuner::assets::cache_dir()).unwrap();
     let types = vec![CacheType::F16, CacheType::Q8_0, CacheType::Q4_0];
     let keys = kvtuner::profile::ProfileKeys::shift_and_scale("lee-calibration");
-    let mut opts = TuneOptions {
-        calibrate: options(&types, 1, CacheType::F16),
-        pairs: "cuda".into(),
-        budget: Budget::Bits(6.5),
-        target_ctx: 64,
-        eval_chunks: 1,
-        select: SelectOptions::default(),
-        name: None,
-        sensitivity: None,
-        devices: Devices { threads: 2, ..Default::default() },
-        keys: Some(keys.clone()),
-    };
+    let mut opts = tune_options(&types, 1, Some(keys.clone()));
     let held = vec![(split.evaluation.clone(), "held out".to_string())];
     let tuned = pipeline::tune(&path, &identity, (&split.calibration, "cal"), &held, &opts, None, &mut |_| {}).unwrap();
     assert_eq!(tuned.choice.profile.keys, Some(keys));
