@@ -339,7 +339,9 @@ int main(int argc, char ** argv) {
                     cases.push_back({ tk, tv, d, sh.h, sh.hkv, n_kv, 37, 0.0f, false });
                 }
             }
-            if (d != 64) { // upstream's vector kernel has softcap code for 128 and 256 only (test-backend-ops skips it too)
+            // upstream's vector kernel has softcap code for 128 and 256 only (test-backend-ops skips it too), and its
+            // MMA kernel, where a head-96 softcap case lands, none for 96 (it aborts there, with upstream's kernels too)
+            if (d == 128 || d == 256) {
                 cases.push_back({ tk, tv, d, 16, 4, 2048, 300, 30.0f, false }); // softcap (Gemma 2 style)
             }
             cases.push_back({ tk, tv, d, 16, 4, 2048, 0, 0.0f, true });     // attention sinks
