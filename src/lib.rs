@@ -12,7 +12,7 @@ pub mod capacity;
 pub mod chat;
 pub mod eval;
 pub mod gguf;
-pub mod key_shift;
+pub mod key_treatment;
 pub mod kv_layout;
 pub mod llama;
 pub mod next_line;

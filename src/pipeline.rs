@@ -87,7 +87,7 @@ pub enum TuneError {
     #[error("tokenizing the calibration text to measure the keys")]
     Tokenize(#[from] crate::llama::TokenizeError),
     #[error("measuring the keys on the calibration text")]
-    Keys(#[from] crate::key_shift::KeyShiftError),
+    Keys(#[from] crate::key_treatment::KeyMeasureError),
 }
 
 /// Seconds each stage took.
@@ -308,7 +308,7 @@ pub fn tune(
     if let Some(keys) = &opts.keys {
         let tokens = model.tokenize(calibration.0, true, false)?;
         let n = tokens.len().min(crate::runtime::KEY_TOKENS);
-        let moments = crate::key_shift::measure(&model, &tokens[..n], &copts.base)?;
+        let moments = crate::key_treatment::measure(&model, &tokens[..n], &copts.base)?;
         crate::runtime::apply_profile_keys(&mut copts.base, keys, &moments);
         copts.text_label = format!("{} (keys: {})", calibration.1, keys.describe());
         progress(Stage::Note(&format!("keys: {} measured on {n} tokens of {}", keys.describe(), calibration.1)));

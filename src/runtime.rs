@@ -152,7 +152,7 @@ pub struct CacheConfig {
     /// calibration text and puts it in `params.key_shift`.
     pub key_shift: bool,
     /// Asks for a key scale (`+kc`, `+kcP`): the power of each channel's deviation it is made of
-    /// ([`crate::key_shift::KeyMoments::scale`]); the caller measures it as the key shift.
+    /// ([`crate::key_treatment::KeyMoments::scale`]); the caller measures it as the key shift.
     pub key_scale: Option<f32>,
     /// The text a profile's keys are measured on (its `keys.text`); `None`: the caller's choice.
     pub key_text: Option<String>,
@@ -401,7 +401,7 @@ pub fn open(args: &RuntimeOptions) -> anyhow::Result<Opened> {
 /// of the text's first tokens.
 pub const KEY_TOKENS: usize = 4096;
 
-/// The keys' moments per layer and channel ([`crate::key_shift::measure`]) over the first tokens
+/// The keys' moments per layer and channel ([`crate::key_treatment::measure`]) over the first tokens
 /// (at most `n_max`) of `text` (a named text or a file), with the text's label.
 pub fn measure_keys(
     model: &Model,
@@ -409,17 +409,17 @@ pub fn measure_keys(
     text: &str,
     n_max: usize,
     base: &ContextParams,
-) -> anyhow::Result<(crate::key_shift::KeyMoments, String)> {
+) -> anyhow::Result<(crate::key_treatment::KeyMoments, String)> {
     let (body, label) = load_text(text, model_path)?;
     let tokens = model.tokenize(&body, true, false)?;
     let n = tokens.len().min(n_max);
-    let moments = crate::key_shift::measure(model, &tokens[..n], base)
+    let moments = crate::key_treatment::measure(model, &tokens[..n], base)
         .with_context(|| format!("measuring the keys on {label}"))?;
     Ok((moments, format!("{n} tokens of {label}")))
 }
 
 /// Puts a profile's key treatment, made of `moments`, into `params`.
-pub fn apply_profile_keys(params: &mut ContextParams, keys: &ProfileKeys, moments: &crate::key_shift::KeyMoments) {
+pub fn apply_profile_keys(params: &mut ContextParams, keys: &ProfileKeys, moments: &crate::key_treatment::KeyMoments) {
     params.key_shift = keys.shift.then(|| moments.mean.clone());
     params.key_scale = keys.scale.map(|p| moments.scale(p));
 }

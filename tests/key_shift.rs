@@ -117,7 +117,7 @@ fn the_measured_shift_is_each_layers_mean_key() {
     let model = common::gemma();
     let tokens = model.tokenize(&common::eval_text()[..6000], true, false).unwrap();
     let base = ContextParams { n_threads: 2, flash_attn: FlashAttn::On, ..Default::default() };
-    let moments = kvtuner::key_shift::measure(&model, &tokens[..512], &base).unwrap();
+    let moments = kvtuner::key_treatment::measure(&model, &tokens[..512], &base).unwrap();
     assert_eq!((moments.mean.len(), moments.std.len()), (key_values(&model), key_values(&model)));
     assert!(moments.std.iter().all(|&x| x.is_finite() && x >= 0.0) && moments.std.iter().any(|&x| x > 0.1));
     let shift = moments.mean;
@@ -141,7 +141,7 @@ fn the_measured_shift_is_each_layers_mean_key() {
     let plain = mean_kld(&f16, &run(&p(CacheType::Q4_0, None)));
     let shifted = mean_kld(&f16, &run(&p(CacheType::Q4_0, Some(shift))));
     assert!(shifted < 0.8 * plain, "q4_0 with Gemma's measured key shift: {shifted} against {plain} without");
-    assert!(kvtuner::key_shift::measure(&model, &tokens[..10], &base).is_err(), "too few tokens are refused");
+    assert!(kvtuner::key_treatment::measure(&model, &tokens[..10], &base).is_err(), "too few tokens are refused");
 }
 
 /// Factors from 1/8 to 8 over the channels (a fixed pattern).

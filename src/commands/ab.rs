@@ -87,7 +87,7 @@ pub fn run(args: AbArgs) -> anyhow::Result<()> {
     let mut configs = cache_configs(&args.against, &args.profiles, &header, &identity, &args.model, &base)?;
     // the key shift and scale (+ks, +kc, a profile's `keys`): measured once per text, never the
     // evaluated one
-    let mut measured: Vec<(String, kvtuner::key_shift::KeyMoments)> = Vec::new();
+    let mut measured: Vec<(String, kvtuner::key_treatment::KeyMoments)> = Vec::new();
     for c in configs.iter_mut().filter(|c| c.key_shift || c.key_scale.is_some()) {
         let key_text = c.key_text.clone().unwrap_or_else(|| args.key_shift_text.clone());
         anyhow::ensure!(
@@ -96,7 +96,7 @@ pub fn run(args: AbArgs) -> anyhow::Result<()> {
             c.name
         );
         if !measured.iter().any(|(t, _)| *t == key_text) {
-            let n = kvtuner::runtime::KEY_TOKENS.min(args.ctx_size as usize).max(kvtuner::key_shift::MIN_TOKENS);
+            let n = kvtuner::runtime::KEY_TOKENS.min(args.ctx_size as usize).max(kvtuner::key_treatment::MIN_TOKENS);
             let (moments, label) = kvtuner::runtime::measure_keys(&model, &args.model, &key_text, n, &base)?;
             eprintln!("key shift and scale (+ks, +kc, profile keys): each layer's keys per channel over {label}");
             measured.push((key_text.clone(), moments));

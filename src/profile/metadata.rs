@@ -91,7 +91,7 @@ impl Profile {
     /// moments measured on the model (`moments_text` names the text); none without `keys`.
     pub fn key_metadata(
         &self,
-        moments: &crate::key_shift::KeyMoments,
+        moments: &crate::key_treatment::KeyMoments,
         moments_text: &str,
     ) -> Vec<(String, crate::gguf::Value)> {
         use crate::gguf::Value;

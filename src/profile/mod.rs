@@ -188,7 +188,7 @@ impl ProfileWindow {
 /// A profile's key treatment: each layer's mean key subtracted as keys are cached (patch 0018),
 /// each key channel divided by its deviation to a power and the queries multiplied by it (patch
 /// 0019). Both leave attention unchanged in exact arithmetic and give narrow key types their range
-/// back. The vectors are measured per model on `text` ([`crate::key_shift::measure`]) when the
+/// back. The vectors are measured per model on `text` ([`crate::key_treatment::measure`]) when the
 /// profile is embedded (`annotate`, `tune`) or compared (`ab`); the GGUF carries them.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -1,26 +1,28 @@
-//! A constant key shift per layer (patch 0018): the mean of each layer's keys after RoPE,
-//! measured on calibration text and subtracted as the keys are cached. Softmax ignores an offset
-//! shared by all of one query's scores, so attention is unchanged in exact arithmetic; but a
-//! constant part of the keys no longer takes a narrow cache type's range. Qwen2's key biases are
-//! such a part: on Qwen2.5-Coder-0.5B one channel of layer 0 sits 491 standard deviations from
-//! zero, and q4_0 loses 67-72% of the varying part of two layers' keys to it (bench/key-shift.md).
+//! The key treatment: each layer's keys after RoPE, measured per channel on calibration text, give
+//! a constant shift (patch 0018: the mean, subtracted as the keys are cached) and a scale (patch
+//! 0019: keys divided, queries multiplied by the deviation's square root). Both leave attention
+//! unchanged in exact arithmetic (softmax ignores an offset shared by one query's scores; each
+//! channel's product is kept), but a narrow cache type no longer spends its range on a constant
+//! part (Qwen2's key biases: one channel of layer 0 sits 491 standard deviations from zero,
+//! bench/key-shift.md) or on a few large channels (bench/key-scale.md: q4_0 keys 4x, kv3 11x closer
+//! to f16 with both).
 
 use crate::cache_type::CacheType;
 use crate::llama::{Context, ContextParams, CreateContextError, DecodeError, Model, Token};
 
 #[derive(Debug, thiserror::Error)]
-pub enum KeyShiftError {
-    #[error("{0} tokens are too few to measure a key shift (at least {MIN_TOKENS})")]
+pub enum KeyMeasureError {
+    #[error("{0} tokens are too few to measure the keys (at least {MIN_TOKENS})")]
     TooShort(usize),
-    #[error("a context of {n_ctx} tokens to measure the key shift")]
+    #[error("a context of {n_ctx} tokens to measure the keys")]
     Context {
         n_ctx: u32,
         #[source]
         source: CreateContextError,
     },
-    #[error("decoding the key-shift text")]
+    #[error("decoding the text the keys are measured on")]
     Decode(#[from] DecodeError),
-    #[error("layer {0} has no KV cache of its own: a key shift needs one per layer")]
+    #[error("layer {0} has no KV cache of its own: a key shift or scale needs one per layer")]
     NoCache(u32),
 }
 
@@ -66,9 +68,9 @@ impl KeyMoments {
 
 /// Each layer's key moments ([`KeyMoments`]) over `tokens`, decoded into an f16 cache on `base`'s
 /// devices and threads. A sliding-window layer counts the positions its cache still holds.
-pub fn measure(model: &Model, tokens: &[Token], base: &ContextParams) -> Result<KeyMoments, KeyShiftError> {
+pub fn measure(model: &Model, tokens: &[Token], base: &ContextParams) -> Result<KeyMoments, KeyMeasureError> {
     if tokens.len() < MIN_TOKENS {
-        return Err(KeyShiftError::TooShort(tokens.len()));
+        return Err(KeyMeasureError::TooShort(tokens.len()));
     }
     let n_ctx = tokens.len() as u32;
     let params = ContextParams {
@@ -85,12 +87,12 @@ pub fn measure(model: &Model, tokens: &[Token], base: &ContextParams) -> Result<
         n_seq_max: 1,
         ..base.clone()
     };
-    let mut ctx = Context::new(model, &params).map_err(|source| KeyShiftError::Context { n_ctx, source })?;
+    let mut ctx = Context::new(model, &params).map_err(|source| KeyMeasureError::Context { n_ctx, source })?;
     ctx.decode_prompt(tokens, 0, params.n_batch as usize)?;
     let mut out = KeyMoments { mean: Vec::new(), std: Vec::new(), widths: Vec::new() };
     for il in 0..model.n_layer() {
-        let info = ctx.layer_info(il).ok_or(KeyShiftError::NoCache(il))?;
-        let raw = ctx.layer_cache_data(il, false).ok_or(KeyShiftError::NoCache(il))?;
+        let info = ctx.layer_info(il).ok_or(KeyMeasureError::NoCache(il))?;
+        let raw = ctx.layer_cache_data(il, false).ok_or(KeyMeasureError::NoCache(il))?;
         let n_embd = (info.bytes_k / info.n_cells.max(1) as u64 / 2) as usize;
         let (mean, std) = moments_of_rows(&raw, n_embd);
         out.mean.extend(mean);
