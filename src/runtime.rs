@@ -148,7 +148,7 @@ pub struct CacheConfig {
     pub name: String,
     pub is_profile: bool,
     pub params: ContextParams,
-    /// Asks for a key shift (`+ks`): the caller measures one ([`crate::key_shift`]) on its
+    /// Asks for a key shift (`+ks`): the caller measures one ([`crate::key_treatment`]) on its
     /// calibration text and puts it in `params.key_shift`.
     pub key_shift: bool,
     /// Asks for a key scale (`+kc`, `+kcP`): the power of each channel's deviation it is made of

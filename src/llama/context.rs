@@ -84,7 +84,7 @@ pub struct ContextParams {
     /// A recent window per layer in a wider type; `None` = none.
     pub window: Option<RecentWindow>,
     /// A constant subtracted from each layer's keys as they are cached (patch 0018): the layers'
-    /// vectors of `n_embd_k_gqa` values one after another ([`crate::key_shift`] measures them);
+    /// vectors of `n_embd_k_gqa` values one after another ([`crate::key_treatment`] measures them);
     /// the runtime checks the count. `None` = none.
     pub key_shift: Option<Vec<f32>>,
     /// Positive factors per key channel, laid out as `key_shift` (patch 0019): each layer's keys are
