@@ -73,19 +73,17 @@ pub fn measure(model: &Model, tokens: &[Token], base: &ContextParams) -> Result<
         return Err(KeyMeasureError::TooShort(tokens.len()));
     }
     let n_ctx = tokens.len() as u32;
+    // a plain f16 cache (no profile, window or treatment) on base's devices and threads
     let params = ContextParams {
         n_ctx,
         n_batch: 512.min(n_ctx),
         n_ubatch: 512.min(n_ctx),
-        type_k: CacheType::F16,
-        type_v: CacheType::F16,
-        layer_types: None,
-        window: None,
-        key_shift: None,
-        key_scale: None,
+        n_threads: base.n_threads,
+        flash_attn: base.flash_attn,
+        offload_kqv: base.offload_kqv,
+        swa_full: base.swa_full,
         no_kv_profile: true,
-        n_seq_max: 1,
-        ..base.clone()
+        ..ContextParams::default()
     };
     let mut ctx = Context::new(model, &params).map_err(|source| KeyMeasureError::Context { n_ctx, source })?;
     ctx.decode_prompt(tokens, 0, params.n_batch as usize)?;
