@@ -102,12 +102,8 @@ pub fn run(args: AbArgs) -> anyhow::Result<()> {
             measured.push((key_text.clone(), moments));
         }
         let moments = &measured.iter().find(|(t, _)| *t == key_text).expect("measured above").1;
-        if c.key_shift {
-            c.params.key_shift = Some(moments.mean.clone());
-        }
-        if let Some(power) = c.key_scale {
-            c.params.key_scale = Some(moments.scale(power));
-        }
+        let keys = kvtuner::profile::ProfileKeys { shift: c.key_shift, scale: c.key_scale, text: key_text };
+        kvtuner::runtime::apply_profile_keys(&mut c.params, &keys, moments);
     }
 
     let (summaries, base_ppl) = if args.no_quality {
