@@ -186,11 +186,11 @@ fn parse_uniform(spec: &str, n_layer: usize) -> anyhow::Result<UniformSpec> {
             out.key_shift = true;
         } else if let Some(p) = part.strip_prefix("kc").filter(|_| out.key_scale.is_none()) {
             let power: f32 = if p.is_empty() {
-                0.5
+                ProfileKeys::DEFAULT_POWER
             } else {
                 p.parse().with_context(|| format!("--against `{spec}`: key-scale power `{p}`"))?
             };
-            anyhow::ensure!(power > 0.0 && power <= 2.0, "--against `{spec}`: a key-scale power must be in (0, 2]");
+            anyhow::ensure!(ProfileKeys::power_ok(power), "--against `{spec}`: a key-scale power must be in (0, 2]");
             out.key_scale = Some(power);
         } else if let Some(w) = part.strip_prefix('w').filter(|_| out.window.is_none()) {
             let (size, ty) = w.split_once(':').unwrap_or((w, "f16"));
@@ -224,7 +224,7 @@ pub fn cache_configs(
             name += "+ks";
         }
         match key_scale {
-            Some(0.5) => name += "+kc",
+            Some(p) if p == ProfileKeys::DEFAULT_POWER => name += "+kc",
             Some(p) => name += &format!("+kc{p}"),
             None => {}
         }

@@ -206,13 +206,21 @@ pub struct ProfileKeys {
 }
 
 impl ProfileKeys {
+    /// The power of the deviation the scale uses unless told (the best measured, bench/key-scale.md).
+    pub const DEFAULT_POWER: f32 = 0.5;
+
+    /// Whether `power` is one a key scale can use: above 0 and at most 2.
+    pub fn power_ok(power: f32) -> bool {
+        power > 0.0 && power <= 2.0
+    }
+
     fn default_text() -> String {
         "lee-calibration".to_string()
     }
 
     /// The shift and the scale of the square root of the deviation, measured on `text`.
     pub fn shift_and_scale(text: &str) -> ProfileKeys {
-        ProfileKeys { shift: true, scale: Some(0.5), text: text.to_string() }
+        ProfileKeys { shift: true, scale: Some(Self::DEFAULT_POWER), text: text.to_string() }
     }
 
     /// `shift + scale std^0.5`: for summaries.
@@ -224,7 +232,7 @@ impl ProfileKeys {
     fn validate(&self) -> Result<(), ProfileInvalid> {
         match self.scale {
             None if !self.shift => Err(ProfileInvalid::KeysEmpty),
-            Some(p) if !(p > 0.0 && p <= 2.0) => Err(ProfileInvalid::KeyScalePower(p.to_string())),
+            Some(p) if !Self::power_ok(p) => Err(ProfileInvalid::KeyScalePower(p.to_string())),
             _ => Ok(()),
         }
     }
