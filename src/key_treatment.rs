@@ -8,7 +8,7 @@
 //! to f16 with both).
 
 use crate::cache_type::CacheType;
-use crate::llama::{Context, ContextParams, CreateContextError, DecodeError, Model, Token};
+use crate::llama::{Context, ContextParams, CreateContextError, DecodeError, Model, Token, TokenizeError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum KeyMeasureError {
@@ -24,6 +24,8 @@ pub enum KeyMeasureError {
     Decode(#[from] DecodeError),
     #[error("layer {0} has no KV cache of its own: a key shift or scale needs one per layer")]
     NoCache(u32),
+    #[error("tokenizing the text the keys are measured on")]
+    Tokenize(#[from] TokenizeError),
 }
 
 /// Fewest tokens a mean is taken over.
@@ -98,6 +100,18 @@ pub fn measure(model: &Model, tokens: &[Token], base: &ContextParams) -> Result<
         out.widths.push(n_embd);
     }
     Ok(out)
+}
+
+/// [`measure`] over the first tokens (at most `n_max`) of `text`; with the number of tokens taken.
+pub fn measure_text(
+    model: &Model,
+    text: &str,
+    n_max: usize,
+    base: &ContextParams,
+) -> Result<(KeyMoments, usize), KeyMeasureError> {
+    let tokens = model.tokenize(text, true, false)?;
+    let n = tokens.len().min(n_max);
+    Ok((measure(model, &tokens[..n], base)?, n))
 }
 
 /// The mean and standard deviation per channel of the f16 rows of `n_embd` values in `raw` that

@@ -84,8 +84,6 @@ pub enum TuneError {
     NoFit(String),
     #[error("the sensitivity table was measured on {table}, not on this model ({model}) and text ({text})")]
     ForeignTable { table: String, model: String, text: String },
-    #[error("tokenizing the calibration text to measure the keys")]
-    Tokenize(#[from] crate::llama::TokenizeError),
     #[error("measuring the keys on the calibration text")]
     Keys(#[from] crate::key_treatment::KeyMeasureError),
 }
@@ -306,9 +304,8 @@ pub fn tune(
     // the key treatment: in every context of the run; a sensitivity table says it was measured
     // with it (its text label), so one measured without is not taken for one measured with
     if let Some(keys) = &opts.keys {
-        let tokens = model.tokenize(calibration.0, true, false)?;
-        let n = tokens.len().min(crate::runtime::KEY_TOKENS);
-        let moments = crate::key_treatment::measure(&model, &tokens[..n], &copts.base)?;
+        let (moments, n) =
+            crate::key_treatment::measure_text(&model, calibration.0, crate::runtime::KEY_TOKENS, &copts.base)?;
         crate::runtime::apply_profile_keys(&mut copts.base, keys, &moments);
         copts.text_label = format!("{} (keys: {})", calibration.1, keys.describe());
         progress(Stage::Note(&format!("keys: {} measured on {n} tokens of {}", keys.describe(), calibration.1)));

@@ -148,14 +148,9 @@ pub struct CacheConfig {
     pub name: String,
     pub is_profile: bool,
     pub params: ContextParams,
-    /// Asks for a key shift (`+ks`): the caller measures one ([`crate::key_treatment`]) on its
-    /// calibration text and puts it in `params.key_shift`.
-    pub key_shift: bool,
-    /// Asks for a key scale (`+kc`, `+kcP`): the power of each channel's deviation it is made of
-    /// ([`crate::key_treatment::KeyMoments::scale`]); the caller measures it as the key shift.
-    pub key_scale: Option<f32>,
-    /// The text a profile's keys are measured on (its `keys.text`); `None`: the caller's choice.
-    pub key_text: Option<String>,
+    /// A key treatment to measure and apply ([`measure_config_keys`]): a profile's `keys`, or a
+    /// uniform spec's `+ks`/`+kc` on the caller's text.
+    pub keys: Option<ProfileKeys>,
 }
 
 /// A uniform configuration of `--against`: `T` (K and V) or `K/V`, then optionally `+ks` (a key
@@ -207,10 +202,12 @@ fn parse_uniform(spec: &str, n_layer: usize) -> anyhow::Result<UniformSpec> {
 
 /// The configurations of `--against` (uniform caches) and `--profile` (`auto`: the profile the
 /// model embeds; or YAML files made for it) on top of `base`. `auto` alone on a model without a
-/// profile is skipped with a note; among other profiles it is an error.
+/// profile is skipped with a note; among other profiles it is an error. A uniform `+ks`/`+kc`
+/// is to be measured on `key_text`; a profile's keys on its own text.
 pub fn cache_configs(
     against: &[String],
     profiles: &[String],
+    key_text: &str,
     header: &GgufHeader,
     identity: &ModelIdentity,
     model: &Path,
@@ -236,9 +233,11 @@ pub fn cache_configs(
             name,
             is_profile: false,
             params: ContextParams { type_k: k, type_v: v, window, ..base.clone() },
-            key_shift,
-            key_scale,
-            key_text: None,
+            keys: (key_shift || key_scale.is_some()).then(|| ProfileKeys {
+                shift: key_shift,
+                scale: key_scale,
+                text: key_text.to_string(),
+            }),
         });
     }
     for spec in profiles {
@@ -248,9 +247,7 @@ pub fn cache_configs(
                     name: format!("profile {}", p.name.as_deref().unwrap_or("embedded")),
                     is_profile: true,
                     params: ContextParams { no_kv_profile: false, ..base.clone() },
-                    key_shift: false,
-                    key_scale: None,
-                    key_text: None,
+                    keys: None, // the runtime applies the embedded profile's own
                 }),
                 Some(p) => bail!("the model's embedded profile is unusable: {}", p.problems.join("; ")),
                 None if profiles.len() == 1 => {
@@ -268,9 +265,7 @@ pub fn cache_configs(
                     window: profile_window(&profile),
                     ..base.clone()
                 },
-                key_shift: profile.keys.as_ref().is_some_and(|k| k.shift),
-                key_scale: profile.keys.as_ref().and_then(|k| k.scale),
-                key_text: profile.keys.as_ref().map(|k| k.text.clone()),
+                keys: profile.keys.clone(),
             });
         }
     }
@@ -411,11 +406,35 @@ pub fn measure_keys(
     base: &ContextParams,
 ) -> anyhow::Result<(crate::key_treatment::KeyMoments, String)> {
     let (body, label) = load_text(text, model_path)?;
-    let tokens = model.tokenize(&body, true, false)?;
-    let n = tokens.len().min(n_max);
-    let moments = crate::key_treatment::measure(model, &tokens[..n], base)
+    let (moments, n) = crate::key_treatment::measure_text(model, &body, n_max, base)
         .with_context(|| format!("measuring the keys on {label}"))?;
     Ok((moments, format!("{n} tokens of {label}")))
+}
+
+/// Measures the keys of every configuration that asks for a treatment ([`CacheConfig::keys`]),
+/// once per text (at most `n_max` tokens of it), and applies each treatment to its parameters.
+pub fn measure_config_keys(
+    configs: &mut [CacheConfig],
+    model: &Model,
+    model_path: &Path,
+    n_max: usize,
+    base: &ContextParams,
+) -> anyhow::Result<()> {
+    let mut measured: Vec<(String, crate::key_treatment::KeyMoments)> = Vec::new();
+    for c in configs.iter_mut() {
+        let Some(keys) = &c.keys else { continue };
+        let moments = match measured.iter().position(|(t, _)| *t == keys.text) {
+            Some(i) => &measured[i].1,
+            None => {
+                let (moments, label) = measure_keys(model, model_path, &keys.text, n_max, base)?;
+                eprintln!("key shift and scale (+ks, +kc, profile keys): each layer's keys per channel over {label}");
+                measured.push((keys.text.clone(), moments));
+                &measured.last().expect("pushed").1
+            }
+        };
+        apply_profile_keys(&mut c.params, keys, moments);
+    }
+    Ok(())
 }
 
 /// Puts a profile's key treatment, made of `moments`, into `params`.

@@ -327,8 +327,14 @@ fn tune_with_keys_measures_with_them_and_the_profile_carries_them() {
     assert_eq!(tuned.choice.profile.keys, Some(keys));
     assert_eq!(tuned.sensitivity.text, "cal (keys: shift + scale std^0.5)");
     assert!(tuned.choice.profile.calibration.as_ref().unwrap().text.contains("keys"));
-    // the same table without the treatment is refused: it was measured with it
+    // the keys were measured with the treatment: narrow keys cost another KLD than without it
     opts.keys = None;
+    let plain = pipeline::tune(&path, &identity, (&split.calibration, "cal"), &held, &opts, None, &mut |_| {}).unwrap();
+    let k_q4 =
+        |s: &kvtuner::sensitivity::Sensitivity| s.layers.iter().map(|l| l.k[&CacheType::Q4_0]).collect::<Vec<_>>();
+    let (with, without) = (k_q4(&tuned.sensitivity), k_q4(&plain.sensitivity));
+    assert!(with.iter().zip(&without).all(|(a, b)| a != b), "q4_0 keys with {with:?}, without {without:?}");
+    // the same table without the treatment is refused: it was measured with it
     opts.sensitivity = Some(tuned.sensitivity.clone());
     let err = pipeline::tune(&path, &identity, (&split.calibration, "cal"), &held, &opts, None, &mut |_| {});
     assert!(matches!(err, Err(pipeline::TuneError::ForeignTable { .. })), "{:?}", err.err());

@@ -10,6 +10,9 @@
 # SHAPES     which shapes (default: all, in the order below); WEIGHTS: q8_0 and/or f16 (default q8_0)
 # DEPTHS     default 0,4096,16384,32768; AGAINST default f16,q8_0,q4_0,kv2,kv3; REPS default 2
 # NP         e.g. "4,16": also N sequences at once (`ab --np`) at each depth
+# TAG        suffix of the result names (default none): a second study of the same shapes (other
+#            AGAINST or NP) keeps its own results. Key treatments (`+ks`, `+kc`) are measured on the
+#            carried Lee corpus (KVTUNER_CACHE=the carry).
 # A shape whose run would not fit the call's time (DEADLINE, default 585 s) is left for the next
 # call on the same warm machine (its JSON is kept; a finished one is not run again).
 # Results: $OUT/shapes.tgz (one ab JSON and log per shape and weight type) and the ratio table on
@@ -23,6 +26,7 @@ DEPTHS=${DEPTHS:-0,4096,16384,32768}
 AGAINST=${AGAINST:-f16,q8_0,q4_0,kv2,kv3}
 REPS=${REPS:-2}
 WEIGHTS=${WEIGHTS:-q8_0}
+export KVTUNER_CACHE=$C
 left() { echo $((${DEADLINE:-585} - SECONDS)); }
 
 # name: GQA, head size and the model it stands for; synth arguments
@@ -43,18 +47,19 @@ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 for shape in $SHAPES; do
     [ -n "${SPEC[$shape]:-}" ] || { echo "unknown shape $shape (known: ${!SPEC[*]})"; exit 2; }
     for w in $WEIGHTS; do
-        tag=$shape-$w
+        tag=$shape-$w${TAG:+-$TAG}
         if [ -s "$W/$tag.json" ]; then cp "$W/$tag.json" "$W/$tag.log" "$O/" 2> /dev/null; continue; fi
         [ "$(left)" -lt 120 ] && { echo "left for the next call: $tag"; continue; }
-        if [ ! -f "$M/$tag.gguf" ]; then
+        gguf=$M/$shape-$w.gguf
+        if [ ! -f "$gguf" ]; then
             rm -f "$M"/*.gguf # one model at a time in /dev/shm (the host's memory)
             # shellcheck disable=SC2086 # SPEC holds an argument list
-            /usr/bin/time -f "synth $tag: %e s" "$K" synth ${SPEC[$shape]} --weights "$w" -o "$M/$tag.gguf.tmp" > /dev/null &&
-                mv "$M/$tag.gguf.tmp" "$M/$tag.gguf" || continue
+            /usr/bin/time -f "synth $shape-$w: %e s" "$K" synth ${SPEC[$shape]} --weights "$w" -o "$gguf.tmp" > /dev/null &&
+                mv "$gguf.tmp" "$gguf" || continue
         fi
         np=()
         [ -n "${NP:-}" ] && np=(--np "$NP")
-        timeout "$(left)" "$K" ab -m "$M/$tag.gguf" --no-quality -ngl 99 -fa on --depths "$DEPTHS" --reps "$REPS" \
+        timeout "$(left)" "$K" ab -m "$gguf" --no-quality -ngl 99 -fa on --depths "$DEPTHS" --reps "$REPS" \
             --against "$AGAINST" "${np[@]}" --json "$W/$tag.json.tmp" > "$W/$tag.log" 2>&1 &&
             mv "$W/$tag.json.tmp" "$W/$tag.json"
         echo "$tag rc=$? at ${SECONDS}s"

@@ -84,27 +84,19 @@ pub fn run(args: AbArgs) -> anyhow::Result<()> {
     }
     let (header, identity, model, base) = load_for_comparison(&args.model, &args.devices.devices())?;
 
-    let mut configs = cache_configs(&args.against, &args.profiles, &header, &identity, &args.model, &base)?;
-    // the key shift and scale (+ks, +kc, a profile's `keys`): measured once per text, never the
-    // evaluated one
-    let mut measured: Vec<(String, kvtuner::key_treatment::KeyMoments)> = Vec::new();
-    for c in configs.iter_mut().filter(|c| c.key_shift || c.key_scale.is_some()) {
-        let key_text = c.key_text.clone().unwrap_or_else(|| args.key_shift_text.clone());
+    let mut configs =
+        cache_configs(&args.against, &args.profiles, &args.key_shift_text, &header, &identity, &args.model, &base)?;
+    // the key shift and scale (+ks, +kc, a profile's `keys`): never measured on the evaluated text
+    for (c, keys) in configs.iter().filter_map(|c| Some((c, c.keys.as_ref()?))) {
         anyhow::ensure!(
-            args.text.as_deref() != Some(key_text.as_str()),
-            "{}: the keys would be measured on the evaluated --text {key_text} (not held out); see --key-shift-text",
-            c.name
+            args.text.as_deref() != Some(keys.text.as_str()),
+            "{}: the keys would be measured on the evaluated --text {} (not held out); see --key-shift-text",
+            c.name,
+            keys.text
         );
-        if !measured.iter().any(|(t, _)| *t == key_text) {
-            let n = kvtuner::runtime::KEY_TOKENS.min(args.ctx_size as usize).max(kvtuner::key_treatment::MIN_TOKENS);
-            let (moments, label) = kvtuner::runtime::measure_keys(&model, &args.model, &key_text, n, &base)?;
-            eprintln!("key shift and scale (+ks, +kc, profile keys): each layer's keys per channel over {label}");
-            measured.push((key_text.clone(), moments));
-        }
-        let moments = &measured.iter().find(|(t, _)| *t == key_text).expect("measured above").1;
-        let keys = kvtuner::profile::ProfileKeys { shift: c.key_shift, scale: c.key_scale, text: key_text };
-        kvtuner::runtime::apply_profile_keys(&mut c.params, &keys, moments);
     }
+    let n_keys = kvtuner::runtime::KEY_TOKENS.min(args.ctx_size as usize).max(kvtuner::key_treatment::MIN_TOKENS);
+    kvtuner::runtime::measure_config_keys(&mut configs, &model, &args.model, n_keys, &base)?;
 
     let (summaries, base_ppl) = if args.no_quality {
         (vec![None; configs.len()], f64::NAN)

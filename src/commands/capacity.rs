@@ -24,10 +24,11 @@ pub fn run(args: CapacityArgs) -> anyhow::Result<()> {
     let depth = args.depth.unwrap_or(args.ctx_size.saturating_sub(256));
     let (header, identity, model, base) = load_for_comparison(&args.model, &args.devices.devices())?;
     let sizer = Sizer::new(&args.model)?;
-    let configs = cache_configs(&args.against, &args.profiles, &header, &identity, &args.model, &base)?;
+    let no_key_text = ""; // keys are refused below
+    let configs = cache_configs(&args.against, &args.profiles, no_key_text, &header, &identity, &args.model, &base)?;
     anyhow::ensure!(!configs.is_empty(), "nothing to measure: give --against or --profile");
     // a key shift or scale (+ks, +kc) is measured on text by `ab`; capacity has none to measure it on
-    if let Some(c) = configs.iter().find(|c| c.key_shift || c.key_scale.is_some()) {
+    if let Some(c) = configs.iter().find(|c| c.keys.is_some()) {
         bail!("--against {}: a key shift or scale (+ks, +kc) is measured on text by `kvtuner ab`; capacity compares sizes and speed without one", c.name);
     }
     eprintln!(
