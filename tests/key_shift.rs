@@ -158,11 +158,16 @@ fn a_key_scale_leaves_attention_unchanged_and_is_applied() {
     let window = RecentWindow::uniform(model.n_layer() as usize, 64, CacheType::F16);
 
     // an f16 cache: the scale only rounds differently, alone, with a shift (given in the keys'
-    // units: divided too) and with a recent window (its copies are scaled as the cache's)
+    // units: divided too), with a recent window (its copies are scaled as the cache's) and with
+    // both (one stream: the cache's context once had room for only two of the three)
     for (what, p) in [
         ("a scale", scaled(CacheType::F16, None, Some(factors(n)), None)),
         ("a scale and a shift", scaled(CacheType::F16, Some(pattern(n, 3.0)), Some(factors(n)), None)),
         ("a scale with a window", scaled(CacheType::F16, None, Some(factors(n)), Some(window.clone()))),
+        (
+            "a scale, a shift and a window",
+            scaled(CacheType::F16, Some(pattern(n, 3.0)), Some(factors(n)), Some(window.clone())),
+        ),
     ] {
         let kld = mean_kld(&f16, &logits(&model, &p));
         assert!(kld < 1e-4, "{what} changed f16 attention: KLD {kld}");
