@@ -118,13 +118,29 @@ pub struct ParallelSpeed {
     pub seconds: f64,
 }
 
-/// tg`n_tg` of `n_seq` sequences at `depth` each. The context needs `n_seq_max >= n_seq` with
-/// per-sequence streams and `depth + n_tg + 1` cells per sequence. Sequence 0 is filled, then copied
-/// to the others (a buffer copy: the caches are as large as n_seq separate prefills make them).
+/// The depth each of `n_seq` sequences holds: `depth` for all, or (`spread`) depths spread evenly
+/// from a quarter of `depth` (sequence 0) to `depth` (the last), as a server's slots hold
+/// conversations of unequal lengths.
+pub fn sequence_depths(n_seq: u32, depth: u32, spread: bool) -> Vec<u32> {
+    let low = depth / 4;
+    (0..n_seq)
+        .map(|s| match (spread, n_seq) {
+            (true, 2..) => low + ((u64::from(depth - low) * u64::from(s)) / u64::from(n_seq - 1)) as u32,
+            _ => depth,
+        })
+        .collect()
+}
+
+/// tg`n_tg` of `n_seq` sequences at `depth` each, or at depths spread below it
+/// ([`sequence_depths`]). The context needs `n_seq_max >= n_seq` with per-sequence streams and
+/// `depth + n_tg + 1` cells per sequence. One sequence is filled to `depth`, then copied to the
+/// others (a buffer copy: the caches are as large as n_seq separate prefills make them), which drop
+/// what lies beyond their own depth.
 pub fn measure_parallel(
     ctx: &mut Context<'_>,
     n_seq: u32,
     depth: u32,
+    spread: bool,
     n_tg: u32,
     batch_size: u32,
 ) -> Result<ParallelSpeed, BenchError> {
@@ -136,17 +152,21 @@ pub fn measure_parallel(
         return Err(BenchError::TooDeep { depth, need: n_tg + 1, n_ctx: per_seq });
     }
     let model = ctx.model();
+    let depths = sequence_depths(n_seq, depth, spread);
     ctx.clear();
     fill(ctx, 0, depth, batch_size)?;
     for s in 1..n_seq {
         ctx.copy_sequence(0, s as i32);
     }
+    for (s, &d) in depths.iter().enumerate().filter(|(_, &d)| d < depth) {
+        ctx.remove_range(s as i32, d as i32, -1);
+    }
     let mut batch = Batch::new(n_seq as usize);
     // one untimed step: it performs the copies
     let step = |ctx: &mut Context<'_>, batch: &mut Batch, i: u32| -> Result<(), BenchError> {
         batch.clear();
-        for s in 0..n_seq {
-            batch.add(token(model, depth + i + s), (depth + i) as i32, s as i32, true).expect("batch sized to fit");
+        for (s, &d) in depths.iter().enumerate() {
+            batch.add(token(model, d + i + s as u32), (d + i) as i32, s as i32, true).expect("batch sized to fit");
         }
         Ok(ctx.decode(batch)?)
     };

@@ -119,7 +119,7 @@ pub fn measure_capacity(
         }
         capacity.slots = slots;
         capacity.kv_bytes = allocated;
-        capacity.speed = Some(bench::measure_parallel(&mut ctx, slots, depth, CAPACITY_TG, 512)?);
+        capacity.speed = Some(bench::measure_parallel(&mut ctx, slots, depth, false, CAPACITY_TG, 512)?);
         break;
     }
     Ok(capacity)

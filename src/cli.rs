@@ -162,6 +162,10 @@ pub struct AbArgs {
     /// holding DEPTH tokens of its own: aggregate and per-sequence tok/s (`tg128 ×N`).
     #[arg(long = "parallel", visible_alias = "np", value_delimiter = ',')]
     pub parallel: Vec<u32>,
+    /// With --parallel: the sequences hold unequal depths, spread evenly from a quarter of the
+    /// depth to the depth (a server's slots), instead of the depth each.
+    #[arg(long, requires = "parallel")]
+    pub np_spread: bool,
     /// Also measure decoding in drafts of N tokens of one sequence per step (speculative
     /// decoding's verification, every draft accepted): 32 steps at each depth, tokens/s.
     #[arg(long, value_delimiter = ',', value_parser = clap::value_parser!(u32).range(1..=64))]

@@ -659,7 +659,7 @@ fn parallel_measurement_counts_every_sequence_token() {
     let mut ctx = Context::new(&model, &p).unwrap();
     ctx.reset_perf();
     let (depth, n_tg) = (40, 16);
-    let s = kvtuner::bench::measure_parallel(&mut ctx, 4, depth, n_tg, 64).unwrap();
+    let s = kvtuner::bench::measure_parallel(&mut ctx, 4, depth, false, n_tg, 64).unwrap();
     let perf = ctx.perf();
     // every batch has several tokens, which llama.cpp counts as prompt tokens (its eval count is
     // at least 1 by construction)
@@ -669,9 +669,18 @@ fn parallel_measurement_counts_every_sequence_token() {
         (s.aggregate_tokens_per_s - f64::from(s.generated_tokens) / s.seconds).abs() < 1e-9 * s.aggregate_tokens_per_s
     );
     assert!((s.aggregate_tokens_per_s - 4.0 * s.per_sequence_tokens_per_s).abs() < 1e-9 * s.aggregate_tokens_per_s);
+    assert!((0..4).all(|seq| ctx.max_position(seq) == (depth + n_tg) as i32));
+    // spread depths (a server's slots): each sequence holds its own, 10, 20, 30 and 40 tokens, then
+    // the tokens it generated
+    assert_eq!(kvtuner::bench::sequence_depths(4, depth, true), vec![10, 20, 30, 40]);
+    kvtuner::bench::measure_parallel(&mut ctx, 4, depth, true, n_tg, 64).unwrap();
+    for (seq, d) in [10, 20, 30, 40].into_iter().enumerate() {
+        let seq = seq as i32;
+        assert_eq!((ctx.min_position(seq), ctx.max_position(seq)), (0, d + n_tg as i32), "sequence {seq}");
+    }
     // more sequences than the context was made for, or a depth past a sequence's cells: errors
-    assert!(kvtuner::bench::measure_parallel(&mut ctx, 5, depth, n_tg, 64).is_err());
-    assert!(kvtuner::bench::measure_parallel(&mut ctx, 4, 250, n_tg, 64).is_err());
+    assert!(kvtuner::bench::measure_parallel(&mut ctx, 5, depth, false, n_tg, 64).is_err());
+    assert!(kvtuner::bench::measure_parallel(&mut ctx, 4, 250, false, n_tg, 64).is_err());
 }
 
 /// `bench::measure_draft` decodes `n_draft` tokens of one sequence per step (the runtime counts

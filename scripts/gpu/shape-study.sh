@@ -9,7 +9,8 @@
 #
 # SHAPES     which shapes (default: all, in the order below); WEIGHTS: q8_0 and/or f16 (default q8_0)
 # DEPTHS     default 0,4096,16384,32768; AGAINST default f16,q8_0,q4_0,kv2,kv3; REPS default 2
-# NP         e.g. "4,16": also N sequences at once (`ab --np`) at each depth
+# NP         e.g. "4,16": also N sequences at once (`ab --np`) at each depth; NP_SPREAD=1: at
+#            depths spread from a quarter of each depth to it (`ab --np-spread`, a server's slots)
 # TAG        suffix of the result names (default none): a second study of the same shapes (other
 #            AGAINST or NP) keeps its own results. Key treatments (`+ks`, `+kc`) are measured on the
 #            carried Lee corpus (KVTUNER_CACHE=the carry).
@@ -59,6 +60,7 @@ for shape in $SHAPES; do
         fi
         np=()
         [ -n "${NP:-}" ] && np=(--np "$NP")
+        [ -n "${NP:-}" ] && [ "${NP_SPREAD:-0}" = 1 ] && np+=(--np-spread)
         timeout "$(left)" "$K" ab -m "$gguf" --no-quality -ngl 99 -fa on --depths "$DEPTHS" --reps "$REPS" \
             --against "$AGAINST" "${np[@]}" --json "$W/$tag.json.tmp" > "$W/$tag.log" 2>&1 &&
             mv "$W/$tag.json.tmp" "$W/$tag.json"

@@ -31,6 +31,8 @@ struct DraftAtDepth {
 #[derive(Debug, Clone, Serialize)]
 struct ParallelAtDepth {
     n_seq: u32,
+    /// The sequences' depths (`--np-spread`: from a quarter of the depth to the depth).
+    depths: Vec<u32>,
     aggregate: Stat,
     per_sequence: Stat,
 }
@@ -238,7 +240,12 @@ pub fn run(args: AbArgs) -> anyhow::Result<()> {
         // [config][depth][draft] tokens/s
         let mut draft_samples = vec![vec![vec![Vec::new(); args.draft.len()]; args.depths.len()]; configs.len()];
         if !args.parallel.is_empty() {
-            eprintln!("speed: tg128 of {:?} sequences at once, each at every depth", args.parallel);
+            let each = if args.np_spread {
+                "at depths spread from a quarter of each depth to it"
+            } else {
+                "each at every depth"
+            };
+            eprintln!("speed: tg128 of {:?} sequences at once, {each}", args.parallel);
         }
         // One untimed run first: the first decode of a process pays one-off costs (GPU kernel
         // loading, allocations) that would otherwise land on whichever configuration runs first.
@@ -280,7 +287,7 @@ pub fn run(args: AbArgs) -> anyhow::Result<()> {
                     )?;
                     for (di, &depth) in args.depths.iter().enumerate() {
                         for (pi, &n_seq) in args.parallel.iter().enumerate() {
-                            let s = bench::measure_parallel(&mut pctx, n_seq, depth, 128, 512)?;
+                            let s = bench::measure_parallel(&mut pctx, n_seq, depth, args.np_spread, 128, 512)?;
                             par_samples[ci][di][pi].push(s.aggregate_tokens_per_s);
                         }
                     }
@@ -305,7 +312,12 @@ pub fn run(args: AbArgs) -> anyhow::Result<()> {
                         .zip(par)
                         .map(|(&n_seq, agg)| {
                             let per: Vec<f64> = agg.iter().map(|a| a / f64::from(n_seq)).collect();
-                            ParallelAtDepth { n_seq, aggregate: Stat::of(&agg), per_sequence: Stat::of(&per) }
+                            ParallelAtDepth {
+                                n_seq,
+                                depths: bench::sequence_depths(n_seq, depth, args.np_spread),
+                                aggregate: Stat::of(&agg),
+                                per_sequence: Stat::of(&per),
+                            }
                         })
                         .collect(),
                     draft: args
@@ -408,7 +420,8 @@ fn print_table(rows: &[Row], args: &AbArgs, base_ppl: f64, label: &str) {
             header.push(format!("pp512 @ d{d}"));
             header.push(format!("tg128 @ d{d}"));
             for n in &args.parallel {
-                header.push(format!("tg128 ×{n} @ d{d} (all / each)"));
+                let at = if args.np_spread { format!("d{}..{d}", d / 4) } else { format!("d{d}") };
+                header.push(format!("tg128 ×{n} @ {at} (all / each)"));
             }
             for n in &args.draft {
                 header.push(format!("draft {n} @ d{d} (tok/s)"));
