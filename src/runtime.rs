@@ -119,6 +119,7 @@ pub fn profile_window(profile: &Profile) -> Option<RecentWindow> {
         layers: w.per_layer(profile.layers.len()),
         type_k: w.k,
         type_v: w.v,
+        sinks: 0,
     })
 }
 
@@ -156,7 +157,8 @@ pub struct CacheConfig {
 /// A uniform configuration of `--against`: `T` (K and V) or `K/V`, then optionally `+ks` (a key
 /// shift, patch 0018), `+kc` or `+kcP` (a key scale of deviations to the power P, default 0.5,
 /// patch 0019) and `+wN` (every layer keeps its last N positions also in f16) or `+wN:q8_0` (in
-/// q8_0): a recent window (patch 0014).
+/// q8_0): a recent window (patch 0014), which `+sS` makes keep the first S positions too (attention
+/// sinks, patch 0021).
 struct UniformSpec {
     k: CacheType,
     v: CacheType,
@@ -167,6 +169,7 @@ struct UniformSpec {
 
 fn parse_uniform(spec: &str, n_layer: usize) -> anyhow::Result<UniformSpec> {
     let mut parts = spec.split('+');
+    let mut sinks = None;
     let types = parts.next().unwrap_or_default();
     let (k, v) = types.split_once('/').unwrap_or((types, types));
     let mut out = UniformSpec {
@@ -187,6 +190,10 @@ fn parse_uniform(spec: &str, n_layer: usize) -> anyhow::Result<UniformSpec> {
             };
             anyhow::ensure!(ProfileKeys::power_ok(power), "--against `{spec}`: a key-scale power must be in (0, 2]");
             out.key_scale = Some(power);
+        } else if let Some(s) = part.strip_prefix('s').filter(|_| sinks.is_none()) {
+            let s: u32 = s.parse().with_context(|| format!("--against `{spec}`: sinks `{s}`"))?;
+            anyhow::ensure!(s > 0, "--against `{spec}`: 0 sinks are no sinks");
+            sinks = Some(s);
         } else if let Some(w) = part.strip_prefix('w').filter(|_| out.window.is_none()) {
             let (size, ty) = w.split_once(':').unwrap_or((w, "f16"));
             let size: u32 = size.parse().with_context(|| format!("--against `{spec}`: window size `{size}`"))?;
@@ -194,8 +201,15 @@ fn parse_uniform(spec: &str, n_layer: usize) -> anyhow::Result<UniformSpec> {
             anyhow::ensure!(size > 0, "--against `{spec}`: a window of 0 positions is no window");
             out.window = Some(RecentWindow::uniform(n_layer, size, ty));
         } else {
-            bail!("--against `{spec}`: `+{part}` is none of `+ks` (a key shift), `+kc[P]` (a key scale) and `+wN[:type]` (a recent window), or is repeated");
+            bail!("--against `{spec}`: `+{part}` is none of `+ks` (a key shift), `+kc[P]` (a key scale), `+wN[:type]` (a recent window) and `+sS` (its sinks), or is repeated");
         }
+    }
+    if let Some(s) = sinks {
+        let w = out
+            .window
+            .as_mut()
+            .with_context(|| format!("--against `{spec}`: sinks (`+s{s}`) are kept in a recent window: add `+wN`"))?;
+        w.sinks = s;
     }
     Ok(out)
 }
@@ -228,6 +242,9 @@ pub fn cache_configs(
         if let Some(w) = &window {
             let size = w.layers[0];
             name += &if w.type_k == CacheType::F16 { format!("+w{size}") } else { format!("+w{size}:{}", w.type_k) };
+            if w.sinks > 0 {
+                name += &format!("+s{}", w.sinks);
+            }
         }
         configs.push(CacheConfig {
             name,
@@ -508,7 +525,15 @@ mod tests {
         assert_eq!(parse_uniform("q4_0+ks+kc", 2).unwrap().key_scale, Some(0.5));
         assert_eq!(parse_uniform("kv3+kc1+ks", 2).unwrap().key_scale, Some(1.0));
         assert_eq!(parse_uniform("kv3+ks", 2).unwrap().key_scale, None);
+        // sinks: kept by the window, in either order
+        for spec in ["kv3+w64+s4", "kv3+s4+w64"] {
+            assert_eq!(parse_uniform(spec, 2).unwrap().window.map(|w| (w.layers[0], w.sinks)), Some((64, 4)), "{spec}");
+        }
+        assert_eq!(parse_uniform("kv3+w64", 2).unwrap().window.unwrap().sinks, 0);
         for bad in [
+            "q4_0+s4",
+            "q4_0+w8+s0",
+            "q4_0+w8+s4+s4",
             "q4_0+w",
             "q4_0+w0",
             "q4_0+wx",

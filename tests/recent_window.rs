@@ -215,3 +215,76 @@ fn a_saved_state_restores_the_window_with_the_cache() {
     let other = params(&model, CacheType::Q4_0, Some((32, CacheType::F16)), 1);
     assert!(Context::new(&model, &other).unwrap().load_state(&state).is_err());
 }
+
+/// A q4_0 cache whose layers keep their last `w` positions and first `sinks` in f16 (patch 0021).
+fn with_sinks(model: &Model, w: u32, sinks: u32, n_ubatch: u32) -> ContextParams {
+    let window = RecentWindow { sinks, ..RecentWindow::uniform(model.n_layer() as usize, w, CacheType::F16) };
+    ContextParams { window: Some(window), ..params(model, CacheType::Q4_0, None, n_ubatch) }
+}
+
+#[test]
+fn sinks_keep_the_first_positions_wide_and_read_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = common::synth_llama(dir.path());
+    let tokens = prompt(&model, 96);
+    // sinks over the whole prompt beside a short ring: every position is read from its sink slot
+    // and never also from the cache (a position read twice would weigh double): the whole-context
+    // window's logits
+    let whole = logprobs(&model, &params(&model, CacheType::Q4_0, Some((512, CacheType::F16)), 32), &tokens);
+    let all_sinks = logprobs(&model, &with_sinks(&model, 8, 96, 32), &tokens);
+    let q4 = logprobs(&model, &params(&model, CacheType::Q4_0, None, 32), &tokens);
+    // (the same values in other slots: flash attention's tiles round differently, nothing more)
+    let (kld_sinks, kld_q4) = (mean_kld(&whole, &all_sinks, 0), mean_kld(&whole, &q4, 0));
+    assert!(
+        kld_sinks < kld_q4 / 1000.0,
+        "sinks over the prompt must be the whole-context window: KLD {kld_sinks} (q4_0 {kld_q4})"
+    );
+
+    // one token at a time, a 32-position ring: 8 sinks read the first positions wide where the
+    // ring alone reads them in q4_0, and the rest stays q4_0
+    let f16 = logprobs(&model, &params(&model, CacheType::F16, None, 1), &tokens);
+    let ring = logprobs(&model, &params(&model, CacheType::Q4_0, Some((32, CacheType::F16)), 1), &tokens);
+    let sinks = logprobs(&model, &with_sinks(&model, 32, 8, 1), &tokens);
+    let whole_steps = logprobs(&model, &params(&model, CacheType::Q4_0, Some((512, CacheType::F16)), 1), &tokens);
+    let from = 40; // past the ring and the sinks
+    let (k_ring, k_sinks, k_whole) =
+        (mean_kld(&f16, &ring, from), mean_kld(&f16, &sinks, from), mean_kld(&f16, &whole_steps, from));
+    assert!(k_sinks < k_ring, "8 positions more read wide must bring q4_0 closer to f16: {k_sinks} vs {k_ring}");
+    assert!(k_sinks > k_whole * 2.0, "older positions are q4_0: sinks are not the f16 cache ({k_sinks} vs {k_whole})");
+    // before the ring is full every position is in the window either way
+    let early = mean_kld(&ring[..32], &sinks[..32], 0);
+    assert!(early < k_ring / 1000.0, "the first 32 positions are wide with or without sinks: KLD {early}");
+}
+
+#[test]
+fn sinks_are_reported_saved_and_refused_without_a_window() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = common::synth_llama(dir.path());
+    let p = with_sinks(&model, 16, 4, 1);
+    let mut ctx = Context::new(&model, &p).unwrap();
+    for info in ctx.layers().into_iter().map(Option::unwrap) {
+        assert_eq!((info.window, info.window_sinks), (16, 4));
+        // 16 ring slots, 4 sinks and the discard row of K and V in f16, one stream
+        let n_embd = info.bytes_k / info.n_cells as u64 / 18 * 32;
+        assert_eq!(info.bytes_window, 21 * 2 * n_embd * 2);
+    }
+    // a saved state carries the sinks; a context with other sinks cannot read it
+    let tokens = prompt(&model, 100);
+    let state = dir.path().join("state.bin");
+    ctx.decode_prompt(&tokens[..99], 0, 1).unwrap();
+    ctx.save_state(&state, &tokens[..99]).unwrap();
+    let expected = logits_after(&mut ctx, tokens[99], 99);
+    drop(ctx);
+    let mut restored = Context::new(&model, &p).unwrap();
+    assert_eq!(restored.load_state(&state).unwrap(), &tokens[..99]);
+    assert!(logits_after(&mut restored, tokens[99], 99) == expected, "sinks and ring must be restored bit for bit");
+    assert!(Context::new(&model, &with_sinks(&model, 16, 8, 1)).unwrap().load_state(&state).is_err());
+    // sinks need a window to be kept in
+    let mut no_window = RecentWindow::uniform(model.n_layer() as usize, 0, CacheType::F16);
+    no_window.sinks = 4;
+    let err =
+        Context::new(&model, &ContextParams { window: Some(no_window), ..params(&model, CacheType::Q4_0, None, 1) })
+            .expect_err("refused")
+            .to_string();
+    assert!(err.contains("needs a recent window"), "{err}");
+}

@@ -60,12 +60,15 @@ pub struct RecentWindow {
     pub layers: Vec<u32>,
     pub type_k: CacheType,
     pub type_v: CacheType,
+    /// The first positions of each sequence every window layer also keeps (attention sinks,
+    /// patch 0021); 0: none.
+    pub sinks: u32,
 }
 
 impl RecentWindow {
     /// The same window of `size` positions in `ty` on every one of `n_layer` layers.
     pub fn uniform(n_layer: usize, size: u32, ty: CacheType) -> RecentWindow {
-        RecentWindow { layers: vec![size; n_layer], type_k: ty, type_v: ty }
+        RecentWindow { layers: vec![size; n_layer], type_k: ty, type_v: ty, sinks: 0 }
     }
 }
 
@@ -173,6 +176,8 @@ pub struct KvLayerInfo {
     pub device: DeviceName,
     /// Recent-window positions (0: none), its K and V types and the bytes of both.
     pub window: u32,
+    /// The first positions the window also keeps (patch 0021).
+    pub window_sinks: u32,
     pub type_k_window: Option<CacheType>,
     pub type_v_window: Option<CacheType>,
     pub bytes_window: u64,
@@ -360,6 +365,7 @@ impl<'m> Context<'m> {
             cp.n_type_layers = window.layers.len() as u32;
             cp.type_k_window = window.type_k.ggml_id();
             cp.type_v_window = window.type_v.ggml_id();
+            cp.kv_window_sinks = window.sinks;
         }
         if let Some(shift) = &params.key_shift {
             cp.kv_k_shift = shift.as_ptr();
@@ -508,6 +514,7 @@ impl<'m> Context<'m> {
             attn_fallback: info.attn_fallback,
             device: DeviceName::from_c(&info.device),
             window: info.window,
+            window_sinks: info.window_sinks,
             type_k_window: (info.window > 0).then(|| CacheType::from_ggml_id(info.type_k_window)).flatten(),
             type_v_window: (info.window > 0).then(|| CacheType::from_ggml_id(info.type_v_window)).flatten(),
             bytes_window: info.bytes_window as u64,
