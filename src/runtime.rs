@@ -119,7 +119,7 @@ pub fn profile_window(profile: &Profile) -> Option<RecentWindow> {
         layers: w.per_layer(profile.layers.len()),
         type_k: w.k,
         type_v: w.v,
-        sinks: 0,
+        sinks: w.sinks,
     })
 }
 
@@ -337,6 +337,7 @@ impl Opened {
                 (Some(a), Some(&(k, v))) => {
                     (Some(a.type_k), Some(a.type_v)) != (k, v)
                         || a.window != wanted_window(il)
+                        || (a.window > 0 && a.window_sinks != e.window.as_ref().map_or(0, |w| w.sinks))
                         || (a.k_shifted, a.k_scaled) != (shift, scale)
                 }
                 (Some(_), None) => true,

@@ -301,6 +301,7 @@ fn an_embedded_recent_window_is_applied_with_the_profile() {
         k: CacheType::F16,
         v: CacheType::Q8_0,
         layers: Some(vec![0, 2, 3]),
+        sinks: 4,
     });
     let profile_path = dir.path().join("window.yaml");
     profile.save(&profile_path).unwrap();
@@ -313,8 +314,8 @@ fn an_embedded_recent_window_is_applied_with_the_profile() {
     assert!(embedded.problems.is_empty(), "{:?}", embedded.problems);
     let window = embedded.window.as_ref().expect("the reader sees the window");
     assert_eq!(
-        (window.layers.as_slice(), window.k, window.v),
-        (&[32, 0, 32, 32, 0, 0][..], Some(CacheType::F16), Some(CacheType::Q8_0))
+        (window.layers.as_slice(), window.k, window.v, window.sinks),
+        (&[32, 0, 32, 32, 0, 0][..], Some(CacheType::F16), Some(CacheType::Q8_0), 4)
     );
 
     let model = Model::load(Backend::init(), &annotated, &ModelParams::default()).unwrap();
@@ -326,6 +327,11 @@ fn an_embedded_recent_window_is_applied_with_the_profile() {
         applied_windows(&model, &base),
         vec![with, (0, None, None), with, with, (0, None, None), (0, None, None)]
     );
+    // with its sinks (patch 0022)
+    let ctx = Context::new(&model, &base).unwrap();
+    let sinks: Vec<u32> = ctx.layers().into_iter().map(|i| i.unwrap().window_sinks).collect();
+    assert_eq!(sinks, [4, 0, 4, 4, 0, 0]);
+    drop(ctx);
     // a window of the caller's wins over the profile's (its types stay)
     let own =
         ContextParams { window: Some(kvtuner::llama::RecentWindow::uniform(6, 16, CacheType::F16)), ..base.clone() };
@@ -343,7 +349,7 @@ fn an_embedded_recent_window_is_applied_with_the_profile() {
     assert_eq!(json["layers"][1]["window"], 0);
     assert!(json["layers"][0]["bytes_window"].as_u64().unwrap() > 0);
     let text = ok(&["inspect", p(&annotated)]);
-    assert!(text.contains("recent window  w32 f16/q8_0 on 3 of 6 layers"), "{text}");
+    assert!(text.contains("recent window  w32+s4 f16/q8_0 on 3 of 6 layers"), "{text}");
 
     // malformed windows: kvtuner's reader and the runtime give the same verdict
     let cases = [
@@ -352,6 +358,7 @@ fn an_embedded_recent_window_is_applied_with_the_profile() {
         ("two sizes", "kvtuner.cache.window", Value::u32_array([32, 64, 0, 0, 0, 0]), "several sizes"),
         ("narrow", "kvtuner.cache.window_type_k", Value::String("q4_0".into()), "not a window type"),
         ("unknown", "kvtuner.cache.window_type_v", Value::String("f8".into()), "not a window type"),
+        ("sinks", "kvtuner.cache.window_sinks", Value::I32(-4), "window_sinks is not a non-negative"),
     ];
     for (name, key, value, problem) in cases {
         let bad = dir.path().join(format!("bad-{name}.gguf"));

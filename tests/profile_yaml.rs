@@ -23,7 +23,8 @@ fn sample() -> Profile {
     p.description = Some("Two f16 layers where the KLD probe said so.".into());
     p.layers[0] = LayerTypes { k: CacheType::F16, v: CacheType::F16 };
     p.layers[3] = p.layers[0];
-    p.window = Some(ProfileWindow { size: 128, k: CacheType::F16, v: CacheType::Q8_0, layers: Some(vec![1, 2]) });
+    p.window =
+        Some(ProfileWindow { size: 128, k: CacheType::F16, v: CacheType::Q8_0, layers: Some(vec![1, 2]), sinks: 4 });
     p.keys = Some(ProfileKeys::shift_and_scale("lee-calibration"));
     p.measured = Some(Measured {
         bits_per_value: 6.52,
@@ -98,7 +99,7 @@ fn summary_of_sample() {
     // Equal counts keep first-appearance order.
     assert_eq!(
         sample().summary(),
-        "2×f16/f16, 2×q8_0/q4_0; recent window w128 f16/q8_0 on 2 of 4 layers; keys: shift + scale std^0.5"
+        "2×f16/f16, 2×q8_0/q4_0; recent window w128+s4 f16/q8_0 on 2 of 4 layers; keys: shift + scale std^0.5"
     );
 }
 
@@ -180,7 +181,7 @@ fn save_refuses_invalid_profile() {
 #[test]
 fn windows_the_runtime_cannot_take_are_invalid_profiles() {
     let with = |w: ProfileWindow| Profile { window: Some(w), ..sample() };
-    let base = ProfileWindow { size: 128, k: CacheType::F16, v: CacheType::F16, layers: None };
+    let base = ProfileWindow { size: 128, k: CacheType::F16, v: CacheType::F16, layers: None, sinks: 0 };
     let cases = [
         (ProfileWindow { size: 0, ..base.clone() }, "`window.size` is 0"),
         (ProfileWindow { k: CacheType::Q4_0, ..base.clone() }, "`window.k` is q4_0"),
@@ -364,7 +365,7 @@ prop_compose! {
         tool_version in proptest::option::of("[0-9]\\.[0-9]\\.[0-9]"),
         window in proptest::option::of((1u32..1_000_000, proptest::sample::select(ProfileWindow::TYPES.to_vec()),
             proptest::sample::select(ProfileWindow::TYPES.to_vec()),
-            proptest::option::of(proptest::collection::btree_set(0usize..40, 0..6)))),
+            proptest::option::of(proptest::collection::btree_set(0usize..40, 0..6)), 0u32..16)),
         keys in proptest::option::of((any::<bool>(), proptest::option::of(0.01f32..2.0), "[a-z./-]{1,20}")),
     ) -> Profile {
         let n_layer = layers.len();
@@ -375,8 +376,8 @@ prop_compose! {
             model: ModelIdentity { architecture: arch, layers: layers.len(), fingerprint, name: model_name },
             layers: layers.into_iter().map(|(k, v)| LayerTypes { k, v }).collect(),
             // layers listed ascending and within the model (what validate asks)
-            window: window.map(|(size, k, v, ls)| ProfileWindow {
-                size, k, v, layers: ls.map(|s| s.into_iter().filter(|&l| l < n_layer).collect()),
+            window: window.map(|(size, k, v, ls, sinks)| ProfileWindow {
+                size, k, v, layers: ls.map(|s| s.into_iter().filter(|&l| l < n_layer).collect()), sinks,
             }),
             // a treatment asks for at least one of the two (what validate asks)
             keys: keys.map(|(shift, scale, text)| ProfileKeys { shift: shift || scale.is_none(), scale, text }),

@@ -51,8 +51,9 @@ pub fn run(args: LayersArgs) -> anyhow::Result<()> {
         if any_recent {
             row.push(match info {
                 Some(i) if i.window > 0 => format!(
-                    "{} in {}/{}, {:.2} MiB",
+                    "{}{} in {}/{}, {:.2} MiB",
                     i.window,
+                    if i.window_sinks > 0 { format!(" + first {}", i.window_sinks) } else { String::new() },
                     i.type_k_window.map_or("?", |t| t.name()),
                     i.type_v_window.map_or("?", |t| t.name()),
                     i.bytes_window as f64 / 1048576.0

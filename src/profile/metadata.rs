@@ -27,6 +27,8 @@ pub const META_WINDOW: &str = "kvtuner.cache.window";
 /// Strings: the recent window's K and V types (f16 or q8_0).
 pub const META_WINDOW_K: &str = "kvtuner.cache.window_type_k";
 pub const META_WINDOW_V: &str = "kvtuner.cache.window_type_v";
+/// u32: the first positions the window also keeps (attention sinks, patch 0021); absent: none.
+pub const META_WINDOW_SINKS: &str = "kvtuner.cache.window_sinks";
 /// f32 arrays laid out as the runtime's kv_k_shift (each layer's n_embd_k_gqa values in turn):
 /// the key shift and scale (patches 0018/0019, applied from the GGUF by patch 0020).
 pub const META_KEY_SHIFT: &str = "kvtuner.cache.key_shift";
@@ -120,6 +122,9 @@ impl Profile {
             kv.push((META_WINDOW.to_string(), Value::u32_array(w.per_layer(self.layers.len()))));
             kv.push((META_WINDOW_K.to_string(), Value::String(w.k.name().to_string())));
             kv.push((META_WINDOW_V.to_string(), Value::String(w.v.name().to_string())));
+            if w.sinks > 0 {
+                kv.push((META_WINDOW_SINKS.to_string(), Value::U32(w.sinks)));
+            }
         }
         if let Some(m) = &self.measured {
             kv.push((META_BITS.to_string(), Value::F32(m.bits_per_value as f32)));
@@ -166,6 +171,8 @@ pub struct EmbeddedWindow {
     pub layers: Vec<u32>,
     pub k: Option<CacheType>,
     pub v: Option<CacheType>,
+    /// The first positions it also keeps (`kvtuner.cache.window_sinks`; 0: none).
+    pub sinks: u32,
 }
 
 /// Which key treatment a profile in a model's metadata carries (the arrays as they read).
@@ -183,14 +190,15 @@ impl EmbeddedWindow {
         let size = self.layers.iter().copied().max().unwrap_or(0);
         let on = self.layers.iter().filter(|&&w| w > 0).count();
         let name = |t: Option<CacheType>| t.map_or("?", CacheType::name);
-        format!("w{size} {}/{} on {on} of {} layers", name(self.k), name(self.v), self.layers.len())
+        let sinks = if self.sinks > 0 { format!("+s{}", self.sinks) } else { String::new() };
+        format!("w{size}{sinks} {}/{} on {on} of {} layers", name(self.k), name(self.v), self.layers.len())
     }
 }
 
 impl EmbeddedProfile {
     /// Reads `kvtuner.*` keys; `None` when the model carries no per-layer types.
     pub fn from_header(header: &crate::gguf::GgufHeader) -> Option<EmbeddedProfile> {
-        if [META_TYPE_K, META_TYPE_V, META_WINDOW, META_KEY_SHIFT, META_KEY_SCALE]
+        if [META_TYPE_K, META_TYPE_V, META_WINDOW, META_WINDOW_SINKS, META_KEY_SHIFT, META_KEY_SCALE]
             .iter()
             .all(|k| header.get(k).is_none())
         {
@@ -260,8 +268,24 @@ impl EmbeddedProfile {
             };
             let k = window_type(META_WINDOW_K);
             let v = window_type(META_WINDOW_V);
-            EmbeddedWindow { layers, k, v }
+            EmbeddedWindow { layers, k, v, sinks: 0 }
         });
+        // its sinks: the same verdict as patch 0022 (a non-negative 32-bit integer, with a window)
+        let mut window = window;
+        if let Some(value) = header.get(META_WINDOW_SINKS) {
+            let sinks = match value {
+                crate::gguf::Value::U32(x) => Some(*x),
+                crate::gguf::Value::I32(x) => u32::try_from(*x).ok(),
+                _ => None,
+            };
+            match (sinks, window.as_mut()) {
+                (None, _) => problems.push(format!("{META_WINDOW_SINKS} is not a non-negative 32-bit integer")),
+                (Some(_), None) => {
+                    problems.push(format!("{META_WINDOW_SINKS} is set without {META_WINDOW} to keep them in"))
+                }
+                (Some(s), Some(w)) => w.sinks = s,
+            }
+        }
         // the key shift and scale: the same verdict as patch 0020 (arrays of 32-bit floats; their
         // length, finiteness and sign are checked by the runtime against the model's layers)
         let mut key_array = |key: &str, positive: bool| match header.get(key) {

@@ -20,6 +20,7 @@
 //!   k: f16                         # these K and V types (f16 or q8_0)
 //!   v: f16
 //!   layers: [0, 1, 5]              # optional: the layers that keep one (default: every layer)
+//!   sinks: 4                       # optional: also the first 4 positions (patch 0021)
 //! keys:                            # optional: key treatment (patches 0018/0019), every layer
 //!   shift: true                    # each layer's mean key subtracted as keys are cached
 //!   scale: 0.5                     # key channels divided by their deviation to this power
@@ -141,6 +142,14 @@ pub struct ProfileWindow {
     /// The layers that keep a window, ascending; `None`: every layer.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub layers: Option<Vec<usize>>,
+    /// The first positions of each sequence the window also keeps (attention sinks, patch 0021);
+    /// 0: none.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub sinks: u32,
+}
+
+fn is_zero(x: &u32) -> bool {
+    *x == 0
 }
 
 impl ProfileWindow {
@@ -156,12 +165,13 @@ impl ProfileWindow {
         }
     }
 
-    /// `w128 f16/f16`, `w128 q8_0 on 12 layers`: for summaries and tables.
+    /// `w128 f16/f16`, `w128+s4 q8_0 on 12 layers`: for summaries and tables.
     pub fn describe(&self, n_layer: usize) -> String {
         let ty = if self.k == self.v { self.k.to_string() } else { format!("{}/{}", self.k, self.v) };
+        let size = if self.sinks > 0 { format!("w{}+s{}", self.size, self.sinks) } else { format!("w{}", self.size) };
         match &self.layers {
-            Some(ls) if ls.len() != n_layer => format!("w{} {ty} on {} of {n_layer} layers", self.size, ls.len()),
-            _ => format!("w{} {ty}", self.size),
+            Some(ls) if ls.len() != n_layer => format!("{size} {ty} on {} of {n_layer} layers", ls.len()),
+            _ => format!("{size} {ty}"),
         }
     }
 

@@ -92,7 +92,7 @@ pub fn describe(ctx: &Context<'_>, profile: &str, queue: usize) -> Result<Value,
             Some(i) => json!({
                 "layer": il, "k": i.type_k, "v": i.type_v, "sliding": i.is_swa, "cells": i.n_cells,
                 // the recent window (patch 0014): positions kept also in the wider types, 0 = none
-                "window": i.window, "window_k": i.type_k_window, "window_v": i.type_v_window,
+                "window": i.window, "window_sinks": i.window_sinks, "window_k": i.type_k_window, "window_v": i.type_v_window,
                 // the key shift and scale (patches 0018/0019)
                 "k_shifted": i.k_shifted, "k_scaled": i.k_scaled,
             }),
@@ -128,6 +128,7 @@ fn recent_window(infos: &[Option<crate::llama::KvLayerInfo>]) -> Value {
         None => Value::Null,
         Some((_, i)) => json!({
             "positions": i.window,
+            "sinks": i.window_sinks,
             "k": i.type_k_window,
             "v": i.type_v_window,
             "layers": with.iter().map(|(il, _)| il).collect::<Vec<_>>(),
