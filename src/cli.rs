@@ -401,6 +401,19 @@ pub struct TuneArgs {
     /// model applies them (bench/key-scale.md: narrow keys 4-11x closer to f16).
     #[arg(long)]
     pub keys: bool,
+    /// Keep every layer's last N positions also in --window-type in every measurement (a recent
+    /// window, patch 0014): --budget sizes the cache types, the window's bytes come on top, the
+    /// same for every candidate, and are in every size reported; the profile carries it. Measured in
+    /// ubatches of 32 tokens, so that each query sees at least N - 31 positions wide, as decoding
+    /// sees N (bench/window-sinks.md).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    pub window: Option<u32>,
+    /// The window's K and V type: f16 or q8_0.
+    #[arg(long, default_value = "f16", requires = "window")]
+    pub window_type: CacheType,
+    /// With --window: the window also keeps the first S positions (attention sinks, patch 0021).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..), requires = "window")]
+    pub sinks: Option<u32>,
     /// Profile name (default: from the model and the bits per value).
     #[arg(long)]
     pub name: Option<String>,

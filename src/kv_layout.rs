@@ -57,6 +57,8 @@ impl KvLayout {
 pub struct RuntimeKv {
     /// Σ K and V tensor bytes over the layers, recent windows included.
     pub tensor_bytes: u64,
+    /// Of which the recent windows' (with their sinks): the same for every set of cache types.
+    pub window_bytes: u64,
     /// Bytes of the backend buffers holding the cache (what `llama_kv_buffer_size` reports).
     pub buffer_bytes: u64,
     /// Cached values (K and V) at full occupancy.
@@ -65,9 +67,10 @@ pub struct RuntimeKv {
 
 impl RuntimeKv {
     pub fn of(ctx: &Context<'_>) -> RuntimeKv {
-        let mut kv = RuntimeKv { tensor_bytes: 0, buffer_bytes: ctx.kv_buffer_bytes(), values: 0 };
+        let mut kv = RuntimeKv { tensor_bytes: 0, window_bytes: 0, buffer_bytes: ctx.kv_buffer_bytes(), values: 0 };
         for info in ctx.layers().into_iter().flatten() {
             kv.tensor_bytes += info.bytes_k + info.bytes_v + info.bytes_window;
+            kv.window_bytes += info.bytes_window;
             kv.values += values_in(info.type_k, info.bytes_k) + values_in(info.type_v, info.bytes_v);
         }
         kv

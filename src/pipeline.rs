@@ -19,6 +19,7 @@ use crate::llama::{Backend, Context, ContextParams, CreateContextError, LoadMode
 use crate::placement::{self, FitPlan, PlacementError};
 use crate::profile::{
     Calibration, ComparedUniform, LayerTypes, Measured as ProfileMeasured, ModelIdentity, Profile, ProfileKeys,
+    ProfileWindow,
 };
 use crate::runtime::Devices;
 use crate::search::{self, SearchError};
@@ -60,7 +61,15 @@ pub struct TuneOptions {
     /// [`crate::runtime::KEY_TOKENS`] tokens and used by every measurement of the run (uniform
     /// caches compared included); the profile carries it.
     pub keys: Option<ProfileKeys>,
+    /// A recent window on every layer (with its sinks) in every measurement of the run, uniform
+    /// caches compared included, scored in ubatches of [`WINDOW_UBATCH`]; the profile carries it.
+    pub window: Option<ProfileWindow>,
 }
+
+/// Tokens per ubatch a run with a recent window is scored in: each query then sees at least its
+/// last W - 31 positions wide (a decode step sees W), where a 512-token ubatch would show most of
+/// its queries none of the window's earlier positions.
+pub const WINDOW_UBATCH: u32 = 32;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TuneError {
@@ -310,6 +319,17 @@ pub fn tune(
         copts.text_label = format!("{} (keys: {})", calibration.1, keys.describe());
         progress(Stage::Note(&format!("keys: {} measured on {n} tokens of {}", keys.describe(), calibration.1)));
     }
+    // the recent window: likewise, and labelled likewise
+    if let Some(w) = &opts.window {
+        copts.base.window = Some(crate::llama::RecentWindow {
+            layers: w.per_layer(identity.layers),
+            type_k: w.k,
+            type_v: w.v,
+            sinks: w.sinks,
+        });
+        copts.base.n_ubatch = copts.base.n_ubatch.min(WINDOW_UBATCH);
+        copts.text_label = format!("{} (window: {})", copts.text_label, w.describe(identity.layers));
+    }
     let calibration = (calibration.0, copts.text_label.as_str());
     let base = copts.base.clone();
 
@@ -404,6 +424,7 @@ pub fn tune(
         }
     };
     choice.profile.keys = opts.keys.clone();
+    choice.profile.window = opts.window.clone();
     let seconds = Timings {
         load: (t_loaded - t0).as_secs_f64(),
         calibrate: (t1 - t_loaded).as_secs_f64(),

@@ -207,6 +207,7 @@ fn tune_options(types: &[CacheType], chunks: usize, keys: Option<kvtuner::profil
         sensitivity: None,
         devices: Devices { threads: 2, ..Default::default() },
         keys,
+        window: None,
     }
 }
 
@@ -324,7 +325,7 @@ fn tune_with_keys_measures_with_them_and_the_profile_carries_them() {
     let mut opts = tune_options(&types, 1, Some(keys.clone()));
     let held = vec![(split.evaluation.clone(), "held out".to_string())];
     let tuned = pipeline::tune(&path, &identity, (&split.calibration, "cal"), &held, &opts, None, &mut |_| {}).unwrap();
-    assert_eq!(tuned.choice.profile.keys, Some(keys));
+    assert_eq!(tuned.choice.profile.keys, Some(keys.clone()));
     assert_eq!(tuned.sensitivity.text, "cal (keys: shift + scale std^0.5)");
     assert!(tuned.choice.profile.calibration.as_ref().unwrap().text.contains("keys"));
     // the keys were measured with the treatment: narrow keys cost another KLD than without it
@@ -338,4 +339,22 @@ fn tune_with_keys_measures_with_them_and_the_profile_carries_them() {
     opts.sensitivity = Some(tuned.sensitivity.clone());
     let err = pipeline::tune(&path, &identity, (&split.calibration, "cal"), &held, &opts, None, &mut |_| {});
     assert!(matches!(err, Err(pipeline::TuneError::ForeignTable { .. })), "{:?}", err.err());
+
+    // a recent window with sinks on top: measured with it (narrow keys cost less where recent and
+    // first positions are read wide), labelled with it, carried by the profile
+    let window =
+        kvtuner::profile::ProfileWindow { size: 16, k: CacheType::F16, v: CacheType::F16, layers: None, sinks: 4 };
+    opts.sensitivity = None;
+    opts.keys = Some(keys.clone());
+    opts.window = Some(window.clone());
+    let windowed =
+        pipeline::tune(&path, &identity, (&split.calibration, "cal"), &held, &opts, None, &mut |_| {}).unwrap();
+    assert_eq!(windowed.choice.profile.window, Some(window));
+    assert_eq!(windowed.sensitivity.text, "cal (keys: shift + scale std^0.5) (window: w16+s4 f16)");
+    // every candidate was measured and sized with the window (the runtime's bytes include it)
+    let sel = &windowed.choice.selection;
+    for m in sel.considered.iter().chain(&sel.best_uniform) {
+        assert!(m.kv.window_bytes > 0, "{} measured without the window: {:?}", m.candidate.label, m.kv);
+        assert_eq!(m.kv.tensor_bytes, m.candidate.expected_bytes + m.kv.window_bytes, "{}", m.candidate.label);
+    }
 }

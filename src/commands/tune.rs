@@ -73,6 +73,13 @@ pub fn run(args: TuneArgs) -> anyhow::Result<()> {
         },
         devices: devices.clone(),
         keys: args.keys.then(|| kvtuner::profile::ProfileKeys::shift_and_scale(&args.text)),
+        window: args.window.map(|size| kvtuner::profile::ProfileWindow {
+            size,
+            k: args.window_type,
+            v: args.window_type,
+            layers: None,
+            sinks: args.sinks.unwrap_or(0),
+        }),
     };
     let what = match &budget {
         Budget::Bits(b) => format!("≤ {b} bits/value"),
