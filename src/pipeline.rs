@@ -321,12 +321,7 @@ pub fn tune(
     }
     // the recent window: likewise, and labelled likewise
     if let Some(w) = &opts.window {
-        copts.base.window = Some(crate::llama::RecentWindow {
-            layers: w.per_layer(identity.layers),
-            type_k: w.k,
-            type_v: w.v,
-            sinks: w.sinks,
-        });
+        copts.base.window = Some(crate::runtime::recent_window(w, identity.layers));
         copts.base.n_ubatch = copts.base.n_ubatch.min(WINDOW_UBATCH);
         copts.text_label = format!("{} (window: {})", copts.text_label, w.describe(identity.layers));
     }

@@ -115,12 +115,12 @@ pub fn profile_layer_types(profile: &Profile) -> LayerCacheTypes {
 
 /// A profile's recent window, as the context takes it.
 pub fn profile_window(profile: &Profile) -> Option<RecentWindow> {
-    profile.window.as_ref().map(|w| RecentWindow {
-        layers: w.per_layer(profile.layers.len()),
-        type_k: w.k,
-        type_v: w.v,
-        sinks: w.sinks,
-    })
+    profile.window.as_ref().map(|w| recent_window(w, profile.layers.len()))
+}
+
+/// A profile's window block on a model of `n_layer` layers, as the context takes it.
+pub fn recent_window(w: &crate::profile::ProfileWindow, n_layer: usize) -> RecentWindow {
+    RecentWindow { layers: w.per_layer(n_layer), type_k: w.k, type_v: w.v, sinks: w.sinks }
 }
 
 /// A model to compare cache configurations on (`ab`, `capacity`): its header and identity, the
