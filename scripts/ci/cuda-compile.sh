@@ -19,7 +19,8 @@
 # Caches under the cargo target folder (CI keeps it): the unpacked toolkit (cuda13/) and ccache's
 # objects (ccache-cuda/), so a second run neither downloads nor recompiles what did not change.
 #
-#   scripts/ci/cuda-compile.sh          (CUDA_COMPILE_JOBS=N: parallel nvcc runs, default nproc)
+#   scripts/ci/cuda-compile.sh          (CUDA_COMPILE_JOBS=N: parallel nvcc runs, default nproc;
+#                                        CUDA_COMPILE_ONLY="fattn.cu ...": those TUs only)
 set -euo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
 tgt=${CARGO_TARGET_DIR:-$root/target}
@@ -93,6 +94,10 @@ for e in json.load(open("$out/build/compile_commands.json")):
 if n == 0:
     sys.exit("no CUDA translation unit is touched by the patch series: is compile_commands.json right?")
 PY
+# CUDA_COMPILE_ONLY="fattn.cu template-instances/..." (a developer's quick check): those TUs alone
+if [ -n "${CUDA_COMPILE_ONLY:-}" ]; then
+    awk -F'\t' -v only=" $CUDA_COMPILE_ONLY " 'index(only, " " $1 " ")' "$out/tus.tsv" > "$out/tus.only" && mv "$out/tus.only" "$out/tus.tsv"
+fi
 mapfile -t tus < <(cut -f1 "$out/tus.tsv")
 echo "CUDA compile: ${#tus[@]} translation units touched by the patch series (pairs: $pairs):"
 printf '    %s\n' "${tus[@]}"

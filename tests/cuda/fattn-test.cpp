@@ -3,7 +3,8 @@
 // compared by normalised mean squared error. Covers every K-V pair kvtuner's CUDA build compiles,
 // single-token decode with and without grouped-query attention (ratios 1-8 and 16), head sizes
 // 64, 96 (q4_0/q5_0/q8_0 caches), 128 and 256, short and long caches with a partly masked tail, logit softcapping, attention
-// sinks, 4 or 16 sequences at once in cache streams of their own, and drafts of 2-8 query tokens. Then whole
+// sinks, 4 or 16 sequences at once in cache streams of their own, drafts of 2-8 query tokens, and a
+// recent window of f16 or q8_0 rows after the cache (decode, drafts, batches). Then whole
 // decode steps of a layer with RoPE and llama.cpp's Hadamard rotations (run_layer).
 //
 //   fattn-test "f16-f16;q8_0-q4_0;..."     (pairs of the GGML_CUDA_FA_QUANTS list; with
@@ -30,6 +31,11 @@ struct fa_case {
     bool sinks;
     int n_seq = 1; // sequences decoded at once, each with its own cache (llama.cpp's KV streams)
     int n_tok = 1; // query tokens per sequence (a speculative draft: causal among themselves)
+    // a recent window (ggml_flash_attn_ext_add_window, kvtuner's patches 0013/0023): n_win rows of
+    // type tw after the cache, the first win_used visible; then every K/V tensor is a view of a
+    // cache's layout (each cell every head's row side by side), as the runtime passes them
+    int n_win = 0, win_used = 0;
+    ggml_type tw = GGML_TYPE_F16;
 };
 
 
@@ -59,26 +65,56 @@ static double nmse(const std::vector<float> & a, const std::vector<float> & b, s
 
 struct fa_inputs {
     std::vector<float> q, sinks;
-    std::vector<uint8_t> k, v;
+    std::vector<uint8_t> k, v, k_win, v_win;
     std::vector<ggml_fp16_t> mask;
 };
 
+// masked_tail's mask for the cache's n_kv columns, then n_win window columns of which the first
+// used are visible
+static std::vector<ggml_fp16_t> with_window(const std::vector<ggml_fp16_t> & cache, int n_kv, int n_win, int used, int rows) {
+    std::vector<ggml_fp16_t> m;
+    m.reserve((size_t) (n_kv + n_win) * rows);
+    for (int r = 0; r < rows; r++) {
+        m.insert(m.end(), cache.begin() + (size_t) r * n_kv, cache.begin() + (size_t) (r + 1) * n_kv);
+        for (int j = 0; j < n_win; j++) m.push_back(ggml_fp32_to_fp16(j < used ? 0.0f : -INFINITY));
+    }
+    return m;
+}
+
+// K or V rows [d, n, heads, seqs] as the op reads them: a plain tensor, or (a case with a window)
+// a view of the cache's layout [d, heads, n, seqs]; *data is where the bytes go
+static ggml_tensor * kv_rows(ggml_context * ctx, ggml_type t, const fa_case & c, int n, ggml_tensor ** data) {
+    if (c.n_win == 0) {
+        return *data = ggml_new_tensor_4d(ctx, t, c.d, n, c.n_head_kv, c.n_seq);
+    }
+    *data = ggml_new_tensor_4d(ctx, t, c.d, c.n_head_kv, n, c.n_seq);
+    return ggml_permute(ctx, *data, 0, 2, 1, 3);
+}
+
 static std::vector<float> run(ggml_backend_t backend, const fa_case & c, const fa_inputs & in) {
-    ggml_init_params ip = { 16 * ggml_tensor_overhead() + ggml_graph_overhead(), nullptr, true };
+    ggml_init_params ip = { 24 * ggml_tensor_overhead() + ggml_graph_overhead(), nullptr, true };
     ggml_context * ctx = ggml_init(ip);
     ggml_tensor * q = ggml_new_tensor_4d(ctx, GGML_TYPE_F32, c.d, c.n_tok, c.n_head, c.n_seq);
-    ggml_tensor * k = ggml_new_tensor_4d(ctx, c.tk, c.d, c.n_kv, c.n_head_kv, c.n_seq);
-    ggml_tensor * v = ggml_new_tensor_4d(ctx, c.tv, c.d, c.n_kv, c.n_head_kv, c.n_seq);
-    ggml_tensor * m = ggml_new_tensor_4d(ctx, GGML_TYPE_F16, c.n_kv, c.n_tok, 1, c.n_seq);
+    ggml_tensor *k_data, *v_data, *kw_data = nullptr, *vw_data = nullptr;
+    ggml_tensor * k = kv_rows(ctx, c.tk, c, c.n_kv, &k_data);
+    ggml_tensor * v = kv_rows(ctx, c.tv, c, c.n_kv, &v_data);
+    ggml_tensor * m = ggml_new_tensor_4d(ctx, GGML_TYPE_F16, c.n_kv + c.n_win, c.n_tok, 1, c.n_seq);
     ggml_tensor * s = c.sinks ? ggml_new_tensor_1d(ctx, GGML_TYPE_F32, c.n_head) : nullptr;
     ggml_tensor * out = ggml_flash_attn_ext(ctx, q, k, v, m, 1.0f / std::sqrt((float) c.d), 0.0f, c.softcap);
     if (s) ggml_flash_attn_ext_add_sinks(out, s);
+    if (c.n_win) {
+        ggml_flash_attn_ext_add_window(out, kv_rows(ctx, c.tw, c, c.n_win, &kw_data), kv_rows(ctx, c.tw, c, c.n_win, &vw_data));
+    }
     ggml_cgraph * gf = ggml_new_graph(ctx);
     ggml_build_forward_expand(gf, out);
     ggml_backend_buffer_t buf = ggml_backend_alloc_ctx_tensors(ctx, backend);
     ggml_backend_tensor_set(q, in.q.data(), 0, ggml_nbytes(q));
-    ggml_backend_tensor_set(k, in.k.data(), 0, ggml_nbytes(k));
-    ggml_backend_tensor_set(v, in.v.data(), 0, ggml_nbytes(v));
+    ggml_backend_tensor_set(k_data, in.k.data(), 0, ggml_nbytes(k_data));
+    ggml_backend_tensor_set(v_data, in.v.data(), 0, ggml_nbytes(v_data));
+    if (c.n_win) {
+        ggml_backend_tensor_set(kw_data, in.k_win.data(), 0, ggml_nbytes(kw_data));
+        ggml_backend_tensor_set(vw_data, in.v_win.data(), 0, ggml_nbytes(vw_data));
+    }
     ggml_backend_tensor_set(m, in.mask.data(), 0, ggml_nbytes(m));
     if (s) ggml_backend_tensor_set(s, in.sinks.data(), 0, ggml_nbytes(s));
     if (ggml_backend_graph_compute(backend, gf) != GGML_STATUS_SUCCESS) {
@@ -355,7 +391,35 @@ int main(int argc, char ** argv) {
             cases.push_back({ tk, tv, d, 28, 4, 2048, 7, 0.0f, false, 1, 2 });
             cases.push_back({ tk, tv, d, 16, 16, 2048, 7, 0.0f, false, 1, 4 });
             cases.push_back({ tk, tv, d, 8, 2, 1024, 3, 0.0f, false, 4, 2 });
+            // a recent window after the cache (kvtuner's patch 0023), f16 and q8_0 rows: decode on
+            // the GQA kernel's path (the window's share merged with the cache's), drafts and
+            // sequences, a window with no visible row; a batch of 32 tokens and short caches take
+            // the joined f16 path. 36 = a window of 32 and 4 sinks, 132 = 128 and 4; windows of growing
+            // length one after the other (a launch sized by the first once failed the next)
+            for (ggml_type tw : { GGML_TYPE_F16, GGML_TYPE_Q8_0 }) {
+                cases.push_back({ tk, tv, d, 28, 4, 4096, 5, 0.0f, false, 1, 1, 36, 36, tw });
+                cases.push_back({ tk, tv, d, 28, 4, 4096, 5, 0.0f, false, 1, 1, 36, 0, tw });
+                for (heads sh : { heads{ 28, 4 }, heads{ 32, 8 }, heads{ 16, 2 }, heads{ 8, 8 } }) {
+                    for (int n_kv : { 256, 8192 }) {
+                        cases.push_back({ tk, tv, d, sh.h, sh.hkv, n_kv, 37, 0.0f, false, 1, 1, 132, 129, tw });
+                    }
+                }
+                cases.push_back({ tk, tv, d, 32, 8, 8192, 5, 0.0f, false, 1, 1, 1028, 1000, tw });
+                cases.push_back({ tk, tv, d, 28, 4, 1024, 5, 0.0f, false, 4, 1, 36, 30, tw });
+                cases.push_back({ tk, tv, d, 32, 8, 4096, 7, 0.0f, false, 1, 4, 132, 100, tw });
+                cases.push_back({ tk, tv, d, 32, 8, 2048, 7, 0.0f, false, 1, 32, 132, 120, tw });
+                cases.push_back({ tk, tv, d, 16, 4, 2048, 0, 0.0f, true, 1, 1, 36, 20, tw }); // attention sinks
+                if (d == 128 || d == 256) {
+                    cases.push_back({ tk, tv, d, 16, 4, 2048, 300, 30.0f, false, 1, 1, 132, 64, tw }); // softcap
+                }
+            }
         }
+    }
+
+    // FA_WINDOW_ONLY=1: the recent-window cases alone (no layer cases)
+    const bool window_only = getenv("FA_WINDOW_ONLY") && atoi(getenv("FA_WINDOW_ONLY")) != 0;
+    if (window_only) {
+        cases.erase(std::remove_if(cases.begin(), cases.end(), [](const fa_case & c) { return c.n_win == 0; }), cases.end());
     }
 
     std::mt19937 rng(42);
@@ -370,6 +434,11 @@ int main(int argc, char ** argv) {
         in.k = random_rows(c.tk, c.d, (int64_t) c.n_kv * c.n_head_kv * c.n_seq, rng);
         in.v = random_rows(c.tv, c.d, (int64_t) c.n_kv * c.n_head_kv * c.n_seq, rng);
         in.mask = masked_tail(c.n_kv, c.n_masked, c.n_seq, c.n_tok);
+        if (c.n_win) {
+            in.k_win = random_rows(c.tw, c.d, (int64_t) c.n_win * c.n_head_kv * c.n_seq, rng);
+            in.v_win = random_rows(c.tw, c.d, (int64_t) c.n_win * c.n_head_kv * c.n_seq, rng);
+            in.mask  = with_window(in.mask, c.n_kv, c.n_win, c.win_used, c.n_tok * c.n_seq);
+        }
         in.sinks.resize(c.n_head);
         for (auto & x : in.sinks) x = nd(rng);
 
@@ -378,14 +447,16 @@ int main(int argc, char ** argv) {
         const bool ok = std::isfinite(err) && err <= max_nmse;
         worst = std::max(worst, std::isfinite(err) ? err : INFINITY);
         failed += !ok;
-        printf("%s K=%-5s V=%-5s D=%3d heads=%2d/%d (gqa %d) n_kv=%5d masked=%3d softcap=%g sinks=%d seqs=%d tokens=%d  NMSE %.3e\n",
+        char win[48] = "";
+        if (c.n_win) snprintf(win, sizeof(win), " window=%d(%d seen) %s", c.n_win, c.win_used, ggml_type_name(c.tw));
+        printf("%s K=%-5s V=%-5s D=%3d heads=%2d/%d (gqa %d) n_kv=%5d masked=%3d softcap=%g sinks=%d seqs=%d tokens=%d%s  NMSE %.3e\n",
                ok ? "ok  " : "FAIL", ggml_type_name(c.tk), ggml_type_name(c.tv), c.d, c.n_head, c.n_head_kv,
-               c.n_head / c.n_head_kv, c.n_kv, c.n_masked, c.softcap, c.sinks, c.n_seq, c.n_tok, err);
+               c.n_head / c.n_head_kv, c.n_kv, c.n_masked, c.softcap, c.sinks, c.n_seq, c.n_tok, win, err);
     }
     const char * gqa = getenv("GGML_CUDA_FA_VEC_GQA");
-    const int layer_failed = test_layers(gpu, cpu, pairs, rng, max_nmse, gqa == nullptr || atoi(gqa) != 0);
+    const int layer_failed = window_only ? 0 : test_layers(gpu, cpu, pairs, rng, max_nmse, gqa == nullptr || atoi(gqa) != 0);
     printf("%zu op cases, %d failed, worst NMSE %.3e (bound %.0e); %zu layer cases, %d failed; GGML_CUDA_FA_VEC_GQA=%s\n",
-           cases.size(), failed, worst, max_nmse, 2 * pairs.size(), layer_failed, gqa ? gqa : "(unset: GQA decode kernel on)");
+           cases.size(), failed, worst, max_nmse, window_only ? 0 : 2 * pairs.size(), layer_failed, gqa ? gqa : "(unset: GQA decode kernel on)");
     failed += layer_failed;
     ggml_backend_free(gpu);
     ggml_backend_free(cpu);

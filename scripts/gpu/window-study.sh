@@ -1,0 +1,73 @@
+#!/usr/bin/env bash
+# Issue 35 on a lent GPU: the recent window (with sinks) on CUDA, patch 0023 (bench/gpu-window.md).
+# Run from the repository root there, after `scripts/gpu/pack.sh` here:
+#
+#   bash scripts/gpu/window-study.sh
+#
+# 1. fattn-test's window cases (tests/cuda/run.sh, FA_WINDOW_ONLY=1) for FT_PAIRS, under kvtuner's
+#    decode kernel (the window's share merged with the cache's) and upstream's kernels (the
+#    cache and the window joined in f16): the op against the CPU backend's.
+# 2. The runtime on the GPU against the CPU: `kvtuner ab` KLD of windowed caches on a small
+#    synthetic model over the carried Lee corpus, -ngl 99 and -ngl 0, token by token (the decode
+#    path) and in ubatches of 32 (the joined path).
+# 3. Decode speed at DEPTHS (default 32768) of AGAINST (default the issue's profiles' caches beside
+#    q4_0 and f16) on SHAPES (shape-study.sh's names, default "l8b q7b"), q8_0 weights.
+# Stages already done on a warm machine are not run again. Results: $OUT/window.tgz.
+set -uo pipefail
+NAME=window BUILD_DEADLINE=${BUILD_DEADLINE:-420} source .device-carry/call-prelude.sh
+M=/dev/shm/kvt
+W=$B/window # kept between calls on the same machine
+mkdir -p "$M" "$W"
+export KVTUNER_CACHE=$C
+left() { echo $((${DEADLINE:-585} - SECONDS)); }
+FT_PAIRS=${FT_PAIRS:-q4_0-q4_0;kv3-kv2;q8_0-q8_0;f16-f16}
+DEPTHS=${DEPTHS:-32768}
+AGAINST=${AGAINST:-f16,q4_0,q4_0+w128+s4,kv3/kv2+ks+kc+w128+s4,kv3+ks+kc+w128+s4}
+SHAPES=${SHAPES:-l8b q7b}
+declare -A SPEC=(
+    [l8b]="--preset llama31-8b"                                                                 # GQA 4, head 128
+    [q7b]="--preset qwen2.5-7b"                                                                 # GQA 7
+    [q3b]="--preset qwen2.5-7b --layers 36 --heads 16 --kv-heads 2 --head-dim 128 --ffn 11008" # GQA 8
+    [l1b]="--preset llama31-8b --layers 16 --heads 32 --kv-heads 8 --head-dim 64 --ffn 8192"   # GQA 4, head 64
+)
+
+if [ ! -f "$W/fattn.done" ] && [ "$(left)" -gt 150 ]; then
+    RESULTS=$O/fattn FA_WINDOW_ONLY=1 MODES="1 0" BUDGET=${FT_BUDGET:-120} GGML_LIBS=$B/lib-patched \
+        GGML_INCLUDE=$B/patched/ggml/include bash tests/cuda/run.sh "$FT_PAIRS" | tee "$O/fattn.txt"
+    touch "$W/fattn.done"
+    pack
+fi
+
+if [ ! -f "$W/quality.done" ] && [ "$(left)" -gt 120 ]; then
+    [ -f "$M/small.gguf" ] || "$K" synth --preset tiny --layers 8 --heads 8 --kv-heads 2 --head-dim 128 --ffn 2048 --vocab 4096 -o "$M/small.gguf" > /dev/null
+    for ub in 1 32; do
+        for ngl in 99 0; do
+            timeout "$(($(left) - 60))" "$K" ab -m "$M/small.gguf" --text "$C/lee_background.cor" -c 512 --chunks 2 --ngl $ngl --no-speed \
+                --eval-ubatch $ub --against f16,q4_0,q4_0+w32,q4_0+w32+s4,kv3+w32+s4,kv3+w32:q8_0+s4 \
+                --json "$O/quality-ub$ub-ngl$ngl.json" > "$O/quality-ub$ub-ngl$ngl.md" 2> "$O/quality-ub$ub-ngl$ngl.log"
+            echo "quality ubatch $ub ngl $ngl rc=$? at ${SECONDS}s"
+            cat "$O/quality-ub$ub-ngl$ngl.md"
+        done
+    done
+    touch "$W/quality.done"
+    pack
+fi
+
+for shape in $SHAPES; do
+    tag=$shape-q8_0${TAG:+-$TAG}
+    if [ -s "$W/$tag.json" ]; then cp "$W/$tag.json" "$W/$tag.log" "$O/" 2> /dev/null; continue; fi
+    [ "$(left)" -lt 120 ] && { echo "left for the next call: $tag"; continue; }
+    gguf=$M/$shape-q8_0.gguf
+    if [ ! -f "$gguf" ]; then
+        rm -f "$M"/[lq][0-9]*.gguf # one large model at a time in /dev/shm
+        # shellcheck disable=SC2086 # SPEC holds an argument list
+        "$K" synth ${SPEC[$shape]} --weights q8_0 -o "$gguf.tmp" > /dev/null && mv "$gguf.tmp" "$gguf" || continue
+    fi
+    timeout "$(left)" "$K" ab -m "$gguf" --no-quality -ngl 99 -fa on --depths "$DEPTHS" --reps 2 --against "$AGAINST" \
+        --json "$W/$tag.json.tmp" > "$W/$tag.log" 2>&1 && mv "$W/$tag.json.tmp" "$W/$tag.json"
+    echo "$tag rc=$? at ${SECONDS}s"
+    cp "$W/$tag.json" "$W/$tag.log" "$O/" 2> /dev/null
+    tail -15 "$W/$tag.log"
+    pack
+done
+ls "$O"/*-q8_0*.json > /dev/null 2>&1 && python3 scripts/gpu/shape-table.py "$O"/*-q8_0*.json | tee "$O/table.md"
