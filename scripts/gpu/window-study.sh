@@ -4,14 +4,15 @@
 #
 #   bash scripts/gpu/window-study.sh
 #
-# 1. fattn-test's window cases (tests/cuda/run.sh, FA_WINDOW_ONLY=1) for FT_PAIRS, under kvtuner's
+# Stages, in this order (one that would not fit is left for the next call on the same warm machine):
+# 1. The runtime on the GPU against the CPU: `kvtuner ab` KLD of windowed caches on a small
+#    synthetic model over the carried Lee corpus (QUALITY: ubatch:ngl runs, default
+#    "1:99 1:0 32:99 32:0"; ubatch 1 takes the decode path, 32 the joined path).
+# 2. Decode speed at DEPTHS (default 32768) of AGAINST (default the issue's profiles' caches
+#    beside q4_0 and f16) on SHAPES (shape-study.sh's names, default "l8b q7b"), q8_0 weights.
+# 3. fattn-test's window cases (tests/cuda/run.sh, FA_WINDOW_ONLY=1) for FT_PAIRS, under kvtuner's
 #    decode kernel (the window's share merged with the cache's) and upstream's kernels (the
 #    cache and the window joined in f16): the op against the CPU backend's.
-# 2. The runtime on the GPU against the CPU: `kvtuner ab` KLD of windowed caches on a small
-#    synthetic model over the carried Lee corpus, -ngl 99 and -ngl 0, token by token (the decode
-#    path) and in ubatches of 32 (the joined path).
-# 3. Decode speed at DEPTHS (default 32768) of AGAINST (default the issue's profiles' caches beside
-#    q4_0 and f16) on SHAPES (shape-study.sh's names, default "l8b q7b"), q8_0 weights.
 # Stages already done on a warm machine are not run again. Results: $OUT/window.tgz.
 set -uo pipefail
 NAME=window BUILD_DEADLINE=${BUILD_DEADLINE:-420} source .device-carry/call-prelude.sh
@@ -31,23 +32,17 @@ declare -A SPEC=(
     [l1b]="--preset llama31-8b --layers 16 --heads 32 --kv-heads 8 --head-dim 64 --ffn 8192"   # GQA 4, head 64
 )
 
-if [ ! -f "$W/fattn.done" ] && [ "$(left)" -gt 150 ]; then
-    RESULTS=$O/fattn FA_WINDOW_ONLY=1 MODES="1 0" BUDGET=${FT_BUDGET:-120} GGML_LIBS=$B/lib-patched \
-        GGML_INCLUDE=$B/patched/ggml/include bash tests/cuda/run.sh "$FT_PAIRS" | tee "$O/fattn.txt"
-    touch "$W/fattn.done"
-    pack
-fi
-
 if [ ! -f "$W/quality.done" ] && [ "$(left)" -gt 120 ]; then
     [ -f "$M/small.gguf" ] || "$K" synth --preset tiny --layers 8 --heads 8 --kv-heads 2 --head-dim 128 --ffn 2048 --vocab 4096 -o "$M/small.gguf" > /dev/null
-    for ub in 1 32; do
-        for ngl in 99 0; do
+    for run in ${QUALITY:-1:99 1:0 32:99 32:0}; do
+        ub=${run%:*} ngl=${run#*:}
+        {
             timeout "$(($(left) - 60))" "$K" ab -m "$M/small.gguf" --text "$C/lee_background.cor" -c 512 --chunks 2 --ngl $ngl --no-speed \
                 --eval-ubatch $ub --against f16,q4_0,q4_0+w32,q4_0+w32+s4,kv3+w32+s4,kv3+w32:q8_0+s4 \
                 --json "$O/quality-ub$ub-ngl$ngl.json" > "$O/quality-ub$ub-ngl$ngl.md" 2> "$O/quality-ub$ub-ngl$ngl.log"
             echo "quality ubatch $ub ngl $ngl rc=$? at ${SECONDS}s"
             cat "$O/quality-ub$ub-ngl$ngl.md"
-        done
+        }
     done
     touch "$W/quality.done"
     pack
@@ -70,4 +65,11 @@ for shape in $SHAPES; do
     tail -15 "$W/$tag.log"
     pack
 done
+if [ ! -f "$W/fattn.done" ] && [ "$(left)" -gt 150 ]; then
+    RESULTS=$O/fattn FA_WINDOW_ONLY=1 MODES="1 0" BUDGET=${FT_BUDGET:-120} GGML_LIBS=$B/lib-patched \
+        GGML_INCLUDE=$B/patched/ggml/include bash tests/cuda/run.sh "$FT_PAIRS" | tee "$O/fattn.txt"
+    touch "$W/fattn.done"
+    pack
+fi
+
 ls "$O"/*-q8_0*.json > /dev/null 2>&1 && python3 scripts/gpu/shape-table.py "$O"/*-q8_0*.json | tee "$O/table.md"
