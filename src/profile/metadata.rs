@@ -190,8 +190,8 @@ impl EmbeddedWindow {
         let size = self.layers.iter().copied().max().unwrap_or(0);
         let on = self.layers.iter().filter(|&&w| w > 0).count();
         let name = |t: Option<CacheType>| t.map_or("?", CacheType::name);
-        let sinks = if self.sinks > 0 { format!("+s{}", self.sinks) } else { String::new() };
-        format!("w{size}{sinks} {}/{} on {on} of {} layers", name(self.k), name(self.v), self.layers.len())
+        let label = ProfileWindow::label(size, self.sinks);
+        format!("{label} {}/{} on {on} of {} layers", name(self.k), name(self.v), self.layers.len())
     }
 }
 

@@ -165,10 +165,15 @@ impl ProfileWindow {
         }
     }
 
+    /// `w128` or `w128+s4`: a window's positions, as `ab --against` spells them.
+    pub fn label(size: u32, sinks: u32) -> String {
+        if sinks > 0 { format!("w{size}+s{sinks}") } else { format!("w{size}") }
+    }
+
     /// `w128 f16/f16`, `w128+s4 q8_0 on 12 layers`: for summaries and tables.
     pub fn describe(&self, n_layer: usize) -> String {
         let ty = if self.k == self.v { self.k.to_string() } else { format!("{}/{}", self.k, self.v) };
-        let size = if self.sinks > 0 { format!("w{}+s{}", self.size, self.sinks) } else { format!("w{}", self.size) };
+        let size = Self::label(self.size, self.sinks);
         match &self.layers {
             Some(ls) if ls.len() != n_layer => format!("{size} {ty} on {} of {n_layer} layers", ls.len()),
             _ => format!("{size} {ty}"),
