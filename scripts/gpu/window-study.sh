@@ -13,6 +13,10 @@
 # 3. fattn-test's window cases (tests/cuda/run.sh, FA_WINDOW_ONLY=1) for FT_PAIRS, under kvtuner's
 #    decode kernel (the window's share merged with the cache's) and upstream's kernels (the
 #    cache and the window joined in f16): the op against the CPU backend's.
+# TAG (default none) names this study's results and stamps: e.g. the opt-in kernels of patch 0023,
+#   GGML_CUDA_FA_WINDOW_SHARES=1 GGML_CUDA_FA_WINDOW_PAD=1 TAG=opt COMPARE=1 bash scripts/gpu/window-study.sh
+# runs every stage under them; COMPARE=1 also runs each shape's speed without them (tag "-default")
+# in the same call, so the two are measured on one machine.
 # Stages already done on a warm machine are not run again. Results: $OUT/window.tgz.
 set -uo pipefail
 NAME=window BUILD_DEADLINE=${BUILD_DEADLINE:-420} source .device-carry/call-prelude.sh
@@ -21,6 +25,7 @@ W=$B/window # kept between calls on the same machine
 mkdir -p "$M" "$W"
 export KVTUNER_CACHE=$C
 left() { echo $((${DEADLINE:-585} - SECONDS)); }
+T=${TAG:+-$TAG}
 FT_PAIRS=${FT_PAIRS:-q4_0-q4_0;kv3-kv2;q8_0-q8_0;f16-f16}
 DEPTHS=${DEPTHS:-32768}
 AGAINST=${AGAINST:-f16,q4_0,q4_0+w128+s4,kv3/kv2+ks+kc+w128+s4,kv3+ks+kc+w128+s4}
@@ -32,43 +37,48 @@ declare -A SPEC=(
     [l1b]="--preset llama31-8b --layers 16 --heads 32 --kv-heads 8 --head-dim 64 --ffn 8192"   # GQA 4, head 64
 )
 
-if [ ! -f "$W/quality.done" ] && [ "$(left)" -gt 120 ]; then
+if [ ! -f "$W/quality$T.done" ] && [ "$(left)" -gt 120 ]; then
     [ -f "$M/small.gguf" ] || "$K" synth --preset tiny --layers 8 --heads 8 --kv-heads 2 --head-dim 128 --ffn 2048 --vocab 4096 -o "$M/small.gguf" > /dev/null
     for run in ${QUALITY:-1:99 1:0 32:99 32:0}; do
         ub=${run%:*} ngl=${run#*:}
         {
             timeout "$(($(left) - 60))" "$K" ab -m "$M/small.gguf" --text "$C/lee_background.cor" -c 512 --chunks 2 --ngl $ngl --no-speed \
                 --eval-ubatch $ub --against f16,q4_0,q4_0+w32,q4_0+w32+s4,kv3+w32+s4,kv3+w32:q8_0+s4 \
-                --json "$O/quality-ub$ub-ngl$ngl.json" > "$O/quality-ub$ub-ngl$ngl.md" 2> "$O/quality-ub$ub-ngl$ngl.log"
-            echo "quality ubatch $ub ngl $ngl rc=$? at ${SECONDS}s"
-            cat "$O/quality-ub$ub-ngl$ngl.md"
+                --json "$O/quality$T-ub$ub-ngl$ngl.json" > "$O/quality$T-ub$ub-ngl$ngl.md" 2> "$O/quality$T-ub$ub-ngl$ngl.log"
+            echo "quality$T ubatch $ub ngl $ngl rc=$? at ${SECONDS}s"
+            cat "$O/quality$T-ub$ub-ngl$ngl.md"
         }
     done
-    touch "$W/quality.done"
+    touch "$W/quality$T.done"
     pack
 fi
 
+runs=("$T:")
+[ "${COMPARE:-0}" = 1 ] && runs+=("-default:-u GGML_CUDA_FA_WINDOW_SHARES -u GGML_CUDA_FA_WINDOW_PAD")
 for shape in $SHAPES; do
-    tag=$shape-q8_0${TAG:+-$TAG}
-    if [ -s "$W/$tag.json" ]; then cp "$W/$tag.json" "$W/$tag.log" "$O/" 2> /dev/null; continue; fi
-    [ "$(left)" -lt 120 ] && { echo "left for the next call: $tag"; continue; }
-    gguf=$M/$shape-q8_0.gguf
-    if [ ! -f "$gguf" ]; then
-        rm -f "$M"/[lq][0-9]*.gguf # one large model at a time in /dev/shm
-        # shellcheck disable=SC2086 # SPEC holds an argument list
-        "$K" synth ${SPEC[$shape]} --weights q8_0 -o "$gguf.tmp" > /dev/null && mv "$gguf.tmp" "$gguf" || continue
-    fi
-    timeout "$(left)" "$K" ab -m "$gguf" --no-quality -ngl 99 -fa on --depths "$DEPTHS" --reps 2 --against "$AGAINST" \
-        --json "$W/$tag.json.tmp" > "$W/$tag.log" 2>&1 && mv "$W/$tag.json.tmp" "$W/$tag.json"
-    echo "$tag rc=$? at ${SECONDS}s"
-    cp "$W/$tag.json" "$W/$tag.log" "$O/" 2> /dev/null
-    tail -15 "$W/$tag.log"
-    pack
+    for run in "${runs[@]}"; do
+        tag=$shape-q8_0${run%%:*} unset_env=${run#*:}
+        if [ -s "$W/$tag.json" ]; then cp "$W/$tag.json" "$W/$tag.log" "$O/" 2> /dev/null; continue; fi
+        [ "$(left)" -lt 120 ] && { echo "left for the next call: $tag"; continue; }
+        gguf=$M/$shape-q8_0.gguf
+        if [ ! -f "$gguf" ]; then
+            rm -f "$M"/[lq][0-9]*.gguf # one large model at a time in /dev/shm
+            # shellcheck disable=SC2086 # SPEC holds an argument list
+            "$K" synth ${SPEC[$shape]} --weights q8_0 -o "$gguf.tmp" > /dev/null && mv "$gguf.tmp" "$gguf" || continue
+        fi
+        # shellcheck disable=SC2086 # unset_env holds env's options
+        timeout "$(left)" env $unset_env "$K" ab -m "$gguf" --no-quality -ngl 99 -fa on --depths "$DEPTHS" --reps 2 --against "$AGAINST" \
+            --json "$W/$tag.json.tmp" > "$W/$tag.log" 2>&1 && mv "$W/$tag.json.tmp" "$W/$tag.json"
+        echo "$tag rc=$? at ${SECONDS}s"
+        cp "$W/$tag.json" "$W/$tag.log" "$O/" 2> /dev/null
+        tail -15 "$W/$tag.log"
+        pack
+    done
 done
-if [ ! -f "$W/fattn.done" ] && [ "$(left)" -gt 150 ]; then
-    RESULTS=$O/fattn FA_WINDOW_ONLY=1 MODES="1 0" BUDGET=${FT_BUDGET:-120} GGML_LIBS=$B/lib-patched \
-        GGML_INCLUDE=$B/patched/ggml/include bash tests/cuda/run.sh "$FT_PAIRS" | tee "$O/fattn.txt"
-    touch "$W/fattn.done"
+if [ ! -f "$W/fattn$T.done" ] && [ "$(left)" -gt 150 ]; then
+    RESULTS=$O/fattn$T FA_WINDOW_ONLY=1 MODES="1 0" BUDGET=${FT_BUDGET:-120} GGML_LIBS=$B/lib-patched \
+        GGML_INCLUDE=$B/patched/ggml/include bash tests/cuda/run.sh "$FT_PAIRS" | tee "$O/fattn$T.txt"
+    touch "$W/fattn$T.done"
     pack
 fi
 
