@@ -167,7 +167,11 @@ impl ProfileWindow {
 
     /// `w128` or `w128+s4`: a window's positions, as `ab --against` spells them.
     pub fn label(size: u32, sinks: u32) -> String {
-        if sinks > 0 { format!("w{size}+s{sinks}") } else { format!("w{size}") }
+        if sinks > 0 {
+            format!("w{size}+s{sinks}")
+        } else {
+            format!("w{size}")
+        }
     }
 
     /// `w128 f16/f16`, `w128+s4 q8_0 on 12 layers`: for summaries and tables.
