@@ -2,7 +2,8 @@
 //! fragment layouts of patch 0009's V and K paths against plain dequantization (Python with
 //! numpy), the warp-register FWHT of patch 0010 against ggml-cuda's own, bit for bit, and the
 //! RoPE index mapping of patch 0010 against ggml's CPU RoPE (built against the patched tree's
-//! ggml). Each model exits non-zero on a wrong lane, row, slot or order. The op test against the
+//! ggml), and patch 0023's merge of the cache's and the recent window's softmax shares against
+//! attention over both (numpy). Each model exits non-zero on a wrong lane, row, slot, order or sum. The op test against the
 //! CPU (`tests/cuda/fattn-test.cpp`) needs a GPU: `tests/cuda/run.sh` runs it, on a developer's
 //! machine or a lent device (`scripts/gpu/fattn-study.sh`).
 
@@ -36,5 +37,11 @@ fn warp_register_fwht_matches_ggml_cudas_bit_for_bit() {
 #[test]
 fn rope_index_mapping_matches_ggmls_cpu_rope() {
     let out = build_and_run(std::path::Path::new(&format!("{GPU_SOURCES}/rope-k-model.cpp")));
+    assert!(out.contains(" 0 failed"), "{out}");
+}
+
+#[test]
+fn window_shares_merge_into_one_softmax_over_cache_and_window() {
+    let out = run("python3", &[&format!("{GPU_SOURCES}/window-merge-model.py")]);
     assert!(out.contains(" 0 failed"), "{out}");
 }
