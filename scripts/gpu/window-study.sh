@@ -13,10 +13,8 @@
 # 3. fattn-test's window cases (tests/cuda/run.sh, FA_WINDOW_ONLY=1) for FT_PAIRS, under kvtuner's
 #    decode kernel (the window's share merged with the cache's) and upstream's kernels (the
 #    cache and the window joined in f16): the op against the CPU backend's.
-# TAG (default none) names this study's results and stamps: e.g. the opt-in kernels of patch 0023,
-#   GGML_CUDA_FA_WINDOW_SHARES=1 GGML_CUDA_FA_WINDOW_PAD=1 TAG=opt COMPARE=1 bash scripts/gpu/window-study.sh
-# runs every stage under them; COMPARE=1 also runs each shape's speed without them (tag "-default")
-# in the same call, so the two are measured on one machine.
+# TAG (default none) names this study's results and stamps, so that a second run on the same warm
+# machine (another build's libraries, an environment switch) is measured beside the first.
 # Stages already done on a warm machine are not run again. Results: $OUT/window.tgz.
 set -uo pipefail
 NAME=window BUILD_DEADLINE=${BUILD_DEADLINE:-420} source .device-carry/call-prelude.sh
@@ -53,27 +51,22 @@ if [ ! -f "$W/quality$T.done" ] && [ "$(left)" -gt 120 ]; then
     pack
 fi
 
-runs=("$T:")
-[ "${COMPARE:-0}" = 1 ] && runs+=("-default:-u GGML_CUDA_FA_WINDOW_SHARES -u GGML_CUDA_FA_WINDOW_PAD")
 for shape in $SHAPES; do
-    for run in "${runs[@]}"; do
-        tag=$shape-q8_0${run%%:*} unset_env=${run#*:}
-        if [ -s "$W/$tag.json" ]; then cp "$W/$tag.json" "$W/$tag.log" "$O/" 2> /dev/null; continue; fi
-        [ "$(left)" -lt 120 ] && { echo "left for the next call: $tag"; continue; }
-        gguf=$M/$shape-q8_0.gguf
-        if [ ! -f "$gguf" ]; then
-            rm -f "$M"/[lq][0-9]*.gguf # one large model at a time in /dev/shm
-            # shellcheck disable=SC2086 # SPEC holds an argument list
-            "$K" synth ${SPEC[$shape]} --weights q8_0 -o "$gguf.tmp" > /dev/null && mv "$gguf.tmp" "$gguf" || continue
-        fi
-        # shellcheck disable=SC2086 # unset_env holds env's options
-        timeout "$(left)" env $unset_env "$K" ab -m "$gguf" --no-quality -ngl 99 -fa on --depths "$DEPTHS" --reps 2 --against "$AGAINST" \
-            --json "$W/$tag.json.tmp" > "$W/$tag.log" 2>&1 && mv "$W/$tag.json.tmp" "$W/$tag.json"
-        echo "$tag rc=$? at ${SECONDS}s"
-        cp "$W/$tag.json" "$W/$tag.log" "$O/" 2> /dev/null
-        tail -15 "$W/$tag.log"
-        pack
-    done
+    tag=$shape-q8_0$T
+    if [ -s "$W/$tag.json" ]; then cp "$W/$tag.json" "$W/$tag.log" "$O/" 2> /dev/null; continue; fi
+    [ "$(left)" -lt 120 ] && { echo "left for the next call: $tag"; continue; }
+    gguf=$M/$shape-q8_0.gguf
+    if [ ! -f "$gguf" ]; then
+        rm -f "$M"/[lq][0-9]*.gguf # one large model at a time in /dev/shm
+        # shellcheck disable=SC2086 # SPEC holds an argument list
+        "$K" synth ${SPEC[$shape]} --weights q8_0 -o "$gguf.tmp" > /dev/null && mv "$gguf.tmp" "$gguf" || continue
+    fi
+    timeout "$(left)" "$K" ab -m "$gguf" --no-quality -ngl 99 -fa on --depths "$DEPTHS" --reps 2 --against "$AGAINST" \
+        --json "$W/$tag.json.tmp" > "$W/$tag.log" 2>&1 && mv "$W/$tag.json.tmp" "$W/$tag.json"
+    echo "$tag rc=$? at ${SECONDS}s"
+    cp "$W/$tag.json" "$W/$tag.log" "$O/" 2> /dev/null
+    tail -15 "$W/$tag.log"
+    pack
 done
 if [ ! -f "$W/fattn$T.done" ] && [ "$(left)" -gt 150 ]; then
     RESULTS=$O/fattn$T FA_WINDOW_ONLY=1 MODES="1 0" BUDGET=${FT_BUDGET:-120} GGML_LIBS=$B/lib-patched \

@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Host model of patch 0023's window path: the cache's split-K shares, the window's shares
-(flash_attn_window_part: one share of every row; flash_attn_window_shares: shares of 32 rows) and
+(flash_attn_window_shares: shares of 32 rows, the last one's missing rows scored -inf) and
 flash_attn_combine_gqa's merge, in float32 with the kernels' sentinels (a running max starts at
 -FLT_MAX/2, a masked score is -inf, rows past the window score -inf), against softmax attention
 over the cache and the window concatenated, in float64. Cases: windows of 1-1028 rows, masked
@@ -44,7 +44,7 @@ def reference(q, k, v, mask, scale):
     return (w[:, None] * v.astype(np.float64)).sum(axis=0) / w.sum()
 
 
-def run_case(rng, d, n_kv, n_win, cache_masked, win_seen, pb, split):
+def run_case(rng, d, n_kv, n_win, cache_masked, win_seen, pb):
     q = rng.standard_normal(d).astype(F32)
     k = rng.standard_normal((n_kv + n_win, d)).astype(F32)
     v = rng.standard_normal((n_kv + n_win, d)).astype(F32)
@@ -56,17 +56,14 @@ def run_case(rng, d, n_kv, n_win, cache_masked, win_seen, pb, split):
     tiles = np.array_split(np.arange(n_kv), pb)
     parts = [share(q, k[t], v[t], mask[t], scale) for t in tiles]
     w = np.arange(n_kv, n_kv + n_win)
-    if split:
-        for s0 in range(0, max(n_win, 1), SHARE):
-            rows = w[s0:s0 + SHARE]
-            # rows past the window score -inf (the kernel's k >= n_win)
-            pad = SHARE - len(rows)
-            kk = np.vstack([k[rows], np.zeros((pad, d), F32)])
-            vv = np.vstack([v[rows], np.zeros((pad, d), F32)])
-            mm = np.concatenate([mask[rows], np.full(pad, -np.inf, F32)])
-            parts.append(share(q, kk, vv, mm, scale))
-    else:
-        parts.append(share(q, k[w], v[w], mask[w], scale))
+    for s0 in range(0, max(n_win, 1), SHARE):
+        rows = w[s0:s0 + SHARE]
+        # rows past the window score -inf (the kernel's k >= n_win)
+        pad = SHARE - len(rows)
+        kk = np.vstack([k[rows], np.zeros((pad, d), F32)])
+        vv = np.vstack([v[rows], np.zeros((pad, d), F32)])
+        mm = np.concatenate([mask[rows], np.full(pad, -np.inf, F32)])
+        parts.append(share(q, kk, vv, mm, scale))
     got = combine(parts)
     want = reference(q, k, v, mask, scale)
     err = np.abs(got - want).max() / np.abs(want).max()
@@ -76,17 +73,16 @@ def run_case(rng, d, n_kv, n_win, cache_masked, win_seen, pb, split):
 def main():
     rng = np.random.default_rng(42)
     failed = n = 0
-    for split in (False, True):
-        for d in (64, 128):
-            for n_kv, pb in ((256, 2), (512, 4), (2048, 16)):
-                for n_win, seen in ((1, 1), (36, 36), (36, 0), (36, 20), (132, 129), (132, 31), (1028, 1000)):
-                    for cache_masked in (0, 37, 128):  # 128 on 2 shares of 256: one share wholly masked
-                        ok, err = run_case(rng, d, n_kv, n_win, cache_masked, seen, pb, split)
-                        n += 1
-                        if not ok:
-                            failed += 1
-                            print(f"FAIL split={split} D={d} n_kv={n_kv} pb={pb} window={n_win} seen={seen} "
-                                  f"cache masked={cache_masked}: relative error {err:.3e}")
+    for d in (64, 128):
+        for n_kv, pb in ((256, 2), (512, 4), (2048, 16)):
+            for n_win, seen in ((1, 1), (36, 36), (36, 0), (36, 20), (132, 129), (132, 31), (1028, 1000)):
+                for cache_masked in (0, 37, 128):  # 128 on 2 shares of 256: one share wholly masked
+                    ok, err = run_case(rng, d, n_kv, n_win, cache_masked, seen, pb)
+                    n += 1
+                    if not ok:
+                        failed += 1
+                        print(f"FAIL D={d} n_kv={n_kv} pb={pb} window={n_win} seen={seen} "
+                              f"cache masked={cache_masked}: relative error {err:.3e}")
     print(f"{n} cases, {failed} failed")
     sys.exit(1 if failed else 0)
 
