@@ -128,8 +128,8 @@ pub struct AbArgs {
     /// (each layer's mean key, measured on --key-shift-text, subtracted as keys are cached) and a
     /// `+kc` (a key scale: each key channel divided by the square root of its deviation on
     /// --key-shift-text, queries multiplied; `+kcP`: to the power P) and a recent window on every
-    /// layer: `+wN` (its last N positions also in f16) or `+wN:q8_0`, with `+sS` also its first S
-    /// positions (attention sinks).
+    /// layer: `+wN` (its last N positions also in f16) or `+wN:q8_0`, on some layers only with
+    /// `@5/11/17` or `@0-3/9` after it, with `+sS` also its first S positions (attention sinks).
     #[arg(long, value_delimiter = ',', default_value = "f16,q8_0,q4_0,q8_0/q4_0")]
     pub against: Vec<String>,
     /// Text the key shift and scale of `+ks`/`+kc` configurations are measured on (its first -c tokens, at most

@@ -195,11 +195,21 @@ fn parse_uniform(spec: &str, n_layer: usize) -> anyhow::Result<UniformSpec> {
             anyhow::ensure!(s > 0, "--against `{spec}`: 0 sinks are no sinks");
             sinks = Some(s);
         } else if let Some(w) = part.strip_prefix('w').filter(|_| out.window.is_none()) {
+            let (w, on) = match w.split_once('@') {
+                Some((w, list)) => {
+                    (w, Some(parse_layer_list(list, n_layer).with_context(|| format!("--against `{spec}`"))?))
+                }
+                None => (w, None),
+            };
             let (size, ty) = w.split_once(':').unwrap_or((w, "f16"));
             let size: u32 = size.parse().with_context(|| format!("--against `{spec}`: window size `{size}`"))?;
             let ty: CacheType = ty.parse().with_context(|| format!("--against `{spec}`: window type"))?;
             anyhow::ensure!(size > 0, "--against `{spec}`: a window of 0 positions is no window");
-            out.window = Some(RecentWindow::uniform(n_layer, size, ty));
+            let mut window = RecentWindow::uniform(n_layer, size, ty);
+            if let Some(on) = on {
+                window.layers = (0..n_layer).map(|il| if on.contains(&il) { size } else { 0 }).collect();
+            }
+            out.window = Some(window);
         } else {
             bail!("--against `{spec}`: `+{part}` is none of `+ks` (a key shift), `+kc[P]` (a key scale), `+wN[:type]` (a recent window) and `+sS` (its sinks), or is repeated");
         }
@@ -212,6 +222,39 @@ fn parse_uniform(spec: &str, n_layer: usize) -> anyhow::Result<UniformSpec> {
         w.sinks = s;
     }
     Ok(out)
+}
+
+/// `5/11/17` or `0-3/9`: layers in ascending order, each below `n_layer` (a window's `@` list;
+/// `/`, not `,`, which separates `--against`'s configurations).
+fn parse_layer_list(list: &str, n_layer: usize) -> anyhow::Result<Vec<usize>> {
+    let mut out: Vec<usize> = Vec::new();
+    for item in list.split('/') {
+        let (a, b) = item.split_once('-').unwrap_or((item, item));
+        let (a, b): (usize, usize) = (
+            a.parse().with_context(|| format!("window layers: `{item}` is not a layer or a range a-b"))?,
+            b.parse().with_context(|| format!("window layers: `{item}` is not a layer or a range a-b"))?,
+        );
+        anyhow::ensure!(a <= b, "window layers: range `{item}` runs backwards");
+        anyhow::ensure!(b < n_layer, "window layers: layer {b} is past the model's last ({})", n_layer - 1);
+        anyhow::ensure!(out.last().is_none_or(|&l| l < a), "window layers: `{list}` is not in ascending order");
+        out.extend(a..=b);
+    }
+    Ok(out)
+}
+
+/// `+w128`, `+w128:q8_0@5/11/17+s4`: a recent window as `--against` spells it.
+fn window_spec(w: &RecentWindow) -> String {
+    let size = w.layers.iter().copied().max().unwrap_or(0);
+    let mut out = if w.type_k == CacheType::F16 { format!("+w{size}") } else { format!("+w{size}:{}", w.type_k) };
+    if w.layers.contains(&0) {
+        let on: Vec<String> =
+            w.layers.iter().enumerate().filter(|(_, &n)| n > 0).map(|(il, _)| il.to_string()).collect();
+        out += &format!("@{}", on.join("/"));
+    }
+    if w.sinks > 0 {
+        out += &format!("+s{}", w.sinks);
+    }
+    out
 }
 
 /// The configurations of `--against` (uniform caches) and `--profile` (`auto`: the profile the
@@ -240,11 +283,7 @@ pub fn cache_configs(
             None => {}
         }
         if let Some(w) = &window {
-            let size = w.layers[0];
-            name += &if w.type_k == CacheType::F16 { format!("+w{size}") } else { format!("+w{size}:{}", w.type_k) };
-            if w.sinks > 0 {
-                name += &format!("+s{}", w.sinks);
-            }
+            name += &window_spec(w);
         }
         configs.push(CacheConfig {
             name,
@@ -531,6 +570,11 @@ mod tests {
             assert_eq!(parse_uniform(spec, 2).unwrap().window.map(|w| (w.layers[0], w.sinks)), Some((64, 4)), "{spec}");
         }
         assert_eq!(parse_uniform("kv3+w64", 2).unwrap().window.unwrap().sinks, 0);
+        // a window on some layers only, named as it was spelled
+        let w = parse_uniform("kv3+w64:q8_0@1/3-4+s4", 6).unwrap().window.unwrap();
+        assert_eq!(w.layers, vec![0, 64, 0, 64, 64, 0]);
+        assert_eq!(window_spec(&w), "+w64:q8_0@1/3/4+s4");
+        assert_eq!(window_spec(&parse_uniform("kv3+w64", 2).unwrap().window.unwrap()), "+w64");
         for bad in [
             "q4_0+s4",
             "q4_0+w8+s0",
@@ -547,6 +591,12 @@ mod tests {
             "q4_0+kc-1",
             "q4_0+kcx",
             "q4_0+kc+kc",
+            "q4_0+w8@",
+            "q4_0+w8@2",
+            "q4_0+w8@1/0",
+            "q4_0+w8@1-0",
+            "q4_0+w8@0/0",
+            "q4_0+w8@x",
         ] {
             assert!(parse_uniform(bad, 2).is_err(), "{bad} must be refused");
         }

@@ -61,6 +61,21 @@ pub struct LayerCosts {
     /// CPU's pairs for a layer left there, the GPU's for an offloaded one).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pairs: Option<Vec<(CacheType, CacheType)>>,
+    /// A recent window the layer may keep (patch 0014): each of its pairs is then also an option
+    /// with the window, at the window's bytes more and the errors measured with it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub window: Option<WindowCosts>,
+}
+
+/// One layer's recent window as a search option: what it adds and what the types cost with it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WindowCosts {
+    /// Bytes the window's rows add to the layer (the runtime's, as the cells are).
+    pub bytes: u64,
+    /// Predicted error when this layer's K cache takes the type and the window is kept.
+    pub dk: BTreeMap<CacheType, f64>,
+    /// Predicted error when this layer's V cache takes the type and the window is kept.
+    pub dv: BTreeMap<CacheType, f64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -90,6 +105,9 @@ pub struct Assignment {
     pub bits_per_value: f64,
     /// Summed predicted error (left fold over layers in index order).
     pub predicted: f64,
+    /// Layers that keep their recent window ([`LayerCosts::window`]), ascending.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub windowed: Vec<usize>,
 }
 
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -114,6 +132,8 @@ pub enum SearchError {
     NotCandidate { entry: String, ty: CacheType, candidates: String },
     #[error("pair spec `{0}` gives no pairs")]
     EmptyPairs(String),
+    #[error("layer {layer}: a recent window is assigned but the layer has none to take")]
+    NoWindow { layer: usize },
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -142,13 +162,19 @@ fn row_bytes(dim: u64, layer: usize, side: &'static str, ty: CacheType) -> Resul
     Ok(ty.row_bytes(dim))
 }
 
-/// Bytes and predicted error of `layer` at `(k, v)`, validated.
-fn layer_opt(layer: usize, l: &LayerCosts, (k, v): (CacheType, CacheType)) -> Result<Opt, SearchError> {
+/// Bytes and predicted error of `layer` at `(k, v)`, with its window when `windowed`, validated.
+fn layer_opt(layer: usize, l: &LayerCosts, (k, v): (CacheType, CacheType), windowed: bool) -> Result<Opt, SearchError> {
     let row = row_bytes(l.k_dim, layer, "K", k)?
         .checked_add(row_bytes(l.v_dim, layer, "V", v)?)
         .ok_or(SearchError::Overflow { layer })?;
     let bytes = row.checked_mul(l.cells).ok_or(SearchError::Overflow { layer })?;
-    let err = lookup(&l.dk, layer, "K", k)? + lookup(&l.dv, layer, "V", v)?;
+    if !windowed {
+        let err = lookup(&l.dk, layer, "K", k)? + lookup(&l.dv, layer, "V", v)?;
+        return Ok(Opt { bytes, err });
+    }
+    let w = l.window.as_ref().ok_or(SearchError::NoWindow { layer })?;
+    let bytes = bytes.checked_add(w.bytes).ok_or(SearchError::Overflow { layer })?;
+    let err = lookup(&w.dk, layer, "K", k)? + lookup(&w.dv, layer, "V", v)?;
     Ok(Opt { bytes, err })
 }
 
@@ -177,7 +203,9 @@ fn bits_per_value(bytes: u64, values: u64) -> f64 {
     }
 }
 
-/// Per layer, the option of every pair (index = pair index); `None` for layers without a cache.
+/// Per layer, the option of every pair (index = pair index), then, for a layer that may keep a
+/// window, of every pair with it (index = pairs + pair index: without the window first, so that
+/// ties go to it); `None` for layers without a cache.
 fn options(p: &Problem) -> Result<Vec<Option<Vec<Opt>>>, SearchError> {
     if p.pairs.is_empty() {
         return Err(SearchError::NoPairs);
@@ -193,7 +221,12 @@ fn options(p: &Problem) -> Result<Vec<Option<Vec<Opt>>>, SearchError> {
         if pairs.is_empty() {
             return Err(SearchError::NoLayerPairs { layer });
         }
-        let opts = pairs.iter().map(|&pair| layer_opt(layer, l, pair)).collect::<Result<Vec<_>, _>>()?;
+        let windows: &[bool] = if l.window.is_some() { &[false, true] } else { &[false] };
+        let opts = windows
+            .iter()
+            .flat_map(|&w| pairs.iter().map(move |&pair| (pair, w)))
+            .map(|(pair, w)| layer_opt(layer, l, pair, w))
+            .collect::<Result<Vec<_>, _>>()?;
         let max = opts.iter().map(|o| o.bytes).max().unwrap_or(0);
         max_total = max_total.checked_add(max).ok_or(SearchError::Overflow { layer })?;
         out.push(Some(opts));
@@ -205,7 +238,7 @@ fn options(p: &Problem) -> Result<Vec<Option<Vec<Opt>>>, SearchError> {
 // Pareto merging.
 
 /// Back pointers of the frontier after one layer: point `j` extends previous point `from[j]`
-/// with pair `choice[j]`.
+/// with option `choice[j]` (see [`options`]).
 struct Step {
     layer: usize,
     from: Vec<u32>,
@@ -308,16 +341,24 @@ fn solve(p: &Problem) -> Result<Solved, SearchError> {
 impl Solved {
     fn assignment(&self, p: &Problem, point: usize) -> Assignment {
         let mut types = vec![(CacheType::F16, CacheType::F16); self.n_layers];
+        let mut windowed = Vec::new();
         let mut j = point;
         for step in self.steps.iter().rev() {
-            types[step.layer] = p.pairs_of(step.layer)[step.choice[j] as usize];
+            let pairs = p.pairs_of(step.layer);
+            let c = step.choice[j] as usize;
+            types[step.layer] = pairs[c % pairs.len()];
+            if c >= pairs.len() {
+                windowed.push(step.layer);
+            }
             j = step.from[j] as usize;
         }
+        windowed.reverse();
         Assignment {
             types,
             bytes: self.bytes[point],
             bits_per_value: bits_per_value(self.bytes[point], self.values),
             predicted: self.err[point],
+            windowed,
         }
     }
 }
@@ -355,26 +396,47 @@ pub fn cheapest_within_error(p: &Problem, max_predicted: f64) -> Result<Option<A
 }
 
 /// Bytes, bits per value and predicted error of a given assignment (`types[i]` for layer `i`;
-/// entries of layers without a cache are ignored). The pairs need not be in `p.pairs`.
+/// entries of layers without a cache are ignored), no layer with its window. The pairs need not be
+/// in `p.pairs`.
 pub fn evaluate(p: &Problem, types: &[(CacheType, CacheType)]) -> Result<Assignment, SearchError> {
+    evaluate_windowed(p, types, &[])
+}
+
+/// [`evaluate`] with the layers `windowed` (ascending) keeping their window.
+pub fn evaluate_windowed(
+    p: &Problem,
+    types: &[(CacheType, CacheType)],
+    windowed: &[usize],
+) -> Result<Assignment, SearchError> {
     if types.len() != p.layers.len() {
         return Err(SearchError::WrongLength { expected: p.layers.len(), got: types.len() });
     }
     let mut bytes = 0u64;
     let mut predicted = 0.0;
     let mut out = Vec::with_capacity(types.len());
+    for &layer in windowed {
+        if p.layers.get(layer).is_none_or(|l| l.as_ref().is_none_or(|l| l.window.is_none())) {
+            return Err(SearchError::NoWindow { layer });
+        }
+    }
     for (layer, (l, &pair)) in p.layers.iter().zip(types).enumerate() {
         let Some(l) = l else {
             out.push((CacheType::F16, CacheType::F16));
             continue;
         };
-        let o = layer_opt(layer, l, pair)?;
+        let o = layer_opt(layer, l, pair, windowed.contains(&layer))?;
         bytes = bytes.checked_add(o.bytes).ok_or(SearchError::Overflow { layer })?;
         predicted += o.err;
         out.push(pair);
     }
     let values = total_values(p)?;
-    Ok(Assignment { types: out, bytes, bits_per_value: bits_per_value(bytes, values), predicted })
+    Ok(Assignment {
+        types: out,
+        bytes,
+        bits_per_value: bits_per_value(bytes, values),
+        predicted,
+        windowed: windowed.to_vec(),
+    })
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -548,6 +610,7 @@ mod tests {
             dk: TYPES.into_iter().zip(dk).collect(),
             dv: TYPES.into_iter().zip(dv).collect(),
             pairs: None,
+            window: None,
         }
     }
 
@@ -560,9 +623,16 @@ mod tests {
             let (mut bytes, mut err) = (0u64, 0.0f64);
             for (l, &i) in p.layers.iter().zip(&idx) {
                 if let Some(l) = l {
-                    let (k, v) = l.pairs.as_deref().unwrap_or(&p.pairs)[i];
+                    let pairs = l.pairs.as_deref().unwrap_or(&p.pairs);
+                    let (k, v) = pairs[i % pairs.len()];
                     bytes += (k.row_bytes(l.k_dim) + v.row_bytes(l.v_dim)) * l.cells;
-                    err += l.dk[&k] + l.dv[&v];
+                    match (&l.window, i >= pairs.len()) {
+                        (Some(w), true) => {
+                            bytes += w.bytes;
+                            err += w.dk[&k] + w.dv[&v];
+                        }
+                        _ => err += l.dk[&k] + l.dv[&v],
+                    }
                 }
             }
             // Layers without a cache only take pair index 0 (they are reported as f16/f16).
@@ -573,7 +643,10 @@ mod tests {
                 if d == n {
                     return out;
                 }
-                let limit = if p.layers[d].is_some() { p.pairs_of(d).len() } else { 1 };
+                let limit = match &p.layers[d] {
+                    Some(l) => p.pairs_of(d).len() * if l.window.is_some() { 2 } else { 1 },
+                    None => 1,
+                };
                 idx[d] += 1;
                 if idx[d] < limit {
                     break;
@@ -585,15 +658,17 @@ mod tests {
     }
 
     fn to_assignment(p: &Problem, (bytes, err, idx): &(u64, f64, Vec<usize>)) -> Assignment {
+        let n = |il: usize| p.pairs_of(il).len();
         let types = p
             .layers
             .iter()
             .zip(idx)
             .enumerate()
-            .map(|(il, (l, &i))| if l.is_some() { p.pairs_of(il)[i] } else { (F16, F16) })
+            .map(|(il, (l, &i))| if l.is_some() { p.pairs_of(il)[i % n(il)] } else { (F16, F16) })
             .collect();
+        let windowed = (0..p.layers.len()).filter(|&il| p.layers[il].is_some() && idx[il] >= n(il)).collect();
         let values: u64 = p.layers.iter().flatten().map(|l| (l.k_dim + l.v_dim) * l.cells).sum();
-        Assignment { types, bytes: *bytes, bits_per_value: bits_per_value(*bytes, values), predicted: *err }
+        Assignment { types, bytes: *bytes, bits_per_value: bits_per_value(*bytes, values), predicted: *err, windowed }
     }
 
     /// Brute-force sort: bytes, error, lexicographic pair indices.
@@ -641,8 +716,28 @@ mod tests {
             TYPES.iter().flat_map(|&k| TYPES.iter().map(move |&v| (k, v))).collect();
         // some layers with pairs of their own (a layer on another device)
         let own = prop_oneof![3 => Just(None), 1 => prop::sample::subsequence(all_pairs, 1..=3).prop_shuffle().prop_map(Some)];
-        let some = (dims.clone(), dims, cells, prop::array::uniform4(arb_err()), prop::array::uniform4(arb_err()), own)
-            .prop_map(|(k, v, c, dk, dv, own)| Some(LayerCosts { pairs: own, ..layer(k, v, c, dk, dv) }));
+        // some layers that may keep a window (its bytes on a grid too, for ties)
+        let window = prop_oneof![
+            2 => Just(None),
+            1 => (prop::sample::select(vec![0u64, 1024, 8192, 65536]), prop::array::uniform4(arb_err()), prop::array::uniform4(arb_err()))
+                .prop_map(|(bytes, dk, dv)| Some(WindowCosts {
+                    bytes,
+                    dk: TYPES.into_iter().zip(dk).collect(),
+                    dv: TYPES.into_iter().zip(dv).collect(),
+                })),
+        ];
+        let some = (
+            dims.clone(),
+            dims,
+            cells,
+            prop::array::uniform4(arb_err()),
+            prop::array::uniform4(arb_err()),
+            own,
+            window,
+        )
+            .prop_map(|(k, v, c, dk, dv, own, window)| {
+                Some(LayerCosts { pairs: own, window, ..layer(k, v, c, dk, dv) })
+            });
         prop_oneof![8 => some, 1 => Just(None)]
     }
 
@@ -781,6 +876,45 @@ mod tests {
         let mut p = gemma_like();
         p.layers[0].as_mut().unwrap().cells = u64::MAX / 2;
         assert_eq!(frontier(&p).unwrap_err(), SearchError::Overflow { layer: 0 });
+    }
+
+    /// Windows of 132 f16 rows cost every layer the same bytes; where one takes the most error off
+    /// (here Gemma's global layers: 70% of it, against 10% on a sliding layer), the search keeps
+    /// it first, and it weighs windows against wider types (with q8_0 allowed, a window competes
+    /// with upgrading a layer). The choice evaluates to its own numbers; a window on a layer that
+    /// has none to take is refused.
+    #[test]
+    fn the_search_keeps_a_window_where_it_takes_the_most_error_off() {
+        let mut p = gemma_like();
+        p.pairs = vec![(Q4_0, Q4_0)];
+        let window_bytes = 132 * 2 * 256 * 2;
+        for (il, l) in p.layers.iter_mut().enumerate() {
+            let l = l.as_mut().unwrap();
+            let keep = if il % 6 == 5 { 0.3 } else { 0.9 };
+            let scaled = |m: &BTreeMap<CacheType, f64>| m.iter().map(|(&t, &e)| (t, e * keep)).collect();
+            l.window = Some(WindowCosts { bytes: window_bytes, dk: scaled(&l.dk), dv: scaled(&l.dv) });
+        }
+        let all_q4: Vec<_> = vec![(Q4_0, Q4_0); 18];
+        let plain = evaluate(&p, &all_q4).unwrap();
+        assert!(plain.windowed.is_empty());
+        let global = [5, 11, 17];
+        let on_global = evaluate_windowed(&p, &all_q4, &global).unwrap();
+        assert_eq!(on_global.windowed, global);
+        assert_eq!(on_global.bytes - plain.bytes, 3 * window_bytes);
+        assert_eq!(best_within_bytes(&p, on_global.bytes).unwrap().unwrap(), on_global);
+        assert_eq!(best_within_bytes(&p, on_global.bytes - 1).unwrap().unwrap().windowed.len(), 2);
+        // with room for everything, every layer keeps its window
+        assert_eq!(frontier(&p).unwrap().pop().unwrap().windowed, (0..18).collect::<Vec<_>>());
+        // windows against wider types: every point is its own numbers
+        p.pairs = vec![(Q4_0, Q4_0), (Q8_0, Q8_0)];
+        let f = frontier(&p).unwrap();
+        assert!(f.iter().any(|a| !a.windowed.is_empty() && a.types.contains(&(Q4_0, Q4_0))));
+        for a in &f {
+            assert_eq!(&evaluate_windowed(&p, &a.types, &a.windowed).unwrap(), a);
+        }
+        p.layers[3].as_mut().unwrap().window = None;
+        assert_eq!(evaluate_windowed(&p, &all_q4, &[3]).unwrap_err(), SearchError::NoWindow { layer: 3 });
+        assert_eq!(evaluate_windowed(&p, &all_q4, &[40]).unwrap_err(), SearchError::NoWindow { layer: 40 });
     }
 
     #[test]

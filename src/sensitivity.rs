@@ -242,6 +242,7 @@ impl Sensitivity {
                     dk,
                     dv,
                     pairs: None,
+                    window: None,
                 })
             })
             .collect();
