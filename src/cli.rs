@@ -414,6 +414,12 @@ pub struct TuneArgs {
     /// With --window: the window also keeps the first S positions (attention sinks, patch 0021).
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..), requires = "window")]
     pub sinks: Option<u32>,
+    /// With --window: search it per layer instead of keeping it on every layer. The layers are
+    /// calibrated twice (without and with it), --budget then counts the window's bytes, each
+    /// layer keeps it only where it takes more error off than wider types of the same bytes, and
+    /// uniform caches compete with and without it on every layer.
+    #[arg(long, requires = "window", conflicts_with_all = ["sensitivity", "vram"])]
+    pub window_per_layer: bool,
     /// Profile name (default: from the model and the bits per value).
     #[arg(long)]
     pub name: Option<String>,

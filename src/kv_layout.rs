@@ -158,3 +158,23 @@ pub fn runtime_cells(model: &Model, n_ctx: u32, n_ubatch: u32) -> Result<Vec<Opt
     let ctx = Context::new(model, &params)?;
     Ok(ctx.layers().into_iter().map(|i| i.map(|i| i.n_cells as u64)).collect())
 }
+
+/// Per layer, the bytes `window` (on every layer it names) adds to it at `n_ctx` with f16 cache
+/// types, read back from the runtime; `None` for a layer without a cache.
+pub fn runtime_window_bytes(
+    model: &Model,
+    n_ctx: u32,
+    n_ubatch: u32,
+    window: &crate::llama::RecentWindow,
+) -> Result<Vec<Option<u64>>, CreateContextError> {
+    let params = ContextParams {
+        n_ctx,
+        n_batch: n_ubatch.min(n_ctx),
+        n_ubatch: n_ubatch.min(n_ctx),
+        no_kv_profile: true,
+        window: Some(window.clone()),
+        ..Default::default()
+    };
+    let ctx = Context::new(model, &params)?;
+    Ok(ctx.layers().into_iter().map(|i| i.map(|i| i.bytes_window)).collect())
+}

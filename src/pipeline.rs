@@ -64,6 +64,11 @@ pub struct TuneOptions {
     /// A recent window on every layer (with its sinks) in every measurement of the run, uniform
     /// caches compared included, scored in ubatches of [`WINDOW_UBATCH`]; the profile carries it.
     pub window: Option<ProfileWindow>,
+    /// The window searched per layer instead: the layers are calibrated without it and again with
+    /// it on every layer, each layer keeps it where it takes more error off than a wider type of
+    /// the same bytes would (the budget counts its bytes), and uniform caches compete with and
+    /// without it on every layer. Needs a budget in bits and a calibration in the run.
+    pub window_per_layer: bool,
 }
 
 /// Tokens per ubatch a run with a recent window is scored in: each query then sees at least its
@@ -95,6 +100,8 @@ pub enum TuneError {
     ForeignTable { table: String, model: String, text: String },
     #[error("measuring the keys on the calibration text")]
     Keys(#[from] crate::key_treatment::KeyMeasureError),
+    #[error("a window searched per layer needs {0}")]
+    WindowSearch(&'static str),
 }
 
 /// Seconds each stage took.
@@ -211,6 +218,7 @@ pub fn held_out(
     n_ctx: u32,
     chunks: usize,
     base: &ContextParams,
+    window: Option<&ProfileWindow>,
     target_ctx: u32,
     choice: &mut Choice,
     heuristic: Option<Candidate>,
@@ -220,7 +228,7 @@ pub fn held_out(
     for (text, label) in texts {
         progress(Stage::Note(&format!("held-out check on {label}")));
         let mut ev = Evaluator::new(model, text, n_ctx, chunks, base)?;
-        let mut m = Measurer::new(&mut ev, base.clone(), target_ctx, label.clone());
+        let mut m = Measurer::new(&mut ev, base.clone(), target_ctx, label.clone()).with_window(window.cloned());
         checks.extend(held_out_on(std::slice::from_mut(&mut m), choice, heuristic.clone())?);
     }
     Ok(checks)
@@ -267,6 +275,9 @@ pub fn measured_on(model: &Model, devices: &Devices, n_gpu_layers: i32) -> Resul
 #[derive(Debug, Clone, Serialize)]
 pub struct Tuned {
     pub sensitivity: Sensitivity,
+    /// With the window searched per layer: the calibration with the window on every layer.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sensitivity_window: Option<Sensitivity>,
     pub choice: Choice,
     pub held_out: Vec<HeldOut>,
     /// The `-ngl` the profile was measured and is meant to run at.
@@ -319,11 +330,33 @@ pub fn tune(
         copts.text_label = format!("{} (keys: {})", calibration.1, keys.describe());
         progress(Stage::Note(&format!("keys: {} measured on {n} tokens of {}", keys.describe(), calibration.1)));
     }
-    // the recent window: likewise, and labelled likewise
+    // the recent window: likewise, and labelled likewise; searched per layer, the run measures
+    // without it and calibrates a second time with it on every layer
+    let per_layer = opts.window.as_ref().filter(|_| opts.window_per_layer);
+    if opts.window_per_layer && opts.window.is_none() {
+        return Err(TuneError::WindowSearch("a window (its size and types)"));
+    }
+    if per_layer.is_some() {
+        if opts.sensitivity.is_some() {
+            return Err(TuneError::WindowSearch("its two calibrations in the run, not a --sensitivity table"));
+        }
+        if !matches!(opts.budget, Budget::Bits(_)) {
+            return Err(TuneError::WindowSearch("a --budget in bits per value"));
+        }
+    }
+    let mut window_copts = None;
     if let Some(w) = &opts.window {
-        copts.base.window = Some(crate::runtime::recent_window(w, identity.layers));
+        let described = w.describe(identity.layers);
         copts.base.n_ubatch = copts.base.n_ubatch.min(WINDOW_UBATCH);
-        copts.text_label = format!("{} (window: {})", copts.text_label, w.describe(identity.layers));
+        let mut windowed = copts.clone();
+        windowed.base.window = Some(crate::runtime::recent_window(w, identity.layers));
+        windowed.text_label = format!("{} (window: {described})", copts.text_label);
+        if per_layer.is_some() {
+            copts.text_label = format!("{} (window per layer: {described}; measured without)", copts.text_label);
+            window_copts = Some(windowed);
+        } else {
+            copts = windowed;
+        }
     }
     let calibration = (calibration.0, copts.text_label.as_str());
     let base = copts.base.clone();
@@ -355,12 +388,32 @@ pub fn tune(
             })?
         }
     };
+    let (mut calibrate_decode, mut calibrate_scoring) = (ev.decode_seconds, ev.forward_seconds - ev.decode_seconds);
+    let sens_window = match &window_copts {
+        Some(wopts) => {
+            progress(Stage::Note("calibrating again with the window on every layer"));
+            let mut ev_w = Evaluator::new(&model, calibration.0, wopts.n_ctx, wopts.chunks, &wopts.base)?;
+            let table = calibrate::calibrate_with(&mut ev_w, identity, wopts, None, &mut |done, total, what| {
+                progress(Stage::Calibrate { done, total, what, eta: None })
+            })?;
+            calibrate_decode += ev_w.decode_seconds;
+            calibrate_scoring += ev_w.forward_seconds - ev_w.decode_seconds;
+            Some(table)
+        }
+        None => None,
+    };
     let t1 = Instant::now();
-    let (calibrate_decode, calibrate_scoring) = (ev.decode_seconds, ev.forward_seconds - ev.decode_seconds);
 
     let gpu_pairs = search::parse_pairs(&opts.pairs, &sens.types, search::CUDA_FA_PAIRS)?;
     let cells = runtime_cells(&model, opts.target_ctx, RUNTIME_UBATCH)?;
-    let problems = Problems::new(&sens, &cells, &gpu_pairs)?;
+    let problems = match (&sens_window, &window_copts) {
+        (Some(windowed), Some(wopts)) => {
+            let window = wopts.base.window.as_ref().expect("set above");
+            let window_bytes = crate::kv_layout::runtime_window_bytes(&model, opts.target_ctx, RUNTIME_UBATCH, window)?;
+            Problems::with_window(&sens, windowed, &cells, &window_bytes, &gpu_pairs)?
+        }
+        _ => Problems::new(&sens, &cells, &gpu_pairs)?,
+    };
     let mut meta = ProfileMeta {
         pairs: opts.pairs.clone(),
         target_ctx: opts.target_ctx,
@@ -368,7 +421,15 @@ pub fn tune(
         label: None,
         measured_on: String::new(),
     };
-    let stages = Stages { opts, sens: &sens, label: calibration.1, held_out_texts, n_ctx: copts.n_ctx, base: &base };
+    let stages = Stages {
+        opts,
+        sens: &sens,
+        label: calibration.1,
+        held_out_texts,
+        n_ctx: copts.n_ctx,
+        base: &base,
+        window: per_layer.cloned(),
+    };
     let (mut choice, held, n_gpu_layers, fit, t2) = match &opts.budget {
         Budget::Bits(bits) => {
             let max_bytes = select::bytes_at_bits(problems.main(), *bits);
@@ -419,7 +480,15 @@ pub fn tune(
         }
     };
     choice.profile.keys = opts.keys.clone();
-    choice.profile.window = opts.window.clone();
+    choice.profile.window = match per_layer {
+        // the layers the chosen configuration keeps the window on (none: no window)
+        Some(w) => {
+            let on = &choice.selection.chosen.candidate.windowed;
+            (!on.is_empty())
+                .then(|| ProfileWindow { layers: (on.len() < identity.layers).then(|| on.clone()), ..w.clone() })
+        }
+        None => opts.window.clone(),
+    };
     let seconds = Timings {
         load: (t_loaded - t0).as_secs_f64(),
         calibrate: (t1 - t_loaded).as_secs_f64(),
@@ -428,7 +497,7 @@ pub fn tune(
         select: (t2 - t1).as_secs_f64(),
         held_out: t2.elapsed().as_secs_f64(),
     };
-    Ok(Tuned { sensitivity: sens, choice, held_out: held, n_gpu_layers, fit, seconds })
+    Ok(Tuned { sensitivity: sens, sensitivity_window: sens_window, choice, held_out: held, n_gpu_layers, fit, seconds })
 }
 
 /// What [`tune`]'s last stages share, whatever the budget.
@@ -440,6 +509,8 @@ struct Stages<'a> {
     held_out_texts: &'a [(String, String)],
     n_ctx: u32,
     base: &'a ContextParams,
+    /// The window a candidate's windowed layers keep (searched per layer).
+    window: Option<ProfileWindow>,
 }
 
 impl Stages<'_> {
@@ -460,7 +531,8 @@ impl Stages<'_> {
     ) -> Result<(Choice, Vec<HeldOut>, Instant), TuneError> {
         let opts = self.opts;
         meta.measured_on = measured_on(model, &opts.devices, ngl)?;
-        let mut cal = Measurer::new(ev, self.base.clone(), opts.target_ctx, self.label);
+        let mut cal =
+            Measurer::new(ev, self.base.clone(), opts.target_ctx, self.label).with_window(self.window.clone());
         let mut choice = choose(&mut cal, self.sens, candidates, max_bytes, opts.select, &meta)?;
         let verdict = choice.selection.verdict();
         // with a VRAM budget the -ngl is part of the answer
@@ -476,6 +548,7 @@ impl Stages<'_> {
             self.n_ctx,
             opts.eval_chunks,
             self.base,
+            self.window.as_ref(),
             opts.target_ctx,
             &mut choice,
             heuristic,

@@ -316,6 +316,7 @@ pub fn same_budget_candidates(
         types: a.types.clone(),
         predicted: Some(a.predicted),
         expected_bytes: a.bytes,
+        windowed: a.windowed.clone(),
     };
     let mut out = Vec::new();
     if let Some(a) = &chosen.assignment {

@@ -248,4 +248,28 @@ impl Sensitivity {
             .collect();
         Some(crate::search::Problem { layers, pairs })
     }
+
+    /// [`Sensitivity::problem`] where every layer may also keep a recent window: `windowed` is
+    /// this calibration measured with the window on every layer (its errors are the layer's with
+    /// the window), `window_bytes[il]` the window's bytes on layer `il`. `None` as `problem`, or
+    /// when the tables' layers differ or a layer's window bytes are missing.
+    pub fn problem_with_window(
+        &self,
+        windowed: &Sensitivity,
+        est: Estimator,
+        cells: &[Option<u64>],
+        window_bytes: &[Option<u64>],
+        pairs: Vec<(CacheType, CacheType)>,
+    ) -> Option<crate::search::Problem> {
+        let mut problem = self.problem(est, cells, pairs)?;
+        let errors = windowed.layer_errors(est)?;
+        let by_layer: BTreeMap<usize, usize> = windowed.layers.iter().enumerate().map(|(i, l)| (l.layer, i)).collect();
+        for (il, l) in problem.layers.iter_mut().enumerate() {
+            if let Some(l) = l {
+                let (dk, dv) = errors[*by_layer.get(&il)?].clone();
+                l.window = Some(crate::search::WindowCosts { bytes: window_bytes.get(il).copied().flatten()?, dk, dv });
+            }
+        }
+        Some(problem)
+    }
 }

@@ -208,6 +208,7 @@ fn tune_options(types: &[CacheType], chunks: usize, keys: Option<kvtuner::profil
         devices: Devices { threads: 2, ..Default::default() },
         keys,
         window: None,
+        window_per_layer: false,
     }
 }
 
@@ -357,4 +358,57 @@ fn tune_with_keys_measures_with_them_and_the_profile_carries_them() {
         assert!(m.kv.window_bytes > 0, "{} measured without the window: {:?}", m.candidate.label, m.kv);
         assert_eq!(m.kv.tensor_bytes, m.candidate.expected_bytes + m.kv.window_bytes, "{}", m.candidate.label);
     }
+}
+
+/// `tune --window-per-layer`: the layers are calibrated without and with the window, the budget
+/// counts the window's bytes, uniform caches compete with and without it, every candidate is
+/// measured with the windows it names and sized by the runtime to what the search expected, and
+/// the profile keeps the window on the chosen layers only.
+#[test]
+fn tune_searches_the_window_per_layer() {
+    let dir = tempfile::tempdir().unwrap();
+    let (path, identity, _) = synthetic(dir.path(), 4, "synthetic-tune-window-layers");
+    let split = kvtuner::assets::load_split(&kvtuner::assets::cache_dir()).unwrap();
+    let types = vec![CacheType::F16, CacheType::Q8_0, CacheType::Q4_0];
+    let mut opts = tune_options(&types, 1, None);
+    // at 512 tokens a window of 16 + 4 f16 positions costs 0.6 bits: q4_0 with it fits 5.5 bits
+    opts.target_ctx = 512;
+    opts.budget = Budget::Bits(5.5);
+    let window =
+        kvtuner::profile::ProfileWindow { size: 16, k: CacheType::F16, v: CacheType::F16, layers: None, sinks: 4 };
+    opts.window = Some(window.clone());
+    opts.window_per_layer = true;
+    let held = vec![(split.evaluation.clone(), "held out".to_string())];
+    let tuned = pipeline::tune(&path, &identity, (&split.calibration, "cal"), &held, &opts, None, &mut |_| {}).unwrap();
+    // two tables: narrow types cost less with the window
+    let with = tuned.sensitivity_window.as_ref().expect("a second calibration with the window");
+    assert_eq!(with.text, "cal (window: w16+s4 f16)");
+    assert_eq!(tuned.sensitivity.text, "cal (window per layer: w16+s4 f16; measured without)");
+    let k_q4 = |s: &kvtuner::sensitivity::Sensitivity| s.layers.iter().map(|l| l.k[&CacheType::Q4_0]).sum::<f64>();
+    assert!(k_q4(with) < k_q4(&tuned.sensitivity), "{} vs {}", k_q4(with), k_q4(&tuned.sensitivity));
+    let sel = &tuned.choice.selection;
+    eprintln!("{}; windows on {:?}", sel.verdict(), sel.chosen.candidate.windowed);
+    let labels: Vec<&str> = sel.considered.iter().map(|m| m.candidate.label.as_str()).collect();
+    assert!(labels.contains(&"uniform q4_0") && labels.contains(&"uniform q4_0 + window"), "{labels:?}");
+    for m in &sel.considered {
+        // the runtime's bytes, windows included, are the search's
+        assert_eq!(m.kv.tensor_bytes, m.candidate.expected_bytes, "{}", m.candidate.label);
+        assert!(m.kv.tensor_bytes <= sel.max_bytes, "{} is over the budget", m.candidate.label);
+        assert_eq!(m.kv.window_bytes > 0, !m.candidate.windowed.is_empty(), "{}", m.candidate.label);
+        assert!(sel.chosen.kld() <= m.kld() || !m.is_uniform());
+    }
+    // the profile keeps the window where the choice has it
+    let on = &sel.chosen.candidate.windowed;
+    let expected = (!on.is_empty()).then(|| kvtuner::profile::ProfileWindow {
+        layers: (on.len() < identity.layers).then(|| on.clone()),
+        ..window.clone()
+    });
+    assert_eq!(tuned.choice.profile.window, expected);
+    // the held-out check measured the choice with its windows too
+    assert_eq!(tuned.held_out[0].chosen.kv.tensor_bytes, sel.chosen.kv.tensor_bytes);
+
+    // a table from elsewhere cannot stand for the two calibrations
+    opts.sensitivity = Some(tuned.sensitivity.clone());
+    let err = pipeline::tune(&path, &identity, (&split.calibration, "cal"), &held, &opts, None, &mut |_| {});
+    assert!(matches!(err, Err(pipeline::TuneError::WindowSearch(_))), "{:?}", err.err());
 }

@@ -183,6 +183,7 @@ fn measure(
         sens.context,
         args.chunks,
         &base,
+        None,
         target_ctx,
         &mut choice,
         None,

@@ -80,6 +80,7 @@ pub fn run(args: TuneArgs) -> anyhow::Result<()> {
             layers: None,
             sinks: args.sinks.unwrap_or(0),
         }),
+        window_per_layer: args.window_per_layer,
     };
     let what = match &budget {
         Budget::Bits(b) => format!("≤ {b} bits/value"),

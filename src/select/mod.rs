@@ -20,6 +20,7 @@ use crate::cache_type::CacheType;
 use crate::eval::{EvalError, Evaluator, Scores, Summary};
 use crate::kv_layout::{RuntimeKv, RUNTIME_UBATCH};
 use crate::llama::{Context, ContextParams, CreateContextError, LayerCacheTypes};
+use crate::profile::ProfileWindow;
 use crate::search::{self, Problem, SearchError};
 use crate::sensitivity::Estimator;
 
@@ -45,9 +46,21 @@ pub struct Candidate {
     pub types: Vec<(CacheType, CacheType)>,
     /// Predicted mean KLD (the `share` estimator's, for every candidate alike), if known.
     pub predicted: Option<f64>,
-    /// Tensor bytes the search expects at the target context.
+    /// Tensor bytes the search expects at the target context (with the windows of `windowed`).
     pub expected_bytes: u64,
+    /// Layers that keep the measurer's recent window ([`Measurer::with_window`]), ascending.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub windowed: Vec<usize>,
 }
+
+impl Candidate {
+    /// What a measurement is memoised by: the types and the windowed layers.
+    fn key(&self) -> Key {
+        (self.types.clone(), self.windowed.clone())
+    }
+}
+
+type Key = (Vec<(CacheType, CacheType)>, Vec<usize>);
 
 /// A candidate measured end to end.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -98,9 +111,11 @@ pub struct Measurer<'e, 'm> {
     base: ContextParams,
     target_ctx: u32,
     label: String,
-    done: HashMap<Vec<(CacheType, CacheType)>, (RuntimeKv, Summary)>,
+    /// The recent window a candidate's `windowed` layers keep (`base` has none then).
+    window: Option<ProfileWindow>,
+    done: HashMap<Key, (RuntimeKv, Summary)>,
     /// Scores of screening runs on the first chunks, which [`Measurer::measure`] completes.
-    screened: HashMap<Vec<(CacheType, CacheType)>, Scores>,
+    screened: HashMap<Key, Scores>,
 }
 
 impl<'e, 'm> Measurer<'e, 'm> {
@@ -112,7 +127,22 @@ impl<'e, 'm> Measurer<'e, 'm> {
         target_ctx: u32,
         label: impl Into<String>,
     ) -> Measurer<'e, 'm> {
-        Measurer { ev, base, target_ctx, label: label.into(), done: HashMap::new(), screened: HashMap::new() }
+        Measurer {
+            ev,
+            base,
+            target_ctx,
+            label: label.into(),
+            window: None,
+            done: HashMap::new(),
+            screened: HashMap::new(),
+        }
+    }
+
+    /// The window a candidate's `windowed` layers keep (its `layers` are ignored): a search of
+    /// windows per layer, where `base` has none.
+    pub fn with_window(mut self, window: Option<ProfileWindow>) -> Self {
+        self.window = window;
+        self
     }
 
     pub fn label(&self) -> &str {
@@ -123,21 +153,30 @@ impl<'e, 'm> Measurer<'e, 'm> {
         self.ev
     }
 
-    fn params(&self, types: &[(CacheType, CacheType)]) -> ContextParams {
+    fn params(&self, types: &[(CacheType, CacheType)], windowed: &[usize]) -> ContextParams {
+        let window = match (&self.window, windowed.is_empty()) {
+            (_, true) => self.base.window.clone(),
+            (Some(w), false) => Some(crate::runtime::recent_window(
+                &ProfileWindow { layers: Some(windowed.to_vec()), ..w.clone() },
+                types.len(),
+            )),
+            (None, false) => panic!("a candidate with windowed layers given to a measurer without a window"),
+        };
         ContextParams {
             layer_types: Some(LayerCacheTypes::from_pairs(types.iter().copied())),
             no_kv_profile: true,
+            window,
             ..self.base.clone()
         }
     }
 
-    /// The KV cache a context at the target context gets for `types`, read from the runtime.
-    fn runtime_kv(&self, types: &[(CacheType, CacheType)]) -> Result<RuntimeKv, CreateContextError> {
+    /// The KV cache a context at the target context gets for `c`, read from the runtime.
+    fn runtime_kv(&self, c: &Candidate) -> Result<RuntimeKv, CreateContextError> {
         let params = ContextParams {
             n_ctx: self.target_ctx,
             n_batch: RUNTIME_UBATCH.min(self.target_ctx),
             n_ubatch: RUNTIME_UBATCH.min(self.target_ctx),
-            ..self.params(types)
+            ..self.params(&c.types, &c.windowed)
         };
         Ok(RuntimeKv::of(&Context::new(self.ev.model(), &params)?))
     }
@@ -149,17 +188,17 @@ impl<'e, 'm> Measurer<'e, 'm> {
         let todo: Vec<&Candidate> = candidates
             .iter()
             .copied()
-            .filter(|c| !self.done.contains_key(&c.types) && !self.screened.contains_key(&c.types))
+            .filter(|c| !self.done.contains_key(&c.key()) && !self.screened.contains_key(&c.key()))
             .collect();
-        let params: Vec<ContextParams> = todo.iter().map(|c| self.params(&c.types)).collect();
+        let params: Vec<ContextParams> = todo.iter().map(|c| self.params(&c.types, &c.windowed)).collect();
         for (c, s) in todo.iter().zip(self.ev.score_many_first(&params, n_chunks)?) {
-            self.screened.insert(c.types.clone(), s);
+            self.screened.insert(c.key(), s);
         }
         Ok(candidates
             .iter()
             .map(|c| {
                 let first = |s: &Summary| s.kld_chunk_means.iter().take(n_chunks).sum::<f64>();
-                match (self.done.get(&c.types), self.screened.get(&c.types)) {
+                match (self.done.get(&c.key()), self.screened.get(&c.key())) {
                     (Some((_, summary)), _) => first(summary) / n_chunks as f64,
                     (None, Some(s)) => s.summary().kld_mean,
                     (None, None) => unreachable!("screened above"),
@@ -174,30 +213,32 @@ impl<'e, 'm> Measurer<'e, 'm> {
     pub fn measure(&mut self, candidates: &[Candidate]) -> Result<Vec<Measured>, SelectError> {
         let mut todo: Vec<&Candidate> = Vec::new();
         for c in candidates {
-            if !self.done.contains_key(&c.types) && !todo.iter().any(|t| t.types == c.types) {
+            if !self.done.contains_key(&c.key()) && !todo.iter().any(|t| t.key() == c.key()) {
                 todo.push(c);
             }
         }
         let all = self.ev.chunks();
-        let start = |m: &Self, c: &Candidate| m.screened.get(&c.types).map_or(0, |s| s.chunk_sizes.len());
+        let start = |m: &Self, c: &Candidate| m.screened.get(&c.key()).map_or(0, |s| s.chunk_sizes.len());
         let mut starts: Vec<usize> = todo.iter().map(|c| start(self, c)).collect();
         starts.sort_unstable();
         starts.dedup();
         for from in starts {
             let group: Vec<&Candidate> = todo.iter().copied().filter(|c| start(self, c) == from).collect();
-            let params: Vec<ContextParams> = group.iter().map(|c| self.params(&c.types)).collect();
+            let params: Vec<ContextParams> = group.iter().map(|c| self.params(&c.types, &c.windowed)).collect();
             let rest = if from < all {
                 self.ev.score_chunks(&params, from..all, 1)?
             } else {
                 vec![Scores::default(); group.len()]
             };
             for (c, rest) in group.iter().zip(rest) {
-                let mut scores = self.screened.remove(&c.types).unwrap_or_default();
+                let mut scores = self.screened.remove(&c.key()).unwrap_or_default();
                 scores.kv_bytes = rest.kv_bytes.max(scores.kv_bytes);
                 scores.append(rest);
-                let kv = self.runtime_kv(&c.types)?;
-                // the search sizes the cache types; a recent window adds the same to every candidate
-                if kv.tensor_bytes - kv.window_bytes != c.expected_bytes {
+                let kv = self.runtime_kv(c)?;
+                // the search sizes the cache types and the windows it chose; a window on every
+                // layer from `base` adds the same to every candidate and is not counted
+                let outside = if self.base.window.is_some() { kv.window_bytes } else { 0 };
+                if kv.tensor_bytes - outside != c.expected_bytes {
                     return Err(SelectError::SizeMismatch {
                         label: c.label.clone(),
                         runtime: kv.tensor_bytes,
@@ -205,13 +246,13 @@ impl<'e, 'm> Measurer<'e, 'm> {
                         n_ctx: self.target_ctx,
                     });
                 }
-                self.done.insert(c.types.clone(), (kv, scores.summary()));
+                self.done.insert(c.key(), (kv, scores.summary()));
             }
         }
         Ok(candidates
             .iter()
             .map(|c| {
-                let (kv, summary) = self.done[&c.types].clone();
+                let (kv, summary) = self.done[&c.key()].clone();
                 Measured { candidate: c.clone(), kv, summary }
             })
             .collect())
@@ -226,8 +267,9 @@ impl Measurer<'_, '_> {
     /// KLD must not exceed the best uniform cache within the budget. Returns the recorded KLD,
     /// so confirmed. This is the bound `search`, `fit` and `tune` state as a check, not as a
     /// report.
+    /// The chosen candidate's windowed layers keep their window again.
     pub fn confirm(&mut self, types: &[(CacheType, CacheType)], selection: &Selection) -> Result<f64, SelectError> {
-        let params = self.params(types);
+        let params = self.params(types, &selection.chosen.candidate.windowed);
         let first = |s: &Summary| s.kld_chunk_means.first().copied().unwrap_or(s.kld_mean);
         let measured = first(&self.ev.score_many_first(std::slice::from_ref(&params), 1)?[0].summary());
         let recorded = first(&selection.chosen.summary);
@@ -263,15 +305,31 @@ impl Problems {
         search::evaluate(self.main(), types)
     }
 
+    /// Layers that may keep a window ([`search::LayerCosts::window`]).
+    pub fn windowable(&self) -> Vec<usize> {
+        let layers = &self.main().layers;
+        (0..layers.len()).filter(|&il| layers[il].as_ref().is_some_and(|l| l.window.is_some())).collect()
+    }
+
     /// Uniform `(k, v)` as a candidate.
     pub fn uniform(&self, k: CacheType, v: CacheType) -> Result<Candidate, SearchError> {
-        let a = self.evaluate(&vec![(k, v); self.main().layers.len()])?;
+        self.uniform_on(k, v, &[])
+    }
+
+    /// Uniform `(k, v)` with the window on the layers `windowed` as a candidate.
+    pub fn uniform_on(&self, k: CacheType, v: CacheType, windowed: &[usize]) -> Result<Candidate, SearchError> {
+        let a = search::evaluate_windowed(self.main(), &vec![(k, v); self.main().layers.len()], windowed)?;
+        let mut label = if k == v { format!("uniform {k}") } else { format!("uniform {k}/{v}") };
+        if !windowed.is_empty() {
+            label += " + window";
+        }
         Ok(Candidate {
-            label: if k == v { format!("uniform {k}") } else { format!("uniform {k}/{v}") },
+            label,
             origin: Origin::Uniform,
             types: a.types,
             predicted: Some(a.predicted),
             expected_bytes: a.bytes,
+            windowed: a.windowed,
         })
     }
 
@@ -283,6 +341,7 @@ impl Problems {
             types: a.types,
             predicted: Some(a.predicted),
             expected_bytes: a.bytes,
+            windowed: Vec::new(),
         }))
     }
 }
@@ -324,24 +383,29 @@ pub struct Screened {
     pub chunks: usize,
 }
 
-/// The candidates at `max_bytes`: uniform configurations that fit, each estimator's predicted
-/// best, and the main estimator's `neighbours` next cheaper frontier points. No duplicates.
+/// The candidates at `max_bytes`: uniform configurations that fit (each also with the window on
+/// every layer, where the problem has windows), each estimator's predicted best, and the main
+/// estimator's `neighbours` next cheaper frontier points. No duplicates.
 pub fn candidates(problems: &Problems, max_bytes: u64, opts: SelectOptions) -> Result<Vec<Candidate>, SearchError> {
     let mut out: Vec<Candidate> = Vec::new();
     let push = |c: Candidate, out: &mut Vec<Candidate>| {
-        if c.expected_bytes <= max_bytes && !out.iter().any(|o| o.types == c.types) {
+        if c.expected_bytes <= max_bytes && !out.iter().any(|o| o.key() == c.key()) {
             out.push(c);
         }
     };
+    let windowable = problems.windowable();
     for &(k, v) in &problems.main().pairs {
         push(problems.uniform(k, v)?, &mut out);
+        if !windowable.is_empty() {
+            push(problems.uniform_on(k, v, &windowable)?, &mut out);
+        }
     }
     for (i, (est, problem)) in problems.by_estimator.iter().enumerate() {
         let frontier = search::frontier(problem)?;
         let fit = frontier.partition_point(|a| a.bytes <= max_bytes);
         let take = if i == 0 { opts.neighbours + 1 } else { 1 };
         for (rank, a) in frontier[..fit].iter().rev().take(take).enumerate() {
-            let main = problems.evaluate(&a.types)?;
+            let main = search::evaluate_windowed(problems.main(), &a.types, &a.windowed)?;
             push(
                 Candidate {
                     label: format!(
@@ -353,6 +417,7 @@ pub fn candidates(problems: &Problems, max_bytes: u64, opts: SelectOptions) -> R
                     types: a.types.clone(),
                     predicted: Some(main.predicted),
                     expected_bytes: main.bytes,
+                    windowed: a.windowed.clone(),
                 },
                 &mut out,
             );
@@ -469,7 +534,7 @@ fn finalists(all: &[&Candidate], klds: &[f64], opts: SelectOptions) -> (Vec<Cand
         let kept = if c.origin == Origin::Uniform {
             best_uniform.is_none_or(|best| kld <= best * UNIFORM_SCREEN_FACTOR)
         } else {
-            profiles.iter().any(|p| p.1.types == c.types)
+            profiles.iter().any(|p| p.1.key() == c.key())
         };
         if kept {
             keep.push((*c).clone());
@@ -537,6 +602,28 @@ impl Problems {
         let mut by_estimator = Vec::new();
         for est in Estimator::ALL {
             match sens.problem(est, cells, pairs.to_vec()) {
+                Some(p) => by_estimator.push((est, p)),
+                None if est == Estimator::Share => return Err(SelectError::Estimator(est.name())),
+                None => {}
+            }
+        }
+        Ok(Problems { by_estimator })
+    }
+
+    /// [`Problems::new`] where each layer may also keep a recent window: `windowed` is the same
+    /// calibration measured with the window on every layer, `window_bytes[il]` what the window
+    /// adds to layer `il` (read from the runtime). An estimator goes only where both tables
+    /// support it.
+    pub fn with_window(
+        sens: &crate::sensitivity::Sensitivity,
+        windowed: &crate::sensitivity::Sensitivity,
+        cells: &[Option<u64>],
+        window_bytes: &[Option<u64>],
+        pairs: &[(CacheType, CacheType)],
+    ) -> Result<Problems, SelectError> {
+        let mut by_estimator = Vec::new();
+        for est in Estimator::ALL {
+            match sens.problem_with_window(windowed, est, cells, window_bytes, pairs.to_vec()) {
                 Some(p) => by_estimator.push((est, p)),
                 None if est == Estimator::Share => return Err(SelectError::Estimator(est.name())),
                 None => {}
@@ -664,6 +751,7 @@ mod tests {
                 types,
                 predicted: Some(kld / 2.0),
                 expected_bytes: bytes,
+                windowed: Vec::new(),
             },
             kv: RuntimeKv { tensor_bytes: bytes, window_bytes: 0, buffer_bytes: bytes, values: bytes },
             summary,
