@@ -55,12 +55,12 @@ pub struct Candidate {
 
 impl Candidate {
     /// What a measurement is memoised by: the types and the windowed layers.
-    fn key(&self) -> Key {
+    pub(crate) fn key(&self) -> Key {
         (self.types.clone(), self.windowed.clone())
     }
 }
 
-type Key = (Vec<(CacheType, CacheType)>, Vec<usize>);
+pub(crate) type Key = (Vec<(CacheType, CacheType)>, Vec<usize>);
 
 /// A candidate measured end to end.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -409,9 +409,13 @@ pub fn candidates(problems: &Problems, max_bytes: u64, opts: SelectOptions) -> R
             push(
                 Candidate {
                     label: format!(
-                        "profile ({}{})",
+                        "profile ({}{}){}",
                         est.name(),
-                        if rank > 0 { format!(" -{rank}") } else { String::new() }
+                        if rank > 0 { format!(" -{rank}") } else { String::new() },
+                        match a.windowed.len() {
+                            0 => String::new(),
+                            n => format!(" + window on {n} layers"),
+                        }
                     ),
                     origin: Origin::Frontier { estimator: *est, rank },
                     types: a.types.clone(),

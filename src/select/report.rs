@@ -33,7 +33,7 @@ pub fn selection(sel: &Selection) -> String {
     let mut rows: Vec<&Measured> = sel.considered.iter().collect();
     rows.sort_by(|a, b| a.kld().total_cmp(&b.kld()));
     for m in rows {
-        let mark = if m.candidate.types == sel.chosen.candidate.types { " **(chosen)**" } else { "" };
+        let mark = if m.candidate.key() == sel.chosen.candidate.key() { " **(chosen)**" } else { "" };
         let _ = writeln!(r, "{}", row_marked(m, mark));
     }
     if !sel.screened_out.is_empty() {
@@ -75,7 +75,7 @@ pub fn held_out(checks: &[HeldOut]) -> String {
     for h in checks {
         let _ = writeln!(r, "\nHeld out, {} (reports, never chooses):\n\n{HEADER}", h.text);
         let _ = writeln!(r, "{}", row(&h.chosen));
-        if h.uniform.candidate.types != h.chosen.candidate.types {
+        if h.uniform.candidate.key() != h.chosen.candidate.key() {
             let _ = writeln!(r, "{}", row(&h.uniform));
         }
         if let Some(x) = &h.heuristic {
