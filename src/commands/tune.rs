@@ -121,6 +121,11 @@ pub fn run(args: TuneArgs) -> anyhow::Result<()> {
         tuned.choice.confirmed_kld()
     );
     tuned.sensitivity.save(&sens_path)?;
+    // with the window searched per layer, the second calibration (with it on every layer) too
+    let window_sens_path = work.join(format!("{stem}.sensitivity-window.yaml"));
+    if let Some(table) = &tuned.sensitivity_window {
+        table.save(&window_sens_path)?;
+    }
     let _ = std::fs::remove_file(&partial);
     let profile = &tuned.choice.profile;
     profile.save(&profile_path)?;
@@ -152,12 +157,15 @@ pub fn run(args: TuneArgs) -> anyhow::Result<()> {
         0 => String::new(),
         n => format!("; run it with -ngl {n}"),
     };
+    let tables = match tuned.sensitivity_window {
+        Some(_) => format!("tables {} and {} (with the window)", sens_path.display(), window_sens_path.display()),
+        None => format!("table {}", sens_path.display()),
+    };
     println!(
-        "wrote {} (profile {}: {}{run_with}); table {}, profile {}, report {}",
+        "wrote {} (profile {}: {}{run_with}); {tables}, profile {}, report {}",
         args.output.display(),
         profile.name,
         profile.summary(),
-        sens_path.display(),
         profile_path.display(),
         report_path.display()
     );
