@@ -832,6 +832,22 @@ mod tests {
     }
 
     #[test]
+    fn a_window_searched_per_layer_needs_a_window_and_the_runs_own_calibration() {
+        let tune = |extra: &[&str]| {
+            let mut args = vec!["kvtuner", "tune", "-o", "out.gguf"];
+            args.extend_from_slice(extra);
+            Cli::try_parse_from(args)
+        };
+        let Command::Tune(args) = tune(&["--window", "128", "--window-per-layer"]).unwrap().command else {
+            panic!("not tune")
+        };
+        assert!(args.window_per_layer && args.window == Some(128));
+        assert!(tune(&["--window-per-layer"]).is_err());
+        assert!(tune(&["--window", "128", "--window-per-layer", "--sensitivity", "s.yaml"]).is_err());
+        assert!(tune(&["--window", "128", "--window-per-layer", "--vram", "24GiB"]).is_err());
+    }
+
+    #[test]
     fn byte_sizes_take_binary_and_decimal_units() {
         assert_eq!(byte_size("40GiB"), Ok(40 << 30));
         assert_eq!(byte_size("1.5 GiB"), Ok(3 << 29));
