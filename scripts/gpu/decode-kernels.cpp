@@ -11,6 +11,9 @@
 //
 //   decode-kernels MODEL TYPE_K TYPE_V [N_PROMPT=64] [N_TOKENS=2]
 //
+// WINDOW=W (and WINDOW_SINKS=S, WINDOW_TYPE=f16|q8_0) gives every layer a recent window of W
+// positions (patch 0014, with 0021's sinks), to see what the window's kernels add (patch 0023).
+//
 // Built on the device against the patched tree's headers and libraries (libcuda is opened at run
 // time: without it the tokens are simply decoded).
 #include "llama.h"
@@ -20,6 +23,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <string>
+#include <vector>
 
 static ggml_type type_named(const char * name) {
     for (int t = 0; t < GGML_TYPE_COUNT; ++t) {
@@ -76,6 +80,17 @@ int main(int argc, char ** argv) {
     cp.flash_attn_type = LLAMA_FLASH_ATTN_TYPE_ENABLED;
     cp.type_k          = type_named(argv[2]);
     cp.type_v          = type_named(argv[3]);
+    std::vector<uint32_t> window;
+    if (const char * w = getenv("WINDOW"); w != nullptr && atoi(w) > 0) {
+        const char * ty = getenv("WINDOW_TYPE");
+        const char * sinks = getenv("WINDOW_SINKS");
+        window.assign(llama_model_n_layer(model), (uint32_t) atoi(w));
+        cp.n_type_layers    = (uint32_t) window.size();
+        cp.kv_window_layers = window.data();
+        cp.type_k_window    = type_named(ty ? ty : "f16");
+        cp.type_v_window    = cp.type_k_window;
+        cp.kv_window_sinks  = sinks ? (uint32_t) atoi(sinks) : 0;
+    }
     llama_context * ctx = llama_init_from_model(model, cp);
     if (ctx == nullptr) {
         fprintf(stderr, "cannot create a context with K %s, V %s\n", argv[2], argv[3]);
@@ -98,8 +113,9 @@ int main(int argc, char ** argv) {
     if (start) start();
     const bool ok = decode(ctx, batch, n_vocab, n_prompt + warm, n_tokens, 1);
     if (stop) stop();
-    printf("%s: K %s, V %s: %d token(s) profiled after %d%s\n", argv[1], argv[2], argv[3], n_tokens, n_prompt + warm,
-           start ? "" : " (no libcuda: no profiler range)");
+    printf("%s: K %s, V %s%s: %d token(s) profiled after %d%s\n", argv[1], argv[2], argv[3],
+           window.empty() ? "" : (", window " + std::to_string(window[0]) + "+" + std::to_string(cp.kv_window_sinks)).c_str(),
+           n_tokens, n_prompt + warm, start ? "" : " (no libcuda: no profiler range)");
     llama_batch_free(batch);
     llama_free(ctx);
     llama_model_free(model);

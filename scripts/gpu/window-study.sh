@@ -13,6 +13,9 @@
 # 3. fattn-test's window cases (tests/cuda/run.sh, FA_WINDOW_ONLY=1) for FT_PAIRS, under kvtuner's
 #    decode kernel (the window's share merged with the cache's) and upstream's kernels (the
 #    cache and the window joined in f16): the op against the CPU backend's.
+# 4. NCU=1: each kernel of two decode steps after NCU_PROMPT (default 4096) tokens under ncu, q4_0
+#    without and with a w128+s4 window, on the first of SHAPES (decode-kernels.cpp, WINDOW=128):
+#    what the window adds per token (ncu-window.md).
 # TAG (default none) names this study's results and stamps, so that a second run on the same warm
 # machine (another build's libraries, an environment switch) is measured beside the first.
 # Stages already done on a warm machine are not run again. Results: $OUT/window.tgz.
@@ -72,6 +75,24 @@ if [ ! -f "$W/fattn$T.done" ] && [ "$(left)" -gt 150 ]; then
     RESULTS=$O/fattn$T FA_WINDOW_ONLY=1 MODES="1 0" BUDGET=${FT_BUDGET:-120} GGML_LIBS=$B/lib-patched \
         GGML_INCLUDE=$B/patched/ggml/include bash tests/cuda/run.sh "$FT_PAIRS" | tee "$O/fattn$T.txt"
     touch "$W/fattn$T.done"
+    pack
+fi
+
+first=${SHAPES%% *}
+if [ "${NCU:-0}" = 1 ] && [ ! -f "$W/ncu$T.done" ] && [ "$(left)" -gt 120 ] && command -v ncu > /dev/null &&
+    [ -f "$M/$first-q8_0.gguf" ]; then
+    g++ -O2 -std=c++17 -I"$B/patched/include" -I"$B/patched/ggml/include" "$C/decode-kernels.cpp" -o "$B/decode-kernels" \
+        -L"$B/lib-patched" -lllama -lggml -lggml-base -ldl -Wl,-rpath,"$B/lib-patched"
+    for run in plain:0 window:128; do
+        name=${run%:*}
+        WINDOW=${run#*:} WINDOW_SINKS=4 GGML_CUDA_DISABLE_GRAPHS=1 timeout 90 ncu --profile-from-start off --clock-control none \
+            --metrics gpu__time_duration.sum --csv "$B/decode-kernels" "$M/$first-q8_0.gguf" q4_0 q4_0 "${NCU_PROMPT:-4096}" 2 \
+            > "$O/ncu$T-$name.csv" 2> "$O/ncu$T-$name.log"
+        echo "ncu $first q4_0 $name rc=$? at ${SECONDS}s"
+    done
+    python3 "$C/ncu-kernels.py" q4_0="$O/ncu$T-plain.csv" q4_0+w128+s4="$O/ncu$T-window.csv" > "$O/ncu-window$T.md" 2>&1
+    head -30 "$O/ncu-window$T.md"
+    touch "$W/ncu$T.done"
     pack
 fi
 
