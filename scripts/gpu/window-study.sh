@@ -16,6 +16,7 @@
 # 4. NCU=1: each kernel of two decode steps after NCU_PROMPT (default 4096) tokens under ncu, q4_0
 #    without and with a w128+s4 window, on the first of SHAPES (decode-kernels.cpp, WINDOW=128):
 #    what the window adds per token (ncu-window.md).
+# SKIP (e.g. "quality speed fattn") leaves stages out (speed's model is still made, for NCU).
 # TAG (default none) names this study's results and stamps, so that a second run on the same warm
 # machine (another build's libraries, an environment switch) is measured beside the first.
 # Stages already done on a warm machine are not run again. Results: $OUT/window.tgz.
@@ -26,6 +27,7 @@ W=$B/window # kept between calls on the same machine
 mkdir -p "$M" "$W"
 export KVTUNER_CACHE=$C
 left() { echo $((${DEADLINE:-585} - SECONDS)); }
+skip() { case " ${SKIP:-} " in *" $1 "*) return 0 ;; esac; return 1; }
 T=${TAG:+-$TAG}
 FT_PAIRS=${FT_PAIRS:-q4_0-q4_0;kv3-kv2;q8_0-q8_0;f16-f16}
 DEPTHS=${DEPTHS:-32768}
@@ -38,7 +40,7 @@ declare -A SPEC=(
     [l1b]="--preset llama31-8b --layers 16 --heads 32 --kv-heads 8 --head-dim 64 --ffn 8192"   # GQA 4, head 64
 )
 
-if [ ! -f "$W/quality$T.done" ] && [ "$(left)" -gt 120 ]; then
+if ! skip quality && [ ! -f "$W/quality$T.done" ] && [ "$(left)" -gt 120 ]; then
     [ -f "$M/small.gguf" ] || "$K" synth --preset tiny --layers 8 --heads 8 --kv-heads 2 --head-dim 128 --ffn 2048 --vocab 4096 -o "$M/small.gguf" > /dev/null
     for run in ${QUALITY:-1:99 1:0 32:99 32:0}; do
         ub=${run%:*} ngl=${run#*:}
@@ -64,6 +66,7 @@ for shape in $SHAPES; do
         # shellcheck disable=SC2086 # SPEC holds an argument list
         "$K" synth ${SPEC[$shape]} --weights q8_0 -o "$gguf.tmp" > /dev/null && mv "$gguf.tmp" "$gguf" || continue
     fi
+    skip speed && continue # the model stays for the ncu stage
     timeout "$(left)" "$K" ab -m "$gguf" --no-quality -ngl 99 -fa on --depths "$DEPTHS" --reps 2 --against "$AGAINST" \
         --json "$W/$tag.json.tmp" > "$W/$tag.log" 2>&1 && mv "$W/$tag.json.tmp" "$W/$tag.json"
     echo "$tag rc=$? at ${SECONDS}s"
@@ -71,7 +74,7 @@ for shape in $SHAPES; do
     tail -15 "$W/$tag.log"
     pack
 done
-if [ ! -f "$W/fattn$T.done" ] && [ "$(left)" -gt 150 ]; then
+if ! skip fattn && [ ! -f "$W/fattn$T.done" ] && [ "$(left)" -gt 150 ]; then
     RESULTS=$O/fattn$T FA_WINDOW_ONLY=1 MODES="1 0" BUDGET=${FT_BUDGET:-120} GGML_LIBS=$B/lib-patched \
         GGML_INCLUDE=$B/patched/ggml/include bash tests/cuda/run.sh "$FT_PAIRS" | tee "$O/fattn$T.txt"
     touch "$W/fattn$T.done"
