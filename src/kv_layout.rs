@@ -144,37 +144,39 @@ fn values_in(ty: CacheType, bytes: u64) -> u64 {
 /// speed runs and server use too (a sliding-window cache holds window + ubatch cells).
 pub const RUNTIME_UBATCH: u32 = 512;
 
-/// Cells each layer holds at context `n_ctx` with steps of `n_ubatch` tokens, read from a
-/// context the runtime creates for it (`None` for layers without a cache). The context uses the
-/// cheapest cache type (cells do not depend on the type).
-pub fn runtime_cells(model: &Model, n_ctx: u32, n_ubatch: u32) -> Result<Vec<Option<u64>>, CreateContextError> {
+/// Each layer's info (`None` for layers without a cache) from a context the runtime creates at
+/// `n_ctx` with steps of `n_ubatch` tokens, f16 caches and `window`.
+fn runtime_layers(
+    model: &Model,
+    n_ctx: u32,
+    n_ubatch: u32,
+    window: Option<&crate::llama::RecentWindow>,
+) -> Result<Vec<Option<crate::llama::KvLayerInfo>>, CreateContextError> {
     let params = ContextParams {
         n_ctx,
         n_batch: n_ubatch.min(n_ctx),
         n_ubatch: n_ubatch.min(n_ctx),
         no_kv_profile: true,
+        window: window.cloned(),
         ..Default::default()
     };
-    let ctx = Context::new(model, &params)?;
-    Ok(ctx.layers().into_iter().map(|i| i.map(|i| i.n_cells as u64)).collect())
+    Ok(Context::new(model, &params)?.layers())
 }
 
-/// Per layer, the bytes `window` (on every layer it names) adds to it at `n_ctx` with f16 cache
-/// types, read back from the runtime; `None` for a layer without a cache.
+/// Cells each layer holds at context `n_ctx` with steps of `n_ubatch` tokens, read from a
+/// context the runtime creates for it (`None` for layers without a cache). Cells do not depend
+/// on the cache type.
+pub fn runtime_cells(model: &Model, n_ctx: u32, n_ubatch: u32) -> Result<Vec<Option<u64>>, CreateContextError> {
+    Ok(runtime_layers(model, n_ctx, n_ubatch, None)?.into_iter().map(|i| i.map(|i| i.n_cells as u64)).collect())
+}
+
+/// Per layer, the bytes `window` (on every layer it names) adds to it at `n_ctx`, read back from
+/// the runtime; `None` for a layer without a cache.
 pub fn runtime_window_bytes(
     model: &Model,
     n_ctx: u32,
     n_ubatch: u32,
     window: &crate::llama::RecentWindow,
 ) -> Result<Vec<Option<u64>>, CreateContextError> {
-    let params = ContextParams {
-        n_ctx,
-        n_batch: n_ubatch.min(n_ctx),
-        n_ubatch: n_ubatch.min(n_ctx),
-        no_kv_profile: true,
-        window: Some(window.clone()),
-        ..Default::default()
-    };
-    let ctx = Context::new(model, &params)?;
-    Ok(ctx.layers().into_iter().map(|i| i.map(|i| i.bytes_window)).collect())
+    Ok(runtime_layers(model, n_ctx, n_ubatch, Some(window))?.into_iter().map(|i| i.map(|i| i.bytes_window)).collect())
 }

@@ -346,7 +346,8 @@ pub fn tune(
         // a window's share of a layer at the chunk length is what the choice sees, not at -c
         if copts.n_ctx < opts.target_ctx {
             progress(Stage::Note(&format!(
-                "note: the window is weighed on {}-token chunks, where it is a larger share of each full-context layer                  than at {} tokens (bench/tune-window-per-layer.md); --calib-ctx {} measures it where it will run",
+                "note: the window is weighed on {}-token chunks, where it is a larger share of each full-context layer \
+                 than at {} tokens (bench/tune-window-per-layer.md); --calib-ctx {} measures it where it will run",
                 copts.n_ctx, opts.target_ctx, opts.target_ctx
             )));
         }

@@ -12,7 +12,7 @@ use crate::gguf::{self, GgufHeader};
 use crate::llama::{
     Backend, ChatMessage, Context, ContextParams, FlashAttn, LayerCacheTypes, Model, ModelParams, RecentWindow,
 };
-use crate::profile::{EmbeddedProfile, ModelIdentity, Profile, ProfileKeys};
+use crate::profile::{EmbeddedProfile, ModelIdentity, Profile, ProfileKeys, ProfileWindow};
 
 /// Where a model runs: layers offloaded to this machine's GPUs and then to RPC servers, threads,
 /// flash attention.
@@ -119,7 +119,7 @@ pub fn profile_window(profile: &Profile) -> Option<RecentWindow> {
 }
 
 /// A profile's window block on a model of `n_layer` layers, as the context takes it.
-pub fn recent_window(w: &crate::profile::ProfileWindow, n_layer: usize) -> RecentWindow {
+pub fn recent_window(w: &ProfileWindow, n_layer: usize) -> RecentWindow {
     RecentWindow { layers: w.per_layer(n_layer), type_k: w.k, type_v: w.v, sinks: w.sinks }
 }
 
@@ -205,11 +205,7 @@ fn parse_uniform(spec: &str, n_layer: usize) -> anyhow::Result<UniformSpec> {
             let size: u32 = size.parse().with_context(|| format!("--against `{spec}`: window size `{size}`"))?;
             let ty: CacheType = ty.parse().with_context(|| format!("--against `{spec}`: window type"))?;
             anyhow::ensure!(size > 0, "--against `{spec}`: a window of 0 positions is no window");
-            let mut window = RecentWindow::uniform(n_layer, size, ty);
-            if let Some(on) = on {
-                window.layers = (0..n_layer).map(|il| if on.contains(&il) { size } else { 0 }).collect();
-            }
-            out.window = Some(window);
+            out.window = Some(recent_window(&ProfileWindow { size, k: ty, v: ty, layers: on, sinks: 0 }, n_layer));
         } else {
             bail!("--against `{spec}`: `+{part}` is none of `+ks` (a key shift), `+kc[P]` (a key scale), `+wN[:type]` (a recent window) and `+sS` (its sinks), or is repeated");
         }
