@@ -366,11 +366,17 @@ pub struct TuneArgs {
     /// allocates there (default: the calibration context).
     #[arg(short = 'c', long = "ctx-size")]
     pub ctx_size: Option<u32>,
-    /// Tokens per measured chunk of text (calibration, choice, held-out checks).
+    /// Tokens per measured chunk of text (calibration; choice and held-out checks too, unless
+    /// --select-ctx).
     #[arg(long, default_value_t = 1024)]
     pub calib_ctx: u32,
     #[command(flatten)]
     pub plan: CalibrationPlan,
+    /// Tokens per chunk on which candidates are measured and chosen, and the held-out texts
+    /// checked (default: --calib-ctx; with --window-per-layer, -c: a window is then the share of
+    /// each layer it will be where the profile runs).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(16..))]
+    pub select_ctx: Option<u32>,
     /// Profiles are screened on this many chunks first; only the best two are then measured on
     /// the whole text beside every uniform cache (0: every candidate measured whole).
     #[arg(long, default_value_t = 1)]

@@ -69,6 +69,10 @@ pub struct TuneOptions {
     /// the same bytes would (the budget counts its bytes), and uniform caches compete with and
     /// without it on every layer. Needs a budget in bits and a calibration in the run.
     pub window_per_layer: bool,
+    /// Tokens per chunk of the calibration text on which candidates are measured and chosen, and
+    /// of the held-out checks (default: the calibration's chunks; with the window searched per
+    /// layer, the target context, where a window is the share of each layer it will be).
+    pub select_ctx: Option<u32>,
 }
 
 /// Tokens per ubatch a run with a recent window is scored in: each query then sees at least its
@@ -344,11 +348,13 @@ pub fn tune(
             return Err(TuneError::WindowSearch("a --budget in bits per value"));
         }
         // a window's share of a layer at the chunk length is what the choice sees, not at -c
-        if copts.n_ctx < opts.target_ctx {
+        let chosen_at = opts.select_ctx.unwrap_or(opts.target_ctx);
+        if chosen_at < opts.target_ctx {
             progress(Stage::Note(&format!(
-                "note: the window is weighed on {}-token chunks, where it is a larger share of each full-context layer \
-                 than at {} tokens (bench/tune-window-per-layer.md); --calib-ctx {} measures it where it will run",
-                copts.n_ctx, opts.target_ctx, opts.target_ctx
+                "note: the window is chosen on {chosen_at}-token chunks, where it is a larger share of each \
+                 full-context layer than at {} tokens (bench/tune-window-per-layer.md); --select-ctx {} chooses it \
+                 where it will run",
+                opts.target_ctx, opts.target_ctx
             )));
         }
     }
@@ -411,6 +417,18 @@ pub fn tune(
         None => None,
     };
     let t1 = Instant::now();
+    // candidates are chosen (and checked held out) on chunks of the context they are meant for
+    // when asked, or by default for a window searched per layer: its share of a full-context
+    // layer, and so what it is worth, depends on the chunk length (bench/tune-window-per-layer.md)
+    let select_ctx = opts.select_ctx.unwrap_or(if per_layer.is_some() { opts.target_ctx } else { copts.n_ctx });
+    let select_label = match select_ctx == copts.n_ctx {
+        true => calibration.1.to_string(),
+        false => {
+            progress(Stage::Note(&format!("choosing on {select_ctx}-token chunks of {}", calibration.1)));
+            ev = Evaluator::new(&model, calibration.0, select_ctx, copts.chunks, &base)?;
+            format!("{} in {select_ctx}-token chunks", calibration.1)
+        }
+    };
 
     let gpu_pairs = search::parse_pairs(&opts.pairs, &sens.types, search::CUDA_FA_PAIRS)?;
     let cells = runtime_cells(&model, opts.target_ctx, RUNTIME_UBATCH)?;
@@ -432,9 +450,9 @@ pub fn tune(
     let stages = Stages {
         opts,
         sens: &sens,
-        label: calibration.1,
+        label: &select_label,
         held_out_texts,
-        n_ctx: copts.n_ctx,
+        n_ctx: select_ctx,
         base: &base,
         window: per_layer.cloned(),
     };
@@ -481,7 +499,7 @@ pub fn tune(
                 drop(ev);
                 progress(Stage::Note(&format!("loading the model at the pick's -ngl {}", chosen.ngl)));
                 let at_pick = load(chosen.ngl)?;
-                let mut ev = Evaluator::new(&at_pick, calibration.0, copts.n_ctx, copts.chunks, &base)?;
+                let mut ev = Evaluator::new(&at_pick, calibration.0, select_ctx, copts.chunks, &base)?;
                 stages.choose_and_check(&at_pick, &mut ev, chosen.ngl, &candidates, kv_budget, None, meta, progress)?
             };
             (picked.0, picked.1, chosen.ngl, Some(plan), picked.2)

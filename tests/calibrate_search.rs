@@ -209,6 +209,7 @@ fn tune_options(types: &[CacheType], chunks: usize, keys: Option<kvtuner::profil
         keys,
         window: None,
         window_per_layer: false,
+        select_ctx: None,
     }
 }
 
@@ -406,6 +407,13 @@ fn tune_searches_the_window_per_layer() {
     assert_eq!(tuned.choice.profile.window, expected);
     // the held-out check measured the choice with its windows too
     assert_eq!(tuned.held_out[0].chosen.kv.tensor_bytes, sel.chosen.kv.tensor_bytes);
+    // chosen and checked on chunks of the target context (512), not the calibration's 64: there
+    // a window is the share of each layer it will be
+    assert!(sel.text.ends_with("in 512-token chunks"), "{}", sel.text);
+    for s in [&sel.chosen.summary, &tuned.held_out[0].chosen.summary] {
+        let per_chunk = s.positions / s.kld_chunk_means.len();
+        assert!(per_chunk > 64, "{per_chunk} positions scored per chunk: not 512-token chunks");
+    }
 
     // a table from elsewhere cannot stand for the two calibrations
     opts.sensitivity = Some(tuned.sensitivity.clone());

@@ -81,6 +81,7 @@ pub fn run(args: TuneArgs) -> anyhow::Result<()> {
             sinks: args.sinks.unwrap_or(0),
         }),
         window_per_layer: args.window_per_layer,
+        select_ctx: args.select_ctx,
     };
     let what = match &budget {
         Budget::Bits(b) => format!("≤ {b} bits/value"),
