@@ -426,6 +426,15 @@ pub struct TuneArgs {
     /// uniform caches compete with and without it on every layer.
     #[arg(long, requires = "window", conflicts_with_all = ["sensitivity", "vram"])]
     pub window_per_layer: bool,
+    /// Every profile must also retrieve as many passkeys at -c (5-digit keys hidden in the
+    /// calibration text at --passkey-depths) as the best uniform cache of the budget; the one of
+    /// lowest KLD that does is chosen. KLD alone missed a window choice that lost every key
+    /// (bench/tune-window-per-layer.md).
+    #[arg(long)]
+    pub passkey_veto: bool,
+    /// Where the veto's keys sit in the prompt (0 = its start, 1 = its end).
+    #[arg(long, value_delimiter = ',', default_value = "0.1,0.5,0.9", requires = "passkey_veto")]
+    pub passkey_depths: Vec<f64>,
     /// Profile name (default: from the model and the bits per value).
     #[arg(long)]
     pub name: Option<String>,

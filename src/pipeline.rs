@@ -73,6 +73,9 @@ pub struct TuneOptions {
     /// of the held-out checks (default: the calibration's chunks; with the window searched per
     /// layer, the target context, where a window is the share of each layer it will be).
     pub select_ctx: Option<u32>,
+    /// Depths of passkeys hidden in the calibration text at the target context that a profile
+    /// must retrieve as many of as the best uniform cache of the budget (empty: no veto).
+    pub passkey_depths: Vec<f64>,
 }
 
 /// Tokens per ubatch a run with a recent window is scored in: each query then sees at least its
@@ -104,6 +107,8 @@ pub enum TuneError {
     ForeignTable { table: String, model: String, text: String },
     #[error("measuring the keys on the calibration text")]
     Keys(#[from] crate::key_treatment::KeyMeasureError),
+    #[error("tokenizing the calibration text as the passkey haystack")]
+    Haystack(#[from] crate::llama::TokenizeError),
     #[error("a window searched per layer needs {0}")]
     WindowSearch(&'static str),
 }
@@ -447,7 +452,25 @@ pub fn tune(
         label: None,
         measured_on: String::new(),
     };
+    let veto = match opts.passkey_depths.is_empty() {
+        true => None,
+        false => {
+            let veto = select::PasskeyVeto::new(
+                model.tokenize(calibration.0, false, false)?,
+                opts.target_ctx,
+                &opts.passkey_depths,
+            );
+            progress(Stage::Note(&format!(
+                "passkey veto: {} key(s) at {} tokens in the calibration text, for the best uniform cache and each \
+                 configuration of lower KLD until one finds as many",
+                veto.cases.len(),
+                opts.target_ctx
+            )));
+            Some(veto)
+        }
+    };
     let stages = Stages {
+        veto,
         opts,
         sens: &sens,
         label: &select_label,
@@ -537,6 +560,7 @@ struct Stages<'a> {
     base: &'a ContextParams,
     /// The window a candidate's windowed layers keep (searched per layer).
     window: Option<ProfileWindow>,
+    veto: Option<select::PasskeyVeto>,
 }
 
 impl Stages<'_> {
@@ -557,8 +581,9 @@ impl Stages<'_> {
     ) -> Result<(Choice, Vec<HeldOut>, Instant), TuneError> {
         let opts = self.opts;
         meta.measured_on = measured_on(model, &opts.devices, ngl)?;
-        let mut cal =
-            Measurer::new(ev, self.base.clone(), opts.target_ctx, self.label).with_window(self.window.clone());
+        let mut cal = Measurer::new(ev, self.base.clone(), opts.target_ctx, self.label)
+            .with_window(self.window.clone())
+            .with_passkey_veto(self.veto.clone());
         let mut choice = choose(&mut cal, self.sens, candidates, max_bytes, opts.select, &meta)?;
         let verdict = choice.selection.verdict();
         // with a VRAM budget the -ngl is part of the answer

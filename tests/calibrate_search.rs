@@ -210,6 +210,7 @@ fn tune_options(types: &[CacheType], chunks: usize, keys: Option<kvtuner::profil
         window: None,
         window_per_layer: false,
         select_ctx: None,
+        passkey_depths: Vec::new(),
     }
 }
 
@@ -379,6 +380,7 @@ fn tune_searches_the_window_per_layer() {
         kvtuner::profile::ProfileWindow { size: 16, k: CacheType::F16, v: CacheType::F16, layers: None, sinks: 4 };
     opts.window = Some(window.clone());
     opts.window_per_layer = true;
+    opts.passkey_depths = vec![0.5];
     let held = vec![(split.evaluation.clone(), "held out".to_string())];
     let tuned = pipeline::tune(&path, &identity, (&split.calibration, "cal"), &held, &opts, None, &mut |_| {}).unwrap();
     // two tables: narrow types cost less with the window
@@ -407,6 +409,14 @@ fn tune_searches_the_window_per_layer() {
     assert_eq!(tuned.choice.profile.window, expected);
     // the held-out check measured the choice with its windows too
     assert_eq!(tuned.held_out[0].chosen.kv.tensor_bytes, sel.chosen.kv.tensor_bytes);
+    // the passkey veto ran at the target context: the uniform cache's score is the bar (random
+    // weights find no key, so it vetoes nothing)
+    let bar = sel.passkey.last().expect("passkeys asked");
+    assert_eq!(
+        (bar.label.as_str(), bar.n_ctx, bar.cases),
+        (sel.best_uniform.as_ref().unwrap().candidate.label.as_str(), 512, 1)
+    );
+    assert!(sel.vetoed.is_empty());
     // chosen and checked on chunks of the target context (512), not the calibration's 64: there
     // a window is the share of each layer it will be
     assert!(sel.text.ends_with("in 512-token chunks"), "{}", sel.text);

@@ -82,6 +82,7 @@ pub fn run(args: TuneArgs) -> anyhow::Result<()> {
         }),
         window_per_layer: args.window_per_layer,
         select_ctx: args.select_ctx,
+        passkey_depths: if args.passkey_veto { args.passkey_depths.clone() } else { Vec::new() },
     };
     let what = match &budget {
         Budget::Bits(b) => format!("≤ {b} bits/value"),

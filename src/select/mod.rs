@@ -11,6 +11,9 @@
 //! from it, and checked against what the search expected.
 
 pub mod report;
+mod veto;
+
+pub use veto::{PasskeyScore, PasskeyVeto};
 
 use std::collections::HashMap;
 
@@ -97,6 +100,8 @@ pub enum SelectError {
         "{label}: the runtime allocated {runtime} bytes of K/V tensors at context {n_ctx}, the search expected {expected}"
     )]
     SizeMismatch { label: String, runtime: u64, expected: u64, n_ctx: u32 },
+    #[error("passkey retrieval (the veto)")]
+    Passkey(#[from] crate::passkey::PasskeyError),
     #[error("the {0} estimator needs runs this sensitivity table does not have")]
     Estimator(&'static str),
     #[error(
@@ -116,6 +121,8 @@ pub struct Measurer<'e, 'm> {
     done: HashMap<Key, (RuntimeKv, Summary)>,
     /// Scores of screening runs on the first chunks, which [`Measurer::measure`] completes.
     screened: HashMap<Key, Scores>,
+    /// A long-context task the choice must pass ([`Measurer::with_passkey_veto`]).
+    veto: Option<PasskeyVeto>,
 }
 
 impl<'e, 'm> Measurer<'e, 'm> {
@@ -135,6 +142,7 @@ impl<'e, 'm> Measurer<'e, 'm> {
             window: None,
             done: HashMap::new(),
             screened: HashMap::new(),
+            veto: None,
         }
     }
 
@@ -449,13 +457,21 @@ pub struct Selection {
     pub screened_out: Vec<Screened>,
     /// The text the choice was made on.
     pub text: String,
+    /// With a passkey veto: the keys found by the best uniform cache and by each configuration
+    /// tried before the chosen one (the chosen one last but one, the uniform cache last).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub passkey: Vec<PasskeyScore>,
+    /// Configurations of lower KLD than the chosen one that found fewer passkeys than the best
+    /// uniform cache.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub vetoed: Vec<String>,
 }
 
 impl Selection {
     /// One line for people: what was chosen and why.
     pub fn verdict(&self) -> String {
         let c = &self.chosen;
-        match (&self.best_uniform, self.profile_wins) {
+        let said = match (&self.best_uniform, self.profile_wins) {
             (Some(u), true) => format!(
                 "{} measured KLD {:.5} on {}, below the best uniform cache within the budget ({} {:.5}, {:.2}×)",
                 c.candidate.label,
@@ -468,6 +484,14 @@ impl Selection {
             (None, true) => {
                 format!("{} measured KLD {:.5} on {} (no uniform cache fits)", c.candidate.label, c.kld(), self.text)
             }
+            (_, false) if !self.vetoed.is_empty() => format!(
+                "no profile measured better than {} ({:.5}) on {} within {} bytes and found as many passkeys: keeping \
+                 the uniform cache",
+                c.candidate.label,
+                c.kld(),
+                self.text,
+                self.max_bytes
+            ),
             (_, false) => format!(
                 "no profile measured better than {} ({:.5}) on {} within {} bytes: keeping the uniform cache",
                 c.candidate.label,
@@ -475,6 +499,22 @@ impl Selection {
                 self.text,
                 self.max_bytes
             ),
+        };
+        let score = |label: &str| self.passkey.iter().find(|p| p.label == label).map(PasskeyScore::describe);
+        match (score(&c.candidate.label), &self.best_uniform) {
+            (None, _) => said,
+            (Some(own), Some(u)) if u.candidate.label != c.candidate.label => {
+                let bar = score(&u.candidate.label).unwrap_or_default();
+                let vetoed = match self.vetoed.is_empty() {
+                    true => String::new(),
+                    false => format!("; fewer found, so not chosen: {}", self.vetoed.join(", ")),
+                };
+                format!("{said}; {own} (the uniform cache {bar}){vetoed}")
+            }
+            (Some(own), _) => match self.vetoed.is_empty() {
+                true => format!("{said}; {own}"),
+                false => format!("{said} ({own}); fewer found, so not chosen: {}", self.vetoed.join(", ")),
+            },
         }
     }
 }
@@ -520,7 +560,7 @@ pub fn select_among(
     let considered = m.measure(&finals)?;
     let mut selection = choose(considered, max_bytes, m.label());
     selection.screened_out = screened_out;
-    Ok(selection)
+    m.veto(selection)
 }
 
 /// Which screened candidates go on to the whole text (`klds`: their KLD on the screening
@@ -553,15 +593,7 @@ fn finalists(all: &[&Candidate], klds: &[f64], opts: SelectOptions) -> (Vec<Cand
 /// The decision itself: the lowest measured KLD, then fewer bytes, then a uniform cache before a
 /// profile (ties keep the simple cache). `considered` must not be empty.
 fn choose(considered: Vec<Measured>, max_bytes: u64, text: &str) -> Selection {
-    let best = |it: &mut dyn Iterator<Item = &Measured>| -> Option<Measured> {
-        it.min_by(|a, b| {
-            a.kld()
-                .total_cmp(&b.kld())
-                .then(a.kv.tensor_bytes.cmp(&b.kv.tensor_bytes))
-                .then(b.is_uniform().cmp(&a.is_uniform()))
-        })
-        .cloned()
-    };
+    let best = |it: &mut dyn Iterator<Item = &Measured>| -> Option<Measured> { it.min_by(|a, b| rank(a, b)).cloned() };
     let chosen = best(&mut considered.iter()).expect("non-empty");
     let best_uniform = best(&mut considered.iter().filter(|c| c.is_uniform()));
     Selection {
@@ -572,7 +604,17 @@ fn choose(considered: Vec<Measured>, max_bytes: u64, text: &str) -> Selection {
         considered,
         screened_out: Vec::new(),
         text: text.to_string(),
+        passkey: Vec::new(),
+        vetoed: Vec::new(),
     }
+}
+
+/// The choice's order: lower measured KLD, then fewer bytes, then a uniform cache before a profile.
+fn rank(a: &Measured, b: &Measured) -> std::cmp::Ordering {
+    a.kld()
+        .total_cmp(&b.kld())
+        .then(a.kv.tensor_bytes.cmp(&b.kv.tensor_bytes))
+        .then(b.is_uniform().cmp(&a.is_uniform()))
 }
 
 /// Bytes of `bits_per_value` over the problem's cached values (rounded down, so a uniform
@@ -739,7 +781,13 @@ mod tests {
     use super::*;
     use CacheType::{Q4_0, Q8_0};
 
-    fn measured(label: &str, origin: Origin, types: Vec<(CacheType, CacheType)>, bytes: u64, kld: f64) -> Measured {
+    pub(super) fn measured(
+        label: &str,
+        origin: Origin,
+        types: Vec<(CacheType, CacheType)>,
+        bytes: u64,
+        kld: f64,
+    ) -> Measured {
         let summary = crate::eval::Scores {
             kld: vec![kld],
             top1_same: vec![true],
@@ -762,7 +810,7 @@ mod tests {
         }
     }
 
-    fn profile(rank: usize, bytes: u64, kld: f64) -> Measured {
+    pub(super) fn profile(rank: usize, bytes: u64, kld: f64) -> Measured {
         let origin = Origin::Frontier { estimator: Estimator::Share, rank };
         measured(&format!("p{rank}"), origin, vec![(Q8_0, Q4_0), (Q4_0, Q8_0)], bytes, kld)
     }

@@ -46,6 +46,14 @@ pub fn selection(sel: &Selection) -> String {
             list.join(", ")
         );
     }
+    if !sel.passkey.is_empty() {
+        let list: Vec<String> = sel.passkey.iter().map(|p| format!("{} {}", p.label, p.describe())).collect();
+        let _ = writeln!(
+            r,
+            "\nPasskey veto (keys hidden in the calibration text; a profile must find as many as the best uniform cache): {}",
+            list.join(", ")
+        );
+    }
     if let Some(e) = prediction_error(&sel.considered) {
         let _ = writeln!(
             r,
