@@ -424,7 +424,7 @@ pub struct TuneArgs {
     /// calibrated twice (without and with it), --budget then counts the window's bytes, each
     /// layer keeps it only where it takes more error off than wider types of the same bytes, and
     /// uniform caches compete with and without it on every layer.
-    #[arg(long, requires = "window", conflicts_with_all = ["sensitivity", "vram"])]
+    #[arg(long, requires = "window", conflicts_with = "vram")]
     pub window_per_layer: bool,
     /// Every profile must also retrieve as many passkeys at -c (5-digit keys hidden in the
     /// calibration text at --passkey-depths) as the best uniform cache of the budget; the one of
@@ -442,6 +442,10 @@ pub struct TuneArgs {
     /// calibration.
     #[arg(long)]
     pub sensitivity: Option<PathBuf>,
+    /// With --window-per-layer and --sensitivity: the calibration with the window on every layer
+    /// (a previous tune's `*.sensitivity-window.yaml`), so that neither calibration runs again.
+    #[arg(long, requires_all = ["sensitivity", "window_per_layer"])]
+    pub sensitivity_window: Option<PathBuf>,
     /// Folder for the sensitivity table, profile and report (default: next to the output).
     #[arg(long)]
     pub work_dir: Option<PathBuf>,
@@ -847,7 +851,7 @@ mod tests {
     }
 
     #[test]
-    fn a_window_searched_per_layer_needs_a_window_and_the_runs_own_calibration() {
+    fn a_window_searched_per_layer_needs_a_window_and_both_calibrations_or_neither_table() {
         let tune = |extra: &[&str]| {
             let mut args = vec!["kvtuner", "tune", "-o", "out.gguf"];
             args.extend_from_slice(extra);
@@ -858,7 +862,10 @@ mod tests {
         };
         assert!(args.window_per_layer && args.window == Some(128));
         assert!(tune(&["--window-per-layer"]).is_err());
-        assert!(tune(&["--window", "128", "--window-per-layer", "--sensitivity", "s.yaml"]).is_err());
+        // both tables or none (the library refuses one alone: it would calibrate half)
+        assert!(tune(&["--window", "128", "--window-per-layer", "--sensitivity", "s.yaml"]).is_ok());
+        assert!(tune(&["--window", "128", "--sensitivity-window", "w.yaml", "--sensitivity", "s.yaml"]).is_err());
+        assert!(tune(&["--window", "128", "--window-per-layer", "--sensitivity-window", "w.yaml"]).is_err());
         assert!(tune(&["--window", "128", "--window-per-layer", "--vram", "24GiB"]).is_err());
     }
 

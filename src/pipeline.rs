@@ -54,6 +54,9 @@ pub struct TuneOptions {
     /// A sensitivity table measured before on this model and calibration text (e.g. by a `tune`
     /// at another budget): calibration is skipped.
     pub sensitivity: Option<Sensitivity>,
+    /// With the window searched per layer and `sensitivity`: the table calibrated with the window
+    /// on every layer (both calibrations are then skipped).
+    pub sensitivity_window: Option<Sensitivity>,
     /// Where the model runs while it is measured (with [`Budget::Vram`], `n_gpu_layers` is where
     /// calibration runs; 0 = the most layers whose weights fit the budget).
     pub devices: Devices,
@@ -346,8 +349,10 @@ pub fn tune(
         return Err(TuneError::WindowSearch("a window (its size and types)"));
     }
     if per_layer.is_some() {
-        if opts.sensitivity.is_some() {
-            return Err(TuneError::WindowSearch("its two calibrations in the run, not a --sensitivity table"));
+        if opts.sensitivity.is_some() != opts.sensitivity_window.is_some() {
+            return Err(TuneError::WindowSearch(
+                "both calibrations, in the run or as tables (--sensitivity and --sensitivity-window), not one",
+            ));
         }
         if !matches!(opts.budget, Budget::Bits(_)) {
             return Err(TuneError::WindowSearch("a --budget in bits per value"));
@@ -385,13 +390,7 @@ pub fn tune(
     let started = Instant::now();
     let sens = match &opts.sensitivity {
         Some(table) => {
-            if table.model.fingerprint != identity.fingerprint || table.text != calibration.1 {
-                return Err(TuneError::ForeignTable {
-                    table: format!("{} ({})", table.model.fingerprint, table.text),
-                    model: identity.fingerprint.clone(),
-                    text: calibration.1.to_string(),
-                });
-            }
+            same_source(table, identity, calibration.1)?;
             progress(Stage::Note("calibration: the sensitivity table given"));
             table.clone()
         }
@@ -408,8 +407,13 @@ pub fn tune(
         }
     };
     let (mut calibrate_decode, mut calibrate_scoring) = (ev.decode_seconds, ev.forward_seconds - ev.decode_seconds);
-    let sens_window = match &window_copts {
-        Some(wopts) => {
+    let sens_window = match (&window_copts, &opts.sensitivity_window) {
+        (Some(wopts), Some(table)) => {
+            same_source(table, identity, &wopts.text_label)?;
+            progress(Stage::Note("calibration with the window: the table given"));
+            Some(table.clone())
+        }
+        (Some(wopts), None) => {
             progress(Stage::Note("calibrating again with the window on every layer"));
             let mut ev_w = Evaluator::new(&model, calibration.0, wopts.n_ctx, wopts.chunks, &wopts.base)?;
             let table = calibrate::calibrate_with(&mut ev_w, identity, wopts, None, &mut |done, total, what| {
@@ -419,7 +423,7 @@ pub fn tune(
             calibrate_scoring += ev_w.forward_seconds - ev_w.decode_seconds;
             Some(table)
         }
-        None => None,
+        (None, _) => None,
     };
     let t1 = Instant::now();
     // candidates are chosen (and checked held out) on chunks of the context they are meant for
@@ -547,6 +551,19 @@ pub fn tune(
         held_out: t2.elapsed().as_secs_f64(),
     };
     Ok(Tuned { sensitivity: sens, sensitivity_window: sens_window, choice, held_out: held, n_gpu_layers, fit, seconds })
+}
+
+/// A table given for a calibration must have been measured on this model and on `text` (its
+/// label names the text and how it was measured: key treatment, window).
+fn same_source(table: &Sensitivity, identity: &ModelIdentity, text: &str) -> Result<(), TuneError> {
+    if table.model.fingerprint != identity.fingerprint || table.text != text {
+        return Err(TuneError::ForeignTable {
+            table: format!("{} ({})", table.model.fingerprint, table.text),
+            model: identity.fingerprint.clone(),
+            text: text.to_string(),
+        });
+    }
+    Ok(())
 }
 
 /// What [`tune`]'s last stages share, whatever the budget.

@@ -205,6 +205,7 @@ fn tune_options(types: &[CacheType], chunks: usize, keys: Option<kvtuner::profil
         select: SelectOptions::default(),
         name: None,
         sensitivity: None,
+        sensitivity_window: None,
         devices: Devices { threads: 2, ..Default::default() },
         keys,
         window: None,
@@ -425,8 +426,17 @@ fn tune_searches_the_window_per_layer() {
         assert!(per_chunk > 64, "{per_chunk} positions scored per chunk: not 512-token chunks");
     }
 
-    // a table from elsewhere cannot stand for the two calibrations
+    // one table cannot stand for the two calibrations
     opts.sensitivity = Some(tuned.sensitivity.clone());
     let err = pipeline::tune(&path, &identity, (&split.calibration, "cal"), &held, &opts, None, &mut |_| {});
     assert!(matches!(err, Err(pipeline::TuneError::WindowSearch(_))), "{:?}", err.err());
+    // nor the table without the window for the one with it
+    opts.sensitivity_window = Some(tuned.sensitivity.clone());
+    let err = pipeline::tune(&path, &identity, (&split.calibration, "cal"), &held, &opts, None, &mut |_| {});
+    assert!(matches!(err, Err(pipeline::TuneError::ForeignTable { .. })), "{:?}", err.err());
+    // both tables: nothing calibrated again, the same choice
+    opts.sensitivity_window = tuned.sensitivity_window.clone();
+    let again = pipeline::tune(&path, &identity, (&split.calibration, "cal"), &held, &opts, None, &mut |_| {}).unwrap();
+    assert_eq!(again.choice.selection.chosen.candidate, sel.chosen.candidate);
+    assert_eq!(again.sensitivity_window.as_ref(), Some(with));
 }

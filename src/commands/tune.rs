@@ -71,6 +71,10 @@ pub fn run(args: TuneArgs) -> anyhow::Result<()> {
             Some(path) => Some(Sensitivity::load(path)?),
             None => None,
         },
+        sensitivity_window: match &args.sensitivity_window {
+            Some(path) => Some(Sensitivity::load(path)?),
+            None => None,
+        },
         devices: devices.clone(),
         keys: args.keys.then(|| kvtuner::profile::ProfileKeys::shift_and_scale(&args.text)),
         window: args.window.map(|size| kvtuner::profile::ProfileWindow {
