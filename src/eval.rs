@@ -332,6 +332,19 @@ where
     })
 }
 
+/// Progress of long scoring runs (a chunk of a long context takes minutes on a CPU); short
+/// chunks, e.g. calibration's many, only at debug level.
+fn chunk_scored(start: Instant, done: usize, of: usize, n_ctx: u32, configs: usize) {
+    let seconds = start.elapsed().as_secs_f64();
+    if seconds >= 10.0 {
+        tracing::info!("scored chunk {done} of {of} ({n_ctx} tokens) for {configs} configuration(s) in {seconds:.0} s");
+    } else {
+        tracing::debug!(
+            "scored chunk {done} of {of} ({n_ctx} tokens) for {configs} configuration(s) in {seconds:.1} s"
+        );
+    }
+}
+
 /// Peak resident memory of this process so far (Linux: VmHWM), in bytes.
 pub fn peak_rss_bytes() -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
@@ -636,7 +649,8 @@ impl<'m> Evaluator<'m> {
         };
         let n_vocab = self.n_vocab;
         let result = (|| {
-            for (chunk, base) in chunks[range.clone()].iter().zip(&stored[range]) {
+            for (chunk, base) in chunks[range.clone()].iter().zip(&stored[range.clone()]) {
+                let chunk_start = Instant::now();
                 let scored = self.scored(chunk);
                 self.forward(&mut [&mut ctx], chunk, stride, |ks, rows| {
                     let rows = par_rows(rows.iter().zip(ks), |(r, &k)| {
@@ -646,6 +660,7 @@ impl<'m> Evaluator<'m> {
                     rows.into_iter().for_each(|r| scores.push(r));
                 })?;
                 scores.chunk_sizes.push(scored.len().div_ceil(stride));
+                chunk_scored(chunk_start, scores.chunk_sizes.len(), range.len(), self.n_ctx, 1);
             }
             Ok(())
         })();
@@ -672,7 +687,8 @@ impl<'m> Evaluator<'m> {
         let record_nll = self.baseline_nll.is_empty() && range == (0..chunks.len()) && stride <= 1;
         let mut nlls = Vec::new();
         let result = (|| {
-            for chunk in &chunks[range] {
+            for chunk in &chunks[range.clone()] {
+                let chunk_start = Instant::now();
                 let scored = self.scored(chunk);
                 let mut nll = Vec::new();
                 let mut all: Vec<&mut Context<'_>> = std::iter::once(&mut base_ctx).chain(ctxs.iter_mut()).collect();
@@ -699,6 +715,7 @@ impl<'m> Evaluator<'m> {
                     s.chunk_sizes.push(scored.len().div_ceil(stride));
                 }
                 nlls.push(nll);
+                chunk_scored(chunk_start, nlls.len(), range.len(), self.n_ctx, scores.len());
             }
             Ok(())
         })();

@@ -1,7 +1,6 @@
 //! `kvtuner serve`: flags to a loaded model, context parameters and server options; the server
 //! itself is `kvtuner::serve`.
 
-use std::io::IsTerminal as _;
 use std::time::Duration;
 
 use anyhow::bail;
@@ -12,9 +11,7 @@ use kvtuner::runtime::open;
 use kvtuner::serve::{serve, ServeOptions};
 
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
-    let ansi = std::io::stderr().is_terminal();
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi).init();
+    super::init_logging("info", false);
     if args.parallel == 0 {
         bail!("-np must be at least 1");
     }

@@ -15,6 +15,8 @@ use kvtuner::sensitivity::Sensitivity;
 
 pub fn run(args: TuneArgs) -> anyhow::Result<()> {
     let start = std::time::Instant::now();
+    // the measurements' progress (chunks scored, passkeys answered) between the stages' notes
+    super::init_logging("kvtuner=info", true);
     let model_path = match args.model {
         Some(m) => m,
         None => kvtuner::assets::ensure_model(&kvtuner::assets::cache_dir()).context("fetching Gemma 3 270M")?,

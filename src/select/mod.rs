@@ -199,6 +199,7 @@ impl<'e, 'm> Measurer<'e, 'm> {
             .filter(|c| !self.done.contains_key(&c.key()) && !self.screened.contains_key(&c.key()))
             .collect();
         let params: Vec<ContextParams> = todo.iter().map(|c| self.params(&c.types, &c.windowed)).collect();
+        tracing::info!("screening {} configuration(s) on the first {n_chunks} chunk(s) of {}", todo.len(), self.label);
         for (c, s) in todo.iter().zip(self.ev.score_many_first(&params, n_chunks)?) {
             self.screened.insert(c.key(), s);
         }
@@ -234,6 +235,12 @@ impl<'e, 'm> Measurer<'e, 'm> {
             let group: Vec<&Candidate> = todo.iter().copied().filter(|c| start(self, c) == from).collect();
             let params: Vec<ContextParams> = group.iter().map(|c| self.params(&c.types, &c.windowed)).collect();
             let rest = if from < all {
+                tracing::info!(
+                    "measuring {} configuration(s) on chunks {}-{all} of {}",
+                    group.len(),
+                    from + 1,
+                    self.label
+                );
                 self.ev.score_chunks(&params, from..all, 1)?
             } else {
                 vec![Scores::default(); group.len()]

@@ -57,7 +57,16 @@ impl Measurer<'_, '_> {
         let params = self.params(&c.types, &c.windowed);
         let mut found = 0;
         for case in &veto.cases {
-            found += usize::from(passkey::answer(self.ev.model(), &veto.haystack, (&c.label, &params), case)?.correct);
+            let o = passkey::answer(self.ev.model(), &veto.haystack, (&c.label, &params), case)?;
+            let said = if o.correct { "found" } else { "missed" };
+            tracing::info!(
+                "passkey at depth {:.2} of {}: {} {said} it ({:.0} s)",
+                case.depth,
+                case.n_ctx,
+                c.label,
+                o.seconds
+            );
+            found += usize::from(o.correct);
         }
         Ok(PasskeyScore { label: c.label.clone(), found, cases: veto.cases.len(), n_ctx: self.target_ctx })
     }
