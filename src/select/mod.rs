@@ -235,12 +235,8 @@ impl<'e, 'm> Measurer<'e, 'm> {
             let group: Vec<&Candidate> = todo.iter().copied().filter(|c| start(self, c) == from).collect();
             let params: Vec<ContextParams> = group.iter().map(|c| self.params(&c.types, &c.windowed)).collect();
             let rest = if from < all {
-                tracing::info!(
-                    "measuring {} configuration(s) on chunks {}-{all} of {}",
-                    group.len(),
-                    from + 1,
-                    self.label
-                );
+                let which = if from + 1 == all { format!("chunk {all}") } else { format!("chunks {}-{all}", from + 1) };
+                tracing::info!("measuring {} configuration(s) on {which} of {}", group.len(), self.label);
                 self.ev.score_chunks(&params, from..all, 1)?
             } else {
                 vec![Scores::default(); group.len()]
