@@ -348,6 +348,10 @@ pub fn tune(
     if opts.window_per_layer && opts.window.is_none() {
         return Err(TuneError::WindowSearch("a window (its size and types)"));
     }
+    // candidates are chosen (and checked held out) on chunks of the context they are meant for
+    // when asked, or by default for a window searched per layer: its share of a full-context
+    // layer, and so what it is worth, depends on the chunk length (bench/tune-window-per-layer.md)
+    let select_ctx = opts.select_ctx.unwrap_or(if per_layer.is_some() { opts.target_ctx } else { copts.n_ctx });
     if per_layer.is_some() {
         if opts.sensitivity.is_some() != opts.sensitivity_window.is_some() {
             return Err(TuneError::WindowSearch(
@@ -358,10 +362,9 @@ pub fn tune(
             return Err(TuneError::WindowSearch("a --budget in bits per value"));
         }
         // a window's share of a layer at the chunk length is what the choice sees, not at -c
-        let chosen_at = opts.select_ctx.unwrap_or(opts.target_ctx);
-        if chosen_at < opts.target_ctx {
+        if select_ctx < opts.target_ctx {
             progress(Stage::Note(&format!(
-                "note: the window is chosen on {chosen_at}-token chunks, where it is a larger share of each \
+                "note: the window is chosen on {select_ctx}-token chunks, where it is a larger share of each \
                  full-context layer than at {} tokens (bench/tune-window-per-layer.md); --select-ctx {} chooses it \
                  where it will run",
                 opts.target_ctx, opts.target_ctx
@@ -426,10 +429,6 @@ pub fn tune(
         (None, _) => None,
     };
     let t1 = Instant::now();
-    // candidates are chosen (and checked held out) on chunks of the context they are meant for
-    // when asked, or by default for a window searched per layer: its share of a full-context
-    // layer, and so what it is worth, depends on the chunk length (bench/tune-window-per-layer.md)
-    let select_ctx = opts.select_ctx.unwrap_or(if per_layer.is_some() { opts.target_ctx } else { copts.n_ctx });
     let select_label = match select_ctx == copts.n_ctx {
         true => calibration.1.to_string(),
         false => {
