@@ -148,8 +148,11 @@ static std::vector<float> hadamard(int n) {
     return h;
 }
 
+// As llama_mul_mat_hadamard (patch 0024): rows of one rotation block in their own shape, others
+// reshaped to rows of the block.
 static ggml_tensor * rotate(ggml_context * ctx, ggml_tensor * x, ggml_tensor * h) {
-    ggml_tensor * r = ggml_mul_mat(ctx, h, ggml_reshape_2d(ctx, x, h->ne[0], ggml_nelements(x) / h->ne[0]));
+    const bool whole_rows = x->ne[0] == h->ne[0] && ggml_is_contiguous(x);
+    ggml_tensor * r = ggml_mul_mat(ctx, h, whole_rows ? x : ggml_reshape_2d(ctx, x, h->ne[0], ggml_nelements(x) / h->ne[0]));
     ggml_mul_mat_set_hint(r, GGML_HINT_SRC0_IS_HADAMARD);
     return r;
 }
