@@ -171,8 +171,13 @@ static bool untouched(ggml_tensor * t) {
     return true;
 }
 
+// ring: a recent window's type (f16 or q8_0; GGML_TYPE_COUNT: no window): the rotated K/V rows are
+// also written into a ring row, as kvtuner's patch 0014 does in a window layer (patch 0025 folds
+// that write into the cache write too).
+static constexpr int64_t RING_ROWS = 16, RING_ROW = 5;
+
 static std::vector<float> run_layer(ggml_backend_t backend, const fa_case & c, const layer_inputs & in, bool unfused,
-                                    layer_skips * skipped = nullptr) {
+                                    ggml_type ring, layer_skips * skipped = nullptr) {
     const bool rot_k = ggml_is_quantized(c.tk), rot_v = ggml_is_quantized(c.tv);
     const int n_k = c.d; // llama.cpp: the largest power of two dividing the head size
     const int kv_row = c.d * c.n_head_kv;
@@ -188,6 +193,10 @@ static std::vector<float> run_layer(ggml_backend_t backend, const fa_case & c, c
     ggml_tensor * idx = ggml_new_tensor_1d(ctx, GGML_TYPE_I64, 1);
     ggml_tensor * m = ggml_new_tensor_4d(ctx, GGML_TYPE_F16, c.n_kv, 1, 1, 1);
     ggml_tensor * pos = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, 1);
+    const bool windowed = ring != GGML_TYPE_COUNT;
+    ggml_tensor * kring = windowed ? ggml_new_tensor_2d(ctx, ring, kv_row, RING_ROWS) : nullptr;
+    ggml_tensor * vring = windowed ? ggml_new_tensor_2d(ctx, ring, kv_row, RING_ROWS) : nullptr;
+    ggml_tensor * ring_idx = windowed ? ggml_new_tensor_1d(ctx, GGML_TYPE_I64, 1) : nullptr;
 
     ggml_cgraph * gf = ggml_new_graph(ctx);
     // RoPE on Q and K as llama.cpp's graphs have it (NeoX at head size 128, as Qwen; the adjacent
@@ -220,6 +229,10 @@ static std::vector<float> run_layer(ggml_backend_t backend, const fa_case & c, c
     ggml_build_forward_expand(gf, kr);
     ggml_build_forward_expand(gf, ggml_set_rows(ctx, kc, ggml_reshape_2d(ctx, kr, kv_row, 1), idx));
     ggml_build_forward_expand(gf, ggml_set_rows(ctx, vc, ggml_reshape_2d(ctx, vr, kv_row, 1), idx));
+    if (windowed) {
+        ggml_build_forward_expand(gf, ggml_set_rows(ctx, kring, ggml_reshape_2d(ctx, kr, kv_row, 1), ring_idx));
+        ggml_build_forward_expand(gf, ggml_set_rows(ctx, vring, ggml_reshape_2d(ctx, vr, kv_row, 1), ring_idx));
+    }
     ggml_tensor * kview = ggml_view_3d(ctx, kc, c.d, c.n_kv, c.n_head_kv, kc->nb[1], ggml_row_size(c.tk, c.d), 0);
     ggml_tensor * vview = ggml_view_3d(ctx, vc, c.d, c.n_kv, c.n_head_kv, vc->nb[1], ggml_row_size(c.tv, c.d), 0);
     ggml_tensor * qp = ggml_permute(ctx, ggml_reshape_3d(ctx, qr, c.d, c.n_head, 1), 0, 2, 1, 3);
@@ -241,6 +254,13 @@ static std::vector<float> run_layer(ggml_backend_t backend, const fa_case & c, c
     const int32_t p = int32_t(in.cell);
     ggml_backend_tensor_set(pos, &p, 0, sizeof(p));
     ggml_backend_tensor_set(m, in.mask.data(), 0, ggml_nbytes(m));
+    if (windowed) {
+        const int64_t row = RING_ROW;
+        ggml_backend_tensor_set(ring_idx, &row, 0, sizeof(row));
+        const std::vector<uint8_t> zeros(ggml_nbytes(kring), 0);
+        ggml_backend_tensor_set(kring, zeros.data(), 0, zeros.size());
+        ggml_backend_tensor_set(vring, zeros.data(), 0, zeros.size());
+    }
     std::vector<ggml_tensor *> watched; // the tensors a folded kernel may leave unwritten
     for (ggml_tensor * t : { qr, kr, vr }) watched.push_back(t->op == GGML_OP_MUL_MAT ? t : nullptr);
     watched.push_back(rot_v ? fa : nullptr);
@@ -264,6 +284,14 @@ static std::vector<float> run_layer(ggml_backend_t backend, const fa_case & c, c
         ggml_backend_tensor_get(cache, bytes.data(), in.cell * cache->nb[1], bytes.size());
         for (uint8_t b : bytes) r.push_back(b);
     }
+    // and the whole rings: the written row, and every other row still zero
+    for (ggml_tensor * t : { kring, vring }) {
+        if (t) {
+            std::vector<uint8_t> bytes(ggml_nbytes(t));
+            ggml_backend_tensor_get(t, bytes.data(), 0, bytes.size());
+            for (uint8_t b : bytes) r.push_back(b);
+        }
+    }
     if (skipped) {
         skipped->q   = watched[0] && untouched(watched[0]);
         skipped->k   = watched[1] && untouched(watched[1]);
@@ -284,7 +312,7 @@ static int test_layers(ggml_backend_t gpu, ggml_backend_t cpu, const std::vector
                        std::mt19937 & rng, double max_nmse, bool folding) {
     int failed = 0;
     for (auto [tk, tv] : pairs) {
-        for (int d : { 128, 256 }) {
+        for (int d : { 128, 256 }) for (ggml_type ring : { GGML_TYPE_COUNT, GGML_TYPE_F16, GGML_TYPE_Q8_0 }) {
             const fa_case c = { tk, tv, d, 32, 8, 8192, 37, 0.0f, false };
             std::normal_distribution<float> nd(0.0f, 1.0f);
             layer_inputs in;
@@ -298,8 +326,9 @@ static int test_layers(ggml_backend_t gpu, ggml_backend_t cpu, const std::vector
             in.mask = masked_tail(c.n_kv, c.n_masked);
 
             layer_skips skipped;
-            const std::vector<float> fused = run_layer(gpu, c, in, false, &skipped), plain = run_layer(gpu, c, in, true);
-            const std::vector<float> ref = run_layer(cpu, c, in, true);
+            const std::vector<float> fused = run_layer(gpu, c, in, false, ring, &skipped),
+                                     plain = run_layer(gpu, c, in, true, ring);
+            const std::vector<float> ref = run_layer(cpu, c, in, true, ring);
             size_t n_diff = 0;
             for (size_t i = 0; i < fused.size(); i++) n_diff += fused[i] != plain[i];
             const double err = nmse(fused, ref, (size_t) d * c.n_head); // the output; caches follow
@@ -322,9 +351,9 @@ static int test_layers(ggml_backend_t gpu, ggml_backend_t cpu, const std::vector
                 skipped.rope_q == want.rope_q && skipped.rope_k == want.rope_k;
             const bool ok = n_diff == 0 && std::isfinite(err) && err <= max_nmse && skips_ok;
             failed += !ok;
-            printf("%s layer K=%-5s V=%-5s D=%3d heads=32/8 n_kv=8192: fused vs unfused %zu of %zu values differ, "
+            printf("%s layer K=%-5s V=%-5s D=%3d heads=32/8 n_kv=8192 ring=%-4s: fused vs unfused %zu of %zu values differ, "
                    "NMSE vs CPU %.3e, folded Q%d K%d V%d out%d ropeQ%d ropeK%d (expected %d%d%d%d%d%d)\n", ok ? "ok  " : "FAIL",
-                   ggml_type_name(tk), ggml_type_name(tv), d, n_diff, fused.size(), err, skipped.q, skipped.k,
+                   ggml_type_name(tk), ggml_type_name(tv), d, ring == GGML_TYPE_COUNT ? "none" : ggml_type_name(ring), n_diff, fused.size(), err, skipped.q, skipped.k,
                    skipped.v, skipped.out, skipped.rope_q, skipped.rope_k, want.q, want.k, want.v, want.out, want.rope_q,
                    want.rope_k);
         }
@@ -424,6 +453,11 @@ int main(int argc, char ** argv) {
     if (window_only) {
         cases.erase(std::remove_if(cases.begin(), cases.end(), [](const fa_case & c) { return c.n_win == 0; }), cases.end());
     }
+    // FA_LAYER_ONLY=1: the layer cases alone (a graph-level change checked without the op cases)
+    const bool layer_only = getenv("FA_LAYER_ONLY") && atoi(getenv("FA_LAYER_ONLY")) != 0;
+    if (layer_only) {
+        cases.clear();
+    }
 
     std::mt19937 rng(42);
     int failed = 0;
@@ -459,7 +493,7 @@ int main(int argc, char ** argv) {
     const char * gqa = getenv("GGML_CUDA_FA_VEC_GQA");
     const int layer_failed = window_only ? 0 : test_layers(gpu, cpu, pairs, rng, max_nmse, gqa == nullptr || atoi(gqa) != 0);
     printf("%zu op cases, %d failed, worst NMSE %.3e (bound %.0e); %zu layer cases, %d failed; GGML_CUDA_FA_VEC_GQA=%s\n",
-           cases.size(), failed, worst, max_nmse, window_only ? 0 : 2 * pairs.size(), layer_failed, gqa ? gqa : "(unset: GQA decode kernel on)");
+           cases.size(), failed, worst, max_nmse, window_only ? 0 : 6 * pairs.size(), layer_failed, gqa ? gqa : "(unset: GQA decode kernel on)");
     failed += layer_failed;
     ggml_backend_free(gpu);
     ggml_backend_free(cpu);

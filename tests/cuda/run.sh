@@ -16,7 +16,8 @@
 #   BUDGET   seconds for the whole run, shared out between pairs and modes (default: no limit);
 #            a pair cut by time is reported as incomplete, never as passed
 #   RESULTS  folder for one log per pair and mode (default: a temporary folder, removed)
-# Extra switches (GGML_CUDA_FA_VEC_GQA_ROPE_K=1, ...) pass through to the test.
+# Extra switches (GGML_CUDA_FA_VEC_GQA_ROPE_K=1, FA_WINDOW_ONLY=1 / FA_LAYER_ONLY=1: the window or
+# the layer cases alone, ...) pass through to the test.
 # Prints one line per pair and mode and a total; exits 1 if a case failed or a test did not run
 # to its end for another reason, 3 if nothing failed but time cut some pairs short.
 set -uo pipefail
