@@ -148,11 +148,8 @@ static std::vector<float> hadamard(int n) {
     return h;
 }
 
-// As llama_mul_mat_hadamard (patch 0024): rows of one rotation block in their own shape, others
-// reshaped to rows of the block.
 static ggml_tensor * rotate(ggml_context * ctx, ggml_tensor * x, ggml_tensor * h) {
-    const bool whole_rows = x->ne[0] == h->ne[0] && ggml_is_contiguous(x);
-    ggml_tensor * r = ggml_mul_mat(ctx, h, whole_rows ? x : ggml_reshape_2d(ctx, x, h->ne[0], ggml_nelements(x) / h->ne[0]));
+    ggml_tensor * r = ggml_mul_mat(ctx, h, ggml_reshape_2d(ctx, x, h->ne[0], ggml_nelements(x) / h->ne[0]));
     ggml_mul_mat_set_hint(r, GGML_HINT_SRC0_IS_HADAMARD);
     return r;
 }
@@ -172,7 +169,7 @@ static bool untouched(ggml_tensor * t) {
 }
 
 // ring: a recent window's type (f16 or q8_0; GGML_TYPE_COUNT: no window): the rotated K/V rows are
-// also written into a ring row, as kvtuner's patch 0014 does in a window layer (patch 0025 folds
+// also written into a ring row, as kvtuner's patch 0014 does in a window layer (patch 0024 folds
 // that write into the cache write too).
 static constexpr int64_t RING_ROWS = 16, RING_ROW = 5;
 
