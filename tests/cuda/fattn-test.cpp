@@ -306,7 +306,7 @@ static std::vector<float> run_layer(ggml_backend_t backend, const fa_case & c, c
 // skipped exactly the rotations kvtuner's patch 0004 folds (none with GGML_CUDA_FA_VEC_GQA=0), so
 // the equality is not that of two unfolded runs.
 static int test_layers(ggml_backend_t gpu, ggml_backend_t cpu, const std::vector<std::pair<ggml_type, ggml_type>> & pairs,
-                       std::mt19937 & rng, double max_nmse, bool folding) {
+                       std::mt19937 & rng, double max_nmse, bool folding, size_t & n_cases) {
     int failed = 0;
     for (auto [tk, tv] : pairs) {
         for (int d : { 128, 256 }) for (ggml_type ring : { GGML_TYPE_COUNT, GGML_TYPE_F16, GGML_TYPE_Q8_0 }) {
@@ -348,6 +348,7 @@ static int test_layers(ggml_backend_t gpu, ggml_backend_t cpu, const std::vector
                 skipped.rope_q == want.rope_q && skipped.rope_k == want.rope_k;
             const bool ok = n_diff == 0 && std::isfinite(err) && err <= max_nmse && skips_ok;
             failed += !ok;
+            ++n_cases;
             printf("%s layer K=%-5s V=%-5s D=%3d heads=32/8 n_kv=8192 ring=%-4s: fused vs unfused %zu of %zu values differ, "
                    "NMSE vs CPU %.3e, folded Q%d K%d V%d out%d ropeQ%d ropeK%d (expected %d%d%d%d%d%d)\n", ok ? "ok  " : "FAIL",
                    ggml_type_name(tk), ggml_type_name(tv), d, ring == GGML_TYPE_COUNT ? "none" : ggml_type_name(ring), n_diff, fused.size(), err, skipped.q, skipped.k,
@@ -488,9 +489,10 @@ int main(int argc, char ** argv) {
                c.n_head / c.n_head_kv, c.n_kv, c.n_masked, c.softcap, c.sinks, c.n_seq, c.n_tok, win, err);
     }
     const char * gqa = getenv("GGML_CUDA_FA_VEC_GQA");
-    const int layer_failed = window_only ? 0 : test_layers(gpu, cpu, pairs, rng, max_nmse, gqa == nullptr || atoi(gqa) != 0);
+    size_t n_layer_cases = 0;
+    const int layer_failed = window_only ? 0 : test_layers(gpu, cpu, pairs, rng, max_nmse, gqa == nullptr || atoi(gqa) != 0, n_layer_cases);
     printf("%zu op cases, %d failed, worst NMSE %.3e (bound %.0e); %zu layer cases, %d failed; GGML_CUDA_FA_VEC_GQA=%s\n",
-           cases.size(), failed, worst, max_nmse, window_only ? 0 : 6 * pairs.size(), layer_failed, gqa ? gqa : "(unset: GQA decode kernel on)");
+           cases.size(), failed, worst, max_nmse, n_layer_cases, layer_failed, gqa ? gqa : "(unset: GQA decode kernel on)");
     failed += layer_failed;
     ggml_backend_free(gpu);
     ggml_backend_free(cpu);
