@@ -155,7 +155,7 @@ fn ab_eval_ubatch_one_scores_token_by_token() {
 
 /// `--parallel N` adds tg128 with N sequences decoding at once, per depth: aggregate and
 /// per-sequence rates (aggregate = N × per-sequence), in the table and the JSON; `--draft N` adds
-/// drafts of N tokens of one sequence per step.
+/// drafts of N tokens of one sequence per step. Sizes are read at the speed runs' context.
 #[test]
 fn ab_parallel_and_draft_report_their_rates() {
     let dir = tempfile::tempdir().unwrap();
@@ -186,6 +186,9 @@ fn ab_parallel_and_draft_report_their_rates() {
     assert!(stdout.contains("tg128 ×4 @ d64 (all / each)") && stdout.contains("draft 8 @ d64 (tok/s)"), "{stdout}");
     let rows: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
     for row in rows.as_array().unwrap() {
+        // without quality runs the sizes are the speed runs' (64 deep + 33 draft steps of 8,
+        // rounded to 256 cells), not -c's
+        assert_eq!(row["size_cells"].as_u64(), Some(768), "{row}");
         for speed in row["speed"].as_array().unwrap() {
             let par = speed["parallel"].as_array().unwrap();
             assert_eq!(par.len(), 2, "{speed}");

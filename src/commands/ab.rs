@@ -43,9 +43,11 @@ struct Row {
     is_profile: bool,
     type_k: Vec<CacheType>,
     type_v: Vec<CacheType>,
+    /// Bits per value and KV bytes at `size_cells` cells of context (what the runtime allocated).
     bits_per_value: f64,
-    /// KV bytes at the context (what the runtime allocated).
     kv_bytes: u64,
+    /// The context the sizes are read at: -c when quality is measured, else the speed runs'.
+    size_cells: u32,
     /// KV bytes per token of context (global layers; sliding layers stop growing at their window).
     kv_bytes_per_token: f64,
     /// Quality fields are null with --no-quality.
@@ -71,6 +73,17 @@ struct Row {
     passkey: Vec<kvtuner::passkey::Outcome>,
     /// Next lines of code written at long context (`--next-line`), one per cut.
     next_line: Vec<kvtuner::next_line::Outcome>,
+}
+
+/// Decode steps of each draft run.
+const DRAFT_STEPS: u32 = 32;
+
+/// Cells of each sequence's context in the speed runs: room for pp512 or tg128 after the deepest
+/// depth, and for the drafts' steps.
+fn speed_ctx(args: &AbArgs) -> u32 {
+    let max_depth = args.depths.iter().copied().max().unwrap_or(0);
+    let draft_max = args.draft.iter().copied().max().unwrap_or(0);
+    (max_depth + 512).max(max_depth + (DRAFT_STEPS + 1) * draft_max).next_multiple_of(256)
 }
 
 pub fn run(args: AbArgs) -> anyhow::Result<()> {
@@ -124,9 +137,12 @@ pub fn run(args: AbArgs) -> anyhow::Result<()> {
     };
     let eval_peak_rss = if args.no_quality { None } else { peak_rss_bytes() };
 
+    // Sizes at the context the numbers beside them are about: a window's ring (a fixed number of
+    // cells) is a large share of a 1024-token chunk and a small one at 32768.
+    let size_cells = if args.no_quality && !args.no_speed { speed_ctx(&args) } else { args.ctx_size };
     let mut rows = Vec::new();
     for (c, s) in configs.iter().zip(summaries) {
-        let ctx = Context::new(&model, &ContextParams { n_ctx: args.ctx_size, ..c.params.clone() })?;
+        let ctx = Context::new(&model, &ContextParams { n_ctx: size_cells, ..c.params.clone() })?;
         let infos: Vec<_> = ctx.layers();
         let type_k: Vec<CacheType> = infos.iter().map(|i| i.map_or(CacheType::F16, |i| i.type_k)).collect();
         let type_v: Vec<CacheType> = infos.iter().map(|i| i.map_or(CacheType::F16, |i| i.type_v)).collect();
@@ -146,6 +162,7 @@ pub fn run(args: AbArgs) -> anyhow::Result<()> {
             is_profile: c.is_profile,
             bits_per_value: kv.bits_per_value(),
             kv_bytes: kv.buffer_bytes,
+            size_cells,
             kv_bytes_per_token: per_token,
             type_k,
             type_v,
@@ -227,11 +244,7 @@ pub fn run(args: AbArgs) -> anyhow::Result<()> {
 
     // Speed, configurations interleaved within each repetition.
     if !args.no_speed {
-        let max_depth = args.depths.iter().copied().max().unwrap_or(0);
-        const DRAFT_STEPS: u32 = 32;
-        let draft_max = args.draft.iter().copied().max().unwrap_or(0);
-        // room for pp512 or tg128, and for the drafts' steps
-        let n_ctx = (max_depth + 512).max(max_depth + (DRAFT_STEPS + 1) * draft_max).next_multiple_of(256);
+        let n_ctx = speed_ctx(&args);
         eprintln!("speed: pp512 and tg128 at depths {:?}, {} repetitions", args.depths, args.reps);
         let mut samples = vec![vec![(Vec::new(), Vec::new()); args.depths.len()]; configs.len()];
         // [config][depth][parallel] aggregate tok/s
@@ -404,11 +417,9 @@ fn task_table(rows: &[Row], contexts: &[u32], task: &str, cell: impl Fn(&Row, u3
 fn print_table(rows: &[Row], args: &AbArgs, base_ppl: f64, label: &str) {
     let mut table = Table::new();
     table.load_preset(comfy_table::presets::ASCII_MARKDOWN);
-    let mut header: Vec<String> =
-        ["config", "bits/value", "KV MiB", "KLD mean ± se", "median", "p99", "max", "top-1", "PPL (ratio)"]
-            .into_iter()
-            .map(String::from)
-            .collect();
+    let cells = rows.first().map_or(args.ctx_size, |r| r.size_cells);
+    let mut header: Vec<String> = vec!["config".into(), format!("bits/value @ {cells}"), format!("KV MiB @ {cells}")];
+    header.extend(["KLD mean ± se", "median", "p99", "max", "top-1", "PPL (ratio)"].into_iter().map(String::from));
     // memory off the host (GPU, RPC devices) in the speed runs, when there is any
     let offload = |r: &Row| r.speed_memory.iter().filter(|m| !m.is_host).map(BufferMemory::total).sum::<u64>();
     let show_offload = !args.no_speed && rows.iter().any(|r| offload(r) > 0);

@@ -1,11 +1,14 @@
 #!/usr/bin/env python3
-"""Host model of patch 0023's window path: the cache's split-K shares, the window's shares
-(flash_attn_window_shares: shares of 32 rows, the last one's missing rows scored -inf) and
-flash_attn_combine_gqa's merge, in float32 with the kernels' sentinels (a running max starts at
--FLT_MAX/2, a masked score is -inf, rows past the window score -inf), against softmax attention
-over the cache and the window concatenated, in float64. Cases: windows of 1-1028 rows, masked
-tails in the cache, windows with none, some or all rows visible, a share wholly masked, a cache
-share wholly masked. Exits 1 on a case off by more than 1e-5 (relative) or not finite.
+"""Host model of the GQA decode kernel's window path (patches 0023, 0026): each warp of each
+block keeps one running softmax (max, sum, undivided output) over its 32-key cache tiles (tile t
+of the block's share: keys y*128 + warp*32 + t*pb*128, as the kernel strides them) and then over
+its window rows (row r goes to warp r % (pb * warps)), the block's warps merge, and
+flash_attn_combine_gqa merges the blocks (or, one block, it divides alone); in float32 with the
+kernels' sentinels (a running max starts at -FLT_MAX/2, each new max is raised by
+FATTN_KQ_MAX_OFFSET, a masked score is -inf), against softmax attention over the cache and the
+window concatenated, in float64. Cases: windows of 1-1028 rows, masked tails in the cache,
+windows with none, some or all rows visible, warps and blocks whose every key is masked, one
+block alone. Exits 1 on a case off by more than 1e-5 (relative) or not finite.
 
     python3 tests/cuda/window-merge-model.py
 """
@@ -15,27 +18,38 @@ import numpy as np
 
 F32 = np.float32
 NEG_HALF_MAX = F32(-np.finfo(np.float32).max / 2)
-SHARE = 32  # FATTN_WINDOW_SHARE
+KQ_MAX_OFFSET = F32(3.0 * 0.6931)  # FATTN_KQ_MAX_OFFSET
+NWARPS = 4  # fattn_gqa_nwarps
+TILE = 32  # keys per warp tile
 
 
-def share(q, k, v, mask, scale):
-    """One block's share over rows k/v: (max, sum, undivided output), as the kernels leave it."""
-    s = (k @ q).astype(F32) * F32(scale) + mask.astype(F32)
-    m = max(NEG_HALF_MAX, F32(s.max(initial=-np.inf)))
-    p = np.exp((s - m).astype(F32)).astype(F32)
-    return m, F32(p.sum(dtype=F32)), (p[:, None] * v).sum(axis=0, dtype=F32)
+class Running:
+    """One warp's softmax state, updated key group by key group as the kernel does."""
+
+    def __init__(self, d):
+        self.m = NEG_HALF_MAX
+        self.s = F32(0)
+        self.acc = np.zeros(d, F32)
+
+    def add(self, scores, values):
+        m_new = max(self.m, F32(scores.max(initial=-np.inf)) + KQ_MAX_OFFSET)
+        rescale = F32(np.exp(F32(self.m - m_new)))
+        p = np.exp((scores - m_new).astype(F32)).astype(F32)
+        self.m = m_new
+        self.s = self.s * rescale + p.sum(dtype=F32)
+        self.acc = self.acc * rescale + (p[:, None] * values).sum(axis=0, dtype=F32)
 
 
-def combine(parts):
-    """flash_attn_combine_gqa: the max over every share, each rescaled to it, divided by the sum."""
-    m = max(p[0] for p in parts)
+def merge(states):
+    """The block's warps (and the combine's blocks): rescaled to the largest max, summed."""
+    m = max(st[0] for st in states)
     s = F32(0)
-    acc = np.zeros_like(parts[0][2])
-    for pm, pl, pa in parts:
-        f = F32(np.exp(F32(pm - m)))
-        s += f * pl
-        acc += f * pa
-    return acc / s
+    acc = np.zeros_like(states[0][2])
+    for sm, sl, sa in states:
+        f = F32(np.exp(F32(sm - m)))
+        s += f * sl
+        acc += f * sa
+    return m, s, acc
 
 
 def reference(q, k, v, mask, scale):
@@ -51,20 +65,22 @@ def run_case(rng, d, n_kv, n_win, cache_masked, win_seen, pb):
     mask = np.zeros(n_kv + n_win, dtype=F32)
     mask[n_kv - cache_masked:n_kv] = -np.inf
     mask[n_kv + win_seen:] = -np.inf
-    scale = 1 / np.sqrt(d)
-    # the cache in pb shares of whole 128-cell tiles, as the decode kernel's blocks take them
-    tiles = np.array_split(np.arange(n_kv), pb)
-    parts = [share(q, k[t], v[t], mask[t], scale) for t in tiles]
-    w = np.arange(n_kv, n_kv + n_win)
-    for s0 in range(0, max(n_win, 1), SHARE):
-        rows = w[s0:s0 + SHARE]
-        # rows past the window score -inf (the kernel's k >= n_win)
-        pad = SHARE - len(rows)
-        kk = np.vstack([k[rows], np.zeros((pad, d), F32)])
-        vv = np.vstack([v[rows], np.zeros((pad, d), F32)])
-        mm = np.concatenate([mask[rows], np.full(pad, -np.inf, F32)])
-        parts.append(share(q, kk, vv, mm, scale))
-    got = combine(parts)
+    scale = F32(1 / np.sqrt(d))
+    scores = (k @ q).astype(F32) * scale + mask
+    blocks = []
+    for y in range(pb):
+        warps = []
+        for w in range(NWARPS):
+            st = Running(d)
+            for k0 in range(y * 128 + w * TILE, n_kv, pb * 128):
+                keys = np.arange(k0, k0 + TILE)
+                st.add(scores[keys], v[keys])
+            for r in range(y * NWARPS + w, n_win, pb * NWARPS):
+                st.add(scores[n_kv + r:n_kv + r + 1], v[n_kv + r:n_kv + r + 1])
+            warps.append((st.m, st.s, st.acc))
+        blocks.append(merge(warps))
+    _, s, acc = merge(blocks)
+    got = acc / s
     want = reference(q, k, v, mask, scale)
     err = np.abs(got - want).max() / np.abs(want).max()
     return np.all(np.isfinite(got)) and err < 1e-5, err
@@ -74,9 +90,9 @@ def main():
     rng = np.random.default_rng(42)
     failed = n = 0
     for d in (64, 128):
-        for n_kv, pb in ((256, 2), (512, 4), (2048, 16)):
+        for n_kv, pb in ((256, 1), (256, 2), (512, 4), (2048, 16)):
             for n_win, seen in ((1, 1), (36, 36), (36, 0), (36, 20), (132, 129), (132, 31), (1028, 1000)):
-                for cache_masked in (0, 37, 128):  # 128 on 2 shares of 256: one share wholly masked
+                for cache_masked in (0, 37, 128):  # 128 on 2 blocks of 256: one block's cache wholly masked
                     ok, err = run_case(rng, d, n_kv, n_win, cache_masked, seen, pb)
                     n += 1
                     if not ok:
