@@ -156,7 +156,8 @@ pub struct AbArgs {
     #[arg(long, value_delimiter = ',', default_value = "0")]
     pub depths: Vec<u32>,
     /// Repetitions of each speed run (configurations interleaved). Within one, a pp512 pass
-    /// shorter than 0.25 s is repeated (up to 5 passes) and its median kept.
+    /// shorter than 0.25 s is repeated (up to 5 passes) and its median kept. 0: no speed run, the
+    /// sizes at the deepest depth's context alone.
     #[arg(long, default_value_t = 3)]
     pub reps: usize,
     /// Also measure generation with N sequences decoding at once (a server's slots), each

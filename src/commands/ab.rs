@@ -462,17 +462,23 @@ fn print_table(rows: &[Row], args: &AbArgs, base_ppl: f64, label: &str) {
         if show_offload {
             cells.push(format!("{:.0}", offload(r) as f64 / 1048576.0));
         }
+        // median (range); `-` where nothing was measured (--reps 0: the sizes alone)
+        let stat = |s: &Stat| {
+            if s.median.is_nan() {
+                "-".to_string()
+            } else {
+                format!("{:.1} ({:.1}–{:.1})", s.median, s.min, s.max)
+            }
+        };
+        let median = |s: &Stat| if s.median.is_nan() { "-".to_string() } else { format!("{:.1}", s.median) };
         for s in &r.speed {
-            cells.push(format!("{:.1} ({:.1}–{:.1})", s.pp512.median, s.pp512.min, s.pp512.max));
-            cells.push(format!("{:.1} ({:.1}–{:.1})", s.tg128.median, s.tg128.min, s.tg128.max));
+            cells.push(stat(&s.pp512));
+            cells.push(stat(&s.tg128));
             for p in &s.parallel {
-                cells.push(format!("{:.1} / {:.1}", p.aggregate.median, p.per_sequence.median));
+                cells.push(format!("{} / {}", median(&p.aggregate), median(&p.per_sequence)));
             }
             for k in &s.draft {
-                cells.push(format!(
-                    "{:.1} ({:.1}–{:.1})",
-                    k.tokens_per_s.median, k.tokens_per_s.min, k.tokens_per_s.max
-                ));
+                cells.push(stat(&k.tokens_per_s));
             }
         }
         table.add_row(cells);
