@@ -140,6 +140,54 @@ fn generating_and_removing_a_token_leaves_the_window_as_it_was() {
     assert!(diff <= to_q4, "removal left the window inconsistent: moved {diff}, q4_0 alone differs by {to_q4}");
 }
 
+/// Two sequences in streams of their own (n_seq_max 2), of different lengths, so that their
+/// windows hold different cells, decode a token each in one ubatch: each stream's mask hides its
+/// own window's cache copies (patch 0025 finds them per stream block of the ubatch), and each
+/// sequence gets what it gets alone.
+#[test]
+fn sequences_in_streams_of_their_own_each_see_their_own_window() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = common::synth_llama(dir.path());
+    let tokens = prompt(&model, 100);
+    let (a, b) = (&tokens[..100], &tokens[10..90]); // 100 and 80 positions
+    let p = params(&model, CacheType::Q4_0, Some((16, CacheType::F16)), 1);
+    let alone = |seq: &[i32]| {
+        let mut ctx = Context::new(&model, &p).unwrap();
+        ctx.decode_prompt(&seq[..seq.len() - 1], 0, 1).unwrap();
+        logits_after(&mut ctx, seq[seq.len() - 1], seq.len() as i32 - 1)
+    };
+    let (a_alone, b_alone) = (alone(a), alone(b));
+
+    let mut ctx = Context::new(&model, &ContextParams { n_seq_max: 2, ..p.clone() }).unwrap();
+    for (s, seq) in [a, b].into_iter().enumerate() {
+        for (i, &t) in seq[..seq.len() - 1].iter().enumerate() {
+            let mut one = Batch::new(1);
+            one.add(t, i as i32, s as i32, false).unwrap();
+            ctx.decode(&one).unwrap();
+        }
+    }
+    let mut both = Batch::new(2);
+    both.add(a[a.len() - 1], a.len() as i32 - 1, 0, true).unwrap();
+    both.add(b[b.len() - 1], b.len() as i32 - 1, 1, true).unwrap();
+    ctx.decode(&both).unwrap();
+    let max_diff = |x: &[f32], y: &[f32]| x.iter().zip(y).map(|(u, v)| (u - v).abs()).fold(0.0f32, f32::max);
+    // what q4_0 against f16 moves the logits by, for scale: a stream reading another stream's
+    // hidden cells reads 16 of its positions twice (window and cache) and moves them by about that
+    let q4_scale = {
+        let mut c = Context::new(&model, &params(&model, CacheType::F16, None, 1)).unwrap();
+        c.decode_prompt(&a[..a.len() - 1], 0, 1).unwrap();
+        max_diff(&logits_after(&mut c, a[a.len() - 1], a.len() as i32 - 1), &a_alone)
+    };
+    for (s, want) in [&a_alone, &b_alone].into_iter().enumerate() {
+        let got = ctx.logits(s as i32).unwrap();
+        let d = max_diff(got, want);
+        assert!(
+            d < q4_scale / 20.0,
+            "sequence {s} in a two-stream ubatch moved by {d} from itself alone (q4_0 vs f16: {q4_scale})"
+        );
+    }
+}
+
 #[test]
 fn the_runtime_reports_each_layers_window_and_its_bytes() {
     let dir = tempfile::tempdir().unwrap();
