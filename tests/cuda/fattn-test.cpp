@@ -139,6 +139,10 @@ struct layer_inputs {
     std::vector<uint8_t> k_cache, v_cache;
     std::vector<ggml_fp16_t> mask;
     int64_t cell;
+    // a key treatment (kvtuner's patches 0018/0019/0027; empty: none): queries multiplied by
+    // q_scale [d, n_head], keys by k_inv [d, n_head_kv] and less k_shift [d, n_head_kv], before the
+    // rotation, as llama.cpp's build_attn does it
+    std::vector<float> q_scale, k_inv, k_shift;
 };
 
 static std::vector<float> hadamard(int n) {
@@ -194,6 +198,10 @@ static std::vector<float> run_layer(ggml_backend_t backend, const fa_case & c, c
     ggml_tensor * kring = windowed ? ggml_new_tensor_2d(ctx, ring, kv_row, RING_ROWS) : nullptr;
     ggml_tensor * vring = windowed ? ggml_new_tensor_2d(ctx, ring, kv_row, RING_ROWS) : nullptr;
     ggml_tensor * ring_idx = windowed ? ggml_new_tensor_1d(ctx, GGML_TYPE_I64, 1) : nullptr;
+    const bool keyed = !in.k_shift.empty();
+    ggml_tensor * qs = keyed ? ggml_new_tensor_2d(ctx, GGML_TYPE_F32, c.d, c.n_head) : nullptr;
+    ggml_tensor * ki = keyed ? ggml_new_tensor_2d(ctx, GGML_TYPE_F32, c.d, c.n_head_kv) : nullptr;
+    ggml_tensor * ks = keyed ? ggml_new_tensor_2d(ctx, GGML_TYPE_F32, c.d, c.n_head_kv) : nullptr;
 
     ggml_cgraph * gf = ggml_new_graph(ctx);
     // RoPE on Q and K as llama.cpp's graphs have it (NeoX at head size 128, as Qwen; the adjacent
@@ -211,6 +219,10 @@ static std::vector<float> run_layer(ggml_backend_t backend, const fa_case & c, c
         ggml_set_output(kp0);
     }
     ggml_tensor * qr = qp0, * kr = kp0, * vr = vn;
+    if (keyed) {
+        qr = ggml_mul(ctx, qr, qs);
+        kr = ggml_sub(ctx, ggml_mul(ctx, kr, ki), ks);
+    }
     if (rot_k) {
         qr = rotate(ctx, qp0, hk);
         kr = rotate(ctx, kp0, hk);
@@ -251,6 +263,11 @@ static std::vector<float> run_layer(ggml_backend_t backend, const fa_case & c, c
     const int32_t p = int32_t(in.cell);
     ggml_backend_tensor_set(pos, &p, 0, sizeof(p));
     ggml_backend_tensor_set(m, in.mask.data(), 0, ggml_nbytes(m));
+    if (keyed) {
+        ggml_backend_tensor_set(qs, in.q_scale.data(), 0, ggml_nbytes(qs));
+        ggml_backend_tensor_set(ki, in.k_inv.data(), 0, ggml_nbytes(ki));
+        ggml_backend_tensor_set(ks, in.k_shift.data(), 0, ggml_nbytes(ks));
+    }
     if (windowed) {
         const int64_t row = RING_ROW;
         ggml_backend_tensor_set(ring_idx, &row, 0, sizeof(row));
@@ -309,7 +326,7 @@ static int test_layers(ggml_backend_t gpu, ggml_backend_t cpu, const std::vector
                        std::mt19937 & rng, double max_nmse, bool folding, size_t & n_cases) {
     int failed = 0;
     for (auto [tk, tv] : pairs) {
-        for (int d : { 128, 256 }) for (ggml_type ring : { GGML_TYPE_COUNT, GGML_TYPE_F16, GGML_TYPE_Q8_0 }) {
+        for (int d : { 128, 256 }) for (ggml_type ring : { GGML_TYPE_COUNT, GGML_TYPE_F16, GGML_TYPE_Q8_0 }) for (bool keyed : { false, true }) {
             const fa_case c = { tk, tv, d, 32, 8, 8192, 37, 0.0f, false };
             std::normal_distribution<float> nd(0.0f, 1.0f);
             layer_inputs in;
@@ -321,6 +338,15 @@ static int test_layers(ggml_backend_t gpu, ggml_backend_t cpu, const std::vector
             in.v_cache = random_rows(tv, d * c.n_head_kv, c.n_kv, rng);
             in.cell = c.n_kv - c.n_masked - 1;
             in.mask = masked_tail(c.n_kv, c.n_masked);
+            if (keyed) { // factors 1/2..2 per K/V head channel (its query heads' too), shifts ~N(0, 1/4)
+                std::uniform_real_distribution<float> ud(-1.0f, 1.0f);
+                std::vector<float> sc((size_t) d * c.n_head_kv);
+                for (auto & x : sc) x = std::exp2(ud(rng));
+                for (int h = 0; h < c.n_head; h++)
+                    for (int i = 0; i < d; i++) in.q_scale.push_back(sc[(size_t) (h / (c.n_head / c.n_head_kv)) * d + i]);
+                for (float x : sc) in.k_inv.push_back(1.0f / x);
+                for (size_t i = 0; i < sc.size(); i++) in.k_shift.push_back(0.5f * nd(rng));
+            }
 
             layer_skips skipped;
             const std::vector<float> fused = run_layer(gpu, c, in, false, ring, &skipped),
@@ -339,8 +365,9 @@ static int test_layers(ggml_backend_t gpu, ggml_backend_t cpu, const std::vector
             // and, switched on, Q's RoPE into the decode kernel with Q's rotation (patch 0018) and K's
             // into a q4_0/q5_0/q8_0 cache write (patch 0017)
             const auto env_on = [](const char * name) { const char * e = getenv(name); return e && atoi(e) != 0; };
-            const bool rope_q = env_on("GGML_CUDA_FA_VEC_GQA_ROPE_Q");
-            const bool rope_k = env_on("GGML_CUDA_FA_VEC_GQA_ROPE_K") &&
+            // (not with a key treatment: its multiplications stand between the RoPEs and the rotations)
+            const bool rope_q = env_on("GGML_CUDA_FA_VEC_GQA_ROPE_Q") && !keyed;
+            const bool rope_k = env_on("GGML_CUDA_FA_VEC_GQA_ROPE_K") && !keyed &&
                 (tk == GGML_TYPE_Q4_0 || tk == GGML_TYPE_Q5_0 || tk == GGML_TYPE_Q8_0);
             const layer_skips want = { folding && rk && pair, folding && rk, folding && rv, folding && pair,
                                        folding && rk && pair && rope_q, folding && rope_k };
@@ -349,9 +376,10 @@ static int test_layers(ggml_backend_t gpu, ggml_backend_t cpu, const std::vector
             const bool ok = n_diff == 0 && std::isfinite(err) && err <= max_nmse && skips_ok;
             failed += !ok;
             ++n_cases;
-            printf("%s layer K=%-5s V=%-5s D=%3d heads=32/8 n_kv=8192 ring=%-4s: fused vs unfused %zu of %zu values differ, "
+            printf("%s layer K=%-5s V=%-5s D=%3d heads=32/8 n_kv=8192 ring=%-4s keys=%-13s: fused vs unfused %zu of %zu values differ, "
                    "NMSE vs CPU %.3e, folded Q%d K%d V%d out%d ropeQ%d ropeK%d (expected %d%d%d%d%d%d)\n", ok ? "ok  " : "FAIL",
-                   ggml_type_name(tk), ggml_type_name(tv), d, ring == GGML_TYPE_COUNT ? "none" : ggml_type_name(ring), n_diff, fused.size(), err, skipped.q, skipped.k,
+                   ggml_type_name(tk), ggml_type_name(tv), d, ring == GGML_TYPE_COUNT ? "none" : ggml_type_name(ring),
+                   keyed ? "scaled+shifted" : "as they are", n_diff, fused.size(), err, skipped.q, skipped.k,
                    skipped.v, skipped.out, skipped.rope_q, skipped.rope_k, want.q, want.k, want.v, want.out, want.rope_q,
                    want.rope_k);
         }
