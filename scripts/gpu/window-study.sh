@@ -20,10 +20,11 @@
 # TAG (default none) names this study's results and stamps, so that a second run on the same warm
 # machine (another build's libraries, an environment switch) is measured beside the first.
 # Stages already done on a warm machine are not run again. Results: $OUT/window.tgz.
-# The decode path's two ways of attending over the window (patch 0026), one after the other on the
-# same warm machine:
+# The opt-in paths (patch 0026: the window's rows in the decode kernel; 0028: kv2/kv3 writes
+# paired) against the defaults, one after the other on the same warm machine:
 #   SKIP="quality fattn" SHAPES="l8b q3b" bash scripts/gpu/window-study.sh
-#   GGML_CUDA_FA_WINDOW_IN_DECODE=1 TAG=indecode SKIP="quality" SHAPES="l8b q3b" bash scripts/gpu/window-study.sh
+#   GGML_CUDA_FA_WINDOW_IN_DECODE=1 GGML_CUDA_FA_VEC_GQA_PAIR_KV=1 TAG=new SKIP="quality" SHAPES="l8b q3b" \
+#       bash scripts/gpu/window-study.sh
 set -uo pipefail
 NAME=window BUILD_DEADLINE=${BUILD_DEADLINE:-420} source .device-carry/call-prelude.sh
 M=/dev/shm/kvt
