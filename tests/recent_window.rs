@@ -128,7 +128,7 @@ fn generating_and_removing_a_token_leaves_the_window_as_it_was() {
     ctx.generate_greedy(99, 4, |_| false).unwrap();
     assert!(ctx.remove_range(0, 99, -1));
     let second = probe(&mut ctx);
-    let diff = first.iter().zip(&second).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+    let diff = common::max_abs_diff(&first, &second);
     // the evicted positions' cache copies are read now (their window copies are gone): the
     // logits move, but only as far as three positions read in q4_0 move them
     let q4_only = {
@@ -136,7 +136,7 @@ fn generating_and_removing_a_token_leaves_the_window_as_it_was() {
         c.decode_prompt(&tokens[..99], 0, 1).unwrap();
         probe(&mut c)
     };
-    let to_q4 = first.iter().zip(&q4_only).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+    let to_q4 = common::max_abs_diff(&first, &q4_only);
     assert!(diff <= to_q4, "removal left the window inconsistent: moved {diff}, q4_0 alone differs by {to_q4}");
 }
 
@@ -170,17 +170,16 @@ fn sequences_in_streams_of_their_own_each_see_their_own_window() {
     both.add(a[a.len() - 1], a.len() as i32 - 1, 0, true).unwrap();
     both.add(b[b.len() - 1], b.len() as i32 - 1, 1, true).unwrap();
     ctx.decode(&both).unwrap();
-    let max_diff = |x: &[f32], y: &[f32]| x.iter().zip(y).map(|(u, v)| (u - v).abs()).fold(0.0f32, f32::max);
     // what q4_0 against f16 moves the logits by, for scale: a stream reading another stream's
     // hidden cells reads 16 of its positions twice (window and cache) and moves them by about that
     let q4_scale = {
         let mut c = Context::new(&model, &params(&model, CacheType::F16, None, 1)).unwrap();
         c.decode_prompt(&a[..a.len() - 1], 0, 1).unwrap();
-        max_diff(&logits_after(&mut c, a[a.len() - 1], a.len() as i32 - 1), &a_alone)
+        common::max_abs_diff(&logits_after(&mut c, a[a.len() - 1], a.len() as i32 - 1), &a_alone)
     };
     for (s, want) in [&a_alone, &b_alone].into_iter().enumerate() {
         let got = ctx.logits(s as i32).unwrap();
-        let d = max_diff(got, want);
+        let d = common::max_abs_diff(got, want);
         assert!(
             d < q4_scale / 20.0,
             "sequence {s} in a two-stream ubatch moved by {d} from itself alone (q4_0 vs f16: {q4_scale})"

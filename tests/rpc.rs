@@ -78,7 +78,7 @@ fn layers_split_over_two_rpc_servers_give_the_single_process_logits() {
     for (il, ((_, bytes), local)) in devices.iter().zip(&local_bytes).enumerate() {
         assert_eq!(bytes, local, "layer {il}: KV bytes on its device = the single-process layer's");
     }
-    let diff = got.iter().zip(&want).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max);
+    let diff = common::max_abs_diff(&got, &want);
     eprintln!("max |logit difference| split over two RPC servers: {diff}");
     assert!(diff <= 1e-4, "split logits differ by {diff}");
 }

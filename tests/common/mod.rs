@@ -156,6 +156,11 @@ pub fn calibrated_tiny(dir: &Path, n_layer: u32, name: &str) -> (PathBuf, kvtune
     (path, identity, sens)
 }
 
+/// The largest |a_i - b_i| of two logit rows.
+pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max)
+}
+
 /// KL divergence of softmax(b) from softmax(a).
 pub fn kld(a: &[f32], b: &[f32]) -> f64 {
     let logp = |x: &[f32]| {
