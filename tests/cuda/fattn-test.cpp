@@ -163,6 +163,7 @@ static ggml_tensor * rotate(ggml_context * ctx, ggml_tensor * x, ggml_tensor * h
 // Q, K, V and the attention output, whether that happened (false where the tensor does not exist).
 struct layer_skips {
     bool q = false, k = false, v = false, out = false, rope_q = false, rope_k = false;
+    bool key_q = false, key_k = false; // Q's key-scale multiplication; K's multiplication and shift's subtraction
 };
 
 static bool untouched(ggml_tensor * t) {
@@ -219,13 +220,15 @@ static std::vector<float> run_layer(ggml_backend_t backend, const fa_case & c, c
         ggml_set_output(kp0);
     }
     ggml_tensor * qr = qp0, * kr = kp0, * vr = vn;
+    ggml_tensor * q_mul = nullptr, * k_mul = nullptr, * k_sub = nullptr;
     if (keyed) {
-        qr = ggml_mul(ctx, qr, qs);
-        kr = ggml_sub(ctx, ggml_mul(ctx, kr, ki), ks);
+        qr = q_mul = ggml_mul(ctx, qr, qs);
+        k_mul = ggml_mul(ctx, kr, ki);
+        kr = k_sub = ggml_sub(ctx, k_mul, ks);
     }
     if (rot_k) {
-        qr = rotate(ctx, qp0, hk);
-        kr = rotate(ctx, kp0, hk);
+        qr = rotate(ctx, qr, hk);
+        kr = rotate(ctx, kr, hk);
     }
     if (rot_v) {
         vr = rotate(ctx, vn, hv);
@@ -280,6 +283,9 @@ static std::vector<float> run_layer(ggml_backend_t backend, const fa_case & c, c
     watched.push_back(rot_v ? fa : nullptr);
     watched.push_back(qp0);
     watched.push_back(kp0);
+    watched.push_back(q_mul);
+    watched.push_back(k_mul);
+    watched.push_back(k_sub);
     for (ggml_tensor * t : watched) {
         if (t) {
             const std::vector<float> nan(ggml_nelements(t), NAN);
@@ -313,6 +319,8 @@ static std::vector<float> run_layer(ggml_backend_t backend, const fa_case & c, c
         skipped->out = watched[3] && untouched(watched[3]);
         skipped->rope_q = untouched(watched[4]);
         skipped->rope_k = untouched(watched[5]);
+        skipped->key_q  = q_mul && untouched(q_mul);
+        skipped->key_k  = k_mul && untouched(k_mul) && untouched(k_sub);
     }
     ggml_backend_buffer_free(buf);
     ggml_free(ctx);
@@ -369,19 +377,23 @@ static int test_layers(ggml_backend_t gpu, ggml_backend_t cpu, const std::vector
             const bool rope_q = env_on("GGML_CUDA_FA_VEC_GQA_ROPE_Q") && !keyed;
             const bool rope_k = env_on("GGML_CUDA_FA_VEC_GQA_ROPE_K") && !keyed &&
                 (tk == GGML_TYPE_Q4_0 || tk == GGML_TYPE_Q5_0 || tk == GGML_TYPE_Q8_0);
+            // and, switched on, the key transform into K's cache write and Q's into the decode kernel (patch 0029)
+            const bool key_fold = env_on("GGML_CUDA_FA_VEC_GQA_KEY_FOLD") && keyed;
             const layer_skips want = { folding && rk && pair, folding && rk, folding && rv, folding && pair,
-                                       folding && rk && pair && rope_q, folding && rope_k };
+                                       folding && rk && pair && rope_q, folding && rope_k,
+                                       folding && rk && pair && key_fold, folding && rk && key_fold };
             const bool skips_ok = skipped.q == want.q && skipped.k == want.k && skipped.v == want.v && skipped.out == want.out &&
-                skipped.rope_q == want.rope_q && skipped.rope_k == want.rope_k;
+                skipped.rope_q == want.rope_q && skipped.rope_k == want.rope_k && skipped.key_q == want.key_q &&
+                skipped.key_k == want.key_k;
             const bool ok = n_diff == 0 && std::isfinite(err) && err <= max_nmse && skips_ok;
             failed += !ok;
             ++n_cases;
             printf("%s layer K=%-5s V=%-5s D=%3d heads=32/8 n_kv=8192 ring=%-4s keys=%-13s: fused vs unfused %zu of %zu values differ, "
-                   "NMSE vs CPU %.3e, folded Q%d K%d V%d out%d ropeQ%d ropeK%d (expected %d%d%d%d%d%d)\n", ok ? "ok  " : "FAIL",
+                   "NMSE vs CPU %.3e, folded Q%d K%d V%d out%d ropeQ%d ropeK%d keyQ%d keyK%d (expected %d%d%d%d%d%d%d%d)\n", ok ? "ok  " : "FAIL",
                    ggml_type_name(tk), ggml_type_name(tv), d, ring == GGML_TYPE_COUNT ? "none" : ggml_type_name(ring),
                    keyed ? "scaled+shifted" : "as they are", n_diff, fused.size(), err, skipped.q, skipped.k,
-                   skipped.v, skipped.out, skipped.rope_q, skipped.rope_k, want.q, want.k, want.v, want.out, want.rope_q,
-                   want.rope_k);
+                   skipped.v, skipped.out, skipped.rope_q, skipped.rope_k, skipped.key_q, skipped.key_k, want.q, want.k, want.v,
+                   want.out, want.rope_q, want.rope_k, want.key_q, want.key_k);
         }
     }
     return failed;
