@@ -21,9 +21,11 @@
 # machine (another build's libraries, an environment switch) is measured beside the first.
 # Stages already done on a warm machine are not run again. Results: $OUT/window.tgz.
 # The opt-in paths (patch 0026: the window's rows in the decode kernel; 0028: kv2/kv3 writes
-# paired) against the defaults, one after the other on the same warm machine:
+# paired; 0029: the key scale and shift in the rotated write and the Q load) against the defaults,
+# one after the other on the same warm machine:
 #   SKIP="quality fattn" SHAPES="l8b q3b" bash scripts/gpu/window-study.sh
-#   GGML_CUDA_FA_WINDOW_IN_DECODE=1 GGML_CUDA_FA_VEC_GQA_PAIR_KV=1 TAG=new SKIP="quality" SHAPES="l8b q3b" \
+#   GGML_CUDA_FA_WINDOW_IN_DECODE=1 GGML_CUDA_FA_VEC_GQA_PAIR_KV=1 GGML_CUDA_FA_VEC_GQA_KEY_FOLD=1 \
+#       TAG=new SKIP="quality" SHAPES="l8b q3b" \
 #       bash scripts/gpu/window-study.sh
 set -uo pipefail
 NAME=window BUILD_DEADLINE=${BUILD_DEADLINE:-420} source .device-carry/call-prelude.sh
