@@ -2,8 +2,8 @@
 //! fragment layouts of patch 0009's V and K paths against plain dequantization (Python with
 //! numpy), the warp-register FWHT of patch 0010 against ggml-cuda's own, bit for bit, and the
 //! RoPE index mapping of patch 0010 against ggml's CPU RoPE (built against the patched tree's
-//! ggml), and patch 0023's merge of the cache's and the recent window's softmax shares against
-//! attention over both (numpy). Each model exits non-zero on a wrong lane, row, slot, order or sum. The op test against the
+//! ggml), and patch 0026's running softmax over the cache's tiles and the recent window's rows
+//! against attention over both (numpy). Each model exits non-zero on a wrong lane, row, slot, order or sum. The op test against the
 //! CPU (`tests/cuda/fattn-test.cpp`) needs a GPU: `tests/cuda/run.sh` runs it, on a developer's
 //! machine or a lent device (`scripts/gpu/fattn-study.sh`).
 
@@ -41,7 +41,7 @@ fn rope_index_mapping_matches_ggmls_cpu_rope() {
 }
 
 #[test]
-fn window_shares_merge_into_one_softmax_over_cache_and_window() {
+fn window_rows_and_cache_tiles_merge_into_one_softmax() {
     let out = run("python3", &[&format!("{GPU_SOURCES}/window-merge-model.py")]);
     assert!(out.contains(" 0 failed"), "{out}");
 }

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 35 on a lent GPU: the recent window (with sinks) on CUDA, patch 0023 (bench/gpu-window.md).
+# Issue 35 on a lent GPU: the recent window (with sinks) on CUDA, patches 0023-0029 (bench/gpu-window.md).
 # Run from the repository root there, after `scripts/gpu/pack.sh` here:
 #
 #   bash scripts/gpu/window-study.sh
@@ -11,7 +11,7 @@
 # 2. Decode speed at DEPTHS (default 32768) of AGAINST (default the issue's profiles' caches
 #    beside q4_0 and f16) on SHAPES (shape-study.sh's names, default "l8b q7b"), q8_0 weights.
 # 3. fattn-test's window cases (tests/cuda/run.sh, FA_WINDOW_ONLY=1) for FT_PAIRS, under kvtuner's
-#    decode kernel (the window's share merged with the cache's) and upstream's kernels (the
+#    decode kernel (its warps attend over the window's rows too) and upstream's kernels (the
 #    cache and the window joined in f16): the op against the CPU backend's.
 # 4. NCU=1: each kernel of two decode steps after NCU_PROMPT (default 4096) tokens under ncu, q4_0
 #    without and with a w128+s4 window, on the first of SHAPES (decode-kernels.cpp, WINDOW=128):
@@ -20,13 +20,11 @@
 # TAG (default none) names this study's results and stamps, so that a second run on the same warm
 # machine (another build's libraries, an environment switch) is measured beside the first.
 # Stages already done on a warm machine are not run again. Results: $OUT/window.tgz.
-# The opt-in paths (patch 0026: the window's rows in the decode kernel; 0028: kv2/kv3 writes
-# paired; 0029: the key scale and shift in the rotated write and the Q load) against the defaults,
-# one after the other on the same warm machine:
+# Folds against launches of their own (patch 0028: kv2/kv3 writes paired; 0029: the key scale and
+# shift in the rotated write and the Q load), one after the other on the same warm machine:
+#   GGML_CUDA_FA_VEC_GQA_PAIR_KV=0 GGML_CUDA_FA_VEC_GQA_KEY_FOLD=0 TAG=apart SKIP="quality fattn" \
+#       SHAPES="l8b q3b" bash scripts/gpu/window-study.sh
 #   SKIP="quality fattn" SHAPES="l8b q3b" bash scripts/gpu/window-study.sh
-#   GGML_CUDA_FA_WINDOW_IN_DECODE=1 GGML_CUDA_FA_VEC_GQA_PAIR_KV=1 GGML_CUDA_FA_VEC_GQA_KEY_FOLD=1 \
-#       TAG=new SKIP="quality" SHAPES="l8b q3b" \
-#       bash scripts/gpu/window-study.sh
 set -uo pipefail
 NAME=window BUILD_DEADLINE=${BUILD_DEADLINE:-420} source .device-carry/call-prelude.sh
 M=/dev/shm/kvt

@@ -377,8 +377,10 @@ static int test_layers(ggml_backend_t gpu, ggml_backend_t cpu, const std::vector
             const bool rope_q = env_on("GGML_CUDA_FA_VEC_GQA_ROPE_Q") && !keyed;
             const bool rope_k = env_on("GGML_CUDA_FA_VEC_GQA_ROPE_K") && !keyed &&
                 (tk == GGML_TYPE_Q4_0 || tk == GGML_TYPE_Q5_0 || tk == GGML_TYPE_Q8_0);
-            // and, switched on, the key transform into K's cache write and Q's into the decode kernel (patch 0029)
-            const bool key_fold = env_on("GGML_CUDA_FA_VEC_GQA_KEY_FOLD") && keyed;
+            // and, unless switched off, the key transform into K's cache write and Q's into the decode
+            // kernel (patch 0029)
+            const char * key_env = getenv("GGML_CUDA_FA_VEC_GQA_KEY_FOLD");
+            const bool key_fold = (key_env == nullptr || atoi(key_env) != 0) && keyed;
             const layer_skips want = { folding && rk && pair, folding && rk, folding && rv, folding && pair,
                                        folding && rk && pair && rope_q, folding && rope_k,
                                        folding && rk && pair && key_fold, folding && rk && key_fold };
@@ -461,8 +463,8 @@ int main(int argc, char ** argv) {
             cases.push_back({ tk, tv, d, 28, 4, 2048, 7, 0.0f, false, 1, 2 });
             cases.push_back({ tk, tv, d, 16, 16, 2048, 7, 0.0f, false, 1, 4 });
             cases.push_back({ tk, tv, d, 8, 2, 1024, 3, 0.0f, false, 4, 2 });
-            // a recent window after the cache (kvtuner's patch 0023), f16 and q8_0 rows: decode on
-            // the GQA kernel's path (the window's share merged with the cache's), drafts and
+            // a recent window after the cache (kvtuner's patches 0023/0026), f16 and q8_0 rows: decode
+            // on the GQA kernel's path (its warps attend over the window's rows too), drafts and
             // sequences, a window with no visible row; a batch of 32 tokens and short caches take
             // the joined f16 path. 36 = a window of 32 and 4 sinks, 132 = 128 and 4; windows of growing
             // length one after the other (a launch sized by the first once failed the next)

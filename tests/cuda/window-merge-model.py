@@ -1,18 +1,14 @@
 #!/usr/bin/env python3
-"""Host models of the GQA decode kernel's two window paths, in float32 with the kernels'
-sentinels (a running max starts at -FLT_MAX/2, a masked score is -inf), against softmax attention
-over the cache and the window concatenated, in float64:
- - shares (patch 0023, the default): the cache's split-K shares, the window's own shares
-   (flash_attn_window_shares: 32 rows each, the last one's missing rows scored -inf) and
-   flash_attn_combine_gqa's merge of both;
- - in-decode (patch 0026, GGML_CUDA_FA_WINDOW_IN_DECODE=1): each warp of each block keeps one
-   running softmax (each new max raised by FATTN_KQ_MAX_OFFSET) over its 32-key cache tiles (keys
-   y*128 + warp*32 + t*pb*128, as the kernel strides them) and then its window rows (row r: warp
-   r % (pb * warps)); the block's warps merge, then the combine merges the blocks (one block
-   divides alone).
+"""Host model of the GQA decode kernel's attention over the cache and a recent window (patch
+0026), in float32 with the kernel's sentinels (a running max starts at -FLT_MAX/2, a masked score
+is -inf), against softmax attention over the cache and the window concatenated, in float64: each
+warp of each block keeps one running softmax (each new max raised by FATTN_KQ_MAX_OFFSET) over its
+32-key cache tiles (keys y*128 + warp*32 + t*pb*128, as the kernel strides them) and then its
+window rows (row r: warp r % (pb * warps)); the block's warps merge, then the combine merges the
+blocks (one block divides alone).
 Cases: windows of 1-1028 rows, masked tails in the cache, windows with none, some or all rows
-visible, a share, warp or block whose every key is masked, one block alone (in-decode). Exits 1
-on a case off by more than 1e-5 (relative) or not finite.
+visible, a warp or block whose every key is masked, one block alone. Exits 1 on a case off by more
+than 1e-5 (relative) or not finite.
 
     python3 tests/cuda/window-merge-model.py
 """
@@ -25,34 +21,6 @@ NEG_HALF_MAX = F32(-np.finfo(np.float32).max / 2)
 KQ_MAX_OFFSET = F32(3.0 * 0.6931)  # FATTN_KQ_MAX_OFFSET
 NWARPS = 4  # fattn_gqa_nwarps
 TILE = 32  # keys per warp tile
-
-
-SHARE = 32  # FATTN_WINDOW_SHARE
-
-
-def share(q, k, v, mask, scale):
-    """One block's share over rows k/v: (max, sum, undivided output), as the kernels leave it."""
-    s = (k @ q).astype(F32) * F32(scale) + mask.astype(F32)
-    m = max(NEG_HALF_MAX, F32(s.max(initial=-np.inf)))
-    p = np.exp((s - m).astype(F32)).astype(F32)
-    return m, F32(p.sum(dtype=F32)), (p[:, None] * v).sum(axis=0, dtype=F32)
-
-
-def window_shares(q, k, v, mask, scale, n_kv, n_win, pb):
-    """Patch 0023: the cache in pb shares of whole 128-cell tiles, the window in shares of SHARE."""
-    d = q.shape[0]
-    tiles = np.array_split(np.arange(n_kv), pb)
-    parts = [share(q, k[t], v[t], mask[t], scale) for t in tiles]
-    w = np.arange(n_kv, n_kv + n_win)
-    for s0 in range(0, max(n_win, 1), SHARE):
-        rows = w[s0:s0 + SHARE]
-        pad = SHARE - len(rows)  # rows past the window score -inf (the kernel's k >= n_win)
-        kk = np.vstack([k[rows], np.zeros((pad, d), F32)])
-        vv = np.vstack([v[rows], np.zeros((pad, d), F32)])
-        mm = np.concatenate([mask[rows], np.full(pad, -np.inf, F32)])
-        parts.append(share(q, kk, vv, mm, scale))
-    _, s, acc = merge(parts)
-    return acc / s
 
 
 class Running:
@@ -108,7 +76,7 @@ def in_decode(q, k, v, scores, n_kv, n_win, pb):
     return acc / s
 
 
-def run_case(rng, path, d, n_kv, n_win, cache_masked, win_seen, pb):
+def run_case(rng, d, n_kv, n_win, cache_masked, win_seen, pb):
     q = rng.standard_normal(d).astype(F32)
     k = rng.standard_normal((n_kv + n_win, d)).astype(F32)
     v = rng.standard_normal((n_kv + n_win, d)).astype(F32)
@@ -116,10 +84,7 @@ def run_case(rng, path, d, n_kv, n_win, cache_masked, win_seen, pb):
     mask[n_kv - cache_masked:n_kv] = -np.inf
     mask[n_kv + win_seen:] = -np.inf
     scale = F32(1 / np.sqrt(d))
-    if path == "shares":
-        got = window_shares(q, k, v, mask, scale, n_kv, n_win, pb)
-    else:
-        got = in_decode(q, k, v, (k @ q).astype(F32) * scale + mask, n_kv, n_win, pb)
+    got = in_decode(q, k, v, (k @ q).astype(F32) * scale + mask, n_kv, n_win, pb)
     want = reference(q, k, v, mask, scale)
     err = np.abs(got - want).max() / np.abs(want).max()
     return np.all(np.isfinite(got)) and err < 1e-5, err
@@ -128,18 +93,16 @@ def run_case(rng, path, d, n_kv, n_win, cache_masked, win_seen, pb):
 def main():
     rng = np.random.default_rng(42)
     failed = n = 0
-    for path in ("shares", "in-decode"):
-        for d in (64, 128):
-            # the window's own shares force at least two cache shares (patch 0023)
-            for n_kv, pb in ((256, 1), (256, 2), (512, 4), (2048, 16))[path == "shares":]:
-                for n_win, seen in ((1, 1), (36, 36), (36, 0), (36, 20), (132, 129), (132, 31), (1028, 1000)):
-                    for cache_masked in (0, 37, 128):  # 128 on 2 blocks of 256: one block's cache wholly masked
-                        ok, err = run_case(rng, path, d, n_kv, n_win, cache_masked, seen, pb)
-                        n += 1
-                        if not ok:
-                            failed += 1
-                            print(f"FAIL {path} D={d} n_kv={n_kv} pb={pb} window={n_win} seen={seen} "
-                                  f"cache masked={cache_masked}: relative error {err:.3e}")
+    for d in (64, 128):
+        for n_kv, pb in ((256, 1), (256, 2), (512, 4), (2048, 16)):
+            for n_win, seen in ((1, 1), (36, 36), (36, 0), (36, 20), (132, 129), (132, 31), (1028, 1000)):
+                for cache_masked in (0, 37, 128):  # 128 on 2 blocks of 256: one block's cache wholly masked
+                    ok, err = run_case(rng, d, n_kv, n_win, cache_masked, seen, pb)
+                    n += 1
+                    if not ok:
+                        failed += 1
+                        print(f"FAIL D={d} n_kv={n_kv} pb={pb} window={n_win} seen={seen} "
+                              f"cache masked={cache_masked}: relative error {err:.3e}")
     print(f"{n} cases, {failed} failed")
     sys.exit(1 if failed else 0)
 
