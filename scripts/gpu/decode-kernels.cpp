@@ -13,6 +13,8 @@
 //
 // WINDOW=W (and WINDOW_SINKS=S, WINDOW_TYPE=f16|q8_0) gives every layer a recent window of W
 // positions (patch 0014, with 0021's sinks), to see what the window's kernels add (patch 0023).
+// KEYS=1 gives every layer a key shift (zeros) and a key scale (ones) (patches 0018-0019): the
+// ops of issue 35's +ks+kc caches, whose values do not change a kernel's time.
 //
 // Built on the device against the patched tree's headers and libraries (libcuda is opened at run
 // time: without it the tokens are simply decoded).
@@ -81,6 +83,19 @@ int main(int argc, char ** argv) {
     cp.type_k          = type_named(argv[2]);
     cp.type_v          = type_named(argv[3]);
     std::vector<uint32_t> window;
+    std::vector<float> key_shift, key_scale;
+    if (const char * k = getenv("KEYS"); k != nullptr && atoi(k) != 0) {
+        // n_embd_k_gqa floats per layer: the synthetic models' head size is n_embd / n_head
+        const int n_layer = llama_model_n_layer(model);
+        const size_t per_layer = (size_t) llama_model_n_embd(model) / llama_model_n_head(model) * llama_model_n_head_kv(model);
+        key_shift.assign(per_layer * n_layer, 0.0f);
+        key_scale.assign(per_layer * n_layer, 1.0f);
+        cp.n_type_layers = (uint32_t) n_layer;
+        cp.kv_k_shift    = key_shift.data();
+        cp.n_kv_k_shift  = key_shift.size();
+        cp.kv_k_scale    = key_scale.data();
+        cp.n_kv_k_scale  = key_scale.size();
+    }
     if (const char * w = getenv("WINDOW"); w != nullptr && atoi(w) > 0) {
         const char * ty = getenv("WINDOW_TYPE");
         const char * sinks = getenv("WINDOW_SINKS");
@@ -113,7 +128,8 @@ int main(int argc, char ** argv) {
     if (start) start();
     const bool ok = decode(ctx, batch, n_vocab, n_prompt + warm, n_tokens, 1);
     if (stop) stop();
-    printf("%s: K %s, V %s%s: %d token(s) profiled after %d%s\n", argv[1], argv[2], argv[3],
+    printf("%s: K %s, V %s%s%s: %d token(s) profiled after %d%s\n", argv[1], argv[2], argv[3],
+           key_shift.empty() ? "" : ", key shift and scale",
            window.empty() ? "" : (", window " + std::to_string(window[0]) + "+" + std::to_string(cp.kv_window_sinks)).c_str(),
            n_tokens, n_prompt + warm, start ? "" : " (no libcuda: no profiler range)");
     llama_batch_free(batch);

@@ -8,7 +8,8 @@
 #
 # SHAPE      one of shape-study.sh's names (default l8b), q8_0 weights (WEIGHTS to change)
 # PROMPTS    tokens decoded before the measured steps (default "64": depth 0 as `ab` decodes it)
-# CONFIGS    cache types, K=V or K/V (default "f16 q8_0 q4_0"); +wN (a window of N, 4 sinks) allowed
+# CONFIGS    cache types, K=V or K/V (default "f16 q8_0 q4_0"); +ks (a key shift and scale on every
+#            layer) and +wN (a window of N, 4 sinks; last) allowed: e.g. "q4_0 kv3/kv2+ks+w128"
 # STEPS      decode steps measured (default 2); CUDA graphs off, so that each kernel is its own launch
 # Results: $OUT/ncu.tgz (one CSV per prompt and configuration, and ncu-PROMPT.md: the kernels side
 # by side, scripts/gpu/ncu-kernels.py), the tables on stdout.
@@ -34,11 +35,12 @@ for prompt in ${PROMPTS:-64}; do
     args=()
     for config in ${CONFIGS:-f16 q8_0 q4_0}; do
         [ "$(left)" -lt 60 ] && { echo "left for the next call: $prompt $config"; continue; }
-        types=${config%%+*} window=0
+        types=${config%%+*} window=0 keys=0
         case $config in *+w*) window=${config##*+w} ;; esac
+        case $config in *+ks*) keys=1 ;; esac
         tk=${types%/*} tv=${types#*/}
         csv=$O/ncu-$SHAPE-$prompt-${config//\//-}.csv
-        WINDOW=$window WINDOW_SINKS=4 GGML_CUDA_DISABLE_GRAPHS=1 timeout 120 ncu --profile-from-start off --clock-control none \
+        KEYS=$keys WINDOW=$window WINDOW_SINKS=4 GGML_CUDA_DISABLE_GRAPHS=1 timeout 120 ncu --profile-from-start off --clock-control none \
             --metrics gpu__time_duration.sum --csv "$B/decode-kernels" "$gguf" "$tk" "$tv" "$prompt" "${STEPS:-2}" \
             > "$csv" 2> "${csv%.csv}.log"
         echo "ncu $SHAPE $config at $prompt rc=$? at ${SECONDS}s"
