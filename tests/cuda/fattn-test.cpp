@@ -145,6 +145,12 @@ struct layer_inputs {
     std::vector<float> q_scale, k_inv, k_shift;
 };
 
+// A switch from the environment: name=0 off, any other number on, unset: dflt (as the patches read theirs).
+static bool env_flag(const char * name, bool dflt) {
+    const char * e = getenv(name);
+    return e == nullptr ? dflt : atoi(e) != 0;
+}
+
 static std::vector<float> hadamard(int n) {
     std::vector<float> h((size_t) n * n);
     for (int i = 0; i < n; i++)
@@ -372,15 +378,13 @@ static int test_layers(ggml_backend_t gpu, ggml_backend_t cpu, const std::vector
             const bool rk = quantized(tk), rv = quantized(tv), pair = (tk == GGML_TYPE_F16 || rk) && rv;
             // and, switched on, Q's RoPE into the decode kernel with Q's rotation (patch 0018) and K's
             // into a q4_0/q5_0/q8_0 cache write (patch 0017)
-            const auto env_on = [](const char * name) { const char * e = getenv(name); return e && atoi(e) != 0; };
             // (not with a key treatment: its multiplications stand between the RoPEs and the rotations)
-            const bool rope_q = env_on("GGML_CUDA_FA_VEC_GQA_ROPE_Q") && !keyed;
-            const bool rope_k = env_on("GGML_CUDA_FA_VEC_GQA_ROPE_K") && !keyed &&
+            const bool rope_q = env_flag("GGML_CUDA_FA_VEC_GQA_ROPE_Q", false) && !keyed;
+            const bool rope_k = env_flag("GGML_CUDA_FA_VEC_GQA_ROPE_K", false) && !keyed &&
                 (tk == GGML_TYPE_Q4_0 || tk == GGML_TYPE_Q5_0 || tk == GGML_TYPE_Q8_0);
             // and, unless switched off, the key transform into K's cache write and Q's into the decode
             // kernel (patch 0029)
-            const char * key_env = getenv("GGML_CUDA_FA_VEC_GQA_KEY_FOLD");
-            const bool key_fold = (key_env == nullptr || atoi(key_env) != 0) && keyed;
+            const bool key_fold = env_flag("GGML_CUDA_FA_VEC_GQA_KEY_FOLD", true) && keyed;
             const layer_skips want = { folding && rk && pair, folding && rk, folding && rv, folding && pair,
                                        folding && rk && pair && rope_q, folding && rope_k,
                                        folding && rk && pair && key_fold, folding && rk && key_fold };
@@ -489,12 +493,12 @@ int main(int argc, char ** argv) {
     }
 
     // FA_WINDOW_ONLY=1: the recent-window cases alone (no layer cases)
-    const bool window_only = getenv("FA_WINDOW_ONLY") && atoi(getenv("FA_WINDOW_ONLY")) != 0;
+    const bool window_only = env_flag("FA_WINDOW_ONLY", false);
     if (window_only) {
         cases.erase(std::remove_if(cases.begin(), cases.end(), [](const fa_case & c) { return c.n_win == 0; }), cases.end());
     }
     // FA_LAYER_ONLY=1: the layer cases alone (a graph-level change checked without the op cases)
-    const bool layer_only = getenv("FA_LAYER_ONLY") && atoi(getenv("FA_LAYER_ONLY")) != 0;
+    const bool layer_only = env_flag("FA_LAYER_ONLY", false);
     if (layer_only) {
         cases.clear();
     }
@@ -530,9 +534,9 @@ int main(int argc, char ** argv) {
                ok ? "ok  " : "FAIL", ggml_type_name(c.tk), ggml_type_name(c.tv), c.d, c.n_head, c.n_head_kv,
                c.n_head / c.n_head_kv, c.n_kv, c.n_masked, c.softcap, c.sinks, c.n_seq, c.n_tok, win, err);
     }
-    const char * gqa = getenv("GGML_CUDA_FA_VEC_GQA");
+    const char * gqa = getenv("GGML_CUDA_FA_VEC_GQA"); // named in the summary line
     size_t n_layer_cases = 0;
-    const int layer_failed = window_only ? 0 : test_layers(gpu, cpu, pairs, rng, max_nmse, gqa == nullptr || atoi(gqa) != 0, n_layer_cases);
+    const int layer_failed = window_only ? 0 : test_layers(gpu, cpu, pairs, rng, max_nmse, env_flag("GGML_CUDA_FA_VEC_GQA", true), n_layer_cases);
     printf("%zu op cases, %d failed, worst NMSE %.3e (bound %.0e); %zu layer cases, %d failed; GGML_CUDA_FA_VEC_GQA=%s\n",
            cases.size(), failed, worst, max_nmse, n_layer_cases, layer_failed, gqa ? gqa : "(unset: GQA decode kernel on)");
     failed += layer_failed;
